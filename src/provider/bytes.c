@@ -1,0 +1,111 @@
+/*
+ * GUID conversions and whole-buffer file I/O (see bytes.h).
+ */
+#include "bytes.h"
+
+#include <errno.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+GUID vd_guid_from_le_bytes(const uint8_t bytes[16])
+{
+    GUID guid;
+    guid.Data1 = vd_le32(bytes);
+    guid.Data2 = vd_le16(bytes + 4);
+    guid.Data3 = vd_le16(bytes + 6);
+    memcpy(guid.Data4, bytes + 8, 8);
+    return guid;
+}
+
+void vd_guid_to_le_bytes(const GUID *guid, uint8_t bytes[16])
+{
+    vd_put_le32(bytes, guid->Data1);
+    vd_put_le16(bytes + 4, guid->Data2);
+    vd_put_le16(bytes + 6, guid->Data3);
+    memcpy(bytes + 8, guid->Data4, 8);
+}
+
+GUID vd_guid_from_be_bytes(const uint8_t bytes[16])
+{
+    GUID guid;
+    guid.Data1 = vd_be32(bytes);
+    guid.Data2 = vd_be16(bytes + 4);
+    guid.Data3 = vd_be16(bytes + 6);
+    memcpy(guid.Data4, bytes + 8, 8);
+    return guid;
+}
+
+void vd_guid_to_be_bytes(const GUID *guid, uint8_t bytes[16])
+{
+    vd_put_be32(bytes, guid->Data1);
+    vd_put_be16(bytes + 4, guid->Data2);
+    vd_put_be16(bytes + 6, guid->Data3);
+    memcpy(bytes + 8, guid->Data4, 8);
+}
+
+bool vd_guid_is_zero(const GUID *guid)
+{
+    static const GUID zero;
+    return vd_guid_equal(guid, &zero);
+}
+
+bool vd_guid_equal(const GUID *a, const GUID *b)
+{
+    return a->Data1 == b->Data1 && a->Data2 == b->Data2 && a->Data3 == b->Data3 &&
+           memcmp(a->Data4, b->Data4, 8) == 0;
+}
+
+int vd_guid_generate(GUID *guid)
+{
+    uint8_t bytes[16];
+    size_t have = 0;
+    while (have < sizeof bytes) {
+        ssize_t n = getrandom(bytes + have, sizeof bytes - have, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        have += (size_t)n;
+    }
+    bytes[6] = (uint8_t)((bytes[6] & 0x0f) | 0x40); /* version 4 */
+    bytes[8] = (uint8_t)((bytes[8] & 0x3f) | 0x80); /* RFC 4122 variant */
+    *guid = vd_guid_from_be_bytes(bytes);
+    return 0;
+}
+
+int vd_pread_full(int fd, void *buffer, size_t length, uint64_t offset)
+{
+    uint8_t *p = buffer;
+    while (length > 0) {
+        ssize_t n = pread(fd, p, length, (off_t)offset);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (n == 0)
+            return EIO;
+        p += n;
+        length -= (size_t)n;
+        offset += (uint64_t)n;
+    }
+    return 0;
+}
+
+int vd_pwrite_full(int fd, const void *buffer, size_t length, uint64_t offset)
+{
+    const uint8_t *p = buffer;
+    while (length > 0) {
+        ssize_t n = pwrite(fd, p, length, (off_t)offset);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        p += n;
+        length -= (size_t)n;
+        offset += (uint64_t)n;
+    }
+    return 0;
+}

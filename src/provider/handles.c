@@ -1,0 +1,179 @@
+/*
+ * The handle registry and per-disk state (see handles.h).
+ */
+#define _GNU_SOURCE
+#include "handles.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "errors.h"
+
+/* The lock byte sits at the largest offset a lock can name, where no image
+   data and no other program's locks (qemu locks bytes 100-299) can be. */
+#define VD_HANDLE_LOCK_OFFSET (INT64_MAX - 1)
+
+static pthread_mutex_t vd_registry_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t vd_disk_mutex = PTHREAD_MUTEX_INITIALIZER;
+static struct vd_handle *vd_handles;
+static struct vd_disk *vd_disks;
+
+void vd_disks_lock(void)
+{
+    pthread_mutex_lock(&vd_disk_mutex);
+}
+
+void vd_disks_unlock(void)
+{
+    pthread_mutex_unlock(&vd_disk_mutex);
+}
+
+static int vd_lock_byte(int fd, short type, int command, struct flock *lock)
+{
+    lock->l_type = type;
+    lock->l_whence = SEEK_SET;
+    lock->l_start = VD_HANDLE_LOCK_OFFSET;
+    lock->l_len = 1;
+    lock->l_pid = 0;
+    return fcntl(fd, command, lock);
+}
+
+bool vd_handle_has_others(const struct vd_handle *handle)
+{
+    struct flock lock;
+    if (vd_lock_byte(handle->image->fd, F_WRLCK, F_OFD_GETLK, &lock) < 0)
+        return false;
+    return lock.l_type != F_UNLCK;
+}
+
+/* Called with vd_registry_mutex held. */
+static struct vd_disk *vd_disk_for(dev_t dev, ino_t ino)
+{
+    for (struct vd_disk *disk = vd_disks; disk; disk = disk->next)
+        if (disk->dev == dev && disk->ino == ino)
+            return disk;
+    struct vd_disk *disk = calloc(1, sizeof *disk);
+    if (!disk)
+        return NULL;
+    disk->dev = dev;
+    disk->ino = ino;
+    disk->loop_number = -1;
+    disk->loop_fd = -1;
+    disk->next = vd_disks;
+    vd_disks = disk;
+    return disk;
+}
+
+DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, HANDLE *out)
+{
+    struct flock lock;
+    if (vd_lock_byte(image->fd, F_RDLCK, F_OFD_SETLK, &lock) < 0) {
+        DWORD status = vd_fail_errno(errno, "registering a handle lock on %s", image->path);
+        vd_image_close(image);
+        return status;
+    }
+    struct vd_handle *handle = calloc(1, sizeof *handle);
+    if (!handle) {
+        vd_image_close(image);
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating a handle");
+    }
+    handle->access = access;
+    handle->image = image;
+    handle->users = 1;
+
+    pthread_mutex_lock(&vd_registry_mutex);
+    handle->disk = vd_disk_for(image->file_dev, image->file_ino);
+    if (!handle->disk) {
+        pthread_mutex_unlock(&vd_registry_mutex);
+        free(handle);
+        vd_image_close(image);
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating a disk record");
+    }
+    handle->disk->handle_count++;
+    handle->next = vd_handles;
+    vd_handles = handle;
+    pthread_mutex_unlock(&vd_registry_mutex);
+    *out = handle;
+    return ERROR_SUCCESS;
+}
+
+struct vd_handle *vd_handle_acquire(HANDLE value)
+{
+    pthread_mutex_lock(&vd_registry_mutex);
+    struct vd_handle *found = NULL;
+    for (struct vd_handle *handle = vd_handles; handle; handle = handle->next) {
+        if ((HANDLE)handle == value) {
+            handle->users++;
+            found = handle;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&vd_registry_mutex);
+    return found;
+}
+
+static void vd_disk_forget(struct vd_disk *disk)
+{
+    for (struct vd_disk **link = &vd_disks; *link; link = &(*link)->next) {
+        if (*link == disk) {
+            *link = disk->next;
+            break;
+        }
+    }
+    free(disk);
+}
+
+/* Frees a handle nobody uses any more.  When it was the disk's last handle,
+   a non-permanent attachment ends here: closing the autoclear loop device's
+   last descriptor detaches it, as Windows does when the last handle closes. */
+static void vd_handle_free(struct vd_handle *handle)
+{
+    struct vd_disk *disk = handle->disk;
+    int loop_fd = -1;
+    vd_disks_lock();
+    pthread_mutex_lock(&vd_registry_mutex);
+    if (--disk->handle_count == 0) {
+        loop_fd = disk->loop_fd;
+        vd_disk_forget(disk);
+    }
+    pthread_mutex_unlock(&vd_registry_mutex);
+    if (loop_fd >= 0)
+        close(loop_fd);
+    vd_disks_unlock();
+    vd_image_close(handle->image); /* closing the fd drops the handle lock */
+    free(handle);
+}
+
+void vd_handle_release(struct vd_handle *handle)
+{
+    pthread_mutex_lock(&vd_registry_mutex);
+    bool last = --handle->users == 0;
+    pthread_mutex_unlock(&vd_registry_mutex);
+    if (last)
+        vd_handle_free(handle);
+}
+
+BOOL WINAPI CloseHandle(HANDLE value)
+{
+    vd_clear_detail();
+    pthread_mutex_lock(&vd_registry_mutex);
+    struct vd_handle *handle = NULL;
+    for (struct vd_handle **link = &vd_handles; *link; link = &(*link)->next) {
+        if ((HANDLE)*link == value) {
+            handle = *link;
+            *link = handle->next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&vd_registry_mutex);
+    if (!handle) {
+        vd_set_last_error(ERROR_INVALID_HANDLE);
+        return 0;
+    }
+    vd_handle_release(handle); /* drops the "open" reference */
+    return 1;
+}

@@ -1,0 +1,125 @@
+/*
+ * Opening an image file and handing it to the format that recognises it.
+ */
+#include "image.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "bytes.h"
+#include "errors.h"
+
+/* Probe order: the formats with a signature at a fixed place first; ISO's
+   "CD001" at 32 KiB could in principle also sit inside a VHD's data. */
+static const struct vd_format *const vd_formats[] = {&vd_format_vhdx, &vd_format_vhd, &vd_format_iso};
+
+enum { VD_PROBE_HEAD = 64 * 1024, VD_PROBE_TAIL = 512 };
+
+const struct vd_format *vd_format_for_device(ULONG device_id)
+{
+    for (size_t i = 0; i < sizeof vd_formats / sizeof vd_formats[0]; i++)
+        if (vd_formats[i]->device_id == device_id)
+            return vd_formats[i];
+    return NULL;
+}
+
+static DWORD vd_probe(struct vd_image *image, const struct vd_format **format)
+{
+    static _Thread_local uint8_t head[VD_PROBE_HEAD];
+    uint8_t tail[VD_PROBE_TAIL];
+    size_t head_length = image->file_size < VD_PROBE_HEAD ? (size_t)image->file_size : VD_PROBE_HEAD;
+    size_t tail_length = image->file_size < VD_PROBE_TAIL ? (size_t)image->file_size : VD_PROBE_TAIL;
+    int error = vd_pread_full(image->fd, head, head_length, 0);
+    if (!error)
+        error = vd_pread_full(image->fd, tail, tail_length, image->file_size - tail_length);
+    if (error)
+        return vd_fail_errno(error, "reading %s to recognise its format", image->path);
+    for (size_t i = 0; i < sizeof vd_formats / sizeof vd_formats[0]; i++) {
+        if (vd_formats[i]->probe(head, head_length, tail, tail_length, image->file_size)) {
+            *format = vd_formats[i];
+            return ERROR_SUCCESS;
+        }
+    }
+    return vd_fail(ERROR_VIRTDISK_PROVIDER_NOT_FOUND,
+                   "%s is not a VHD, VHDX or ISO image (no known signature)", image->path);
+}
+
+DWORD vd_image_open(const char *path, ULONG device_id, bool writable,
+                    OPEN_VIRTUAL_DISK_FLAG open_flags, struct vd_image **out)
+{
+    const struct vd_format *format = NULL;
+    if (device_id != VIRTUAL_STORAGE_TYPE_DEVICE_UNKNOWN) {
+        format = vd_format_for_device(device_id);
+        if (!format)
+            return vd_fail(ERROR_VIRTDISK_PROVIDER_NOT_FOUND,
+                           "no provider for virtual storage device type %u", (unsigned)device_id);
+    }
+
+    struct vd_image *image = calloc(1, sizeof *image);
+    if (!image)
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating an image");
+    image->fd = -1;
+    image->writable = writable;
+    image->open_flags = open_flags;
+
+    DWORD status;
+    image->fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOCTTY);
+    if (image->fd < 0) {
+        status = vd_fail_errno(errno, "opening %s", path);
+        goto fail;
+    }
+    struct stat st;
+    if (fstat(image->fd, &st) < 0) {
+        status = vd_fail_errno(errno, "examining %s", path);
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        status = vd_fail(ERROR_VIRTDISK_NOT_VIRTUAL_DISK, "%s is not a regular file", path);
+        goto fail;
+    }
+    image->file_size = (uint64_t)st.st_size;
+    image->file_dev = st.st_dev;
+    image->file_ino = st.st_ino;
+    image->path = realpath(path, NULL);
+    if (!image->path) {
+        status = vd_fail_errno(errno, "resolving %s", path);
+        goto fail;
+    }
+
+    if (!format) {
+        status = vd_probe(image, &format);
+        if (status != ERROR_SUCCESS)
+            goto fail;
+    }
+    image->format = format;
+    status = format->open(image);
+    if (status != ERROR_SUCCESS) {
+        /* The format may have set state before failing; its close() frees it. */
+        goto fail;
+    }
+    *out = image;
+    return ERROR_SUCCESS;
+
+fail:
+    vd_image_close(image);
+    return status;
+}
+
+void vd_image_close(struct vd_image *image)
+{
+    if (!image)
+        return;
+    if (image->format && image->state && image->format->close)
+        image->format->close(image);
+    vd_image_close(image->parent);
+    if (image->fd >= 0)
+        close(image->fd);
+    free(image->parent_locations);
+    free(image->path);
+    free(image);
+}

@@ -1,0 +1,130 @@
+/*
+ * A virtual disk image as the provider sees it, whatever its format, and the
+ * interface each format module (vhd.c, vhdx.c, iso.c) implements.
+ *
+ * Promises of every format module:
+ *   - open() trusts nothing in the file: every offset and length is checked
+ *     against image->file_size before use, every allocation sized from the
+ *     file is bounded, checksums are verified before the fields they cover are
+ *     used.  A malformed file yields an ERROR_VHD_* / ERROR_VIRTDISK_* code with
+ *     vd_fail() naming the structure and its file offset.  Never a crash.
+ *   - open() of a read-only image writes nothing.
+ *   - create() writes a complete, valid image into an empty file, or returns
+ *     an error (the caller then removes the file).
+ *   - read()/write() address the virtual disk's bytes, not the file's.
+ */
+#ifndef VD_PROVIDER_IMAGE_H
+#define VD_PROVIDER_IMAGE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "virtdisk.h"
+
+struct vd_format;
+
+/* GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE values. */
+enum vd_subtype {
+    VD_SUBTYPE_NONE = 0, /* ISO: no container */
+    VD_SUBTYPE_FIXED = 2,
+    VD_SUBTYPE_DYNAMIC = 3,
+    VD_SUBTYPE_DIFFERENCING = 4,
+};
+
+struct vd_image {
+    /* Set by vd_image_open() before format->open(). */
+    int fd;              /* the image file: O_RDONLY, or O_RDWR when writable */
+    bool writable;
+    char *path;          /* absolute UTF-8 path, owned by the image */
+    uint64_t file_size;
+    dev_t file_dev;      /* identity of the file, for finding its loop device */
+    ino_t file_ino;
+    OPEN_VIRTUAL_DISK_FLAG open_flags;
+
+    /* Filled by format->open(). */
+    const struct vd_format *format;
+    enum vd_subtype subtype;
+    uint64_t virtual_size;         /* bytes the attached disk shows */
+    ULONG block_size;              /* 0 where the format has no blocks (fixed VHD, ISO) */
+    ULONG logical_sector_size;     /* 512, 4096 (VHDX), 2048 (ISO) */
+    ULONG physical_sector_size;
+    GUID identifier;               /* GET_VIRTUAL_DISK_INFO_IDENTIFIER */
+    bool has_virtual_disk_id;      /* VHDX Page 83 data */
+    GUID virtual_disk_id;
+
+    /* Differencing disks only (subtype VD_SUBTYPE_DIFFERENCING). */
+    char *parent_locations;        /* candidate parent paths, UTF-8, each NUL-terminated,
+                                      the list ended by an empty string; owned */
+    bool parent_resolved;          /* parent found and opened (then parent != NULL) */
+    GUID parent_identifier;
+    ULONG parent_timestamp;        /* VHD only: seconds since 2000-01-01 UTC */
+    struct vd_image *parent;       /* opened read-only, owned */
+
+    /* When the virtual disk is one contiguous byte range of the file
+       ([flat_offset, flat_offset + virtual_size)), it can be loop-mapped
+       directly.  Fixed VHD: offset 0.  ISO: offset 0. */
+    bool flat;
+    uint64_t flat_offset;
+
+    void *state;                   /* the format's own, freed by format->close() */
+};
+
+/* What CreateVirtualDisk asked for, validated and with defaults applied by
+   the caller except where noted. */
+struct vd_create_request {
+    ULONG device_id;               /* VIRTUAL_STORAGE_TYPE_DEVICE_VHD or _VHDX */
+    uint64_t virtual_size;         /* multiple of logical_sector_size */
+    ULONG block_size;              /* 0: the format's default */
+    ULONG logical_sector_size;     /* 512 or 4096 (VHDX only) */
+    ULONG physical_sector_size;    /* 512 or 4096 */
+    bool fixed;                    /* CREATE_VIRTUAL_DISK_FLAG_FULL_PHYSICAL_ALLOCATION */
+    GUID unique_id;                /* never zero: the caller generates one */
+    const char *path;              /* where the file is being created (absolute) */
+    struct vd_image *parent;       /* differencing: the opened parent, else NULL */
+};
+
+struct vd_format {
+    const char *name;              /* "VHD", "VHDX", "ISO" */
+    ULONG device_id;               /* VIRTUAL_STORAGE_TYPE_DEVICE_* */
+
+    /* Does the file look like this format?  head: the first bytes of the file
+       (up to 64 KiB), tail: the last 512 bytes (fewer for tiny files). */
+    bool (*probe)(const uint8_t *head, size_t head_length, const uint8_t *tail,
+                  size_t tail_length, uint64_t file_size);
+
+    /* Parses and verifies the image, filling the fields listed above. */
+    DWORD (*open)(struct vd_image *image);
+
+    /* Writes a new image into fd, an empty file opened O_RDWR.  NULL when the
+       format cannot be created (ISO). */
+    DWORD (*create)(int fd, const struct vd_create_request *request);
+
+    /* Virtual-disk I/O, for the block-translating server and for tests.
+       write is NULL for read-only formats. */
+    DWORD (*read)(struct vd_image *image, void *buffer, uint64_t offset, size_t length);
+    DWORD (*write)(struct vd_image *image, const void *buffer, uint64_t offset, size_t length);
+
+    /* Releases state (not fd, path, parent_locations or parent:
+       vd_image_close() owns those).  Called only when state is not NULL, also
+       after a failed open(). */
+    void (*close)(struct vd_image *image);
+};
+
+extern const struct vd_format vd_format_vhd;
+extern const struct vd_format vd_format_vhdx;
+extern const struct vd_format vd_format_iso;
+
+/* Opens path as a virtual disk.  device_id VIRTUAL_STORAGE_TYPE_DEVICE_UNKNOWN
+   means "decide by the contents"; a known device_id must match the contents
+   (ERROR_VIRTDISK_PROVIDER_NOT_FOUND when no format recognises the file).
+   On success *out is a heap image owned by the caller (vd_image_close()). */
+DWORD vd_image_open(const char *path, ULONG device_id, bool writable,
+                    OPEN_VIRTUAL_DISK_FLAG open_flags, struct vd_image **out);
+
+void vd_image_close(struct vd_image *image);
+
+/* The format module for a device id, or NULL. */
+const struct vd_format *vd_format_for_device(ULONG device_id);
+
+#endif

@@ -1,0 +1,182 @@
+/*
+ * GetVirtualDiskInformation and the other information entry points.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#include "bytes.h"
+#include "errors.h"
+#include "handles.h"
+#include "image.h"
+#include "loopdev.h"
+#include "utf16.h"
+
+#define VD_INFO_HEADER offsetof(GET_VIRTUAL_DISK_INFO, Size)
+
+static DWORD vd_not_applicable(const struct vd_image *image, const char *what)
+{
+    return vd_fail(ERROR_VHD_INVALID_TYPE, "%s does not apply to this %s image", what, image->format->name);
+}
+
+/* The host disk's sector sizes, from the block device holding the image. */
+static void vd_host_sectors(const struct vd_image *image, ULONG *logical, ULONG *physical, BOOL *remote)
+{
+    *logical = 512;
+    *physical = 512;
+    char path[96], value[32];
+    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/queue/logical_block_size", major(image->file_dev),
+             minor(image->file_dev));
+    FILE *file = fopen(path, "re");
+    if (file) {
+        if (fgets(value, sizeof value, file))
+            *logical = (ULONG)strtoul(value, NULL, 10);
+        fclose(file);
+    }
+    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/queue/physical_block_size", major(image->file_dev),
+             minor(image->file_dev));
+    file = fopen(path, "re");
+    if (file) {
+        if (fgets(value, sizeof value, file))
+            *physical = (ULONG)strtoul(value, NULL, 10);
+        fclose(file);
+    }
+    struct statfs fs;
+    /* NFS, SMB/CIFS, SMB2 and 9p are what Windows would call remote. */
+    *remote = fstatfs(image->fd, &fs) == 0 &&
+              (fs.f_type == 0x6969 || fs.f_type == (typeof(fs.f_type))0xFF534D42 ||
+               fs.f_type == (typeof(fs.f_type))0xFE534D42 || fs.f_type == 0x01021997);
+}
+
+/* The MULTI_SZ of parent locations, as UTF-16: the resolved parent's path
+   alone when it was found, else every candidate. */
+static size_t vd_parent_multi_sz(const struct vd_image *image, WCHAR *out, size_t capacity)
+{
+    size_t used = 0;
+    if (image->parent_resolved && image->parent) {
+        used += vd_utf8_to_utf16(image->parent->path, out ? out : NULL, out ? capacity : 0);
+    } else {
+        for (const char *p = image->parent_locations; p && *p; p += strlen(p) + 1) {
+            size_t room = out && used < capacity ? capacity - used : 0;
+            used += vd_utf8_to_utf16(p, out && room ? out + used : NULL, room);
+        }
+    }
+    if (out && used < capacity)
+        out[used] = 0;
+    return used + 1;
+}
+
+static DWORD vd_get_info(struct vd_handle *handle, ULONG size, GET_VIRTUAL_DISK_INFO *info, ULONG *used)
+{
+    const struct vd_image *image = handle->image;
+    bool differencing = image->subtype == VD_SUBTYPE_DIFFERENCING;
+    *used = sizeof(GET_VIRTUAL_DISK_INFO);
+    switch (info->Version) {
+    case GET_VIRTUAL_DISK_INFO_SIZE:
+        info->Size.VirtualSize = image->virtual_size;
+        info->Size.PhysicalSize = image->file_size;
+        info->Size.BlockSize = image->block_size;
+        info->Size.SectorSize = image->logical_sector_size;
+        return ERROR_SUCCESS;
+    case GET_VIRTUAL_DISK_INFO_IDENTIFIER:
+        info->Identifier = image->identifier;
+        return ERROR_SUCCESS;
+    case GET_VIRTUAL_DISK_INFO_PARENT_LOCATION: {
+        if (!differencing)
+            return vd_not_applicable(image, "PARENT_LOCATION");
+        size_t chars = vd_parent_multi_sz(image, NULL, 0);
+        *used = (ULONG)(offsetof(GET_VIRTUAL_DISK_INFO, ParentLocation.ParentLocationBuffer) +
+                        chars * sizeof(WCHAR));
+        if (size < *used)
+            return vd_fail(ERROR_INSUFFICIENT_BUFFER, "PARENT_LOCATION needs %u bytes", (unsigned)*used);
+        info->ParentLocation.ParentResolved = image->parent_resolved;
+        vd_parent_multi_sz(image, info->ParentLocation.ParentLocationBuffer, chars);
+        return ERROR_SUCCESS;
+    }
+    case GET_VIRTUAL_DISK_INFO_PARENT_IDENTIFIER:
+        if (!differencing)
+            return vd_not_applicable(image, "PARENT_IDENTIFIER");
+        info->ParentIdentifier = image->parent_identifier;
+        return ERROR_SUCCESS;
+    case GET_VIRTUAL_DISK_INFO_PARENT_TIMESTAMP:
+        if (!differencing || image->format->device_id != VIRTUAL_STORAGE_TYPE_DEVICE_VHD)
+            return vd_not_applicable(image, "PARENT_TIMESTAMP");
+        info->ParentTimestamp = image->parent_timestamp;
+        return ERROR_SUCCESS;
+    case GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE:
+        info->VirtualStorageType.DeviceId = image->format->device_id;
+        info->VirtualStorageType.VendorId = VIRTUAL_STORAGE_TYPE_VENDOR_MICROSOFT;
+        return ERROR_SUCCESS;
+    case GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE:
+        if (image->subtype == VD_SUBTYPE_NONE)
+            return vd_not_applicable(image, "PROVIDER_SUBTYPE");
+        info->ProviderSubtype = image->subtype;
+        return ERROR_SUCCESS;
+    case GET_VIRTUAL_DISK_INFO_IS_4K_ALIGNED:
+        /* Whether every data block starts on a 4 KiB boundary of the file:
+           true for flat images at an aligned offset and for VHDX (1 MiB
+           aligned blocks); a dynamic VHD's blocks follow a 512-byte bitmap. */
+        info->Is4kAligned = image->format->device_id == VIRTUAL_STORAGE_TYPE_DEVICE_VHDX ||
+                            (image->flat && image->flat_offset % 4096 == 0 &&
+                             image->format->device_id != VIRTUAL_STORAGE_TYPE_DEVICE_VHD) ||
+                            (image->format->device_id == VIRTUAL_STORAGE_TYPE_DEVICE_VHD &&
+                             image->subtype == VD_SUBTYPE_FIXED);
+        return ERROR_SUCCESS;
+    case GET_VIRTUAL_DISK_INFO_PHYSICAL_DISK:
+        vd_host_sectors(image, &info->PhysicalDisk.LogicalSectorSize, &info->PhysicalDisk.PhysicalSectorSize,
+                        &info->PhysicalDisk.IsRemote);
+        return ERROR_SUCCESS;
+    case GET_VIRTUAL_DISK_INFO_VHD_PHYSICAL_SECTOR_SIZE:
+        info->VhdPhysicalSectorSize = image->physical_sector_size;
+        return ERROR_SUCCESS;
+    case GET_VIRTUAL_DISK_INFO_IS_LOADED:
+        info->IsLoaded = handle->disk->loop_number >= 0 || vd_loop_find(image->file_dev, image->file_ino) >= 0;
+        return ERROR_SUCCESS;
+    case GET_VIRTUAL_DISK_INFO_VIRTUAL_DISK_ID:
+        if (!image->has_virtual_disk_id)
+            return vd_not_applicable(image, "VIRTUAL_DISK_ID");
+        info->VirtualDiskId = image->virtual_disk_id;
+        return ERROR_SUCCESS;
+    case GET_VIRTUAL_DISK_INFO_SMALLEST_SAFE_VIRTUAL_SIZE:
+    case GET_VIRTUAL_DISK_INFO_FRAGMENTATION:
+    case GET_VIRTUAL_DISK_INFO_CHANGE_TRACKING_STATE:
+        return vd_fail(ERROR_NOT_SUPPORTED, "information version %d is not supported yet on Linux",
+                       (int)info->Version);
+    default:
+        return vd_fail(ERROR_INVALID_PARAMETER, "GET_VIRTUAL_DISK_INFO.Version %d is unknown", (int)info->Version);
+    }
+}
+
+DWORD WINAPI GetVirtualDiskInformation(HANDLE VirtualDiskHandle, ULONG *VirtualDiskInfoSize,
+                                       GET_VIRTUAL_DISK_INFO *VirtualDiskInfo, ULONG *SizeUsed)
+{
+    vd_clear_detail();
+    if (!VirtualDiskInfoSize || !VirtualDiskInfo)
+        return vd_fail(ERROR_INVALID_PARAMETER, "VirtualDiskInfoSize and VirtualDiskInfo are required");
+    if (*VirtualDiskInfoSize < sizeof(GET_VIRTUAL_DISK_INFO)) {
+        *VirtualDiskInfoSize = sizeof(GET_VIRTUAL_DISK_INFO);
+        return vd_fail(ERROR_INSUFFICIENT_BUFFER, "GET_VIRTUAL_DISK_INFO needs at least %zu bytes",
+                       sizeof(GET_VIRTUAL_DISK_INFO));
+    }
+    struct vd_handle *handle = vd_handle_acquire(VirtualDiskHandle);
+    if (!handle)
+        return vd_fail(ERROR_INVALID_HANDLE, "not a handle from OpenVirtualDisk or CreateVirtualDisk");
+    DWORD status;
+    ULONG used = 0;
+    if (!(handle->access & VIRTUAL_DISK_ACCESS_GET_INFO))
+        status = vd_fail(ERROR_ACCESS_DENIED, "the handle was opened without VIRTUAL_DISK_ACCESS_GET_INFO");
+    else
+        status = vd_get_info(handle, *VirtualDiskInfoSize, VirtualDiskInfo, &used);
+    if (status == ERROR_INSUFFICIENT_BUFFER)
+        *VirtualDiskInfoSize = used;
+    if (SizeUsed && (status == ERROR_SUCCESS || status == ERROR_INSUFFICIENT_BUFFER))
+        *SizeUsed = used;
+    vd_handle_release(handle);
+    return status;
+}

@@ -1,0 +1,355 @@
+/*
+ * Loop devices (see loopdev.h).  Kernel facts this relies on, tested on 6.18
+ * (shared/linux-provider-notes.md §1): LOOP_CTL_GET_FREE reserves nothing, so
+ * LOOP_CONFIGURE can lose a race with EBUSY; the capacity is
+ * min(file - offset, sizelimit); LOOP_CLR_FD returns 0 even when another
+ * opener keeps the device bound (it only sets autoclear), so "detached" has
+ * to be checked, and "in use" has to be checked before.
+ */
+#define _GNU_SOURCE
+#include "loopdev.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/loop.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "errors.h"
+
+/* Attempts before giving up on a free device: each failure means another
+   process took the device between LOOP_CTL_GET_FREE and LOOP_CONFIGURE (or it
+   was still being torn down), which a handful of concurrent attaches cause
+   a few times at most. */
+enum { VD_LOOP_ATTEMPTS = 64 };
+
+static DWORD vd_loop_fail_errno(int error, const char *what, int number)
+{
+    if (error == EACCES || error == EPERM)
+        return vd_fail(ERROR_PRIVILEGE_NOT_HELD,
+                       "%s /dev/loop%d: managing loop devices needs root (CAP_SYS_ADMIN): %s",
+                       what, number, strerror(error));
+    return vd_fail_errno(error, "%s /dev/loop%d", what, number);
+}
+
+static void vd_loop_path(int number, char *path, size_t size)
+{
+    snprintf(path, size, "/dev/loop%d", number);
+}
+
+DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out)
+{
+    int control = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+    if (control < 0) {
+        int error = errno;
+        if (error == EACCES || error == EPERM)
+            return vd_fail(ERROR_PRIVILEGE_NOT_HELD,
+                           "opening /dev/loop-control: attaching needs root (CAP_SYS_ADMIN): %s",
+                           strerror(error));
+        return vd_fail_errno(error, "opening /dev/loop-control (is the loop driver available?)");
+    }
+
+    struct loop_config config;
+    memset(&config, 0, sizeof config);
+    config.fd = (uint32_t)request->backing_fd;
+    config.block_size = request->block_size;
+    config.info.lo_offset = request->offset;
+    config.info.lo_sizelimit = request->size;
+    config.info.lo_flags = LO_FLAGS_PARTSCAN;
+    if (request->read_only)
+        config.info.lo_flags |= LO_FLAGS_READ_ONLY;
+    if (request->autoclear)
+        config.info.lo_flags |= LO_FLAGS_AUTOCLEAR;
+    snprintf((char *)config.info.lo_file_name, LO_NAME_SIZE, "%s%s", VD_LOOP_NAME_PREFIX,
+             request->name ? request->name : "");
+
+    DWORD status = vd_fail(ERROR_NO_SYSTEM_RESOURCES, "no free loop device after %d attempts",
+                           VD_LOOP_ATTEMPTS);
+    for (int attempt = 0; attempt < VD_LOOP_ATTEMPTS; attempt++) {
+        int number = ioctl(control, LOOP_CTL_GET_FREE);
+        if (number < 0) {
+            status = vd_fail_errno(errno, "asking /dev/loop-control for a free loop device");
+            break;
+        }
+        char path[32];
+        vd_loop_path(number, path, sizeof path);
+        /* The device node must be opened read-write for a writable disk: the
+           kernel makes the device read-only when it is opened O_RDONLY. */
+        int fd = open(path, (request->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+        if (fd < 0) {
+            /* ENOENT/ENXIO: the node is not there yet or the device is being
+               torn down; ask for another. */
+            if (errno == ENOENT || errno == ENXIO)
+                continue;
+            status = vd_loop_fail_errno(errno, "opening", number);
+            break;
+        }
+        if (ioctl(fd, LOOP_CONFIGURE, &config) == 0) {
+            out->number = number;
+            out->fd = fd;
+            close(control);
+            return ERROR_SUCCESS;
+        }
+        int error = errno;
+        close(fd);
+        if (error == EBUSY)
+            continue; /* another process won this device */
+        status = vd_loop_fail_errno(error, "configuring", number);
+        break;
+    }
+    close(control);
+    return status;
+}
+
+static bool vd_read_sysfs(const char *path, char *buffer, size_t size)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    ssize_t n = read(fd, buffer, size - 1);
+    close(fd);
+    if (n < 0)
+        return false;
+    buffer[n] = '\0';
+    while (n > 0 && buffer[n - 1] == '\n')
+        buffer[--n] = '\0';
+    return true;
+}
+
+bool vd_loop_is_bound(int number)
+{
+    char path[64];
+    struct stat st;
+    snprintf(path, sizeof path, "/sys/block/loop%d/loop", number);
+    return stat(path, &st) == 0;
+}
+
+/* Calls visit for each /sys/block/loopN that is bound; stops when visit
+   returns true.  Returns the number visit stopped at, or -1. */
+static int vd_loop_scan(bool (*visit)(int number, void *context), void *context)
+{
+    DIR *dir = opendir("/sys/block");
+    if (!dir)
+        return -1;
+    int found = -1;
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL) {
+        int number;
+        char tail;
+        if (sscanf(entry->d_name, "loop%d%c", &number, &tail) != 1)
+            continue;
+        if (vd_loop_is_bound(number) && visit(number, context)) {
+            found = number;
+            break;
+        }
+    }
+    closedir(dir);
+    return found;
+}
+
+struct vd_file_identity {
+    dev_t dev;
+    ino_t ino;
+};
+
+static bool vd_loop_backs(int number, void *context)
+{
+    const struct vd_file_identity *file = context;
+    char path[64], backing[PATH_MAX + 16];
+    snprintf(path, sizeof path, "/sys/block/loop%d/loop/backing_file", number);
+    if (!vd_read_sysfs(path, backing, sizeof backing))
+        return false;
+    /* The kernel's d_path follows renames; a deleted backing file can no
+       longer be the image anyone opens by name, so it never matches. */
+    struct stat st;
+    if (stat(backing, &st) < 0)
+        return false;
+    return st.st_dev == file->dev && st.st_ino == file->ino;
+}
+
+int vd_loop_find(dev_t dev, ino_t ino)
+{
+    struct vd_file_identity file = {dev, ino};
+    return vd_loop_scan(vd_loop_backs, &file);
+}
+
+struct vd_loop_visitor {
+    void (*visit)(int number, void *context);
+    void *context;
+    int numbers[256];
+    size_t count;
+};
+
+static bool vd_loop_collect(int number, void *context)
+{
+    struct vd_loop_visitor *visitor = context;
+    if (visitor->count < sizeof visitor->numbers / sizeof visitor->numbers[0])
+        visitor->numbers[visitor->count++] = number;
+    return false;
+}
+
+static int vd_compare_int(const void *a, const void *b)
+{
+    return *(const int *)a - *(const int *)b;
+}
+
+static bool vd_loop_is_ours(int number)
+{
+    char path[32];
+    vd_loop_path(number, path, sizeof path);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    struct loop_info64 info;
+    bool ours = ioctl(fd, LOOP_GET_STATUS64, &info) == 0 &&
+                strncmp((const char *)info.lo_file_name, VD_LOOP_NAME_PREFIX,
+                        strlen(VD_LOOP_NAME_PREFIX)) == 0;
+    close(fd);
+    return ours;
+}
+
+void vd_loop_for_each_virtual_disk(void (*visit)(int number, void *context), void *context)
+{
+    struct vd_loop_visitor visitor = {visit, context, {0}, 0};
+    vd_loop_scan(vd_loop_collect, &visitor);
+    qsort(visitor.numbers, visitor.count, sizeof visitor.numbers[0], vd_compare_int);
+    for (size_t i = 0; i < visitor.count; i++)
+        if (vd_loop_is_ours(visitor.numbers[i]))
+            visit(visitor.numbers[i], context);
+}
+
+/* Whether a file descriptor of some process other than the caller's own
+   (pid, fd) pairs refers to /dev/loopN or one of its partitions.  This is
+   what fuser does; there is no per-device open count in sysfs. */
+static bool vd_loop_opened_elsewhere(int number, int own_fd, int probe_fd)
+{
+    char device[32], partition_prefix[40];
+    snprintf(device, sizeof device, "/dev/loop%d", number);
+    snprintf(partition_prefix, sizeof partition_prefix, "/dev/loop%dp", number);
+    size_t prefix_length = strlen(partition_prefix);
+    pid_t self = getpid();
+
+    DIR *proc = opendir("/proc");
+    if (!proc)
+        return false;
+    bool found = false;
+    struct dirent *process;
+    while (!found && (process = readdir(proc)) != NULL) {
+        char *end;
+        long pid = strtol(process->d_name, &end, 10);
+        if (*end != '\0' || pid <= 0)
+            continue;
+        char fd_dir_path[64];
+        snprintf(fd_dir_path, sizeof fd_dir_path, "/proc/%ld/fd", pid);
+        DIR *fd_dir = opendir(fd_dir_path);
+        if (!fd_dir)
+            continue; /* exited meanwhile, or a kernel thread */
+        struct dirent *fd_entry;
+        while ((fd_entry = readdir(fd_dir)) != NULL) {
+            if (fd_entry->d_name[0] == '.')
+                continue;
+            int fd = atoi(fd_entry->d_name);
+            if (pid == self && (fd == own_fd || fd == probe_fd || fd == dirfd(fd_dir)))
+                continue;
+            char target[64];
+            ssize_t n = readlinkat(dirfd(fd_dir), fd_entry->d_name, target, sizeof target - 1);
+            if (n <= 0)
+                continue;
+            target[n] = '\0';
+            if (strcmp(target, device) == 0 || strncmp(target, partition_prefix, prefix_length) == 0) {
+                found = true;
+                break;
+            }
+        }
+        closedir(fd_dir);
+    }
+    closedir(proc);
+    return found;
+}
+
+/* Whether a filesystem or another exclusive user (mount, mkfs, a holder
+   such as device-mapper) has claimed the disk or one of its partitions. */
+static bool vd_loop_partition_claimed(int number)
+{
+    char dir_path[64];
+    snprintf(dir_path, sizeof dir_path, "/sys/block/loop%d", number);
+    DIR *dir = opendir(dir_path);
+    if (!dir)
+        return false;
+    char prefix[32];
+    snprintf(prefix, sizeof prefix, "loop%dp", number);
+    bool claimed = false;
+    struct dirent *entry;
+    while (!claimed && (entry = readdir(dir)) != NULL) {
+        if (strncmp(entry->d_name, prefix, strlen(prefix)) != 0)
+            continue;
+        char device[sizeof entry->d_name + 8];
+        snprintf(device, sizeof device, "/dev/%s", entry->d_name);
+        int fd = open(device, O_RDONLY | O_EXCL | O_CLOEXEC);
+        if (fd < 0)
+            claimed = errno == EBUSY;
+        else
+            close(fd);
+    }
+    closedir(dir);
+    return claimed;
+}
+
+DWORD vd_loop_detach(int number, int own_fd)
+{
+    char path[32];
+    vd_loop_path(number, path, sizeof path);
+
+    /* O_EXCL on a block device fails with EBUSY while it is mounted or
+       otherwise claimed; holding it also keeps a new mount from starting
+       while we decide. */
+    int probe = open(path, O_RDONLY | O_EXCL | O_CLOEXEC);
+    if (probe < 0) {
+        int error = errno;
+        if (own_fd >= 0)
+            close(own_fd);
+        if (error == EBUSY)
+            return vd_fail(ERROR_DEVICE_IN_USE,
+                           "%s is in use (mounted or opened exclusively); unmount it first", path);
+        if (error == ENXIO || error == ENOENT)
+            return vd_fail(ERROR_NOT_READY, "%s is no longer attached", path);
+        return vd_loop_fail_errno(error, "opening", number);
+    }
+    DWORD status = ERROR_SUCCESS;
+    if (vd_loop_partition_claimed(number)) {
+        status = vd_fail(ERROR_DEVICE_IN_USE,
+                         "a partition of %s is mounted or in use; unmount it first", path);
+    } else if (vd_loop_opened_elsewhere(number, own_fd, probe)) {
+        status = vd_fail(ERROR_DEVICE_IN_USE,
+                         "%s is open in another process; close it first (see fuser %s)", path, path);
+    } else if (ioctl(probe, LOOP_CLR_FD) < 0) {
+        status = vd_loop_fail_errno(errno, "detaching", number);
+    }
+    if (status != ERROR_SUCCESS) {
+        close(probe);
+        if (own_fd >= 0)
+            close(own_fd);
+        return status;
+    }
+    /* The teardown happens when the last of our descriptors closes. */
+    if (own_fd >= 0)
+        close(own_fd);
+    close(probe);
+    if (vd_loop_is_bound(number)) {
+        /* Someone opened the device between the check and LOOP_CLR_FD: the
+           kernel turned the detach into autoclear-on-last-close.  That is not
+           a detach; report the disk as in use.  (It will detach when that
+           opener closes, as a non-permanent disk would.) */
+        return vd_fail(ERROR_DEVICE_IN_USE,
+                       "%s was opened by another process while detaching; it will detach "
+                       "when that process closes it",
+                       path);
+    }
+    return ERROR_SUCCESS;
+}
