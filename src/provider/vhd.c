@@ -1,0 +1,1463 @@
+/*
+ * VHD images: fixed, dynamic and differencing disks, after Microsoft's
+ * "Virtual Hard Disk Image Format Specification" 1.0 (2006).
+ *
+ * Every integer on disk is big-endian.  The structures below are declared
+ * once with the specification's field names, as byte arrays, so that each
+ * field is converted explicitly (vd_be32() and friends) where it is read.
+ *
+ * A dynamic or differencing disk is
+ *     [footer copy][dynamic header][BAT][parent locator data]...[blocks][footer]
+ * where each block is [sector bitmap, padded to 512 bytes][block_size bytes].
+ */
+#define _GNU_SOURCE /* fallocate() */
+
+#include "image.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bytes.h"
+#include "errors.h"
+#include "utf16.h"
+#include "winerror.h"
+
+enum {
+    VHD_SECTOR = 512,
+    VHD_FOOTER_SIZE = 512,
+    /* Images made before Virtual PC 2004 end with a 511-byte footer. */
+    VHD_OLD_FOOTER_SIZE = 511,
+    VHD_HEADER_SIZE = 1024,
+    VHD_LOCATOR_COUNT = 8,
+    VHD_PARENT_NAME_BYTES = 512,
+    /* A chain longer than this is taken for a cycle that (dev, ino) did not
+       catch, e.g. through a bind mount. */
+    VHD_MAX_CHAIN_DEPTH = 64,
+    /* A Windows path is at most 32767 UTF-16 units. */
+    VHD_MAX_LOCATOR_BYTES = 65536,
+};
+
+#define VHD_COOKIE "conectix"
+#define VHD_SPARSE_COOKIE "cxsparse"
+#define VHD_TYPE_FIXED 2u
+#define VHD_TYPE_DYNAMIC 3u
+#define VHD_TYPE_DIFFERENCING 4u
+#define VHD_VERSION 0x00010000u
+#define VHD_FEATURES_RESERVED 0x00000002u
+#define VHD_BAT_UNUSED 0xFFFFFFFFu
+#define VHD_NO_DATA_OFFSET UINT64_C(0xFFFFFFFFFFFFFFFF)
+#define VHD_PLATFORM_W2RU 0x57327275u /* "W2ru": relative path, UTF-16LE */
+#define VHD_PLATFORM_W2KU 0x57326B75u /* "W2ku": absolute path, UTF-16LE */
+/* Time stamps count seconds from 2000-01-01 00:00:00 UTC. */
+#define VHD_EPOCH INT64_C(946684800)
+/* Windows' limit for VHD; also what the CHS geometry can still describe. */
+#define VHD_MAX_SIZE (UINT64_C(2040) << 30)
+/* Larger blocks would make the per-block sector bitmap, which is read on
+   every access, needlessly large; no known writer goes past 2 MiB. */
+#define VHD_MAX_BLOCK_SIZE (UINT32_C(256) << 20)
+/* Enough for a 2040 GiB disk in 512 KiB blocks; bounds the in-memory BAT at
+   16 MiB whatever the header claims. */
+#define VHD_MAX_BLOCKS (UINT32_C(1) << 22)
+#define VHD_DEFAULT_BLOCK_SIZE UINT32_C(0x200000)
+#define VHD_SMALL_BLOCK_SIZE UINT32_C(0x80000)
+
+struct vhd_footer {
+    char cookie[8];
+    uint8_t features[4];
+    uint8_t file_format_version[4];
+    uint8_t data_offset[8];
+    uint8_t time_stamp[4];
+    char creator_application[4];
+    uint8_t creator_version[4];
+    uint8_t creator_host_os[4];
+    uint8_t original_size[8];
+    uint8_t current_size[8];
+    uint8_t disk_geometry[4];
+    uint8_t disk_type[4];
+    uint8_t checksum[4];
+    uint8_t unique_id[16];
+    uint8_t saved_state;
+    uint8_t reserved[427];
+};
+_Static_assert(sizeof(struct vhd_footer) == VHD_FOOTER_SIZE, "VHD footer layout");
+
+struct vhd_parent_locator {
+    uint8_t platform_code[4];
+    uint8_t platform_data_space[4];
+    uint8_t platform_data_length[4];
+    uint8_t reserved[4];
+    uint8_t platform_data_offset[8];
+};
+
+struct vhd_dynamic_header {
+    char cookie[8];
+    uint8_t data_offset[8];
+    uint8_t table_offset[8];
+    uint8_t header_version[4];
+    uint8_t max_table_entries[4];
+    uint8_t block_size[4];
+    uint8_t checksum[4];
+    uint8_t parent_unique_id[16];
+    uint8_t parent_time_stamp[4];
+    uint8_t reserved1[4];
+    uint8_t parent_unicode_name[VHD_PARENT_NAME_BYTES];
+    struct vhd_parent_locator parent_locator[VHD_LOCATOR_COUNT];
+    uint8_t reserved2[256];
+};
+_Static_assert(sizeof(struct vhd_dynamic_header) == VHD_HEADER_SIZE, "VHD dynamic header layout");
+
+struct vhd_state {
+    /* Held by read() and write() of dynamic and differencing disks: block
+       allocation moves the footer and fills the BAT, and bitmap is scratch. */
+    pthread_mutex_t lock;
+    struct vhd_footer footer; /* as read; rewritten unchanged when the file grows */
+    uint64_t footer_offset;
+    uint32_t disk_type;
+    uint32_t block_size;
+    uint32_t bitmap_size; /* one bit per sector, padded to a whole sector */
+    uint32_t block_count; /* blocks the virtual size needs (<= max table entries) */
+    uint64_t table_offset;
+    uint32_t *bat;        /* block_count entries, host order */
+    uint8_t *bitmap;      /* bitmap_size bytes */
+};
+
+typedef unsigned long long ull;
+
+static uint64_t vhd_round_up(uint64_t value, uint64_t unit)
+{
+    return (value + unit - 1) / unit * unit;
+}
+
+/* One's complement of the byte sum, the checksum field counting as zero. */
+static uint32_t vhd_checksum(const void *structure, size_t length, size_t checksum_offset)
+{
+    const uint8_t *bytes = structure;
+    uint32_t sum = 0;
+    for (size_t i = 0; i < length; i++)
+        if (i < checksum_offset || i >= checksum_offset + 4)
+            sum += bytes[i];
+    return ~sum;
+}
+
+static void vhd_seal_footer(struct vhd_footer *footer)
+{
+    vd_put_be32(footer->checksum, vhd_checksum(footer, sizeof *footer, offsetof(struct vhd_footer, checksum)));
+}
+
+static void vhd_seal_header(struct vhd_dynamic_header *header)
+{
+    vd_put_be32(header->checksum,
+                vhd_checksum(header, sizeof *header, offsetof(struct vhd_dynamic_header, checksum)));
+}
+
+/* Bit 7 of byte 0 is the block's first sector (VirtualBox
+   vhdBlockBitmapSectorContainsData; qemu agrees). */
+static bool vhd_bit(const uint8_t *bitmap, uint32_t sector)
+{
+    return bitmap[sector / 8] & (0x80u >> (sector % 8));
+}
+
+static uint32_t vhd_time_stamp(time_t unix_time)
+{
+    int64_t seconds = (int64_t)unix_time - VHD_EPOCH;
+    return seconds < 0 ? 0 : seconds > UINT32_MAX ? UINT32_MAX : (uint32_t)seconds;
+}
+
+/* Flushes what was written so far before the write that makes it reachable.
+   OPEN_VIRTUAL_DISK_FLAG_NO_WRITE_HARDENING is Windows' way of asking for
+   exactly this to be skipped. */
+static int vhd_barrier(const struct vd_image *image)
+{
+    if (image->open_flags & OPEN_VIRTUAL_DISK_FLAG_NO_WRITE_HARDENING)
+        return 0;
+    return fdatasync(image->fd) < 0 ? errno : 0;
+}
+
+/* ---- UTF-16 text in headers and locators -------------------------------- */
+
+/* length bytes of UTF-16 in the given byte order, up to the first NUL, as a
+   malloc'd UTF-8 string; NULL when not valid UTF-16 (or out of memory). */
+static char *vhd_decode_utf16(const uint8_t *bytes, size_t length, bool big_endian)
+{
+    size_t units = length / 2;
+    WCHAR *text = malloc((units + 1) * sizeof *text);
+    if (!text)
+        return NULL;
+    size_t i;
+    for (i = 0; i < units; i++) {
+        text[i] = big_endian ? vd_be16(bytes + 2 * i) : vd_le16(bytes + 2 * i);
+        if (!text[i])
+            break;
+    }
+    text[i] = 0;
+    char *utf8 = vd_utf16_to_utf8(text);
+    free(text);
+    return utf8;
+}
+
+/* UTF-8 text as UTF-16 bytes in the given byte order, without a NUL;
+   malloc'd, *length in bytes.  NULL when the text is not valid UTF-8. */
+static uint8_t *vhd_encode_utf16(const char *text, bool big_endian, size_t *length)
+{
+    size_t units = vd_utf8_to_utf16(text, NULL, 0);
+    if (units == 0)
+        return NULL;
+    WCHAR *wide = malloc(units * sizeof *wide);
+    uint8_t *bytes = malloc(units * 2);
+    if (!wide || !bytes) {
+        free(wide);
+        free(bytes);
+        return NULL;
+    }
+    vd_utf8_to_utf16(text, wide, units);
+    units--; /* the NUL */
+    for (size_t i = 0; i < units; i++) {
+        if (big_endian)
+            vd_put_be16(bytes + 2 * i, wide[i]);
+        else
+            vd_put_le16(bytes + 2 * i, wide[i]);
+    }
+    free(wide);
+    *length = units * 2;
+    return bytes;
+}
+
+/* ---- paths --------------------------------------------------------------- */
+
+/* The directory part of an absolute path, malloc'd ("/" for "/x"). */
+static char *vhd_dirname(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    size_t length = slash && slash != path ? (size_t)(slash - path) : 1;
+    char *dir = malloc(length + 1);
+    if (!dir)
+        return NULL;
+    memcpy(dir, slash ? path : "/", length);
+    dir[length] = '\0';
+    return dir;
+}
+
+static char *vhd_join(const char *dir, const char *name)
+{
+    size_t dir_length = strlen(dir), name_length = strlen(name);
+    bool slash = dir_length > 0 && dir[dir_length - 1] != '/';
+    char *path = malloc(dir_length + slash + name_length + 1);
+    if (!path)
+        return NULL;
+    memcpy(path, dir, dir_length);
+    if (slash)
+        path[dir_length] = '/';
+    memcpy(path + dir_length + slash, name, name_length + 1);
+    return path;
+}
+
+/* A W2ru locator (".\parent.vhd", "..\base\parent.vhd": Windows separators,
+   relative to the child's directory) as a path on this system. */
+static char *vhd_resolve_relative(const char *child_dir, const char *locator)
+{
+    char *relative = strdup(locator);
+    if (!relative)
+        return NULL;
+    for (char *c = relative; *c; c++)
+        if (*c == '\\')
+            *c = '/';
+    const char *rest = relative;
+    while (rest[0] == '.' && rest[1] == '/')
+        rest += 2;
+    char *path = rest[0] == '/' ? strdup(rest) : vhd_join(child_dir, rest);
+    free(relative);
+    return path;
+}
+
+/* The W2ru locator for target seen from directory from_dir (both absolute
+   and canonical): ".\name" or "..\..\dir\name", with Windows separators so
+   that Windows can follow it too.  File names containing '\' do not survive
+   the round trip; Windows could not represent them anyway. */
+static char *vhd_relative_locator(const char *from_dir, const char *target)
+{
+    char *from = vhd_join(from_dir, ""); /* with a trailing '/' */
+    if (!from)
+        return NULL;
+    /* The shared leading directories end at the last '/' both agree on;
+       every directory of from_dir after that is one "..". */
+    size_t common = 0;
+    for (size_t i = 0; from[i] && from[i] == target[i]; i++)
+        if (from[i] == '/')
+            common = i + 1;
+    size_t ups = 0;
+    for (const char *c = from + common; *c; c++)
+        ups += *c == '/';
+    free(from);
+    const char *tail = target + common;
+    size_t length = (ups ? 3 * ups : 2) + strlen(tail);
+    char *locator = malloc(length + 1);
+    if (!locator)
+        return NULL;
+    char *out = locator;
+    if (ups == 0) {
+        memcpy(out, ".\\", 2);
+        out += 2;
+    }
+    for (size_t i = 0; i < ups; i++, out += 3)
+        memcpy(out, "..\\", 3);
+    for (; *tail; tail++)
+        *out++ = *tail == '/' ? '\\' : *tail;
+    *out = '\0';
+    return locator;
+}
+
+/* ---- the footer ---------------------------------------------------------- */
+
+static DWORD vhd_read_footer(struct vd_image *image, struct vhd_state *state)
+{
+    uint8_t raw[VHD_FOOTER_SIZE] = {0};
+    if (image->file_size < VHD_OLD_FOOTER_SIZE)
+        return vd_fail(ERROR_VHD_DRIVE_FOOTER_MISSING, "%s: %llu bytes is too small for a VHD footer",
+                       image->path, (ull)image->file_size);
+    size_t tail = image->file_size < VHD_FOOTER_SIZE ? VHD_OLD_FOOTER_SIZE : VHD_FOOTER_SIZE;
+    int error = vd_pread_full(image->fd, raw, tail, image->file_size - tail);
+    if (error)
+        return vd_fail_errno(error, "%s: reading the footer", image->path);
+
+    size_t footer_length;
+    if (tail == VHD_FOOTER_SIZE && memcmp(raw, VHD_COOKIE, 8) == 0) {
+        footer_length = VHD_FOOTER_SIZE;
+        memcpy(&state->footer, raw, VHD_FOOTER_SIZE);
+    } else if (memcmp(raw + tail - VHD_OLD_FOOTER_SIZE, VHD_COOKIE, 8) == 0) {
+        /* The byte the old footer lacks is reserved, i.e. zero, so the
+           checksum below comes out the same. */
+        footer_length = VHD_OLD_FOOTER_SIZE;
+        memset(&state->footer, 0, sizeof state->footer);
+        memcpy(&state->footer, raw + tail - VHD_OLD_FOOTER_SIZE, VHD_OLD_FOOTER_SIZE);
+    } else {
+        char head[8] = {0};
+        bool copy = image->file_size >= VHD_FOOTER_SIZE + 8 &&
+                    vd_pread_full(image->fd, head, sizeof head, 0) == 0 &&
+                    memcmp(head, VHD_COOKIE, 8) == 0;
+        return vd_fail(ERROR_VHD_DRIVE_FOOTER_MISSING,
+                       "%s: no \"conectix\" footer in the last 512 bytes (offset %llu)%s", image->path,
+                       (ull)(image->file_size - tail),
+                       copy ? "; the footer copy at offset 0 is present, the file may be truncated" : "");
+    }
+    state->footer_offset = image->file_size - footer_length;
+    const struct vhd_footer *footer = &state->footer;
+    ull at = state->footer_offset;
+
+    uint32_t stored = vd_be32(footer->checksum);
+    uint32_t computed = vhd_checksum(footer, sizeof *footer, offsetof(struct vhd_footer, checksum));
+    if (stored != computed)
+        return vd_fail(ERROR_VHD_DRIVE_FOOTER_CHECKSUM_MISMATCH,
+                       "%s: footer at offset %llu: checksum 0x%08x, computed 0x%08x", image->path, at,
+                       (unsigned)stored, (unsigned)computed);
+
+    uint32_t version = vd_be32(footer->file_format_version);
+    if (version >> 16 != VHD_VERSION >> 16)
+        return vd_fail(ERROR_VHD_FORMAT_UNSUPPORTED_VERSION,
+                       "%s: footer at offset %llu: file format version 0x%08x, only 1.x is known", image->path,
+                       at, (unsigned)version);
+
+    state->disk_type = vd_be32(footer->disk_type);
+    if (state->disk_type != VHD_TYPE_FIXED && state->disk_type != VHD_TYPE_DYNAMIC &&
+        state->disk_type != VHD_TYPE_DIFFERENCING)
+        return vd_fail(ERROR_VHD_DRIVE_FOOTER_CORRUPT,
+                       "%s: footer at offset %llu: disk type %u is not fixed (2), dynamic (3) or differencing (4)",
+                       image->path, at, (unsigned)state->disk_type);
+
+    uint64_t size = vd_be64(footer->current_size);
+    if (size % VHD_SECTOR)
+        return vd_fail(ERROR_VHD_DRIVE_FOOTER_CORRUPT,
+                       "%s: footer at offset %llu: current size %llu is not a multiple of 512", image->path, at,
+                       (ull)size);
+    image->virtual_size = size;
+    return ERROR_SUCCESS;
+}
+
+/* ---- the dynamic header and the BAT -------------------------------------- */
+
+static DWORD vhd_read_dynamic_header(struct vd_image *image, struct vhd_state *state, uint64_t offset,
+                                     struct vhd_dynamic_header *header)
+{
+    if (offset > state->footer_offset || state->footer_offset - offset < VHD_HEADER_SIZE)
+        return vd_fail(ERROR_VHD_DRIVE_FOOTER_CORRUPT,
+                       "%s: footer at offset %llu: dynamic header offset %llu is outside the file", image->path,
+                       (ull)state->footer_offset, (ull)offset);
+    int error = vd_pread_full(image->fd, header, sizeof *header, offset);
+    if (error)
+        return vd_fail_errno(error, "%s: reading the dynamic header at offset %llu", image->path, (ull)offset);
+
+    if (memcmp(header->cookie, VHD_SPARSE_COOKIE, 8) != 0)
+        return vd_fail(ERROR_VHD_SPARSE_HEADER_CORRUPT, "%s: dynamic header at offset %llu: no \"cxsparse\" cookie",
+                       image->path, (ull)offset);
+    uint32_t stored = vd_be32(header->checksum);
+    uint32_t computed = vhd_checksum(header, sizeof *header, offsetof(struct vhd_dynamic_header, checksum));
+    if (stored != computed)
+        return vd_fail(ERROR_VHD_SPARSE_HEADER_CHECKSUM_MISMATCH,
+                       "%s: dynamic header at offset %llu: checksum 0x%08x, computed 0x%08x", image->path,
+                       (ull)offset, (unsigned)stored, (unsigned)computed);
+    uint32_t version = vd_be32(header->header_version);
+    if (version >> 16 != VHD_VERSION >> 16)
+        return vd_fail(ERROR_VHD_SPARSE_HEADER_UNSUPPORTED_VERSION,
+                       "%s: dynamic header at offset %llu: header version 0x%08x, only 1.x is known", image->path,
+                       (ull)offset, (unsigned)version);
+
+    uint32_t block_size = vd_be32(header->block_size);
+    if (block_size < VHD_SECTOR || block_size > VHD_MAX_BLOCK_SIZE || (block_size & (block_size - 1)))
+        return vd_fail(ERROR_VHD_INVALID_BLOCK_SIZE,
+                       "%s: dynamic header at offset %llu: block size %u is not a power of two from 512 to %u",
+                       image->path, (ull)offset, (unsigned)block_size, (unsigned)VHD_MAX_BLOCK_SIZE);
+    state->block_size = block_size;
+    state->bitmap_size = (uint32_t)vhd_round_up(block_size / VHD_SECTOR / 8, VHD_SECTOR);
+    return ERROR_SUCCESS;
+}
+
+static bool vhd_overlaps(uint64_t a_start, uint64_t a_length, uint64_t b_start, uint64_t b_length)
+{
+    return a_start < b_start + b_length && b_start < a_start + a_length;
+}
+
+static int vhd_compare_entries(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Every allocated block must lie inside the file, clear of the metadata and
+   of every other block: otherwise a write through one block would land in
+   the header, the BAT or another block. */
+static DWORD vhd_check_blocks(const struct vd_image *image, const struct vhd_state *state,
+                              uint64_t header_offset, uint64_t table_length)
+{
+    uint64_t span = (uint64_t)state->bitmap_size + state->block_size;
+    uint32_t *sorted = malloc((size_t)state->block_count * sizeof *sorted + 1);
+    if (!sorted)
+        return vd_fail(ERROR_OUTOFMEMORY, "%s: checking %u BAT entries", image->path, (unsigned)state->block_count);
+    size_t allocated = 0;
+    for (uint32_t i = 0; i < state->block_count; i++) {
+        uint32_t entry = state->bat[i];
+        if (entry == VHD_BAT_UNUSED)
+            continue;
+        uint64_t start = (uint64_t)entry * VHD_SECTOR;
+        const char *problem = NULL;
+        if (start > state->footer_offset || state->footer_offset - start < span)
+            problem = "runs past the footer";
+        else if (start < VHD_FOOTER_SIZE)
+            problem = "overlaps the footer copy";
+        else if (vhd_overlaps(start, span, header_offset, VHD_HEADER_SIZE))
+            problem = "overlaps the dynamic header";
+        else if (vhd_overlaps(start, span, state->table_offset, table_length))
+            problem = "overlaps the BAT";
+        if (problem) {
+            free(sorted);
+            return vd_fail(ERROR_VHD_BLOCK_ALLOCATION_TABLE_CORRUPT,
+                           "%s: BAT entry %u (at offset %llu): block at offset %llu %s", image->path, (unsigned)i,
+                           (ull)(state->table_offset + 4 * (uint64_t)i), (ull)start, problem);
+        }
+        sorted[allocated++] = entry;
+    }
+    qsort(sorted, allocated, sizeof *sorted, vhd_compare_entries);
+    for (size_t i = 1; i < allocated; i++) {
+        if ((uint64_t)(sorted[i] - sorted[i - 1]) * VHD_SECTOR < span) {
+            ull first = (ull)sorted[i - 1] * VHD_SECTOR, second = (ull)sorted[i] * VHD_SECTOR;
+            free(sorted);
+            return vd_fail(ERROR_VHD_BLOCK_ALLOCATION_TABLE_CORRUPT,
+                           "%s: BAT at offset %llu: blocks at offsets %llu and %llu overlap", image->path,
+                           (ull)state->table_offset, first, second);
+        }
+    }
+    free(sorted);
+    return ERROR_SUCCESS;
+}
+
+static DWORD vhd_load_bat(struct vd_image *image, struct vhd_state *state, const struct vhd_dynamic_header *header,
+                          uint64_t header_offset)
+{
+    uint64_t blocks = vhd_round_up(image->virtual_size, state->block_size) / state->block_size;
+    uint32_t max_entries = vd_be32(header->max_table_entries);
+    state->table_offset = vd_be64(header->table_offset);
+    uint64_t table_length = (uint64_t)max_entries * 4;
+    if (blocks > max_entries)
+        return vd_fail(ERROR_VHD_BLOCK_ALLOCATION_TABLE_CORRUPT,
+                       "%s: dynamic header at offset %llu: %u BAT entries cannot map %llu bytes in %u-byte blocks",
+                       image->path, (ull)header_offset, (unsigned)max_entries, (ull)image->virtual_size,
+                       (unsigned)state->block_size);
+    if (blocks > VHD_MAX_BLOCKS)
+        return vd_fail(ERROR_VHD_BLOCK_ALLOCATION_TABLE_CORRUPT,
+                       "%s: dynamic header at offset %llu: %llu blocks exceed the supported %u", image->path,
+                       (ull)header_offset, (ull)blocks, (unsigned)VHD_MAX_BLOCKS);
+    if (state->table_offset > state->footer_offset || state->footer_offset - state->table_offset < table_length)
+        return vd_fail(ERROR_VHD_BLOCK_ALLOCATION_TABLE_CORRUPT,
+                       "%s: BAT at offset %llu (%u entries) runs past the footer at offset %llu", image->path,
+                       (ull)state->table_offset, (unsigned)max_entries, (ull)state->footer_offset);
+    state->block_count = (uint32_t)blocks;
+
+    /* Only the entries the virtual size uses are loaded; the rest of the
+       table is inside the file (checked above) and never consulted. */
+    size_t bytes = (size_t)blocks * 4;
+    uint8_t *raw = malloc(bytes + 1);
+    state->bat = malloc(bytes + 1);
+    if (!raw || !state->bat) {
+        free(raw);
+        return vd_fail(ERROR_OUTOFMEMORY, "%s: BAT of %llu entries", image->path, (ull)blocks);
+    }
+    int error = vd_pread_full(image->fd, raw, bytes, state->table_offset);
+    if (error) {
+        free(raw);
+        return vd_fail_errno(error, "%s: reading the BAT at offset %llu", image->path, (ull)state->table_offset);
+    }
+    for (size_t i = 0; i < blocks; i++)
+        state->bat[i] = vd_be32(raw + 4 * i);
+    free(raw);
+    return vhd_check_blocks(image, state, header_offset, table_length);
+}
+
+/* ---- parents ------------------------------------------------------------- */
+
+/* Where the parent of a differencing disk may be, in the order they are
+   tried: W2ru locators, W2ku locators, then the header's parent name in the
+   child's directory. */
+struct vhd_candidates {
+    char *path[VHD_LOCATOR_COUNT + 1];
+    bool relative[VHD_LOCATOR_COUNT + 1];
+    size_t count;
+};
+
+static void vhd_candidates_free(struct vhd_candidates *candidates)
+{
+    for (size_t i = 0; i < candidates->count; i++)
+        free(candidates->path[i]);
+    candidates->count = 0;
+}
+
+/* Takes ownership of path. */
+static void vhd_candidates_add(struct vhd_candidates *candidates, char *path, bool relative)
+{
+    for (size_t i = 0; i < candidates->count; i++) {
+        if (strcmp(candidates->path[i], path) == 0) {
+            free(path);
+            return;
+        }
+    }
+    candidates->path[candidates->count] = path;
+    candidates->relative[candidates->count] = relative;
+    candidates->count++;
+}
+
+/* The text of one W2ru/W2ku locator, malloc'd; *text NULL when empty. */
+static DWORD vhd_read_locator(const struct vd_image *image, const struct vhd_state *state,
+                              const struct vhd_parent_locator *locator, uint64_t entry_offset, char **text)
+{
+    *text = NULL;
+    uint32_t space = vd_be32(locator->platform_data_space);
+    uint32_t length = vd_be32(locator->platform_data_length);
+    uint64_t offset = vd_be64(locator->platform_data_offset);
+    if (length == 0)
+        return ERROR_SUCCESS;
+    /* The specification counts the data space in sectors, Virtual PC and
+       Hyper-V write bytes: whichever reading holds the data is accepted. */
+    uint64_t capacity = space >= length ? space : (uint64_t)space * VHD_SECTOR;
+    const char *problem = NULL;
+    if (length % 2)
+        problem = "is not a whole number of UTF-16 units";
+    else if (length > VHD_MAX_LOCATOR_BYTES)
+        problem = "exceeds 64 KiB";
+    else if (capacity < length)
+        problem = "exceeds its data space";
+    else if (offset > state->footer_offset || state->footer_offset - offset < length)
+        problem = "runs past the footer";
+    if (problem)
+        return vd_fail(ERROR_VHD_SPARSE_HEADER_CORRUPT,
+                       "%s: parent locator at offset %llu: %u bytes of data at offset %llu %s", image->path,
+                       (ull)entry_offset, (unsigned)length, (ull)offset, problem);
+    uint8_t *raw = malloc(length);
+    if (!raw)
+        return vd_fail(ERROR_OUTOFMEMORY, "%s: parent locator of %u bytes", image->path, (unsigned)length);
+    int error = vd_pread_full(image->fd, raw, length, offset);
+    if (error) {
+        free(raw);
+        return vd_fail_errno(error, "%s: reading parent locator data at offset %llu", image->path, (ull)offset);
+    }
+    *text = vhd_decode_utf16(raw, length, false);
+    free(raw);
+    if (!*text)
+        return vd_fail(ERROR_VHD_SPARSE_HEADER_CORRUPT,
+                       "%s: parent locator at offset %llu: data at offset %llu is not valid UTF-16LE", image->path,
+                       (ull)entry_offset, (ull)offset);
+    if (!**text) {
+        free(*text);
+        *text = NULL;
+    }
+    return ERROR_SUCCESS;
+}
+
+static DWORD vhd_find_parent_candidates(struct vd_image *image, const struct vhd_state *state,
+                                        const struct vhd_dynamic_header *header, uint64_t header_offset,
+                                        struct vhd_candidates *candidates)
+{
+    char *dir = vhd_dirname(image->path);
+    if (!dir)
+        return vd_fail(ERROR_OUTOFMEMORY, "%s: parent locations", image->path);
+    static const uint32_t order[] = {VHD_PLATFORM_W2RU, VHD_PLATFORM_W2KU};
+    for (size_t pass = 0; pass < 2; pass++) {
+        for (size_t i = 0; i < VHD_LOCATOR_COUNT; i++) {
+            const struct vhd_parent_locator *locator = &header->parent_locator[i];
+            if (vd_be32(locator->platform_code) != order[pass])
+                continue;
+            uint64_t entry_offset = header_offset + offsetof(struct vhd_dynamic_header, parent_locator) +
+                                    i * sizeof *locator;
+            char *text;
+            DWORD status = vhd_read_locator(image, state, locator, entry_offset, &text);
+            if (status != ERROR_SUCCESS) {
+                free(dir);
+                return status;
+            }
+            if (!text)
+                continue;
+            bool relative = order[pass] == VHD_PLATFORM_W2RU;
+            char *path = relative ? vhd_resolve_relative(dir, text) : text;
+            if (relative)
+                free(text);
+            if (!path) {
+                free(dir);
+                return vd_fail(ERROR_OUTOFMEMORY, "%s: parent locations", image->path);
+            }
+            vhd_candidates_add(candidates, path, relative);
+        }
+    }
+
+    char *name = vhd_decode_utf16(header->parent_unicode_name, sizeof header->parent_unicode_name, true);
+    if (!name) {
+        free(dir);
+        return vd_fail(ERROR_VHD_SPARSE_HEADER_CORRUPT,
+                       "%s: dynamic header at offset %llu: parent unicode name is not valid UTF-16BE", image->path,
+                       (ull)header_offset);
+    }
+    if (*name) {
+        /* Windows may store a whole Windows path here; only its last
+           component means anything on this system. */
+        const char *base = name;
+        if (name[0] != '/')
+            for (const char *c = name; *c; c++)
+                if (*c == '\\' || *c == '/')
+                    base = c + 1;
+        char *path = base[0] == '/' ? strdup(base) : *base ? vhd_join(dir, base) : NULL;
+        if (*base && !path) {
+            free(name);
+            free(dir);
+            return vd_fail(ERROR_OUTOFMEMORY, "%s: parent locations", image->path);
+        }
+        if (path)
+            vhd_candidates_add(candidates, path, false);
+    }
+    free(name);
+    free(dir);
+
+    size_t total = 1;
+    for (size_t i = 0; i < candidates->count; i++)
+        total += strlen(candidates->path[i]) + 1;
+    char *list = malloc(total);
+    if (!list)
+        return vd_fail(ERROR_OUTOFMEMORY, "%s: parent locations", image->path);
+    char *out = list;
+    for (size_t i = 0; i < candidates->count; i++) {
+        size_t length = strlen(candidates->path[i]) + 1;
+        memcpy(out, candidates->path[i], length);
+        out += length;
+    }
+    *out = '\0';
+    free(image->parent_locations);
+    image->parent_locations = list;
+    return ERROR_SUCCESS;
+}
+
+/* The files whose open() is in progress on this thread, child first:
+   vd_image_open() of a parent re-enters vhd_open() for a grandparent. */
+static _Thread_local struct {
+    dev_t dev;
+    ino_t ino;
+} vhd_chain[VHD_MAX_CHAIN_DEPTH];
+static _Thread_local size_t vhd_chain_depth;
+
+static bool vhd_in_chain(dev_t dev, ino_t ino)
+{
+    for (size_t i = 0; i < vhd_chain_depth; i++)
+        if (vhd_chain[i].dev == dev && vhd_chain[i].ino == ino)
+            return true;
+    return false;
+}
+
+static void vhd_append(char *buffer, size_t size, const char *text)
+{
+    size_t used = strlen(buffer);
+    if (used < size)
+        snprintf(buffer + used, size - used, "%s%s", used ? ", " : "", text);
+}
+
+/* Tries the candidates in turn; the first VHD whose unique id is the one
+   the child names becomes image->parent. */
+static DWORD vhd_open_candidates(struct vd_image *image, const struct vhd_candidates *candidates)
+{
+    char tried[320] = "";
+    char mismatch[320] = "";
+    bool access_denied = false;
+    for (size_t i = 0; i < candidates->count; i++) {
+        const char *path = candidates->path[i];
+        if (candidates->relative[i] && (image->open_flags & OPEN_VIRTUAL_DISK_FLAG_IGNORE_RELATIVE_PARENT_LOCATOR))
+            continue;
+        vhd_append(tried, sizeof tried, path);
+        struct stat st;
+        if (stat(path, &st) < 0) {
+            access_denied |= errno == EACCES;
+            continue;
+        }
+        if (vhd_in_chain(st.st_dev, st.st_ino))
+            return vd_fail(ERROR_VHD_DIFFERENCING_CHAIN_CYCLE_DETECTED,
+                           "%s: parent %s is already in the differencing chain", image->path, path);
+
+        struct vd_image *parent = NULL;
+        DWORD status = vd_image_open(path, VIRTUAL_STORAGE_TYPE_DEVICE_UNKNOWN, false, 0, &parent);
+        if (status == ERROR_FILE_NOT_FOUND || status == ERROR_PATH_NOT_FOUND)
+            continue;
+        if (status == ERROR_ACCESS_DENIED) {
+            access_denied = true;
+            continue;
+        }
+        if (status == ERROR_VHD_DIFFERENCING_CHAIN_CYCLE_DETECTED)
+            return status; /* the detail already names the loop */
+        if (status != ERROR_SUCCESS) {
+            char detail[400];
+            snprintf(detail, sizeof detail, "%s", vd_last_error_detail());
+            return vd_fail(ERROR_VHD_DIFFERENCING_CHAIN_ERROR_IN_PARENT, "%s: parent %s: error 0x%08x: %s",
+                           image->path, path, (unsigned)status, detail);
+        }
+        if (parent->format != &vd_format_vhd || !vd_guid_equal(&parent->identifier, &image->parent_identifier)) {
+            vhd_append(mismatch, sizeof mismatch, path);
+            vd_image_close(parent);
+            continue;
+        }
+        if (parent->virtual_size != image->virtual_size) {
+            ull parent_size = parent->virtual_size;
+            vd_image_close(parent);
+            return vd_fail(ERROR_VHD_CHILD_PARENT_SIZE_MISMATCH, "%s: %llu bytes, but parent %s has %llu",
+                           image->path, (ull)image->virtual_size, path, parent_size);
+        }
+        image->parent = parent;
+        image->parent_resolved = true;
+        return ERROR_SUCCESS;
+    }
+    if (*mismatch)
+        return vd_fail(ERROR_VHD_CHILD_PARENT_ID_MISMATCH,
+                       "%s: no parent has the unique id the child names; not a match: %s", image->path, mismatch);
+    if (access_denied)
+        return vd_fail(ERROR_VHD_PARENT_VHD_ACCESS_DENIED, "%s: parent not accessible; tried %s", image->path, tried);
+    return vd_fail(ERROR_VHD_PARENT_VHD_NOT_FOUND, "%s: parent not found; tried %s", image->path,
+                   *tried ? tried : "(no parent locator or name)");
+}
+
+static DWORD vhd_open_parent(struct vd_image *image, const struct vhd_candidates *candidates)
+{
+    if (vhd_chain_depth >= VHD_MAX_CHAIN_DEPTH)
+        return vd_fail(ERROR_VHD_DIFFERENCING_CHAIN_CYCLE_DETECTED,
+                       "%s: differencing chain deeper than %d disks", image->path, VHD_MAX_CHAIN_DEPTH);
+    vhd_chain[vhd_chain_depth].dev = image->file_dev;
+    vhd_chain[vhd_chain_depth].ino = image->file_ino;
+    vhd_chain_depth++;
+    DWORD status = vhd_open_candidates(image, candidates);
+    vhd_chain_depth--;
+    return status;
+}
+
+/* ---- open and close ------------------------------------------------------ */
+
+static void vhd_free_state(struct vhd_state *state)
+{
+    free(state->bat);
+    free(state->bitmap);
+    free(state);
+}
+
+static DWORD vhd_open_sparse(struct vd_image *image, struct vhd_state *state)
+{
+    struct vhd_dynamic_header header;
+    uint64_t header_offset = vd_be64(state->footer.data_offset);
+    DWORD status = vhd_read_dynamic_header(image, state, header_offset, &header);
+    if (status == ERROR_SUCCESS)
+        status = vhd_load_bat(image, state, &header, header_offset);
+    if (status != ERROR_SUCCESS)
+        return status;
+    state->bitmap = malloc(state->bitmap_size);
+    if (!state->bitmap)
+        return vd_fail(ERROR_OUTOFMEMORY, "%s: sector bitmap buffer", image->path);
+    image->block_size = state->block_size;
+
+    if (state->disk_type != VHD_TYPE_DIFFERENCING)
+        return ERROR_SUCCESS;
+    image->parent_identifier = vd_guid_from_be_bytes(header.parent_unique_id);
+    image->parent_timestamp = vd_be32(header.parent_time_stamp);
+    struct vhd_candidates candidates = {.count = 0};
+    status = vhd_find_parent_candidates(image, state, &header, header_offset, &candidates);
+    if (status == ERROR_SUCCESS && !(image->open_flags & OPEN_VIRTUAL_DISK_FLAG_NO_PARENTS))
+        status = vhd_open_parent(image, &candidates);
+    vhd_candidates_free(&candidates);
+    return status;
+}
+
+static DWORD vhd_open(struct vd_image *image)
+{
+    struct vhd_state *state = calloc(1, sizeof *state);
+    if (!state)
+        return vd_fail(ERROR_OUTOFMEMORY, "%s: VHD state", image->path);
+    DWORD status = vhd_read_footer(image, state);
+    if (status != ERROR_SUCCESS)
+        goto fail;
+
+    image->identifier = vd_guid_from_be_bytes(state->footer.unique_id);
+    image->logical_sector_size = VHD_SECTOR;
+    image->physical_sector_size = VHD_SECTOR;
+    image->subtype = (enum vd_subtype)state->disk_type;
+    if (state->disk_type == VHD_TYPE_FIXED) {
+        /* The data offset of a fixed disk is not checked: the specification
+           says 0xFFFFFFFF for a 64-bit field, and writers differ. */
+        if (state->footer_offset != image->virtual_size) {
+            status = vd_fail(ERROR_VHD_INVALID_FILE_SIZE,
+                             "%s: footer at offset %llu: fixed disk of %llu bytes, but %llu bytes precede the footer",
+                             image->path, (ull)state->footer_offset, (ull)image->virtual_size,
+                             (ull)state->footer_offset);
+            goto fail;
+        }
+        image->block_size = 0;
+        image->flat = true;
+        image->flat_offset = 0;
+    } else {
+        status = vhd_open_sparse(image, state);
+        if (status != ERROR_SUCCESS)
+            goto fail;
+        image->flat = false;
+    }
+    int error = pthread_mutex_init(&state->lock, NULL);
+    if (error) {
+        status = vd_fail_errno(error, "%s: VHD lock", image->path);
+        goto fail;
+    }
+    image->state = state;
+    return ERROR_SUCCESS;
+
+fail:
+    /* Leave the image as vd_image_open() handed it over. */
+    vd_image_close(image->parent);
+    image->parent = NULL;
+    image->parent_resolved = false;
+    free(image->parent_locations);
+    image->parent_locations = NULL;
+    vhd_free_state(state);
+    return status;
+}
+
+static void vhd_close(struct vd_image *image)
+{
+    struct vhd_state *state = image->state;
+    if (!state)
+        return;
+    pthread_mutex_destroy(&state->lock);
+    vhd_free_state(state);
+    image->state = NULL;
+}
+
+/* ---- reading ------------------------------------------------------------- */
+
+static bool vhd_in_range(const struct vd_image *image, uint64_t offset, size_t length)
+{
+    return offset <= image->virtual_size && length <= image->virtual_size - offset;
+}
+
+/* Sectors this file does not hold: zeros, or the parent's. */
+static DWORD vhd_read_absent(struct vd_image *image, uint8_t *out, uint64_t offset, size_t length)
+{
+    struct vhd_state *state = image->state;
+    if (state->disk_type != VHD_TYPE_DIFFERENCING) {
+        memset(out, 0, length);
+        return ERROR_SUCCESS;
+    }
+    if (!image->parent)
+        return vd_fail(ERROR_VHD_PARENT_VHD_NOT_FOUND,
+                       "%s: reading %zu bytes at offset %llu needs the parent, which was not opened", image->path,
+                       length, (ull)offset);
+    return image->parent->format->read(image->parent, out, offset, length);
+}
+
+static DWORD vhd_read_bitmap(const struct vd_image *image, uint64_t block_offset, uint32_t first_byte,
+                             uint32_t bytes)
+{
+    const struct vhd_state *state = image->state;
+    int error = vd_pread_full(image->fd, state->bitmap + first_byte, bytes, block_offset + first_byte);
+    if (error)
+        return vd_fail_errno(error, "%s: reading the sector bitmap at offset %llu", image->path,
+                             (ull)(block_offset + first_byte));
+    return ERROR_SUCCESS;
+}
+
+/* Part of one allocated block, [within, within + length). */
+static DWORD vhd_read_present(struct vd_image *image, uint32_t block, uint32_t within, uint8_t *out, size_t length)
+{
+    struct vhd_state *state = image->state;
+    uint64_t block_offset = (uint64_t)state->bat[block] * VHD_SECTOR;
+    uint64_t data_offset = block_offset + state->bitmap_size;
+    uint32_t end = within + (uint32_t)length;
+    uint32_t last = (end - 1) / VHD_SECTOR;
+    DWORD status = vhd_read_bitmap(image, block_offset, within / VHD_SECTOR / 8, last / 8 - within / VHD_SECTOR / 8 + 1);
+    if (status != ERROR_SUCCESS)
+        return status;
+
+    for (uint32_t position = within; position < end;) {
+        uint32_t sector = position / VHD_SECTOR;
+        bool present = vhd_bit(state->bitmap, sector);
+        while (sector < last && vhd_bit(state->bitmap, sector + 1) == present)
+            sector++;
+        uint32_t run_end = (sector + 1) * VHD_SECTOR < end ? (sector + 1) * VHD_SECTOR : end;
+        uint8_t *target = out + (position - within);
+        if (present) {
+            int error = vd_pread_full(image->fd, target, run_end - position, data_offset + position);
+            if (error)
+                return vd_fail_errno(error, "%s: reading block %u at offset %llu", image->path, (unsigned)block,
+                                     (ull)(data_offset + position));
+        } else {
+            /* The parent's read() takes the parent's lock, never this one:
+               the chain has no cycles, so the order child, parent is total. */
+            status = vhd_read_absent(image, target, (uint64_t)block * state->block_size + position,
+                                     run_end - position);
+            if (status != ERROR_SUCCESS)
+                return status;
+        }
+        position = run_end;
+    }
+    return ERROR_SUCCESS;
+}
+
+/* Caller holds state->lock. */
+static DWORD vhd_read_locked(struct vd_image *image, uint8_t *out, uint64_t offset, size_t length)
+{
+    struct vhd_state *state = image->state;
+    while (length > 0) {
+        uint32_t block = (uint32_t)(offset / state->block_size);
+        uint32_t within = (uint32_t)(offset % state->block_size);
+        size_t n = state->block_size - within < length ? state->block_size - within : length;
+        DWORD status = state->bat[block] == VHD_BAT_UNUSED ? vhd_read_absent(image, out, offset, n)
+                                                           : vhd_read_present(image, block, within, out, n);
+        if (status != ERROR_SUCCESS)
+            return status;
+        out += n;
+        offset += n;
+        length -= n;
+    }
+    return ERROR_SUCCESS;
+}
+
+static DWORD vhd_read(struct vd_image *image, void *buffer, uint64_t offset, size_t length)
+{
+    struct vhd_state *state = image->state;
+    if (!vhd_in_range(image, offset, length))
+        return vd_fail(ERROR_INVALID_PARAMETER, "%s: reading %zu bytes at offset %llu, past the %llu-byte disk",
+                       image->path, length, (ull)offset, (ull)image->virtual_size);
+    if (state->disk_type == VHD_TYPE_FIXED) {
+        int error = vd_pread_full(image->fd, buffer, length, offset);
+        return error ? vd_fail_errno(error, "%s: reading %zu bytes at offset %llu", image->path, length, (ull)offset)
+                     : ERROR_SUCCESS;
+    }
+    pthread_mutex_lock(&state->lock);
+    DWORD status = vhd_read_locked(image, buffer, offset, length);
+    pthread_mutex_unlock(&state->lock);
+    return status;
+}
+
+/* ---- writing ------------------------------------------------------------- */
+
+/* Makes room for a new block where the footer is, and returns its BAT entry
+   (its sector number); the BAT itself is updated by the caller once the data
+   is in place.  The order keeps the file a valid image at every step, should
+   the process or the machine stop in between:
+     1. the footer is written at the new end of the file (the file now ends
+        with a valid footer; the old one is unreferenced garbage);
+     2. flush;
+     3. the block's sector bitmap overwrites the old footer (dynamic: all
+        sectors present, the data being zeros, as qemu does; differencing:
+        none present, so unwritten sectors keep coming from the parent);
+   then the caller writes the data and the bitmap bits, flushes, and only
+   then writes the BAT entry that makes the block part of the disk.  Until
+   that last write a reader sees the disk as it was.  The footer copy at
+   offset 0 never changes: the footer's contents do not. */
+static DWORD vhd_allocate_block(struct vd_image *image, uint32_t *entry)
+{
+    struct vhd_state *state = image->state;
+    uint64_t block_offset = vhd_round_up(state->footer_offset, VHD_SECTOR);
+    uint64_t footer_offset = block_offset + state->bitmap_size + state->block_size;
+    if (block_offset / VHD_SECTOR >= VHD_BAT_UNUSED)
+        return vd_fail(ERROR_VHD_BLOCK_ALLOCATION_FAILURE,
+                       "%s: a block at offset %llu is beyond what a BAT entry can address", image->path,
+                       (ull)block_offset);
+    uint64_t old_size = image->file_size;
+
+    /* A footer from before Virtual PC 2004 (511 bytes) is replaced by a
+       current one: the extra byte is reserved and zero. */
+    int error = vd_pwrite_full(image->fd, &state->footer, sizeof state->footer, footer_offset);
+    if (!error)
+        error = vhd_barrier(image);
+    if (error) {
+        /* A partly written footer must not become the end of the file. */
+        if (ftruncate(image->fd, (off_t)old_size) < 0) {
+            /* Nothing more can be done; the original error is the one to report. */
+        }
+        return vd_fail_errno(error, "%s: moving the footer to offset %llu for a new block", image->path,
+                             (ull)footer_offset);
+    }
+    state->footer_offset = footer_offset;
+    image->file_size = footer_offset + VHD_FOOTER_SIZE;
+
+    memset(state->bitmap, state->disk_type == VHD_TYPE_DYNAMIC ? 0xFF : 0x00, state->bitmap_size);
+    error = vd_pwrite_full(image->fd, state->bitmap, state->bitmap_size, block_offset);
+    if (error)
+        return vd_fail_errno(error, "%s: writing a sector bitmap at offset %llu", image->path, (ull)block_offset);
+    *entry = (uint32_t)(block_offset / VHD_SECTOR);
+    return ERROR_SUCCESS;
+}
+
+/* Sets the bitmap bits of sectors [first, first + count) of a block. */
+static DWORD vhd_mark_present(struct vd_image *image, uint64_t block_offset, uint32_t first, uint32_t count)
+{
+    struct vhd_state *state = image->state;
+    uint32_t first_byte = first / 8, last_byte = (first + count - 1) / 8;
+    DWORD status = vhd_read_bitmap(image, block_offset, first_byte, last_byte - first_byte + 1);
+    if (status != ERROR_SUCCESS)
+        return status;
+    bool changed = false;
+    for (uint32_t sector = first; sector < first + count; sector++) {
+        if (!vhd_bit(state->bitmap, sector)) {
+            state->bitmap[sector / 8] |= (uint8_t)(0x80u >> (sector % 8));
+            changed = true;
+        }
+    }
+    if (!changed)
+        return ERROR_SUCCESS;
+    int error = vd_pwrite_full(image->fd, state->bitmap + first_byte, last_byte - first_byte + 1,
+                               block_offset + first_byte);
+    return error ? vd_fail_errno(error, "%s: writing the sector bitmap at offset %llu", image->path,
+                                 (ull)(block_offset + first_byte))
+                 : ERROR_SUCCESS;
+}
+
+/* Whole sectors [first, first + count) of one block. */
+static DWORD vhd_write_sectors(struct vd_image *image, uint32_t block, uint32_t first, const uint8_t *data,
+                               uint32_t count)
+{
+    struct vhd_state *state = image->state;
+    uint32_t entry = state->bat[block];
+    bool fresh = entry == VHD_BAT_UNUSED;
+    DWORD status;
+    if (fresh && (status = vhd_allocate_block(image, &entry)) != ERROR_SUCCESS)
+        return status;
+    uint64_t block_offset = (uint64_t)entry * VHD_SECTOR;
+    uint64_t target = block_offset + state->bitmap_size + (uint64_t)first * VHD_SECTOR;
+    int error = vd_pwrite_full(image->fd, data, (size_t)count * VHD_SECTOR, target);
+    if (error)
+        return vd_fail_errno(error, "%s: writing block %u at offset %llu", image->path, (unsigned)block, (ull)target);
+    /* Data before bitmap: a bit must never claim a sector not yet written. */
+    if (!(fresh && state->disk_type == VHD_TYPE_DYNAMIC)) {
+        status = vhd_mark_present(image, block_offset, first, count);
+        if (status != ERROR_SUCCESS)
+            return status;
+    }
+    if (!fresh)
+        return ERROR_SUCCESS;
+
+    uint8_t raw[4];
+    vd_put_be32(raw, entry);
+    uint64_t bat_entry = state->table_offset + 4 * (uint64_t)block;
+    error = vhd_barrier(image);
+    if (!error)
+        error = vd_pwrite_full(image->fd, raw, sizeof raw, bat_entry);
+    if (error)
+        return vd_fail_errno(error, "%s: writing BAT entry %u at offset %llu", image->path, (unsigned)block,
+                             (ull)bat_entry);
+    state->bat[block] = entry;
+    return ERROR_SUCCESS;
+}
+
+/* One sector of a block, bytes [skip, skip + length) replaced by data. */
+static DWORD vhd_write_partial_sector(struct vd_image *image, uint32_t block, uint32_t sector, uint32_t skip,
+                                      const uint8_t *data, size_t length)
+{
+    struct vhd_state *state = image->state;
+    uint8_t merged[VHD_SECTOR];
+    DWORD status = vhd_read_locked(image, merged, (uint64_t)block * state->block_size + (uint64_t)sector * VHD_SECTOR,
+                                   VHD_SECTOR);
+    if (status != ERROR_SUCCESS)
+        return status;
+    memcpy(merged + skip, data, length);
+    return vhd_write_sectors(image, block, sector, merged, 1);
+}
+
+/* [within, within + length) of one block.  The bitmap tracks whole sectors,
+   so partial sectors at either end are merged with their current contents
+   (the parent's, for a differencing disk) first. */
+static DWORD vhd_write_in_block(struct vd_image *image, uint32_t block, uint32_t within, const uint8_t *data,
+                                size_t length)
+{
+    DWORD status;
+    uint32_t skip = within % VHD_SECTOR;
+    if (skip) {
+        size_t n = VHD_SECTOR - skip < length ? VHD_SECTOR - skip : length;
+        status = vhd_write_partial_sector(image, block, within / VHD_SECTOR, skip, data, n);
+        if (status != ERROR_SUCCESS)
+            return status;
+        within += (uint32_t)n;
+        data += n;
+        length -= n;
+    }
+    size_t whole = length / VHD_SECTOR;
+    if (whole) {
+        status = vhd_write_sectors(image, block, within / VHD_SECTOR, data, (uint32_t)whole);
+        if (status != ERROR_SUCCESS)
+            return status;
+        within += (uint32_t)(whole * VHD_SECTOR);
+        data += whole * VHD_SECTOR;
+        length -= whole * VHD_SECTOR;
+    }
+    if (length)
+        return vhd_write_partial_sector(image, block, within / VHD_SECTOR, 0, data, length);
+    return ERROR_SUCCESS;
+}
+
+static DWORD vhd_write(struct vd_image *image, const void *buffer, uint64_t offset, size_t length)
+{
+    struct vhd_state *state = image->state;
+    if (!image->writable)
+        return vd_fail(ERROR_WRITE_PROTECT, "%s is open read-only", image->path);
+    if (!vhd_in_range(image, offset, length))
+        return vd_fail(ERROR_INVALID_PARAMETER, "%s: writing %zu bytes at offset %llu, past the %llu-byte disk",
+                       image->path, length, (ull)offset, (ull)image->virtual_size);
+    if (state->disk_type == VHD_TYPE_FIXED) {
+        int error = vd_pwrite_full(image->fd, buffer, length, offset);
+        return error ? vd_fail_errno(error, "%s: writing %zu bytes at offset %llu", image->path, length, (ull)offset)
+                     : ERROR_SUCCESS;
+    }
+    const uint8_t *data = buffer;
+    DWORD status = ERROR_SUCCESS;
+    pthread_mutex_lock(&state->lock);
+    while (length > 0 && status == ERROR_SUCCESS) {
+        uint32_t block = (uint32_t)(offset / state->block_size);
+        uint32_t within = (uint32_t)(offset % state->block_size);
+        size_t n = state->block_size - within < length ? state->block_size - within : length;
+        status = vhd_write_in_block(image, block, within, data, n);
+        data += n;
+        offset += n;
+        length -= n;
+    }
+    pthread_mutex_unlock(&state->lock);
+    return status;
+}
+
+/* ---- creating ------------------------------------------------------------ */
+
+/* Cylinders, heads and sectors per track, by the specification's algorithm
+   (appendix "CHS calculation"), packed as the footer stores them. */
+static uint32_t vhd_geometry(uint64_t size)
+{
+    uint64_t total = size / VHD_SECTOR;
+    uint64_t cylinders_times_heads;
+    uint32_t heads, sectors;
+    if (total > UINT64_C(65535) * 16 * 255)
+        total = UINT64_C(65535) * 16 * 255;
+    if (total >= UINT64_C(65535) * 16 * 63) {
+        sectors = 255;
+        heads = 16;
+        cylinders_times_heads = total / sectors;
+    } else {
+        sectors = 17;
+        cylinders_times_heads = total / sectors;
+        heads = (uint32_t)((cylinders_times_heads + 1023) / 1024);
+        if (heads < 4)
+            heads = 4;
+        if (cylinders_times_heads >= heads * UINT64_C(1024) || heads > 16) {
+            sectors = 31;
+            heads = 16;
+            cylinders_times_heads = total / sectors;
+        }
+        if (cylinders_times_heads >= heads * UINT64_C(1024)) {
+            sectors = 63;
+            heads = 16;
+            cylinders_times_heads = total / sectors;
+        }
+    }
+    uint32_t cylinders = (uint32_t)(cylinders_times_heads / heads);
+    return cylinders << 16 | heads << 8 | sectors;
+}
+
+/* Creator "win " makes qemu take current_size for the size instead of the
+   CHS product, as it does for Hyper-V's images (its "known creator apps"). */
+static void vhd_build_footer(struct vhd_footer *footer, uint32_t disk_type, uint64_t size, uint64_t data_offset,
+                             const GUID *unique_id)
+{
+    memset(footer, 0, sizeof *footer);
+    memcpy(footer->cookie, VHD_COOKIE, 8);
+    vd_put_be32(footer->features, VHD_FEATURES_RESERVED);
+    vd_put_be32(footer->file_format_version, VHD_VERSION);
+    vd_put_be64(footer->data_offset, data_offset);
+    vd_put_be32(footer->time_stamp, vhd_time_stamp(time(NULL)));
+    memcpy(footer->creator_application, "win ", 4);
+    vd_put_be32(footer->creator_version, 0x000A0000u);
+    memcpy(footer->creator_host_os, "Wi2k", 4);
+    vd_put_be64(footer->original_size, size);
+    vd_put_be64(footer->current_size, size);
+    vd_put_be32(footer->disk_geometry, vhd_geometry(size));
+    vd_put_be32(footer->disk_type, disk_type);
+    vd_guid_to_be_bytes(unique_id, footer->unique_id);
+    vhd_seal_footer(footer);
+}
+
+static DWORD vhd_write_at(int fd, const void *data, size_t length, uint64_t offset, const char *what)
+{
+    int error = vd_pwrite_full(fd, data, length, offset);
+    return error ? vd_fail_errno(error, "writing the %s at offset %llu", what, (ull)offset) : ERROR_SUCCESS;
+}
+
+/* Reserves the data area of a fixed disk.  Only where the file system cannot
+   preallocate are zeros written instead, which allocates just the same. */
+static DWORD vhd_preallocate(int fd, uint64_t size)
+{
+    int result;
+    do
+        result = fallocate(fd, 0, 0, (off_t)size);
+    while (result < 0 && errno == EINTR);
+    if (result == 0)
+        return ERROR_SUCCESS;
+    if (errno != EOPNOTSUPP)
+        return vd_fail_errno(errno, "allocating %llu bytes for a fixed VHD", (ull)size);
+    if (ftruncate(fd, (off_t)size) < 0)
+        return vd_fail_errno(errno, "extending a fixed VHD to %llu bytes", (ull)size);
+    enum { CHUNK = 1 << 20 };
+    uint8_t *zeros = calloc(1, CHUNK);
+    if (!zeros)
+        return vd_fail(ERROR_OUTOFMEMORY, "zero buffer for a fixed VHD");
+    DWORD status = ERROR_SUCCESS;
+    for (uint64_t offset = 0; offset < size && status == ERROR_SUCCESS; offset += CHUNK) {
+        size_t n = size - offset < CHUNK ? (size_t)(size - offset) : CHUNK;
+        status = vhd_write_at(fd, zeros, n, offset, "data area");
+    }
+    free(zeros);
+    return status;
+}
+
+/* What a differencing child records about its parent. */
+struct vhd_parent_info {
+    uint8_t *name;         /* parent's file name, UTF-16BE */
+    size_t name_length;
+    uint8_t *absolute;     /* W2ku, UTF-16LE */
+    size_t absolute_length;
+    uint8_t *relative;     /* W2ru, UTF-16LE */
+    size_t relative_length;
+};
+
+static void vhd_parent_info_free(struct vhd_parent_info *info)
+{
+    free(info->name);
+    free(info->absolute);
+    free(info->relative);
+}
+
+static DWORD vhd_parent_info(const char *child_path, const struct vd_image *parent, struct vhd_parent_info *info)
+{
+    const char *slash = strrchr(parent->path, '/');
+    const char *base = slash ? slash + 1 : parent->path;
+    info->name = vhd_encode_utf16(base, true, &info->name_length);
+    info->absolute = vhd_encode_utf16(parent->path, false, &info->absolute_length);
+    if (!info->name || !info->absolute)
+        return vd_fail(ERROR_INVALID_PARAMETER, "parent path %s is not valid UTF-8", parent->path);
+    if (info->name_length > VHD_PARENT_NAME_BYTES)
+        return vd_fail(ERROR_INVALID_PARAMETER, "parent file name %s is longer than the 256 UTF-16 units VHD stores",
+                       base);
+
+    /* The child's directory as the kernel sees it, like parent->path, so
+       that the relative path is computed between comparable names. */
+    char *lexical = vhd_dirname(child_path);
+    char *dir = lexical ? realpath(lexical, NULL) : NULL;
+    char *locator = vhd_relative_locator(dir ? dir : lexical ? lexical : "/", parent->path);
+    free(dir);
+    free(lexical);
+    if (!locator)
+        return vd_fail(ERROR_OUTOFMEMORY, "relative parent locator");
+    info->relative = vhd_encode_utf16(locator, false, &info->relative_length);
+    free(locator);
+    if (!info->relative)
+        return vd_fail(ERROR_INVALID_PARAMETER, "parent path %s is not valid UTF-8", parent->path);
+    if (info->absolute_length > VHD_MAX_LOCATOR_BYTES || info->relative_length > VHD_MAX_LOCATOR_BYTES)
+        return vd_fail(ERROR_INVALID_PARAMETER, "parent path %s is too long for a parent locator", parent->path);
+    return ERROR_SUCCESS;
+}
+
+static void vhd_set_locator(struct vhd_parent_locator *locator, uint32_t code, size_t length, uint64_t offset)
+{
+    vd_put_be32(locator->platform_code, code);
+    /* In bytes, as Windows writes it (the specification says sectors). */
+    vd_put_be32(locator->platform_data_space, (uint32_t)vhd_round_up(length, VHD_SECTOR));
+    vd_put_be32(locator->platform_data_length, (uint32_t)length);
+    vd_put_be64(locator->platform_data_offset, offset);
+}
+
+static DWORD vhd_write_bat(int fd, uint64_t offset, uint64_t length)
+{
+    enum { CHUNK = 64 * 1024 };
+    uint8_t *unused = malloc(CHUNK);
+    if (!unused)
+        return vd_fail(ERROR_OUTOFMEMORY, "BAT buffer");
+    memset(unused, 0xFF, CHUNK);
+    DWORD status = ERROR_SUCCESS;
+    for (uint64_t done = 0; done < length && status == ERROR_SUCCESS; done += CHUNK) {
+        size_t n = length - done < CHUNK ? (size_t)(length - done) : CHUNK;
+        status = vhd_write_at(fd, unused, n, offset + done, "BAT");
+    }
+    free(unused);
+    return status;
+}
+
+static DWORD vhd_create_sparse(int fd, const struct vd_create_request *request, uint64_t size, uint32_t block_size)
+{
+    const struct vd_image *parent = request->parent;
+    uint32_t disk_type = parent ? VHD_TYPE_DIFFERENCING : VHD_TYPE_DYNAMIC;
+    uint64_t entries = vhd_round_up(size, block_size) / block_size;
+    uint64_t table_offset = VHD_FOOTER_SIZE + VHD_HEADER_SIZE;
+    uint64_t table_length = vhd_round_up(entries * 4, VHD_SECTOR);
+    uint64_t end = table_offset + table_length;
+
+    struct vhd_dynamic_header header;
+    memset(&header, 0, sizeof header);
+    memcpy(header.cookie, VHD_SPARSE_COOKIE, 8);
+    vd_put_be64(header.data_offset, VHD_NO_DATA_OFFSET);
+    vd_put_be64(header.table_offset, table_offset);
+    vd_put_be32(header.header_version, VHD_VERSION);
+    vd_put_be32(header.max_table_entries, (uint32_t)entries);
+    vd_put_be32(header.block_size, block_size);
+
+    struct vhd_parent_info info = {0};
+    uint64_t absolute_offset = 0, relative_offset = 0;
+    DWORD status;
+    if (parent) {
+        status = vhd_parent_info(request->path, parent, &info);
+        if (status != ERROR_SUCCESS)
+            goto done;
+        const struct vhd_state *parent_state = parent->state;
+        memcpy(header.parent_unique_id, parent_state->footer.unique_id, 16);
+        struct stat st;
+        if (fstat(parent->fd, &st) < 0) {
+            status = vd_fail_errno(errno, "examining parent %s", parent->path);
+            goto done;
+        }
+        vd_put_be32(header.parent_time_stamp, vhd_time_stamp(st.st_mtime));
+        memcpy(header.parent_unicode_name, info.name, info.name_length);
+        absolute_offset = end;
+        end += vhd_round_up(info.absolute_length, VHD_SECTOR);
+        relative_offset = end;
+        end += vhd_round_up(info.relative_length, VHD_SECTOR);
+        vhd_set_locator(&header.parent_locator[0], VHD_PLATFORM_W2KU, info.absolute_length, absolute_offset);
+        vhd_set_locator(&header.parent_locator[1], VHD_PLATFORM_W2RU, info.relative_length, relative_offset);
+    }
+    vhd_seal_header(&header);
+
+    struct vhd_footer footer;
+    vhd_build_footer(&footer, disk_type, size, VHD_FOOTER_SIZE, &request->unique_id);
+    /* Padding between the pieces must read as zeros: the file starts empty
+       and ftruncate() makes it so. */
+    if (ftruncate(fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0) {
+        status = vd_fail_errno(errno, "extending a new VHD to %llu bytes", (ull)(end + VHD_FOOTER_SIZE));
+        goto done;
+    }
+    status = vhd_write_at(fd, &header, sizeof header, VHD_FOOTER_SIZE, "dynamic header");
+    if (status == ERROR_SUCCESS)
+        status = vhd_write_bat(fd, table_offset, table_length);
+    if (status == ERROR_SUCCESS && parent)
+        status = vhd_write_at(fd, info.absolute, info.absolute_length, absolute_offset, "W2ku parent locator");
+    if (status == ERROR_SUCCESS && parent)
+        status = vhd_write_at(fd, info.relative, info.relative_length, relative_offset, "W2ru parent locator");
+    if (status == ERROR_SUCCESS)
+        status = vhd_write_at(fd, &footer, sizeof footer, 0, "footer copy");
+    if (status == ERROR_SUCCESS)
+        status = vhd_write_at(fd, &footer, sizeof footer, end, "footer");
+done:
+    vhd_parent_info_free(&info);
+    return status;
+}
+
+static DWORD vhd_create(int fd, const struct vd_create_request *request)
+{
+    const struct vd_image *parent = request->parent;
+    if (request->device_id != VIRTUAL_STORAGE_TYPE_DEVICE_VHD)
+        return vd_fail(ERROR_INVALID_PARAMETER, "device type %u is not VHD", (unsigned)request->device_id);
+    if (request->logical_sector_size != VHD_SECTOR || request->physical_sector_size != VHD_SECTOR)
+        return vd_fail(ERROR_INVALID_PARAMETER, "VHD sectors are 512 bytes, not %u logical / %u physical",
+                       (unsigned)request->logical_sector_size, (unsigned)request->physical_sector_size);
+
+    uint64_t size = request->virtual_size;
+    if (parent) {
+        if (request->fixed)
+            return vd_fail(ERROR_INVALID_PARAMETER, "a differencing VHD cannot be fully allocated");
+        if (parent->format != &vd_format_vhd)
+            return vd_fail(ERROR_INVALID_PARAMETER, "parent %s of a VHD must be a VHD, not %s", parent->path,
+                           parent->format->name);
+        if (size == 0)
+            size = parent->virtual_size;
+        if (size != parent->virtual_size)
+            return vd_fail(ERROR_INVALID_PARAMETER, "a differencing VHD has its parent's size %llu, not %llu",
+                           (ull)parent->virtual_size, (ull)size);
+    }
+    if (size == 0 || size % VHD_SECTOR)
+        return vd_fail(ERROR_INVALID_PARAMETER, "virtual size %llu is not a positive multiple of 512", (ull)size);
+    if (size > VHD_MAX_SIZE)
+        return vd_fail(ERROR_VHD_INVALID_SIZE, "virtual size %llu exceeds the VHD limit of 2040 GiB", (ull)size);
+
+    if (request->fixed) {
+        DWORD status = vhd_preallocate(fd, size);
+        if (status != ERROR_SUCCESS)
+            return status;
+        struct vhd_footer footer;
+        vhd_build_footer(&footer, VHD_TYPE_FIXED, size, VHD_NO_DATA_OFFSET, &request->unique_id);
+        return vhd_write_at(fd, &footer, sizeof footer, size, "footer");
+    }
+
+    uint32_t block_size = request->block_size ? request->block_size : VHD_DEFAULT_BLOCK_SIZE;
+    if (block_size != VHD_DEFAULT_BLOCK_SIZE && block_size != VHD_SMALL_BLOCK_SIZE)
+        return vd_fail(ERROR_INVALID_PARAMETER, "VHD block size %u is neither 2 MiB nor 512 KiB",
+                       (unsigned)block_size);
+    return vhd_create_sparse(fd, request, size, block_size);
+}
+
+/* ---- probe --------------------------------------------------------------- */
+
+/* The footer ends the file (511 bytes in images from before Virtual PC
+   2004); dynamic and differencing disks also start with a copy of it, which
+   still identifies a file whose end was lost. */
+static bool vhd_probe(const uint8_t *head, size_t head_length, const uint8_t *tail, size_t tail_length,
+                      uint64_t file_size)
+{
+    if (tail_length >= VHD_FOOTER_SIZE && memcmp(tail + tail_length - VHD_FOOTER_SIZE, VHD_COOKIE, 8) == 0)
+        return true;
+    if (tail_length >= VHD_OLD_FOOTER_SIZE && memcmp(tail + tail_length - VHD_OLD_FOOTER_SIZE, VHD_COOKIE, 8) == 0)
+        return true;
+    return head_length >= VHD_FOOTER_SIZE && memcmp(head, VHD_COOKIE, 8) == 0;
+}
+
+const struct vd_format vd_format_vhd = {
+    .name = "VHD",
+    .device_id = VIRTUAL_STORAGE_TYPE_DEVICE_VHD,
+    .probe = vhd_probe,
+    .open = vhd_open,
+    .create = vhd_create,
+    .read = vhd_read,
+    .write = vhd_write,
+    .close = vhd_close,
+};
