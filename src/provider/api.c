@@ -440,8 +440,14 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
     if (existing >= 0) {
         status = vd_fail(ERROR_SHARING_VIOLATION, "%s is already attached as /dev/loop%d", image->path, existing);
     } else {
+        /* The loop device gets its own open file description: sharing the
+           handle's would carry the handle's OFD lock into the kernel, where
+           it would outlive the handle and look like another open handle. */
+        char self_path[64];
+        snprintf(self_path, sizeof self_path, "/proc/self/fd/%d", image->fd);
+        int backing_fd = open(self_path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
         struct vd_loop_request request = {
-            .backing_fd = image->fd,
+            .backing_fd = backing_fd,
             .offset = image->flat_offset,
             .size = image->virtual_size,
             .block_size = image->logical_sector_size,
@@ -450,7 +456,12 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
             .name = image->path,
         };
         struct vd_loop loop;
-        status = vd_loop_attach(&request, &loop);
+        if (backing_fd < 0)
+            status = vd_fail_errno(errno, "reopening %s for the loop device", image->path);
+        else
+            status = vd_loop_attach(&request, &loop);
+        if (backing_fd >= 0)
+            close(backing_fd); /* the loop device holds its own reference */
         if (status == ERROR_SUCCESS) {
             if (permanent) {
                 /* Nothing holds a permanent disk: it stays until a detach. */

@@ -1,0 +1,49 @@
+"""virtdisk: attach, detach, create and inspect virtual disks (VHD, VHDX, ISO).
+
+The Windows VirtDisk API from Python: on Windows the real VirtDisk.dll, on
+Linux the project's own provider (image formats in C, attach through loop
+devices).  The raw API is ``virtdisk._native.ffi`` / ``.lib``.
+"""
+
+from ._disk import AttachedDisk, DiskInfo, VirtualDisk, attached_disks, create, detach, open
+from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageType
+from ._errors import (
+    DiskInUseError,
+    InvalidImageError,
+    NotAttachedError,
+    NotSupportedError,
+    ParentNotFoundError,
+    VirtualDiskError,
+    VirtualDiskExistsError,
+    VirtualDiskNotFoundError,
+    VirtualDiskPermissionError,
+    WinError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Access",
+    "AttachFlag",
+    "AttachedDisk",
+    "CreateFlag",
+    "DiskInUseError",
+    "DiskInfo",
+    "DiskType",
+    "InvalidImageError",
+    "NotAttachedError",
+    "NotSupportedError",
+    "OpenFlag",
+    "ParentNotFoundError",
+    "StorageType",
+    "VirtualDisk",
+    "VirtualDiskError",
+    "VirtualDiskExistsError",
+    "VirtualDiskNotFoundError",
+    "VirtualDiskPermissionError",
+    "WinError",
+    "attached_disks",
+    "create",
+    "detach",
+    "open",
+]

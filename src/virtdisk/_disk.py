@@ -1,0 +1,430 @@
+"""The virtual disk handle object and the module-level conveniences."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import threading
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageType
+from ._errors import NotSupportedError, WinError, check
+from ._native import ffi, lib
+
+StrPath = Union[str, "os.PathLike[str]"]
+
+# What open() asks for when the caller does not say: everything a disk can
+# be used for except creation.  ISO images cannot be opened for writing.
+_DEFAULT_ACCESS = Access.ATTACH_RO | Access.ATTACH_RW | Access.DETACH | Access.GET_INFO
+_READ_ONLY_ACCESS = Access.ATTACH_RO | Access.DETACH | Access.GET_INFO
+
+
+def _guid_to_uuid(guid: Any) -> uuid.UUID:
+    node = bytes(guid.Data4)
+    return uuid.UUID(
+        fields=(guid.Data1, guid.Data2, guid.Data3, node[0], node[1], int.from_bytes(node[2:], "big"))
+    )
+
+
+def _uuid_to_guid(value: uuid.UUID, guid: Any) -> None:
+    guid.Data1, guid.Data2, guid.Data3 = value.fields[0], value.fields[1], value.fields[2]
+    guid.Data4 = list(value.bytes[8:])
+
+
+def _storage_type(kind: StorageType) -> Any:
+    storage = ffi.new("VIRTUAL_STORAGE_TYPE *")
+    storage.DeviceId = kind
+    if kind != StorageType.UNKNOWN:
+        storage.VendorId = lib.VIRTUAL_STORAGE_TYPE_VENDOR_MICROSOFT
+    return storage
+
+
+def _storage_type_for(path: Path, storage_type: Optional[StorageType]) -> StorageType:
+    if storage_type is not None:
+        return StorageType(storage_type)
+    return StorageType.UNKNOWN
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskInfo:
+    """What GetVirtualDiskInformation says about an image."""
+
+    path: Path
+    storage_type: StorageType
+    disk_type: Optional[DiskType]  # None for ISO, which has no container
+    virtual_size: int
+    physical_size: int
+    block_size: int
+    logical_sector_size: int
+    physical_sector_size: int
+    identifier: uuid.UUID
+    virtual_disk_id: Optional[uuid.UUID]  # VHDX only
+    parent_paths: tuple[str, ...]  # differencing: the resolved parent, else the candidates
+    parent_resolved: Optional[bool]
+    parent_identifier: Optional[uuid.UUID]
+    attached: bool
+
+    @property
+    def parent_path(self) -> Optional[str]:
+        """The parent's path when it was found (differencing disks only)."""
+        return self.parent_paths[0] if self.parent_resolved and self.parent_paths else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary (UUIDs and paths as strings, enums by name)."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, (uuid.UUID, Path)):
+                value = str(value)
+            elif isinstance(value, (StorageType, DiskType)):
+                value = value.name.lower()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        out["parent_path"] = self.parent_path
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AttachedDisk:
+    """A virtual disk the system has attached."""
+
+    physical_path: str  # \\.\PhysicalDriveN on Windows, /dev/loopN on Linux
+    image_path: Optional[Path]  # the backing image where the platform tells
+
+
+class VirtualDisk:
+    """An open virtual disk handle (from :func:`open` or :func:`create`).
+
+    Closing follows :mod:`io`: :meth:`close` is idempotent, any other use after
+    it raises ``ValueError``, ``with`` closes, and a handle left for the garbage
+    collector is closed with a ``ResourceWarning``.  A disk attached without
+    ``permanent=True`` is detached when its last handle closes.
+    """
+
+    def __init__(self, handle: Any, path: Path, access: Access) -> None:
+        self._handle = handle
+        self._path = path
+        self._access = access
+        self._lock = threading.Lock()
+        self._users = 0  # calls in progress: close waits for them to finish
+        self._closing = False
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def access(self) -> Access:
+        return self._access
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<virtdisk.VirtualDisk {str(self._path)!r} {state}>"
+
+    def __enter__(self) -> VirtualDisk:
+        with self._lock:
+            if self._closing:
+                raise ValueError("I/O operation on closed virtual disk")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None) is not None and not self._closing:
+            warnings.warn(f"unclosed virtual disk {str(self._path)!r}", ResourceWarning, source=self)
+            self.close()
+
+    def close(self) -> None:
+        """Close the handle (idempotent).  Calls in progress on other threads finish first."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            handle = self._handle if self._users == 0 else None
+            if handle is not None:
+                self._handle = None
+        if handle is not None:
+            lib.CloseHandle(handle)
+
+    @contextmanager
+    def _using(self) -> Iterator[Any]:
+        with self._lock:
+            if self._closing:
+                raise ValueError("I/O operation on closed virtual disk")
+            self._users += 1
+            handle = self._handle
+        try:
+            yield handle
+        finally:
+            with self._lock:
+                self._users -= 1
+                last = self._closing and self._users == 0 and self._handle is not None
+                if last:
+                    self._handle = None
+            if last:
+                lib.CloseHandle(handle)
+
+    # ---- attach and detach ----------------------------------------------
+
+    def attach(self, *, read_only: bool = False, permanent: bool = False,
+               no_drive_letter: bool = False) -> None:
+        """Attach the disk (AttachVirtualDisk).
+
+        Without ``permanent`` the disk stays attached while a handle to it is
+        open and detaches when the last one closes (on Linux also when the
+        process dies).  With it, the disk stays attached until :meth:`detach`
+        or :func:`detach`, even after this process exits.
+        """
+        flags = AttachFlag.NONE
+        if read_only:
+            flags |= AttachFlag.READ_ONLY
+        if permanent:
+            flags |= AttachFlag.PERMANENT_LIFETIME
+        if no_drive_letter:
+            flags |= AttachFlag.NO_DRIVE_LETTER
+        _ensure_volume_privilege()
+        parameters = ffi.new("ATTACH_VIRTUAL_DISK_PARAMETERS *")
+        parameters.Version = lib.ATTACH_VIRTUAL_DISK_VERSION_1
+        with self._using() as handle:
+            code = lib.AttachVirtualDisk(handle, ffi.NULL, flags, 0, parameters, ffi.NULL)
+            check(code, "AttachVirtualDisk", str(self._path))
+
+    def detach(self) -> None:
+        """Detach the disk (DetachVirtualDisk).
+
+        Needs a handle opened with DETACH access and no other handle open on
+        the disk; refuses (:class:`DiskInUseError`) while the disk is mounted
+        or in use, and raises :class:`NotAttachedError` when it is not attached.
+        """
+        _ensure_volume_privilege()
+        with self._using() as handle:
+            code = lib.DetachVirtualDisk(handle, lib.DETACH_VIRTUAL_DISK_FLAG_NONE, 0)
+            check(code, "DetachVirtualDisk", str(self._path))
+
+    @property
+    def physical_path(self) -> str:
+        """The attached disk's device path (``\\\\.\\PhysicalDriveN``, ``/dev/loopN``)."""
+        with self._using() as handle:
+            size = ffi.new("ULONG *", 520)
+            while True:
+                buffer = ffi.new("WCHAR[]", size[0] // 2)
+                code = lib.GetVirtualDiskPhysicalPath(handle, size, buffer)
+                if code != WinError.ERROR_INSUFFICIENT_BUFFER:
+                    break
+            check(code, "GetVirtualDiskPhysicalPath", str(self._path))
+            return str(ffi.string(buffer))
+
+    @property
+    def disk_number(self) -> int:
+        """N of ``\\\\.\\PhysicalDriveN`` (Windows) or of ``/dev/loopN`` (Linux)."""
+        match = re.search(r"(\d+)$", self.physical_path)
+        if match is None:  # a CD-ROM device on Windows: \\.\CdRomN has its own numbering
+            raise NotSupportedError(WinError.ERROR_NOT_SUPPORTED, "disk_number", str(self._path))
+        return int(match.group(1))
+
+    @property
+    def attached(self) -> bool:
+        """Whether the disk is attached (GET_VIRTUAL_DISK_INFO_IS_LOADED)."""
+        return bool(self._info(lib.GET_VIRTUAL_DISK_INFO_IS_LOADED).IsLoaded)
+
+    # ---- information ----------------------------------------------------
+
+    def _info(self, version: int, size: int = 0) -> Any:
+        size = max(size, ffi.sizeof("GET_VIRTUAL_DISK_INFO"))
+        with self._using() as handle:
+            while True:
+                buffer = ffi.new("char[]", size)
+                info = ffi.cast("GET_VIRTUAL_DISK_INFO *", buffer)
+                info.Version = version
+                info_size = ffi.new("ULONG *", size)
+                code = lib.GetVirtualDiskInformation(handle, info_size, info, ffi.NULL)
+                if code != WinError.ERROR_INSUFFICIENT_BUFFER or info_size[0] <= size:
+                    break
+                size = info_size[0]
+            check(code, "GetVirtualDiskInformation", str(self._path))
+            # Keep the buffer alive as long as the struct view of it.
+            self._last_info_buffer = buffer
+            return info
+
+    def _optional_info(self, version: int, size: int = 0) -> Any:
+        """The information, or None where it does not apply to this image."""
+        try:
+            return self._info(version, size)
+        except NotSupportedError:
+            return None
+
+    @property
+    def info(self) -> DiskInfo:
+        """Everything GetVirtualDiskInformation tells about the image."""
+        size = self._info(lib.GET_VIRTUAL_DISK_INFO_SIZE).Size
+        virtual_size, physical_size = size.VirtualSize, size.PhysicalSize
+        block_size, sector_size = size.BlockSize, size.SectorSize
+        storage = StorageType(self._info(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE).VirtualStorageType.DeviceId)
+        subtype = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE)
+        disk_type = DiskType(subtype.ProviderSubtype) if subtype is not None else None
+        identifier = _guid_to_uuid(self._info(lib.GET_VIRTUAL_DISK_INFO_IDENTIFIER).Identifier)
+        physical_sector = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_VHD_PHYSICAL_SECTOR_SIZE)
+        disk_id = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_DISK_ID)
+        parent_paths: tuple[str, ...] = ()
+        parent_resolved = parent_identifier = None
+        if disk_type == DiskType.DIFFERENCING:
+            location = self._info(lib.GET_VIRTUAL_DISK_INFO_PARENT_LOCATION, 4096)
+            parent_resolved = bool(location.ParentLocation.ParentResolved)
+            parent_paths = _multi_sz(ffi.cast("WCHAR *", location.ParentLocation.ParentLocationBuffer))
+            parent_identifier = _guid_to_uuid(
+                self._info(lib.GET_VIRTUAL_DISK_INFO_PARENT_IDENTIFIER).ParentIdentifier)
+        return DiskInfo(
+            path=self._path,
+            storage_type=storage,
+            disk_type=disk_type,
+            virtual_size=virtual_size,
+            physical_size=physical_size,
+            block_size=block_size,
+            logical_sector_size=sector_size,
+            physical_sector_size=physical_sector.VhdPhysicalSectorSize if physical_sector else sector_size,
+            identifier=identifier,
+            virtual_disk_id=_guid_to_uuid(disk_id.VirtualDiskId) if disk_id is not None else None,
+            parent_paths=parent_paths,
+            parent_resolved=parent_resolved,
+            parent_identifier=parent_identifier,
+            attached=self.attached,
+        )
+
+
+def _multi_sz(pointer: Any) -> tuple[str, ...]:
+    items = []
+    while True:
+        item = str(ffi.string(pointer))
+        if not item:
+            return tuple(items)
+        items.append(item)
+        pointer += len(item) + 1
+
+
+def _ensure_volume_privilege() -> None:
+    """Windows: attach and detach need SeManageVolumePrivilege enabled."""
+    if sys.platform == "win32":
+        from ._privilege import ensure_manage_volume_privilege
+
+        ensure_manage_volume_privilege()
+
+
+def open(  # noqa: A001 - the module-level verb, like io.open
+    path: StrPath,
+    access: Optional[Access] = None,
+    *,
+    read_only: bool = False,
+    storage_type: Optional[StorageType] = None,
+    no_parents: bool = False,
+) -> VirtualDisk:
+    """Open an image (OpenVirtualDisk, version 1 parameters).
+
+    ``access`` defaults to attach (read-only or read-write), detach and
+    information access; ``read_only=True`` (the default for ``.iso`` files)
+    leaves out read-write attach, so a read-only file can be opened.
+    ``storage_type`` None lets the image's contents decide its format.
+    """
+    image = Path(os.fspath(path))
+    if access is None:
+        read_only = read_only or image.suffix.lower() == ".iso" or storage_type == StorageType.ISO
+        access = _READ_ONLY_ACCESS if read_only else _DEFAULT_ACCESS
+    flags = OpenFlag.NO_PARENTS if no_parents else OpenFlag.NONE
+    parameters = ffi.new("OPEN_VIRTUAL_DISK_PARAMETERS *")
+    parameters.Version = lib.OPEN_VIRTUAL_DISK_VERSION_1
+    parameters.Version1.RWDepth = lib.OPEN_VIRTUAL_DISK_RW_DEPTH_DEFAULT
+    handle = ffi.new("HANDLE *")
+    code = lib.OpenVirtualDisk(_storage_type(_storage_type_for(image, storage_type)), str(image),
+                               access, flags, parameters, handle)
+    check(code, "OpenVirtualDisk", str(image))
+    return VirtualDisk(handle[0], image, Access(access))
+
+
+def create(
+    path: StrPath,
+    size: int = 0,
+    *,
+    storage_type: Optional[StorageType] = None,
+    fixed: bool = False,
+    block_size: int = 0,
+    sector_size: int = 0,
+    physical_sector_size: int = 0,
+    unique_id: Optional[uuid.UUID] = None,
+    parent: Optional[StrPath] = None,
+) -> VirtualDisk:
+    """Create an image (CreateVirtualDisk, version 2 parameters) and return its handle.
+
+    The format is ``storage_type`` or, when None, the path's suffix (.vhd,
+    .vhdx).  ``fixed`` allocates the whole size now; otherwise the image grows
+    as data is written.  ``parent`` makes a differencing disk (``size`` 0).
+    Never overwrites: an existing file raises :class:`VirtualDiskExistsError`.
+    """
+    image = Path(os.fspath(path))
+    parameters = ffi.new("CREATE_VIRTUAL_DISK_PARAMETERS *")
+    parameters.Version = lib.CREATE_VIRTUAL_DISK_VERSION_2
+    v2 = parameters.Version2
+    if unique_id is not None:
+        _uuid_to_guid(unique_id, v2.UniqueId)
+    v2.MaximumSize = size
+    v2.BlockSizeInBytes = block_size
+    v2.SectorSizeInBytes = sector_size
+    v2.PhysicalSectorSizeInBytes = physical_sector_size
+    keep_alive = []
+    if parent is not None:
+        parent_text = ffi.new("WCHAR[]", os.fspath(parent))
+        keep_alive.append(parent_text)
+        v2.ParentPath = parent_text
+    flags = CreateFlag.FULL_PHYSICAL_ALLOCATION if fixed else CreateFlag.NONE
+    handle = ffi.new("HANDLE *")
+    kind = _storage_type_for(image, storage_type)
+    code = lib.CreateVirtualDisk(_storage_type(kind), str(image), Access.NONE, ffi.NULL, flags, 0,
+                                 parameters, ffi.NULL, handle)
+    check(code, "CreateVirtualDisk", str(image))
+    return VirtualDisk(handle[0], image, Access.ALL & ~Access.CREATE)
+
+
+def detach(path: StrPath) -> None:
+    """Detach the image at ``path``: open with DETACH access, detach, close.
+
+    The way to detach a disk attached with ``permanent=True``, from any process.
+    """
+    with open(path, Access.DETACH | Access.GET_INFO) as disk:
+        disk.detach()
+
+
+def attached_disks() -> list[AttachedDisk]:
+    """Every attached virtual disk (GetAllAttachedVirtualDiskPhysicalPaths)."""
+    size = ffi.new("ULONG *", 1024)
+    while True:
+        buffer = ffi.new("WCHAR[]", size[0] // 2 + 1)
+        code = lib.GetAllAttachedVirtualDiskPhysicalPaths(size, buffer)
+        if code != WinError.ERROR_INSUFFICIENT_BUFFER:
+            break
+    check(code, "GetAllAttachedVirtualDiskPhysicalPaths")
+    return [AttachedDisk(device, _backing_image(device)) for device in _multi_sz(buffer)]
+
+
+def _backing_image(device: str) -> Optional[Path]:
+    """Linux: the loop device's backing file, from sysfs."""
+    if not device.startswith("/dev/loop"):
+        return None
+    name = device[len("/dev/"):]
+    try:
+        backing = Path("/sys/block", name, "loop", "backing_file").read_text().strip()
+    except OSError:
+        return None
+    return Path(backing)
+
+
