@@ -502,14 +502,12 @@ DWORD WINAPI DetachVirtualDisk(HANDLE VirtualDiskHandle, DETACH_VIRTUAL_DISK_FLA
     if (status == ERROR_SUCCESS) {
         struct vd_disk *disk = handle->disk;
         bool own = disk->loop_number == number;
-        status = vd_loop_detach(number, own ? disk->loop_fd : -1);
-        if (own) {
-            /* vd_loop_detach closed the descriptor whatever happened; if the
-               device was in use it stays attached, now with autoclear and no
-               holder here, i.e. until its other user lets go. */
-            disk->loop_fd = -1;
+        status = vd_loop_detach(number, own ? &disk->loop_fd : NULL);
+        /* Once vd_loop_detach has let go of our descriptor the attachment is
+           no longer ours, even when a late opener still holds the device
+           (it then detaches when that opener closes). */
+        if (own && disk->loop_fd < 0)
             disk->loop_number = -1;
-        }
     }
     vd_disks_unlock();
     vd_handle_release(handle);

@@ -13,12 +13,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/capability.h>
 #include <linux/loop.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "errors.h"
@@ -38,6 +40,23 @@ static DWORD vd_loop_fail_errno(int error, const char *what, int number)
     return vd_fail_errno(error, "%s /dev/loop%d", what, number);
 }
 
+bool vd_loop_privileged(void)
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+    if (syscall(SYS_capget, &header, data) != 0)
+        return false;
+    return data[CAP_SYS_ADMIN / 32].effective & (1u << (CAP_SYS_ADMIN % 32));
+}
+
+static DWORD vd_loop_require_privilege(const char *what)
+{
+    if (vd_loop_privileged())
+        return ERROR_SUCCESS;
+    return vd_fail(ERROR_PRIVILEGE_NOT_HELD, "%s needs CAP_SYS_ADMIN (run as root), the "
+                   "counterpart of Windows' SeManageVolumePrivilege", what);
+}
+
 static void vd_loop_path(int number, char *path, size_t size)
 {
     snprintf(path, size, "/dev/loop%d", number);
@@ -45,6 +64,12 @@ static void vd_loop_path(int number, char *path, size_t size)
 
 DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out)
 {
+    /* The kernel lets anyone who can open /dev/loop-control attach; the
+       provider asks for the capability Windows' rule corresponds to, so that
+       the answer does not depend on device node permissions. */
+    DWORD status = vd_loop_require_privilege("attaching a virtual disk");
+    if (status != ERROR_SUCCESS)
+        return status;
     int control = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
     if (control < 0) {
         int error = errno;
@@ -69,7 +94,7 @@ DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out)
     snprintf((char *)config.info.lo_file_name, LO_NAME_SIZE, "%s%s", VD_LOOP_NAME_PREFIX,
              request->name ? request->name : "");
 
-    DWORD status = vd_fail(ERROR_NO_SYSTEM_RESOURCES, "no free loop device after %d attempts",
+    status = vd_fail(ERROR_NO_SYSTEM_RESOURCES, "no free loop device after %d attempts",
                            VD_LOOP_ATTEMPTS);
     for (int attempt = 0; attempt < VD_LOOP_ATTEMPTS; attempt++) {
         int number = ioctl(control, LOOP_CTL_GET_FREE);
@@ -301,8 +326,12 @@ static bool vd_loop_partition_claimed(int number)
     return claimed;
 }
 
-DWORD vd_loop_detach(int number, int own_fd)
+DWORD vd_loop_detach(int number, int *held_fd)
 {
+    int own_fd = held_fd ? *held_fd : -1;
+    DWORD privilege = vd_loop_require_privilege("detaching a virtual disk");
+    if (privilege != ERROR_SUCCESS)
+        return privilege;
     char path[32];
     vd_loop_path(number, path, sizeof path);
 
@@ -312,8 +341,6 @@ DWORD vd_loop_detach(int number, int own_fd)
     int probe = open(path, O_RDONLY | O_EXCL | O_CLOEXEC);
     if (probe < 0) {
         int error = errno;
-        if (own_fd >= 0)
-            close(own_fd);
         if (error == EBUSY)
             return vd_fail(ERROR_DEVICE_IN_USE,
                            "%s is in use (mounted or opened exclusively); unmount it first", path);
@@ -333,13 +360,13 @@ DWORD vd_loop_detach(int number, int own_fd)
     }
     if (status != ERROR_SUCCESS) {
         close(probe);
-        if (own_fd >= 0)
-            close(own_fd);
         return status;
     }
     /* The teardown happens when the last of our descriptors closes. */
-    if (own_fd >= 0)
+    if (own_fd >= 0) {
         close(own_fd);
+        *held_fd = -1;
+    }
     close(probe);
     if (vd_loop_is_bound(number)) {
         /* Someone opened the device between the check and LOOP_CLR_FD: the

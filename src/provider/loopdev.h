@@ -8,7 +8,8 @@
  *   - vd_loop_detach() either detaches synchronously or refuses: it never
  *     leaves the kernel's lazy "detach on last close" behind.
  *   - Lookups go through sysfs and need no privilege; attach and detach need
- *     CAP_SYS_ADMIN and answer ERROR_PRIVILEGE_NOT_HELD without it.
+ *     CAP_SYS_ADMIN and answer ERROR_PRIVILEGE_NOT_HELD without it, before
+ *     touching any device.
  */
 #ifndef VD_PROVIDER_LOOPDEV_H
 #define VD_PROVIDER_LOOPDEV_H
@@ -38,13 +39,19 @@ struct vd_loop {
     int fd;                  /* /dev/loopN, open O_RDWR or O_RDONLY */
 };
 
+/* Whether this process may attach and detach: CAP_SYS_ADMIN in its
+   effective set. */
+bool vd_loop_privileged(void);
+
 DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out);
 
-/* Detaches /dev/loopN.  own_fd is a descriptor of the device that the caller
-   holds (a non-permanent attachment's), or -1; it is closed in every case.
+/* Detaches /dev/loopN.  held_fd points to a descriptor of the device that
+   the caller holds (a non-permanent attachment's), or is NULL; it is closed
+   (and set to -1) when the detach goes ahead, and left open when the detach
+   is refused, so that a refusal changes nothing.
    Refuses with ERROR_DEVICE_IN_USE while the device is mounted, claimed or
    open anywhere else. */
-DWORD vd_loop_detach(int number, int own_fd);
+DWORD vd_loop_detach(int number, int *held_fd);
 
 /* The loop device whose backing file is (dev, ino), or -1 when none. */
 int vd_loop_find(dev_t dev, ino_t ino);

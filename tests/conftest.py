@@ -1,0 +1,86 @@
+"""Shared fixtures: real loop devices where the machine allows, and no leftovers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def loop_devices_unavailable() -> str | None:
+    """Why this machine cannot attach loop devices, or None when it can."""
+    if not Path("/dev/loop-control").exists():
+        return "no /dev/loop-control (loop driver missing)"
+    if os.geteuid() != 0:
+        return "attaching loop devices needs root"
+    return None
+
+
+def require_tool(name: str) -> str:
+    """The path of an external tool; a skip without it, a failure in CI."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed"
+        if IN_CI:
+            pytest.fail(message + " (CI must install it: see .ci/run)")
+        pytest.skip(message)
+    return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = loop_devices_unavailable()
+    if reason is None:
+        return
+    for item in items:
+        if "loop" in item.keywords:
+            if IN_CI:
+                # In CI a missing loop device is a broken runner, not a reason
+                # to pass: make every such test fail loudly.
+                item.add_marker(pytest.mark.usefixtures("_fail_without_loop"))
+            else:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def _fail_without_loop() -> None:
+    pytest.fail(f"loop devices are required in CI: {loop_devices_unavailable()}")
+
+
+def loops_backed_under(folder: Path) -> list[str]:
+    """Loop devices whose backing file lies under folder."""
+    found = []
+    for loop_dir in Path("/sys/block").glob("loop*/loop"):
+        try:
+            backing = (loop_dir / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        backing = backing.removesuffix(" (deleted)")
+        if Path(backing).is_relative_to(folder):
+            found.append("/dev/" + loop_dir.parent.name)
+    return found
+
+
+@pytest.fixture
+def images(tmp_path: Path):
+    """A folder for the test's images; whatever a test leaves attached there is
+    detached afterwards, and the test fails for having left it."""
+    yield tmp_path
+    leaked = loops_backed_under(tmp_path)
+    for device in leaked:
+        subprocess.run(["umount", "-q", device], check=False)
+        subprocess.run(["losetup", "-d", device], check=False)
+    assert not leaked, f"test left loop devices attached: {leaked}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_behind(tmp_path_factory: pytest.TempPathFactory):
+    """The final check: no loop device still points into this run's temporary folders."""
+    base = tmp_path_factory.getbasetemp()
+    yield
+    leaked = loops_backed_under(base)
+    assert not leaked, f"loop devices still attached to test images: {leaked}"
