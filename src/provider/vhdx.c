@@ -767,20 +767,19 @@ static DWORD read_bat(struct vd_image *image, struct vhdx_state *s, const struct
                        regions->bat_length, ull(s->bat_entries), ull(image->virtual_size),
                        s->block_size);
 
-    /* Bounded: the region length was checked against the file size. */
+    /* Bounded: the region length was checked against the file size.  Read
+       as bytes and converted in place, each entry read before it is stored. */
     size_t bytes = (size_t)s->bat_entries * 8;
-    uint8_t *raw = malloc(bytes);
     s->bat = malloc(bytes);
-    if (!raw || !s->bat) {
-        free(raw);
+    if (!s->bat)
         return vd_fail(ERROR_OUTOFMEMORY, "allocating a %zu-byte VHDX BAT", bytes);
-    }
-    DWORD status = read_at(image, raw, bytes, s->bat_offset, "VHDX BAT");
-    for (uint64_t i = 0; i < s->bat_entries && status == ERROR_SUCCESS; i++)
-        s->bat[i] = vd_le64(raw + i * 8);
-    free(raw);
+    DWORD status = read_at(image, s->bat, bytes, s->bat_offset, "VHDX BAT");
     if (status != ERROR_SUCCESS)
         return status;
+    for (uint64_t i = 0; i < s->bat_entries; i++) {
+        uint64_t entry = vd_le64((const uint8_t *)s->bat + i * 8);
+        s->bat[i] = entry;
+    }
 
     /* Every state must be valid for this disk type (§2.5.1.1, §2.5.1.2) and
        every allocated block inside the file, so read() never has to check. */
@@ -1791,6 +1790,9 @@ static DWORD vhdx_create(int fd, const struct vd_create_request *r)
     uint64_t block_size = r->block_size;
 
     if (parent) {
+        if (!r->path)
+            return vd_fail(ERROR_INVALID_PARAMETER,
+                           "a differencing VHDX needs its own path for the relative parent locator");
         if (r->fixed)
             return vd_fail(ERROR_INVALID_PARAMETER, "a differencing VHDX cannot be fixed");
         if (parent->format != &vd_format_vhdx)
