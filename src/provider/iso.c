@@ -67,8 +67,11 @@ static bool iso_probe(const uint8_t *head, size_t head_length, const uint8_t *ta
 
 static DWORD iso_open(struct vd_image *image)
 {
-    if (image->file_size % ISO_SECTOR || image->file_size < ISO_MIN_SIZE)
-        return vd_fail(ERROR_FILE_CORRUPT, "%s: %llu bytes is not a whole number of 2048-byte sectors of at least %d",
+    if (image->file_size % ISO_SECTOR)
+        return vd_fail(ERROR_FILE_CORRUPT, "%s: %llu bytes is not a whole number of 2048-byte sectors", image->path,
+                       (ull)image->file_size);
+    if (image->file_size < ISO_MIN_SIZE)
+        return vd_fail(ERROR_FILE_CORRUPT, "%s: %llu bytes is too short for the volume descriptors (at least %d)",
                        image->path, (ull)image->file_size, ISO_MIN_SIZE);
 
     bool found = false;

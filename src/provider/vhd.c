@@ -233,15 +233,17 @@ static uint8_t *vhd_encode_utf16(const char *text, bool big_endian, size_t *leng
 
 /* ---- paths --------------------------------------------------------------- */
 
-/* The directory part of an absolute path, malloc'd ("/" for "/x"). */
+/* The directory part of a path, malloc'd: "/" for "/x", "." for "x". */
 static char *vhd_dirname(const char *path)
 {
     const char *slash = strrchr(path, '/');
-    size_t length = slash && slash != path ? (size_t)(slash - path) : 1;
+    if (!slash)
+        return strdup(".");
+    size_t length = slash == path ? 1 : (size_t)(slash - path);
     char *dir = malloc(length + 1);
     if (!dir)
         return NULL;
-    memcpy(dir, slash ? path : "/", length);
+    memcpy(dir, path, length);
     dir[length] = '\0';
     return dir;
 }
@@ -1287,7 +1289,8 @@ static DWORD vhd_parent_info(const char *child_path, const struct vd_image *pare
        that the relative path is computed between comparable names. */
     char *lexical = vhd_dirname(child_path);
     char *dir = lexical ? realpath(lexical, NULL) : NULL;
-    char *locator = vhd_relative_locator(dir ? dir : lexical ? lexical : "/", parent->path);
+    const char *from = dir ? dir : lexical;
+    char *locator = from ? vhd_relative_locator(from, parent->path) : NULL;
     free(dir);
     free(lexical);
     if (!locator)
