@@ -1,0 +1,110 @@
+"""Images we create read correctly in qemu-img and vhdiinfo; images they create
+open correctly here.  Neither tool was written by this project."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+import virtdisk
+from virtdisk import DiskType, StorageType
+
+from .conftest import require_tool
+
+MiB = 1 << 20
+
+
+def qemu_info(path: Path, fmt: str) -> dict:
+    qemu_img = require_tool("qemu-img")
+    # -f is required: without it qemu probes a fixed VHD as raw.
+    out = subprocess.run([qemu_img, "info", "-f", fmt, "--output=json", str(path)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def vhdiinfo(path: Path) -> dict[str, str]:
+    tool = require_tool("vhdiinfo")
+    out = subprocess.run([tool, str(path)], capture_output=True, text=True, check=True).stdout
+    return {key.strip(): value.strip() for key, value in re.findall(r"^\s*([^:\n]+?)\s*:\s*(.+)$", out, re.M)}
+
+
+@pytest.mark.parametrize(
+    ("name", "fixed", "size", "disk_type"),
+    [
+        ("fixed.vhd", True, 16 * MiB, "Fixed"),
+        ("dynamic.vhd", False, 100 * MiB, "Dynamic"),
+        ("fixed.vhdx", True, 16 * MiB, "Fixed"),
+        ("dynamic.vhdx", False, 64 * MiB, "Dynamic"),
+    ],
+)
+def test_our_images_read_right_in_qemu_img_and_vhdiinfo(tmp_path: Path, name, fixed, size, disk_type) -> None:
+    path = tmp_path / name
+    with virtdisk.create(path, size, fixed=fixed) as disk:
+        ours = disk.info
+    assert ours.virtual_size == size
+    assert ours.disk_type == (DiskType.FIXED if fixed else DiskType.DYNAMIC)
+    fmt = "vpc" if path.suffix == ".vhd" else "vhdx"
+    assert qemu_info(path, fmt)["virtual-size"] == size
+    theirs = vhdiinfo(path)
+    assert theirs["Disk type"] == disk_type
+    assert f"({size} bytes)" in theirs["Media size"]
+    assert uuid.UUID(theirs["Identifier"]) == ours.identifier
+
+
+@pytest.mark.parametrize(
+    ("options", "disk_type"),
+    [("subformat=fixed,force_size=on", DiskType.FIXED), ("subformat=dynamic,force_size=on", DiskType.DYNAMIC)],
+)
+def test_qemu_made_vhd_opens_with_the_same_answers(tmp_path: Path, options, disk_type) -> None:
+    qemu_img = require_tool("qemu-img")
+    path = tmp_path / "qemu.vhd"
+    subprocess.run([qemu_img, "create", "-q", "-f", "vpc", "-o", options, str(path), "48M"], check=True)
+    with virtdisk.open(path, read_only=True) as disk:
+        info = disk.info
+    assert info.storage_type == StorageType.VHD
+    assert info.disk_type == disk_type
+    assert info.virtual_size == qemu_info(path, "vpc")["virtual-size"] == 48 * MiB
+    assert info.identifier == uuid.UUID(vhdiinfo(path)["Identifier"])
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_qemu_made_vhdx_opens_with_the_same_answers(tmp_path: Path, subformat) -> None:
+    qemu_img = require_tool("qemu-img")
+    path = tmp_path / "qemu.vhdx"
+    subprocess.run([qemu_img, "create", "-q", "-f", "vhdx", "-o", f"subformat={subformat}", str(path), "40M"],
+                   check=True)
+    with virtdisk.open(path, read_only=True) as disk:
+        info = disk.info
+    assert info.storage_type == StorageType.VHDX
+    assert info.virtual_size == 40 * MiB
+    assert info.block_size == qemu_info(path, "vhdx")["cluster-size"]
+    assert info.disk_type == (DiskType.FIXED if subformat == "fixed" else DiskType.DYNAMIC)
+
+
+def test_iso_made_by_genisoimage_opens_as_iso(tmp_path: Path) -> None:
+    genisoimage = require_tool("genisoimage")
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "a.txt").write_text("a")
+    path = tmp_path / "image.bin"  # no .iso suffix: the contents decide
+    subprocess.run([genisoimage, "-quiet", "-o", str(path), str(content)], check=True)
+    with virtdisk.open(path, read_only=True) as disk:
+        info = disk.info
+    assert info.storage_type == StorageType.ISO
+    assert info.disk_type is None
+    assert info.virtual_size == path.stat().st_size
+    assert info.logical_sector_size == 2048
+
+
+def test_opening_read_only_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "disk.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    with virtdisk.open(path, read_only=True) as disk:
+        disk.info  # noqa: B018
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
