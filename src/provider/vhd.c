@@ -913,8 +913,8 @@ static DWORD vhd_read_present(struct vd_image *image, uint32_t block, uint32_t w
     uint64_t block_offset = (uint64_t)state->bat[block] * VHD_SECTOR;
     uint64_t data_offset = block_offset + state->bitmap_size;
     uint32_t end = within + (uint32_t)length;
-    uint32_t last = (end - 1) / VHD_SECTOR;
-    DWORD status = vhd_read_bitmap(image, block_offset, within / VHD_SECTOR / 8, last / 8 - within / VHD_SECTOR / 8 + 1);
+    uint32_t first = within / VHD_SECTOR, last = (end - 1) / VHD_SECTOR;
+    DWORD status = vhd_read_bitmap(image, block_offset, first / 8, last / 8 - first / 8 + 1);
     if (status != ERROR_SUCCESS)
         return status;
 
@@ -1061,8 +1061,8 @@ static DWORD vhd_write_sectors(struct vd_image *image, uint32_t block, uint32_t 
     struct vhd_state *state = image->state;
     uint32_t entry = state->bat[block];
     bool fresh = entry == VHD_BAT_UNUSED;
-    DWORD status;
-    if (fresh && (status = vhd_allocate_block(image, &entry)) != ERROR_SUCCESS)
+    DWORD status = fresh ? vhd_allocate_block(image, &entry) : ERROR_SUCCESS;
+    if (status != ERROR_SUCCESS)
         return status;
     uint64_t block_offset = (uint64_t)entry * VHD_SECTOR;
     uint64_t target = block_offset + state->bitmap_size + (uint64_t)first * VHD_SECTOR;
