@@ -382,6 +382,8 @@ static int vd_attached_loop(const struct vd_handle *handle)
 {
     if (handle->disk->loop_number >= 0)
         return handle->disk->loop_number;
+    if (!vd_image_is_attached(handle->image))
+        return -1; /* the cheap, exact answer for the common case */
     return vd_loop_find(handle->image->file_dev, handle->image->file_ino);
 }
 
@@ -436,8 +438,8 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
     bool permanent = Flags & ATTACH_VIRTUAL_DISK_FLAG_PERMANENT_LIFETIME;
     struct vd_image *image = handle->image;
     vd_disks_lock();
-    int existing = vd_attached_loop(handle);
-    if (existing >= 0) {
+    if (handle->disk->loop_number >= 0 || vd_image_is_attached(image)) {
+        int existing = vd_attached_loop(handle);
         status = vd_fail(ERROR_SHARING_VIOLATION, "%s is already attached as /dev/loop%d", image->path, existing);
     } else {
         /* The loop device gets its own open file description: sharing the
@@ -459,6 +461,8 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
         if (backing_fd < 0)
             status = vd_fail_errno(errno, "reopening %s for the loop device", image->path);
         else
+            status = vd_mark_attached(backing_fd);
+        if (status == ERROR_SUCCESS)
             status = vd_loop_attach(&request, &loop);
         if (backing_fd >= 0)
             close(backing_fd); /* the loop device holds its own reference */
@@ -503,10 +507,7 @@ DWORD WINAPI DetachVirtualDisk(HANDLE VirtualDiskHandle, DETACH_VIRTUAL_DISK_FLA
         struct vd_disk *disk = handle->disk;
         bool own = disk->loop_number == number;
         status = vd_loop_detach(number, own ? &disk->loop_fd : NULL);
-        /* Once vd_loop_detach has let go of our descriptor the attachment is
-           no longer ours, even when a late opener still holds the device
-           (it then detaches when that opener closes). */
-        if (own && disk->loop_fd < 0)
+        if (own && status == ERROR_SUCCESS)
             disk->loop_number = -1;
     }
     vd_disks_unlock();

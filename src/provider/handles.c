@@ -13,9 +13,10 @@
 
 #include "errors.h"
 
-/* The lock byte sits at the largest offset a lock can name, where no image
+/* The lock bytes sit at the largest offsets a lock can name, where no image
    data and no other program's locks (qemu locks bytes 100-299) can be. */
 #define VD_HANDLE_LOCK_OFFSET (INT64_MAX - 1)
+#define VD_ATTACHED_LOCK_OFFSET (INT64_MAX - 2)
 
 static pthread_mutex_t vd_registry_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t vd_disk_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -32,14 +33,37 @@ void vd_disks_unlock(void)
     pthread_mutex_unlock(&vd_disk_mutex);
 }
 
+static int vd_lock_byte_at(int fd, off_t offset, short type, int command, struct flock *lock);
+
 static int vd_lock_byte(int fd, short type, int command, struct flock *lock)
+{
+    return vd_lock_byte_at(fd, VD_HANDLE_LOCK_OFFSET, type, command, lock);
+}
+
+static int vd_lock_byte_at(int fd, off_t offset, short type, int command, struct flock *lock)
 {
     lock->l_type = type;
     lock->l_whence = SEEK_SET;
-    lock->l_start = VD_HANDLE_LOCK_OFFSET;
+    lock->l_start = offset;
     lock->l_len = 1;
     lock->l_pid = 0;
     return fcntl(fd, command, lock);
+}
+
+DWORD vd_mark_attached(int backing_fd)
+{
+    struct flock lock;
+    if (vd_lock_byte_at(backing_fd, VD_ATTACHED_LOCK_OFFSET, F_RDLCK, F_OFD_SETLK, &lock) < 0)
+        return vd_fail_errno(errno, "marking the image as attached");
+    return ERROR_SUCCESS;
+}
+
+bool vd_image_is_attached(const struct vd_image *image)
+{
+    struct flock lock;
+    if (vd_lock_byte_at(image->fd, VD_ATTACHED_LOCK_OFFSET, F_WRLCK, F_OFD_GETLK, &lock) < 0)
+        return false;
+    return lock.l_type != F_UNLCK;
 }
 
 bool vd_handle_has_others(const struct vd_handle *handle)

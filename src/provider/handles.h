@@ -53,6 +53,14 @@ void vd_handle_release(struct vd_handle *handle);
 void vd_disks_lock(void);
 void vd_disks_unlock(void);
 
+/* Attachments are marked the same way: the loop device's own open file
+   description of the image carries a lock on a second byte, which lives
+   exactly as long as the kernel holds the file, in whatever process
+   attached it.  vd_mark_attached() sets it on the descriptor about to be
+   given to the loop device; vd_image_is_attached() asks, in O(1). */
+DWORD vd_mark_attached(int backing_fd);
+bool vd_image_is_attached(const struct vd_image *image);
+
 /* Whether a handle other than this one (in any process) is open on the same
    image file. */
 bool vd_handle_has_others(const struct vd_handle *handle);

@@ -136,7 +136,7 @@ static DWORD vd_get_info(struct vd_handle *handle, ULONG size, GET_VIRTUAL_DISK_
         info->VhdPhysicalSectorSize = image->physical_sector_size;
         return ERROR_SUCCESS;
     case GET_VIRTUAL_DISK_INFO_IS_LOADED:
-        info->IsLoaded = handle->disk->loop_number >= 0 || vd_loop_find(image->file_dev, image->file_ino) >= 0;
+        info->IsLoaded = handle->disk->loop_number >= 0 || vd_image_is_attached(image);
         return ERROR_SUCCESS;
     case GET_VIRTUAL_DISK_INFO_VIRTUAL_DISK_ID:
         if (!image->has_virtual_disk_id)

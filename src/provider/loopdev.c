@@ -249,55 +249,6 @@ void vd_loop_for_each_virtual_disk(void (*visit)(int number, void *context), voi
             visit(visitor.numbers[i], context);
 }
 
-/* Whether a file descriptor of some process other than the caller's own
-   (pid, fd) pairs refers to /dev/loopN or one of its partitions.  This is
-   what fuser does; there is no per-device open count in sysfs. */
-static bool vd_loop_opened_elsewhere(int number, int own_fd, int probe_fd)
-{
-    char device[32], partition_prefix[40];
-    snprintf(device, sizeof device, "/dev/loop%d", number);
-    snprintf(partition_prefix, sizeof partition_prefix, "/dev/loop%dp", number);
-    size_t prefix_length = strlen(partition_prefix);
-    pid_t self = getpid();
-
-    DIR *proc = opendir("/proc");
-    if (!proc)
-        return false;
-    bool found = false;
-    struct dirent *process;
-    while (!found && (process = readdir(proc)) != NULL) {
-        char *end;
-        long pid = strtol(process->d_name, &end, 10);
-        if (*end != '\0' || pid <= 0)
-            continue;
-        char fd_dir_path[64];
-        snprintf(fd_dir_path, sizeof fd_dir_path, "/proc/%ld/fd", pid);
-        DIR *fd_dir = opendir(fd_dir_path);
-        if (!fd_dir)
-            continue; /* exited meanwhile, or a kernel thread */
-        struct dirent *fd_entry;
-        while ((fd_entry = readdir(fd_dir)) != NULL) {
-            if (fd_entry->d_name[0] == '.')
-                continue;
-            int fd = atoi(fd_entry->d_name);
-            if (pid == self && (fd == own_fd || fd == probe_fd || fd == dirfd(fd_dir)))
-                continue;
-            char target[64];
-            ssize_t n = readlinkat(dirfd(fd_dir), fd_entry->d_name, target, sizeof target - 1);
-            if (n <= 0)
-                continue;
-            target[n] = '\0';
-            if (strcmp(target, device) == 0 || strncmp(target, partition_prefix, prefix_length) == 0) {
-                found = true;
-                break;
-            }
-        }
-        closedir(fd_dir);
-    }
-    closedir(proc);
-    return found;
-}
-
 /* Whether a filesystem or another exclusive user (mount, mkfs, a holder
    such as device-mapper) has claimed the disk or one of its partitions. */
 static bool vd_loop_partition_claimed(int number)
@@ -326,9 +277,19 @@ static bool vd_loop_partition_claimed(int number)
     return claimed;
 }
 
+/* Undoes what a LOOP_CLR_FD that found other openers did: the kernel set
+   autoclear instead of detaching.  A permanent disk gets its flags back. */
+static void vd_loop_restore_autoclear(int fd, bool autoclear)
+{
+    struct loop_info64 info;
+    if (autoclear || ioctl(fd, LOOP_GET_STATUS64, &info) < 0)
+        return;
+    info.lo_flags &= ~(uint32_t)LO_FLAGS_AUTOCLEAR;
+    ioctl(fd, LOOP_SET_STATUS64, &info);
+}
+
 DWORD vd_loop_detach(int number, int *held_fd)
 {
-    int own_fd = held_fd ? *held_fd : -1;
     DWORD privilege = vd_loop_require_privilege("detaching a virtual disk");
     if (privilege != ERROR_SUCCESS)
         return privilege;
@@ -348,35 +309,52 @@ DWORD vd_loop_detach(int number, int *held_fd)
             return vd_fail(ERROR_NOT_READY, "%s is no longer attached", path);
         return vd_loop_fail_errno(error, "opening", number);
     }
-    DWORD status = ERROR_SUCCESS;
     if (vd_loop_partition_claimed(number)) {
-        status = vd_fail(ERROR_DEVICE_IN_USE,
-                         "a partition of %s is mounted or in use; unmount it first", path);
-    } else if (vd_loop_opened_elsewhere(number, own_fd, probe)) {
-        status = vd_fail(ERROR_DEVICE_IN_USE,
-                         "%s is open in another process; close it first (see fuser %s)", path, path);
-    } else if (ioctl(probe, LOOP_CLR_FD) < 0) {
-        status = vd_loop_fail_errno(errno, "detaching", number);
+        close(probe);
+        return vd_fail(ERROR_DEVICE_IN_USE, "a partition of %s is mounted or in use; unmount it first", path);
     }
-    if (status != ERROR_SUCCESS) {
+    struct loop_info64 info;
+    if (ioctl(probe, LOOP_GET_STATUS64, &info) < 0) {
+        DWORD status = vd_loop_fail_errno(errno, "reading the state of", number);
         close(probe);
         return status;
     }
-    /* The teardown happens when the last of our descriptors closes. */
+    bool autoclear = info.lo_flags & LO_FLAGS_AUTOCLEAR;
+
+    /* The kernel itself counts the device's openers: LOOP_CLR_FD from the
+       only opener puts the device in rundown (new opens fail with ENXIO and
+       the last close tears it down); with other openers it merely sets
+       autoclear.  So our own holder goes first, then LOOP_CLR_FD, then a
+       second open tells which of the two happened. */
+    int own_fd = held_fd ? *held_fd : -1;
     if (own_fd >= 0) {
         close(own_fd);
         *held_fd = -1;
     }
-    close(probe);
-    if (vd_loop_is_bound(number)) {
-        /* Someone opened the device between the check and LOOP_CLR_FD: the
-           kernel turned the detach into autoclear-on-last-close.  That is not
-           a detach; report the disk as in use.  (It will detach when that
-           opener closes, as a non-permanent disk would.) */
-        return vd_fail(ERROR_DEVICE_IN_USE,
-                       "%s was opened by another process while detaching; it will detach "
-                       "when that process closes it",
-                       path);
+    if (ioctl(probe, LOOP_CLR_FD) < 0) {
+        DWORD status = vd_loop_fail_errno(errno, "detaching", number);
+        if (held_fd)
+            *held_fd = probe; /* still attached: the probe becomes the holder */
+        else
+            close(probe);
+        return status;
     }
+    if (vd_loop_is_bound(number)) {
+        int check = open(path, O_RDONLY | O_CLOEXEC);
+        if (check >= 0) {
+            /* Others hold the device: refuse, and put everything back. */
+            vd_loop_restore_autoclear(check, autoclear);
+            close(probe);
+            if (held_fd)
+                *held_fd = check;
+            else
+                close(check);
+            return vd_fail(ERROR_DEVICE_IN_USE,
+                           "%s is open elsewhere; close it first (fuser -v %s shows who)", path, path);
+        }
+    }
+    close(probe); /* the last opener: the teardown happens here */
+    if (vd_loop_is_bound(number))
+        return vd_fail(ERROR_DEVICE_IN_USE, "%s is still attached after detaching", path);
     return ERROR_SUCCESS;
 }

@@ -46,9 +46,9 @@ bool vd_loop_privileged(void);
 DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out);
 
 /* Detaches /dev/loopN.  held_fd points to a descriptor of the device that
-   the caller holds (a non-permanent attachment's), or is NULL; it is closed
-   (and set to -1) when the detach goes ahead, and left open when the detach
-   is refused, so that a refusal changes nothing.
+   the caller holds (a non-permanent attachment's), or is NULL.  On success
+   it is closed and set to -1; on refusal it is (or is replaced by) an open
+   descriptor again, so a refusal leaves the attachment as it was.
    Refuses with ERROR_DEVICE_IN_USE while the device is mounted, claimed or
    open anywhere else. */
 DWORD vd_loop_detach(int number, int *held_fd);

@@ -26,6 +26,11 @@ _DEFAULT_ACCESS = Access.ATTACH_RO | Access.ATTACH_RW | Access.DETACH | Access.G
 _READ_ONLY_ACCESS = Access.ATTACH_RO | Access.DETACH | Access.GET_INFO
 
 
+# Version 1 attach parameters carry nothing but the version; VirtDisk only
+# reads them, so one instance serves every call.
+_ATTACH_PARAMETERS = ffi.new("ATTACH_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.ATTACH_VIRTUAL_DISK_VERSION_1})
+
+
 def _guid_to_uuid(guid: Any) -> uuid.UUID:
     node = bytes(guid.Data4)
     return uuid.UUID(
@@ -159,23 +164,30 @@ class VirtualDisk:
         if handle is not None:
             lib.CloseHandle(handle)
 
-    @contextmanager
-    def _using(self) -> Iterator[Any]:
+    def _acquire(self) -> Any:
+        """The handle, counted as in use until _release(); ValueError when closed."""
         with self._lock:
             if self._closing:
                 raise ValueError("I/O operation on closed virtual disk")
             self._users += 1
-            handle = self._handle
+            return self._handle
+
+    def _release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            handle = self._handle if self._closing and self._users == 0 else None
+            if handle is not None:
+                self._handle = None
+        if handle is not None:
+            lib.CloseHandle(handle)
+
+    @contextmanager
+    def _using(self) -> Iterator[Any]:
+        handle = self._acquire()
         try:
             yield handle
         finally:
-            with self._lock:
-                self._users -= 1
-                last = self._closing and self._users == 0 and self._handle is not None
-                if last:
-                    self._handle = None
-            if last:
-                lib.CloseHandle(handle)
+            self._release()
 
     # ---- attach and detach ----------------------------------------------
 
@@ -196,11 +208,12 @@ class VirtualDisk:
         if no_drive_letter:
             flags |= AttachFlag.NO_DRIVE_LETTER
         _ensure_volume_privilege()
-        parameters = ffi.new("ATTACH_VIRTUAL_DISK_PARAMETERS *")
-        parameters.Version = lib.ATTACH_VIRTUAL_DISK_VERSION_1
-        with self._using() as handle:
-            code = lib.AttachVirtualDisk(handle, ffi.NULL, flags, 0, parameters, ffi.NULL)
-            check(code, "AttachVirtualDisk", str(self._path))
+        handle = self._acquire()
+        try:
+            code = lib.AttachVirtualDisk(handle, ffi.NULL, flags, 0, _ATTACH_PARAMETERS, ffi.NULL)
+        finally:
+            self._release()
+        check(code, "AttachVirtualDisk", str(self._path))
 
     def detach(self) -> None:
         """Detach the disk (DetachVirtualDisk).
@@ -210,9 +223,12 @@ class VirtualDisk:
         or in use, and raises :class:`NotAttachedError` when it is not attached.
         """
         _ensure_volume_privilege()
-        with self._using() as handle:
+        handle = self._acquire()
+        try:
             code = lib.DetachVirtualDisk(handle, lib.DETACH_VIRTUAL_DISK_FLAG_NONE, 0)
-            check(code, "DetachVirtualDisk", str(self._path))
+        finally:
+            self._release()
+        check(code, "DetachVirtualDisk", str(self._path))
 
     @property
     def physical_path(self) -> str:
