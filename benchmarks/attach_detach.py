@@ -9,7 +9,6 @@ vary by machine; the ratios are what to compare).
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,17 +43,29 @@ def open_cycle(image: Path) -> None:
 
 
 def losetup_cycle(image: Path) -> None:
-    device = subprocess.run(["losetup", "--find", "--show", "--sizelimit", str(SIZE), str(image)],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    device = subprocess.run(
+        ["losetup", "--find", "--show", "--sizelimit", str(SIZE), str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     subprocess.run(["losetup", "-d", device], check=True)
 
 
 def bare_cycle(image: Path, iterations: int, folder: Path) -> float:
     binary = folder / "bare_loop"
     subprocess.run(["cc", "-O2", "-o", str(binary), str(HERE / "bare_loop.c")], check=True)
-    rounds = [float(subprocess.run([str(binary), str(image), str(SIZE), str(iterations)],
-                                   capture_output=True, text=True, check=True).stdout)
-              for _ in range(3)]
+    rounds = [
+        float(
+            subprocess.run(
+                [str(binary), str(image), str(SIZE), str(iterations)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for _ in range(3)
+    ]
     return min(rounds)
 
 

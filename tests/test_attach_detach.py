@@ -39,8 +39,13 @@ def is_bound(device: str) -> bool:
 
 
 def run_python(code: str, *, preexec_fn=None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, check=check, preexec_fn=preexec_fn)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        check=check,
+        preexec_fn=preexec_fn,
+    )
 
 
 # ---- attach -------------------------------------------------------------
@@ -93,8 +98,10 @@ def test_attaching_an_attached_image_is_a_sharing_violation(images: Path) -> Non
 def test_qemu_made_fixed_vhd_attaches_with_its_size(images: Path) -> None:
     qemu_img = require_tool("qemu-img")
     path = images / "qemu.vhd"
-    subprocess.run([qemu_img, "create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on",
-                    str(path), "64M"], check=True)
+    subprocess.run(
+        [qemu_img, "create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on", str(path), "64M"],
+        check=True,
+    )
     with virtdisk.open(path) as disk:
         disk.attach()
         device = disk.physical_path
@@ -122,8 +129,9 @@ def iso(images: Path) -> Path:
     content.mkdir()
     (content / "readme.txt").write_text("hello from an ISO\n")
     path = images / "test.iso"
-    subprocess.run([genisoimage, "-quiet", "-J", "-r", "-V", "TESTISO", "-o", str(path), str(content)],
-                   check=True)
+    subprocess.run(
+        [genisoimage, "-quiet", "-J", "-r", "-V", "TESTISO", "-o", str(path), str(content)], check=True
+    )
     return path
 
 
@@ -167,13 +175,20 @@ def test_non_permanent_disk_detaches_when_the_last_handle_closes(images: Path) -
 def test_non_permanent_disk_detaches_when_the_process_dies(images: Path) -> None:
     path = make_fixed_vhd(images)
     child = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time, virtdisk
             disk = virtdisk.open({str(path)!r})
             disk.attach()
             print(disk.physical_path, flush=True)
             time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         device = child.stdout.readline().strip()
         assert device.startswith("/dev/loop") and is_bound(device)
@@ -226,9 +241,8 @@ def test_detach_detaches_and_the_handle_stays_usable(images: Path) -> None:
 
 def test_detach_of_an_image_that_is_not_attached_is_error_not_ready(images: Path) -> None:
     path = make_fixed_vhd(images)
-    with virtdisk.open(path) as disk:
-        with pytest.raises(virtdisk.NotAttachedError) as raised:
-            disk.detach()
+    with virtdisk.open(path) as disk, pytest.raises(virtdisk.NotAttachedError) as raised:
+        disk.detach()
     assert raised.value.winerror == WinError.ERROR_NOT_READY
     assert raised.value.function == "DetachVirtualDisk"
     assert raised.value.filename == str(path)
@@ -289,9 +303,16 @@ def test_detach_is_refused_while_another_process_holds_a_handle(images: Path) ->
         disk.attach(permanent=True)
         device = disk.physical_path
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, virtdisk; d = virtdisk.open({str(path)!r}); "
-                               "print('open', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            f"import sys, virtdisk; d = virtdisk.open({str(path)!r}); "
+            "print('open', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "open"
         with pytest.raises(virtdisk.DiskInUseError):
@@ -357,14 +378,17 @@ def _drop_cap_sys_admin() -> None:
 
 def test_attach_without_the_privilege_fails_and_leaves_nothing(images: Path) -> None:
     path = make_fixed_vhd(images)
-    result = run_python(f"""
+    result = run_python(
+        f"""
         import virtdisk
         with virtdisk.open({str(path)!r}) as disk:
             try:
                 disk.attach()
             except virtdisk.VirtualDiskPermissionError as error:
                 print(error.winerror)
-    """, preexec_fn=_drop_cap_sys_admin)
+    """,
+        preexec_fn=_drop_cap_sys_admin,
+    )
     assert int(result.stdout) == WinError.ERROR_PRIVILEGE_NOT_HELD
     with virtdisk.open(path, Access.GET_INFO) as disk:
         assert not disk.attached
@@ -375,13 +399,16 @@ def test_detach_without_the_privilege_fails_and_leaves_the_disk(images: Path) ->
     with virtdisk.open(path) as disk:
         disk.attach(permanent=True)
         device = disk.physical_path
-    result = run_python(f"""
+    result = run_python(
+        f"""
         import virtdisk
         try:
             virtdisk.detach({str(path)!r})
         except virtdisk.VirtualDiskPermissionError as error:
             print(error.winerror)
-    """, preexec_fn=_drop_cap_sys_admin)
+    """,
+        preexec_fn=_drop_cap_sys_admin,
+    )
     assert int(result.stdout) == WinError.ERROR_PRIVILEGE_NOT_HELD
     assert is_bound(device)
     virtdisk.detach(path)
@@ -414,8 +441,12 @@ def test_data_written_through_the_disk_lands_in_the_image(images: Path, mount_po
     subprocess.run([debugfs, "-R", f"dump /random.bin {dumped}", str(raw)], capture_output=True, check=True)
     assert dumped.read_bytes() == payload
     # And the image is still a valid VHD of the same size to qemu.
-    info = subprocess.run([qemu_img, "info", "-f", "vpc", "--output=json", str(path)],
-                          capture_output=True, text=True, check=True)
+    info = subprocess.run(
+        [qemu_img, "info", "-f", "vpc", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert '"virtual-size": 33554432' in info.stdout
 
 

@@ -18,8 +18,10 @@ def virtdisk_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "virtdisk", *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize(("text", "size"), [("64M", 64 * MiB), ("1G", 1 << 30), ("4096", 4096),
-                                            ("1.5M", 3 * MiB // 2), ("2GiB", 2 << 30)])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("64M", 64 * MiB), ("1G", 1 << 30), ("4096", 4096), ("1.5M", 3 * MiB // 2), ("2GiB", 2 << 30)],
+)
 def test_sizes_parse(text: str, size: int) -> None:
     assert parse_size(text) == size
 

@@ -30,12 +30,22 @@ def test_python_codes_match_the_native_table() -> None:
     [
         (WinError.ERROR_FILE_NOT_FOUND, virtdisk.VirtualDiskNotFoundError, FileNotFoundError, errno.ENOENT),
         (WinError.ERROR_ACCESS_DENIED, virtdisk.VirtualDiskPermissionError, PermissionError, errno.EACCES),
-        (WinError.ERROR_PRIVILEGE_NOT_HELD, virtdisk.VirtualDiskPermissionError, PermissionError, errno.EPERM),
+        (
+            WinError.ERROR_PRIVILEGE_NOT_HELD,
+            virtdisk.VirtualDiskPermissionError,
+            PermissionError,
+            errno.EPERM,
+        ),
         (WinError.ERROR_FILE_EXISTS, virtdisk.VirtualDiskExistsError, FileExistsError, errno.EEXIST),
         (WinError.ERROR_NOT_READY, virtdisk.NotAttachedError, OSError, errno.ENXIO),
         (WinError.ERROR_DEVICE_IN_USE, virtdisk.DiskInUseError, OSError, errno.EBUSY),
         (WinError.ERROR_VHD_DRIVE_FOOTER_CORRUPT, virtdisk.InvalidImageError, OSError, errno.EINVAL),
-        (WinError.ERROR_VHD_PARENT_VHD_NOT_FOUND, virtdisk.ParentNotFoundError, FileNotFoundError, errno.ENOENT),
+        (
+            WinError.ERROR_VHD_PARENT_VHD_NOT_FOUND,
+            virtdisk.ParentNotFoundError,
+            FileNotFoundError,
+            errno.ENOENT,
+        ),
         (WinError.ERROR_NOT_SUPPORTED, virtdisk.NotSupportedError, OSError, errno.EOPNOTSUPP),
     ],
 )
@@ -121,7 +131,9 @@ def test_a_corrupt_footer_checksum_is_an_invalid_image_naming_the_footer(tmp_pat
         ({"size": 4 * MiB, "sector_size": 4096}, "sector size"),
     ],
 )
-def test_bad_create_parameters_are_invalid_parameter_and_create_nothing(tmp_path: Path, kwargs, needle) -> None:
+def test_bad_create_parameters_are_invalid_parameter_and_create_nothing(
+    tmp_path: Path, kwargs, needle
+) -> None:
     path = tmp_path / "bad.vhd"
     with pytest.raises(virtdisk.VirtualDiskError) as raised:
         virtdisk.create(path, **kwargs)

@@ -73,17 +73,7 @@ def test_close_racing_calls_in_other_threads_never_crashes(image: Path) -> None:
         disk = virtdisk.open(image)
         outcomes: list[str] = []
         start = threading.Barrier(5)
-
-        def query() -> None:
-            start.wait()
-            for _ in range(50):
-                try:
-                    assert disk.info.virtual_size == 4 * MiB
-                    outcomes.append("ok")
-                except ValueError:
-                    outcomes.append("closed")
-
-        threads = [threading.Thread(target=query) for _ in range(4)]
+        threads = [threading.Thread(target=_query, args=(disk, start, outcomes)) for _ in range(4)]
         for thread in threads:
             thread.start()
         start.wait()
@@ -92,3 +82,13 @@ def test_close_racing_calls_in_other_threads_never_crashes(image: Path) -> None:
             thread.join()
         assert disk.closed and disk._handle is None
         assert set(outcomes) <= {"ok", "closed"}
+
+
+def _query(disk: virtdisk.VirtualDisk, start: threading.Barrier, outcomes: list[str]) -> None:
+    start.wait()
+    for _ in range(50):
+        try:
+            assert disk.info.virtual_size == 4 * MiB
+            outcomes.append("ok")
+        except ValueError:
+            outcomes.append("closed")

@@ -22,8 +22,9 @@ MiB = 1 << 20
 def qemu_info(path: Path, fmt: str) -> dict:
     qemu_img = require_tool("qemu-img")
     # -f is required: without it qemu probes a fixed VHD as raw.
-    out = subprocess.run([qemu_img, "info", "-f", fmt, "--output=json", str(path)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [qemu_img, "info", "-f", fmt, "--output=json", str(path)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -58,7 +59,10 @@ def test_our_images_read_right_in_qemu_img_and_vhdiinfo(tmp_path: Path, name, fi
 
 @pytest.mark.parametrize(
     ("options", "disk_type"),
-    [("subformat=fixed,force_size=on", DiskType.FIXED), ("subformat=dynamic,force_size=on", DiskType.DYNAMIC)],
+    [
+        ("subformat=fixed,force_size=on", DiskType.FIXED),
+        ("subformat=dynamic,force_size=on", DiskType.DYNAMIC),
+    ],
 )
 def test_qemu_made_vhd_opens_with_the_same_answers(tmp_path: Path, options, disk_type) -> None:
     qemu_img = require_tool("qemu-img")
@@ -76,8 +80,9 @@ def test_qemu_made_vhd_opens_with_the_same_answers(tmp_path: Path, options, disk
 def test_qemu_made_vhdx_opens_with_the_same_answers(tmp_path: Path, subformat) -> None:
     qemu_img = require_tool("qemu-img")
     path = tmp_path / "qemu.vhdx"
-    subprocess.run([qemu_img, "create", "-q", "-f", "vhdx", "-o", f"subformat={subformat}", str(path), "40M"],
-                   check=True)
+    subprocess.run(
+        [qemu_img, "create", "-q", "-f", "vhdx", "-o", f"subformat={subformat}", str(path), "40M"], check=True
+    )
     with virtdisk.open(path, read_only=True) as disk:
         info = disk.info
     assert info.storage_type == StorageType.VHDX

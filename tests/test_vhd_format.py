@@ -216,9 +216,7 @@ def test_a_bat_entry_outside_the_file_is_refused_naming_the_entry(tmp_path: Path
     path = tmp_path / "d.vhd"
     virtdisk.create(path, 8 * MiB).close()
     data = bytearray(path.read_bytes())
-    data[BAT_AT + 8 : BAT_AT + 12] = struct.pack(
-        ">I", 0x100000
-    )  # entry 2 -> 512 MiB into a tiny file
+    data[BAT_AT + 8 : BAT_AT + 12] = struct.pack(">I", 0x100000)  # entry 2 -> 512 MiB into a tiny file
     path.write_bytes(data)
     error = _open_error(path)
     assert error.winerror == WinError.ERROR_VHD_BLOCK_ALLOCATION_TABLE_CORRUPT

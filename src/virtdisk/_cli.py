@@ -8,9 +8,9 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from . import _disk
+from ._disk import DiskInfo
 from ._enums import StorageType
 from ._errors import VirtualDiskError
 
@@ -33,6 +33,15 @@ def _format(text: str) -> StorageType:
     return StorageType[text.upper()]
 
 
+def _kind(info: DiskInfo) -> str:
+    """'VHD fixed', 'ISO'."""
+    return (
+        f"{info.storage_type.name} {info.disk_type.name.lower()}"
+        if info.disk_type
+        else info.storage_type.name
+    )
+
+
 def _human(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
@@ -46,11 +55,16 @@ def _create(args: argparse.Namespace) -> int:
     kind = args.format if args.format is not None else None
     if kind is None and path.suffix.lower() not in (".vhd", ".vhdx"):
         kind = StorageType.VHD
-    with _disk.create(path, args.size, storage_type=kind, fixed=args.type == "fixed",
-                      block_size=args.block_size, sector_size=args.sector_size) as disk:
+    with _disk.create(
+        path,
+        args.size,
+        storage_type=kind,
+        fixed=args.type == "fixed",
+        block_size=args.block_size,
+        sector_size=args.sector_size,
+    ) as disk:
         info = disk.info
-    print(f"created {path} ({info.storage_type.name} {info.disk_type.name.lower() if info.disk_type else ''}, "
-          f"{_human(info.virtual_size)})")
+    print(f"created {path} ({_kind(info)}, {_human(info.virtual_size)})")
     return 0
 
 
@@ -87,9 +101,18 @@ def _detach(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     disks = _disk.attached_disks()
     if args.json:
-        print(json.dumps([{"physical_path": d.physical_path,
-                           "image_path": str(d.image_path) if d.image_path else None} for d in disks],
-                         indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "physical_path": d.physical_path,
+                        "image_path": str(d.image_path) if d.image_path else None,
+                    }
+                    for d in disks
+                ],
+                indent=2,
+            )
+        )
     else:
         for d in disks:
             print(f"{d.physical_path}\t{d.image_path or ''}")
@@ -105,8 +128,7 @@ def _demo(args: argparse.Namespace) -> int:
             disk.attach()
             print(f"attached  {disk.physical_path}")
             info = disk.info
-            print(f"info      {info.storage_type.name} {info.disk_type.name.lower() if info.disk_type else ''}, "
-                  f"id {info.identifier}, attached={info.attached}")
+            print(f"info      {_kind(info)}, id {info.identifier}, attached={info.attached}")
             disk.detach()
             print(f"detached  attached={disk.attached}")
     return 0
@@ -119,12 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     create = commands.add_parser("create", help="create a VHD or VHDX image")
     create.add_argument("path")
     create.add_argument("--size", type=parse_size, required=True, help="virtual size, e.g. 64M")
-    create.add_argument("--format", type=_format, choices=[StorageType.VHD, StorageType.VHDX],
-                        metavar="{vhd,vhdx}", help="default: from the suffix, else vhd")
+    create.add_argument(
+        "--format",
+        type=_format,
+        choices=[StorageType.VHD, StorageType.VHDX],
+        metavar="{vhd,vhdx}",
+        help="default: from the suffix, else vhd",
+    )
     create.add_argument("--type", choices=["fixed", "dynamic"], default="dynamic")
     create.add_argument("--block-size", type=parse_size, default=0, help="default: the format's")
-    create.add_argument("--sector-size", type=int, choices=[512, 4096], default=0,
-                        help="logical sector size (4096: VHDX only)")
+    create.add_argument(
+        "--sector-size",
+        type=int,
+        choices=[512, 4096],
+        default=0,
+        help="logical sector size (4096: VHDX only)",
+    )
     create.set_defaults(run=_create)
 
     info = commands.add_parser("info", help="describe an image")
@@ -151,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))

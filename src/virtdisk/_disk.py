@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageType
 from ._errors import NotSupportedError, WinError, check
@@ -28,7 +28,9 @@ _READ_ONLY_ACCESS = Access.ATTACH_RO | Access.DETACH | Access.GET_INFO
 
 # Version 1 attach parameters carry nothing but the version; VirtDisk only
 # reads them, so one instance serves every call.
-_ATTACH_PARAMETERS = ffi.new("ATTACH_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.ATTACH_VIRTUAL_DISK_VERSION_1})
+_ATTACH_PARAMETERS = ffi.new(
+    "ATTACH_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.ATTACH_VIRTUAL_DISK_VERSION_1}
+)
 
 
 def _guid_to_uuid(guid: Any) -> uuid.UUID:
@@ -51,7 +53,7 @@ def _storage_type(kind: StorageType) -> Any:
     return storage
 
 
-def _storage_type_for(path: Path, storage_type: Optional[StorageType]) -> StorageType:
+def _storage_type_for(path: Path, storage_type: StorageType | None) -> StorageType:
     if storage_type is not None:
         return StorageType(storage_type)
     return StorageType.UNKNOWN
@@ -63,21 +65,21 @@ class DiskInfo:
 
     path: Path
     storage_type: StorageType
-    disk_type: Optional[DiskType]  # None for ISO, which has no container
+    disk_type: DiskType | None  # None for ISO, which has no container
     virtual_size: int
     physical_size: int
     block_size: int
     logical_sector_size: int
     physical_sector_size: int
     identifier: uuid.UUID
-    virtual_disk_id: Optional[uuid.UUID]  # VHDX only
+    virtual_disk_id: uuid.UUID | None  # VHDX only
     parent_paths: tuple[str, ...]  # differencing: the resolved parent, else the candidates
-    parent_resolved: Optional[bool]
-    parent_identifier: Optional[uuid.UUID]
+    parent_resolved: bool | None
+    parent_identifier: uuid.UUID | None
     attached: bool
 
     @property
-    def parent_path(self) -> Optional[str]:
+    def parent_path(self) -> str | None:
         """The parent's path when it was found (differencing disks only)."""
         return self.parent_paths[0] if self.parent_resolved and self.parent_paths else None
 
@@ -102,7 +104,7 @@ class AttachedDisk:
     """A virtual disk the system has attached."""
 
     physical_path: str  # \\.\PhysicalDriveN on Windows, /dev/loopN on Linux
-    image_path: Optional[Path]  # the backing image where the platform tells
+    image_path: Path | None  # the backing image where the platform tells
 
 
 class VirtualDisk:
@@ -149,7 +151,9 @@ class VirtualDisk:
 
     def __del__(self) -> None:
         if getattr(self, "_handle", None) is not None and not self._closing:
-            warnings.warn(f"unclosed virtual disk {str(self._path)!r}", ResourceWarning, source=self)
+            warnings.warn(
+                f"unclosed virtual disk {str(self._path)!r}", ResourceWarning, stacklevel=2, source=self
+            )
             self.close()
 
     def close(self) -> None:
@@ -191,8 +195,9 @@ class VirtualDisk:
 
     # ---- attach and detach ----------------------------------------------
 
-    def attach(self, *, read_only: bool = False, permanent: bool = False,
-               no_drive_letter: bool = False) -> None:
+    def attach(
+        self, *, read_only: bool = False, permanent: bool = False, no_drive_letter: bool = False
+    ) -> None:
         """Attach the disk (AttachVirtualDisk).
 
         Without ``permanent`` the disk stays attached while a handle to it is
@@ -288,7 +293,9 @@ class VirtualDisk:
         size = self._info(lib.GET_VIRTUAL_DISK_INFO_SIZE).Size
         virtual_size, physical_size = size.VirtualSize, size.PhysicalSize
         block_size, sector_size = size.BlockSize, size.SectorSize
-        storage = StorageType(self._info(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE).VirtualStorageType.DeviceId)
+        storage = StorageType(
+            self._info(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE).VirtualStorageType.DeviceId
+        )
         subtype = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE)
         disk_type = DiskType(subtype.ProviderSubtype) if subtype is not None else None
         identifier = _guid_to_uuid(self._info(lib.GET_VIRTUAL_DISK_INFO_IDENTIFIER).Identifier)
@@ -301,7 +308,8 @@ class VirtualDisk:
             parent_resolved = bool(location.ParentLocation.ParentResolved)
             parent_paths = _multi_sz(ffi.cast("WCHAR *", location.ParentLocation.ParentLocationBuffer))
             parent_identifier = _guid_to_uuid(
-                self._info(lib.GET_VIRTUAL_DISK_INFO_PARENT_IDENTIFIER).ParentIdentifier)
+                self._info(lib.GET_VIRTUAL_DISK_INFO_PARENT_IDENTIFIER).ParentIdentifier
+            )
         return DiskInfo(
             path=self._path,
             storage_type=storage,
@@ -321,7 +329,7 @@ class VirtualDisk:
 
 
 def _multi_sz(pointer: Any) -> tuple[str, ...]:
-    items = []
+    items: list[str] = []
     while True:
         item = str(ffi.string(pointer))
         if not item:
@@ -338,12 +346,12 @@ def _ensure_volume_privilege() -> None:
         ensure_manage_volume_privilege()
 
 
-def open(  # noqa: A001 - the module-level verb, like io.open
+def open(
     path: StrPath,
-    access: Optional[Access] = None,
+    access: Access | None = None,
     *,
     read_only: bool = False,
-    storage_type: Optional[StorageType] = None,
+    storage_type: StorageType | None = None,
     no_parents: bool = False,
 ) -> VirtualDisk:
     """Open an image (OpenVirtualDisk, version 1 parameters).
@@ -362,8 +370,9 @@ def open(  # noqa: A001 - the module-level verb, like io.open
     parameters.Version = lib.OPEN_VIRTUAL_DISK_VERSION_1
     parameters.Version1.RWDepth = lib.OPEN_VIRTUAL_DISK_RW_DEPTH_DEFAULT
     handle = ffi.new("HANDLE *")
-    code = lib.OpenVirtualDisk(_storage_type(_storage_type_for(image, storage_type)), str(image),
-                               access, flags, parameters, handle)
+    code = lib.OpenVirtualDisk(
+        _storage_type(_storage_type_for(image, storage_type)), str(image), access, flags, parameters, handle
+    )
     check(code, "OpenVirtualDisk", str(image))
     return VirtualDisk(handle[0], image, Access(access))
 
@@ -372,13 +381,13 @@ def create(
     path: StrPath,
     size: int = 0,
     *,
-    storage_type: Optional[StorageType] = None,
+    storage_type: StorageType | None = None,
     fixed: bool = False,
     block_size: int = 0,
     sector_size: int = 0,
     physical_sector_size: int = 0,
-    unique_id: Optional[uuid.UUID] = None,
-    parent: Optional[StrPath] = None,
+    unique_id: uuid.UUID | None = None,
+    parent: StrPath | None = None,
 ) -> VirtualDisk:
     """Create an image (CreateVirtualDisk, version 2 parameters) and return its handle.
 
@@ -405,8 +414,9 @@ def create(
     flags = CreateFlag.FULL_PHYSICAL_ALLOCATION if fixed else CreateFlag.NONE
     handle = ffi.new("HANDLE *")
     kind = _storage_type_for(image, storage_type)
-    code = lib.CreateVirtualDisk(_storage_type(kind), str(image), Access.NONE, ffi.NULL, flags, 0,
-                                 parameters, ffi.NULL, handle)
+    code = lib.CreateVirtualDisk(
+        _storage_type(kind), str(image), Access.NONE, ffi.NULL, flags, 0, parameters, ffi.NULL, handle
+    )
     check(code, "CreateVirtualDisk", str(image))
     return VirtualDisk(handle[0], image, Access.ALL & ~Access.CREATE)
 
@@ -432,15 +442,13 @@ def attached_disks() -> list[AttachedDisk]:
     return [AttachedDisk(device, _backing_image(device)) for device in _multi_sz(buffer)]
 
 
-def _backing_image(device: str) -> Optional[Path]:
+def _backing_image(device: str) -> Path | None:
     """Linux: the loop device's backing file, from sysfs."""
     if not device.startswith("/dev/loop"):
         return None
-    name = device[len("/dev/"):]
+    name = device[len("/dev/") :]
     try:
         backing = Path("/sys/block", name, "loop", "backing_file").read_text().strip()
     except OSError:
         return None
     return Path(backing)
-
-

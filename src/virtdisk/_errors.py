@@ -12,7 +12,6 @@ from __future__ import annotations
 import builtins
 import enum
 import errno
-from typing import Optional
 
 from ._native import ffi, lib
 
@@ -86,8 +85,8 @@ class VirtualDiskError(OSError):
         self,
         winerror: int,
         function: str,
-        filename: Optional[str] = None,
-        message: Optional[str] = None,
+        filename: str | None = None,
+        message: str | None = None,
         detail: str = "",
     ) -> None:
         code = winerror & 0xFFFFFFFF
@@ -102,7 +101,9 @@ class VirtualDiskError(OSError):
     def name(self) -> str:
         """The SDK name of the code, e.g. ``ERROR_NOT_READY``."""
         native = lib.vd_error_name(self.winerror)
-        return ffi.string(native).decode() if native != ffi.NULL else f"0x{self.winerror:08X}"
+        if native == ffi.NULL:
+            return f"0x{self.winerror:08X}"
+        return str(ffi.string(native).decode())
 
     def __str__(self) -> str:
         where = f" {self.filename}" if self.filename else ""
@@ -193,10 +194,10 @@ def system_message(code: int) -> str:
         return f"Unknown error 0x{code & 0xFFFFFFFF:08X}"
     buffer = ffi.new("char[]", size + 1)
     lib.vd_error_message(code, buffer, size + 1)
-    return ffi.string(buffer).decode("utf-8", "replace")
+    return str(ffi.string(buffer).decode("utf-8", "replace"))
 
 
-def error_for(code: int, function: str, filename: Optional[str] = None) -> VirtualDiskError:
+def error_for(code: int, function: str, filename: str | None = None) -> VirtualDiskError:
     """The exception for a failed call, carrying the provider's detail."""
     code &= 0xFFFFFFFF
     cls, _ = _TABLE.get(code, (VirtualDiskError, errno.EIO))
@@ -204,7 +205,7 @@ def error_for(code: int, function: str, filename: Optional[str] = None) -> Virtu
     return cls(code, function, filename, detail=detail)
 
 
-def check(code: int, function: str, filename: Optional[str] = None) -> None:
+def check(code: int, function: str, filename: str | None = None) -> None:
     """Raise the mapped exception unless ``code`` is ERROR_SUCCESS."""
     if code != WinError.ERROR_SUCCESS:
         raise error_for(code, function, filename)
