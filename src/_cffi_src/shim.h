@@ -24,3 +24,18 @@ DWORD vd_error_table_code(size_t index);
    structure, which offset, which device), UTF-8, or "" when nothing.
    Always "" on Windows, where VirtDisk keeps no such thing. */
 const char *vd_last_error_detail(void);
+
+/* The volume-management privilege that attaching and detaching need:
+   SeManageVolumePrivilege in this process's token on Windows; on Linux its
+   counterpart, CAP_SYS_ADMIN in the effective set (which is either there or
+   not: never "disabled"). */
+#define VD_PRIVILEGE_ABSENT 0
+#define VD_PRIVILEGE_DISABLED 1
+#define VD_PRIVILEGE_ENABLED 2
+
+/* Stores one of VD_PRIVILEGE_* in *state; returns a Win32 code. */
+DWORD vd_manage_volume_privilege_state(int *state);
+
+/* Enables the privilege for the rest of the process's life; returns
+   ERROR_PRIVILEGE_NOT_HELD when the token does not hold it at all. */
+DWORD vd_enable_manage_volume_privilege(void);
