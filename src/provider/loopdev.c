@@ -13,14 +13,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/capability.h>
 #include <linux/loop.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "errors.h"
@@ -40,18 +38,10 @@ static DWORD vd_loop_fail_errno(int error, const char *what, int number)
     return vd_fail_errno(error, "%s /dev/loop%d", what, number);
 }
 
-bool vd_loop_privileged(void)
-{
-    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
-    struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
-    if (syscall(SYS_capget, &header, data) != 0)
-        return false;
-    return data[CAP_SYS_ADMIN / 32].effective & (1u << (CAP_SYS_ADMIN % 32));
-}
-
 static DWORD vd_loop_require_privilege(const char *what)
 {
-    if (vd_loop_privileged())
+    int state = VD_PRIVILEGE_ABSENT;
+    if (vd_manage_volume_privilege_state(&state) == ERROR_SUCCESS && state == VD_PRIVILEGE_ENABLED)
         return ERROR_SUCCESS;
     return vd_fail(ERROR_PRIVILEGE_NOT_HELD, "%s needs CAP_SYS_ADMIN (run as root), the "
                    "counterpart of Windows' SeManageVolumePrivilege", what);

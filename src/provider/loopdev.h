@@ -39,10 +39,6 @@ struct vd_loop {
     int fd;                  /* /dev/loopN, open O_RDWR or O_RDONLY */
 };
 
-/* Whether this process may attach and detach: CAP_SYS_ADMIN in its
-   effective set. */
-bool vd_loop_privileged(void);
-
 DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out);
 
 /* Detaches /dev/loopN.  held_fd points to a descriptor of the device that
