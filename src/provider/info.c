@@ -6,6 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/vfs.h>
@@ -16,6 +19,7 @@
 #include "handles.h"
 #include "image.h"
 #include "loopdev.h"
+#include "partition.h"
 #include "utf16.h"
 
 #define VD_INFO_HEADER offsetof(GET_VIRTUAL_DISK_INFO, Size)
@@ -52,6 +56,65 @@ static void vd_host_sectors(const struct vd_image *image, ULONG *logical, ULONG 
     *remote = fstatfs(image->fd, &fs) == 0 &&
               (fs.f_type == 0x6969 || fs.f_type == (typeof(fs.f_type))0xFF534D42 ||
                fs.f_type == (typeof(fs.f_type))0xFE534D42 || fs.f_type == 0x01021997);
+}
+
+/* How scattered the image file is on the host file system, from its FIEMAP
+   extents.  The file's data falls into segments separated by holes (a sparse
+   image has many, and they are no fault); inside a segment, every boundary
+   between consecutive file-system blocks that are not physically adjacent is
+   a fragment.  The percentage is
+       100 * fragments / (allocated blocks - segments)
+   (the share of in-segment block boundaries that are breaks), rounded up so
+   that any break shows as at least 1 %; a file whose segments are each one
+   extent is 0 %.  A file system without FIEMAP answers ERROR_NOT_SUPPORTED. */
+static DWORD vd_fragmentation(const struct vd_image *image, ULONG *percentage)
+{
+    enum { BATCH = 256 };
+    struct fiemap *map = calloc(1, sizeof *map + BATCH * sizeof(struct fiemap_extent));
+    if (!map)
+        return vd_fail(ERROR_OUTOFMEMORY, "FIEMAP buffer");
+    struct stat st;
+    uint64_t segments = 0, fragments = 0, allocated = 0, next_logical = 0, next_physical = 0, start = 0;
+    bool last = false;
+    DWORD status = ERROR_SUCCESS;
+    if (fstat(image->fd, &st) < 0)
+        status = vd_fail_errno(errno, "%s: examining the image file", image->path);
+    uint64_t block = status == ERROR_SUCCESS && st.st_blksize > 0 ? (uint64_t)st.st_blksize : 4096;
+    while (status == ERROR_SUCCESS && !last) {
+        memset(map, 0, sizeof *map);
+        map->fm_start = start;
+        map->fm_length = FIEMAP_MAX_OFFSET - start;
+        map->fm_extent_count = BATCH;
+        if (ioctl(image->fd, FS_IOC_FIEMAP, map) < 0) {
+            status = errno == EOPNOTSUPP || errno == ENOTTY
+                         ? vd_fail(ERROR_NOT_SUPPORTED, "%s: the file system cannot map the file's extents (FIEMAP)",
+                                   image->path)
+                         : vd_fail_errno(errno, "%s: mapping the file's extents", image->path);
+            break;
+        }
+        if (map->fm_mapped_extents == 0)
+            break;
+        for (uint32_t i = 0; i < map->fm_mapped_extents; i++) {
+            const struct fiemap_extent *e = &map->fm_extents[i];
+            if (segments == 0 || e->fe_logical != next_logical)
+                segments++;
+            else if (e->fe_physical != next_physical)
+                fragments++;
+            allocated += (e->fe_length + block - 1) / block;
+            next_logical = e->fe_logical + e->fe_length;
+            next_physical = e->fe_physical + e->fe_length;
+            last = e->fe_flags & FIEMAP_EXTENT_LAST;
+        }
+        start = next_logical;
+    }
+    free(map);
+    if (status != ERROR_SUCCESS)
+        return status;
+    uint64_t boundaries = allocated > segments ? allocated - segments : 0;
+    *percentage = fragments == 0 || boundaries == 0 ? 0 : (ULONG)((fragments * 100 + boundaries - 1) / boundaries);
+    if (*percentage > 100)
+        *percentage = 100;
+    return ERROR_SUCCESS;
 }
 
 /* The MULTI_SZ of parent locations, as UTF-16: the resolved parent's path
@@ -144,10 +207,23 @@ static DWORD vd_get_info(struct vd_handle *handle, ULONG size, GET_VIRTUAL_DISK_
         info->VirtualDiskId = image->virtual_disk_id;
         return ERROR_SUCCESS;
     case GET_VIRTUAL_DISK_INFO_SMALLEST_SAFE_VIRTUAL_SIZE:
+        if (image->subtype == VD_SUBTYPE_NONE)
+            return vd_not_applicable(image, "SMALLEST_SAFE_VIRTUAL_SIZE");
+        return vd_smallest_safe_size(handle->image, &info->SmallestSafeVirtualSize);
     case GET_VIRTUAL_DISK_INFO_FRAGMENTATION:
+        return vd_fragmentation(image, &info->FragmentationPercentage);
     case GET_VIRTUAL_DISK_INFO_CHANGE_TRACKING_STATE:
-        return vd_fail(ERROR_NOT_SUPPORTED, "information version %d is not supported yet on Linux",
-                       (int)info->Version);
+        /* Resilient change tracking is a VHDX feature; this provider never
+           enables it, so a VHDX reports it off with no change id. */
+        if (image->format->device_id != VIRTUAL_STORAGE_TYPE_DEVICE_VHDX)
+            return vd_not_applicable(image, "CHANGE_TRACKING_STATE");
+        *used = (ULONG)(offsetof(GET_VIRTUAL_DISK_INFO, ChangeTrackingState.MostRecentId) + sizeof(WCHAR));
+        if (size < *used)
+            return vd_fail(ERROR_INSUFFICIENT_BUFFER, "CHANGE_TRACKING_STATE needs %u bytes", (unsigned)*used);
+        info->ChangeTrackingState.Enabled = 0;
+        info->ChangeTrackingState.NewerChanges = 0;
+        info->ChangeTrackingState.MostRecentId[0] = 0;
+        return ERROR_SUCCESS;
     default:
         return vd_fail(ERROR_INVALID_PARAMETER, "GET_VIRTUAL_DISK_INFO.Version %d is unknown", (int)info->Version);
     }

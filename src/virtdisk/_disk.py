@@ -15,10 +15,17 @@ from pathlib import Path
 from typing import Any, Union
 
 from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageType
-from ._errors import NotSupportedError, WinError, check
+from ._errors import NotSupportedError, VirtualDiskError, WinError, check
 from ._native import ffi, lib
 
 StrPath = Union[str, "os.PathLike[str]"]
+
+_UNANSWERABLE = frozenset(
+    {
+        WinError.ERROR_VHD_COULD_NOT_COMPUTE_MINIMUM_VIRTUAL_SIZE,
+        WinError.ERROR_INVALID_PARAMETER,
+    }
+)
 
 # What open() asks for when the caller does not say: everything a disk can
 # be used for except creation.  ISO images cannot be opened for writing.
@@ -77,6 +84,23 @@ class DiskInfo:
     parent_resolved: bool | None
     parent_identifier: uuid.UUID | None
     attached: bool
+    # VHD differencing: the parent's modification time the child recorded,
+    # seconds since 2000-01-01 UTC (GET_VIRTUAL_DISK_INFO_PARENT_TIMESTAMP).
+    parent_timestamp: int | None = None
+    # The smallest size ResizeVirtualDisk can shrink to without cutting a
+    # partition; None for ISO or when the disk cannot be read.
+    smallest_safe_size: int | None = None
+    # How scattered the image file is on the host (0-100); None where the
+    # host file system cannot tell.
+    fragmentation: int | None = None
+    is_4k_aligned: bool | None = None
+    # The host disk holding the image (GET_VIRTUAL_DISK_INFO_PHYSICAL_DISK).
+    host_logical_sector_size: int | None = None
+    host_physical_sector_size: int | None = None
+    host_is_remote: bool | None = None
+    # Resilient change tracking (VHDX only): enabled, and the newest change id.
+    change_tracking_enabled: bool | None = None
+    change_tracking_id: str | None = None
 
     @property
     def parent_path(self) -> str | None:
@@ -286,6 +310,13 @@ class VirtualDisk:
             return self._info(version, size)
         except NotSupportedError:
             return None
+        except VirtualDiskError as error:
+            # Asked of an image that cannot answer it: the minimum size of a
+            # differencing disk opened without its parent, or a version the
+            # running Windows predates.
+            if error.winerror in _UNANSWERABLE:
+                return None
+            raise
 
     @property
     def info(self) -> DiskInfo:
@@ -303,7 +334,10 @@ class VirtualDisk:
         disk_id = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_DISK_ID)
         parent_paths: tuple[str, ...] = ()
         parent_resolved = parent_identifier = None
+        parent_timestamp = None
         if disk_type == DiskType.DIFFERENCING:
+            timestamp = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_PARENT_TIMESTAMP)
+            parent_timestamp = timestamp.ParentTimestamp if timestamp is not None else None
             location = self._info(lib.GET_VIRTUAL_DISK_INFO_PARENT_LOCATION, 4096)
             parent_resolved = bool(location.ParentLocation.ParentResolved)
             parent_paths = _multi_sz(ffi.cast("WCHAR *", location.ParentLocation.ParentLocationBuffer))
@@ -325,7 +359,30 @@ class VirtualDisk:
             parent_resolved=parent_resolved,
             parent_identifier=parent_identifier,
             attached=self.attached,
+            parent_timestamp=parent_timestamp,
+            **self._extra_info(),
         )
+
+    def _extra_info(self) -> dict[str, Any]:
+        """The information versions added after Windows 7, each None where it does not apply."""
+        out: dict[str, Any] = {}
+        safe = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_SMALLEST_SAFE_VIRTUAL_SIZE)
+        out["smallest_safe_size"] = safe.SmallestSafeVirtualSize if safe is not None else None
+        fragmentation = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_FRAGMENTATION)
+        out["fragmentation"] = fragmentation.FragmentationPercentage if fragmentation is not None else None
+        aligned = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_IS_4K_ALIGNED)
+        out["is_4k_aligned"] = bool(aligned.Is4kAligned) if aligned is not None else None
+        host = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_PHYSICAL_DISK)
+        if host is not None:
+            out["host_logical_sector_size"] = host.PhysicalDisk.LogicalSectorSize
+            out["host_physical_sector_size"] = host.PhysicalDisk.PhysicalSectorSize
+            out["host_is_remote"] = bool(host.PhysicalDisk.IsRemote)
+        tracking = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_CHANGE_TRACKING_STATE, 1024)
+        if tracking is not None:
+            state = tracking.ChangeTrackingState
+            out["change_tracking_enabled"] = bool(state.Enabled)
+            out["change_tracking_id"] = str(ffi.string(ffi.cast("WCHAR *", state.MostRecentId)))
+        return out
 
 
 def _multi_sz(pointer: Any) -> tuple[str, ...]:

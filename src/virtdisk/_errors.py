@@ -70,6 +70,9 @@ class WinError(enum.IntEnum):
     ERROR_VHD_DIFFERENCING_CHAIN_ERROR_IN_PARENT = 0xC03A0019
     ERROR_VHD_INVALID_TYPE = 0xC03A001B
     ERROR_VHD_INVALID_STATE = 0xC03A001C
+    ERROR_VHD_RESIZE_WOULD_TRUNCATE_DATA = 0xC03A0025
+    ERROR_VHD_COULD_NOT_COMPUTE_MINIMUM_VIRTUAL_SIZE = 0xC03A0026
+    ERROR_VHD_ALREADY_AT_OR_BELOW_MINIMUM_VIRTUAL_SIZE = 0xC03A0027
 
 
 class VirtualDiskError(OSError):
@@ -180,6 +183,10 @@ _TABLE: dict[int, tuple[type[VirtualDiskError], int]] = {
     _E.ERROR_VHD_PARENT_VHD_ACCESS_DENIED: (VirtualDiskPermissionError, errno.EACCES),
     _E.ERROR_VHD_INVALID_TYPE: (NotSupportedError, errno.EOPNOTSUPP),
     _E.ERROR_VHD_INVALID_STATE: (InvalidImageError, errno.EINVAL),
+    # Refusals to resize: the image is fine, the request is not.
+    _E.ERROR_VHD_RESIZE_WOULD_TRUNCATE_DATA: (VirtualDiskError, errno.EINVAL),
+    _E.ERROR_VHD_COULD_NOT_COMPUTE_MINIMUM_VIRTUAL_SIZE: (VirtualDiskError, errno.EINVAL),
+    _E.ERROR_VHD_ALREADY_AT_OR_BELOW_MINIMUM_VIRTUAL_SIZE: (VirtualDiskError, errno.EINVAL),
 }
 # Every other code of facility 0x3A (the VHD codes) describes a bad image.
 for _code in _E:

@@ -1,0 +1,258 @@
+"""GetVirtualDiskInformation beyond size and identity: the minimum safe size from
+the partition table, fragmentation, change tracking, the parent's time stamp,
+sector sizes of the host disk; and the facade's DiskInfo and ``info --json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+import virtdisk
+from virtdisk import WinError
+from virtdisk._native import ffi, lib
+
+from .conftest import require_tool
+
+MiB = 1 << 20
+VHD_EPOCH = 946684800
+
+
+def raw_info(disk: virtdisk.VirtualDisk, version: int, size: int = 64) -> tuple[int, object]:
+    """(code, GET_VIRTUAL_DISK_INFO view) straight from the native call."""
+    buffer = ffi.new("char[]", size)
+    info = ffi.cast("GET_VIRTUAL_DISK_INFO *", buffer)
+    info.Version = version
+    info_size = ffi.new("ULONG *", size)
+    used = ffi.new("ULONG *")
+    code = lib.GetVirtualDiskInformation(disk._handle, info_size, info, used)
+    raw_info.keep = buffer  # type: ignore[attr-defined]
+    return code, info
+
+
+def write_mbr(path: Path, partitions: list[tuple[int, int, int]]) -> None:
+    """An MBR at offset 0 of a file whose data starts at 0 (raw, fixed VHD)."""
+    sector = bytearray(512)
+    for i, (kind, start, count) in enumerate(partitions):
+        struct.pack_into("<B3xB3xII", sector, 446 + 16 * i, 0, kind, start, count)
+    sector[510:512] = b"\x55\xaa"
+    with path.open("r+b") as f:
+        f.write(sector)
+
+
+def sfdisk(path: Path, script: str) -> None:
+    tool = require_tool("sfdisk")
+    subprocess.run(
+        [tool, "-q", "--no-reread", "--no-tell-kernel", str(path)],
+        input=script,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+
+
+def qemu_convert(raw: Path, target: Path, fmt: str, options: str = "") -> None:
+    qemu_img = require_tool("qemu-img")
+    command = [qemu_img, "convert", "-q", "-f", "raw", "-O", fmt]
+    if options:
+        command += ["-o", options]
+    subprocess.run([*command, str(raw), str(target)], check=True)
+
+
+def test_without_a_partition_table_the_smallest_safe_size_is_the_size(tmp_path: Path) -> None:
+    with virtdisk.create(tmp_path / "blank.vhdx", 64 * MiB) as disk:
+        assert disk.info.smallest_safe_size == 64 * MiB
+
+
+def test_mbr_smallest_safe_size_is_the_end_of_the_last_partition(tmp_path: Path) -> None:
+    path = tmp_path / "mbr.vhd"
+    virtdisk.create(path, 64 * MiB, fixed=True).close()
+    # Two partitions, the later-ending one listed first.
+    write_mbr(path, [(0x83, 30720, 20480), (0x83, 2048, 20480)])
+    with virtdisk.open(path, read_only=True) as disk:
+        assert disk.info.smallest_safe_size == (30720 + 20480) * 512
+
+
+def test_an_empty_mbr_can_shrink_to_the_three_mib_minimum(tmp_path: Path) -> None:
+    path = tmp_path / "empty.vhd"
+    virtdisk.create(path, 64 * MiB, fixed=True).close()
+    write_mbr(path, [])
+    with virtdisk.open(path, read_only=True) as disk:
+        assert disk.info.smallest_safe_size == 3 * MiB
+
+
+@pytest.mark.parametrize(("fmt", "options"), [("vhdx", ""), ("vpc", "subformat=dynamic,force_size=on")])
+def test_gpt_smallest_safe_size_keeps_the_backup_table(tmp_path: Path, fmt: str, options: str) -> None:
+    """sfdisk writes the table, qemu-img the image: neither is ours."""
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"")
+    os.truncate(raw, 64 * MiB)
+    sfdisk(raw, "label: gpt\nstart=2048, size=20480\nstart=40960, size=4096\n")
+    image = tmp_path / f"gpt.{'vhdx' if fmt == 'vhdx' else 'vhd'}"
+    qemu_convert(raw, image, fmt, options)
+    with virtdisk.open(image, read_only=True) as disk:
+        info = disk.info
+    last_lba = 40960 + 4096 - 1
+    # 128 entries of 128 bytes: 32 sectors of backup array, then the backup header.
+    assert info.smallest_safe_size == (last_lba + 1 + 32 + 1) * 512
+
+
+def test_a_gpt_with_a_bad_header_crc_counts_as_no_table(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"")
+    os.truncate(raw, 32 * MiB)
+    sfdisk(raw, "label: gpt\nstart=2048, size=4096\n")
+    with raw.open("r+b") as f:
+        f.seek(512 + 24)  # MyLBA in the primary header, covered by its CRC
+        f.write(b"\x07")
+    image = tmp_path / "bad.vhdx"
+    qemu_convert(raw, image, "vhdx")
+    with virtdisk.open(image, read_only=True) as disk:
+        assert disk.info.smallest_safe_size == 32 * MiB
+
+
+def test_smallest_safe_size_of_a_child_opened_without_its_parent_is_unknown(tmp_path: Path) -> None:
+    parent = tmp_path / "parent.vhdx"
+    virtdisk.create(parent, 16 * MiB).close()
+    virtdisk.create(tmp_path / "child.vhdx", parent=parent).close()
+    with virtdisk.open(tmp_path / "child.vhdx", read_only=True, no_parents=True) as disk:
+        code, _ = raw_info(disk, lib.GET_VIRTUAL_DISK_INFO_SMALLEST_SAFE_VIRTUAL_SIZE)
+        assert code == WinError.ERROR_VHD_COULD_NOT_COMPUTE_MINIMUM_VIRTUAL_SIZE
+        assert disk.info.smallest_safe_size is None
+
+
+def filefrag_extents(path: Path) -> int:
+    tool = require_tool("filefrag")
+    out = subprocess.run([tool, str(path)], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"(\d+) extents? found", out)
+    assert match, out
+    return int(match.group(1))
+
+
+def test_a_file_in_one_extent_is_not_fragmented(tmp_path: Path) -> None:
+    path = tmp_path / "fixed.vhd"
+    virtdisk.create(path, 8 * MiB, fixed=True).close()
+    if filefrag_extents(path) != 1:
+        pytest.skip("the file system did not place the file in one extent")
+    with virtdisk.open(path, read_only=True) as disk:
+        assert disk.info.fragmentation == 0
+
+
+def test_an_interleaved_copy_is_fragmented(tmp_path: Path) -> None:
+    """Copy a fixed VHD in chunks, each followed by a chunk of another file and a
+    flush, so that the copy's blocks are physically interleaved with the other's."""
+    source = tmp_path / "fixed.vhd"
+    virtdisk.create(source, 4 * MiB, fixed=True).close()
+    data = source.read_bytes()
+    copy, spacer = tmp_path / "copy.vhd", tmp_path / "spacer"
+    chunk = 64 * 1024
+    with copy.open("wb") as a, spacer.open("wb") as b:
+        for offset in range(0, len(data), chunk):
+            a.write(data[offset : offset + chunk] or b"")
+            a.flush()
+            os.fsync(a.fileno())
+            b.write(os.urandom(chunk))
+            b.flush()
+            os.fsync(b.fileno())
+    extents = filefrag_extents(copy)
+    if extents < 2:
+        pytest.skip("the file system kept the copy contiguous")
+    with virtdisk.open(copy, read_only=True) as disk:
+        fragmentation = disk.info.fragmentation
+    assert fragmentation is not None and 1 <= fragmentation <= 100
+
+
+def test_change_tracking_is_off_on_vhdx_and_does_not_apply_to_vhd(tmp_path: Path) -> None:
+    with virtdisk.create(tmp_path / "a.vhdx", 8 * MiB) as disk:
+        info = disk.info
+        assert info.change_tracking_enabled is False and info.change_tracking_id == ""
+        code, _ = raw_info(disk, lib.GET_VIRTUAL_DISK_INFO_CHANGE_TRACKING_STATE, 16)
+        assert code == WinError.ERROR_INSUFFICIENT_BUFFER
+    with virtdisk.create(tmp_path / "a.vhd", 8 * MiB) as disk:
+        code, _ = raw_info(disk, lib.GET_VIRTUAL_DISK_INFO_CHANGE_TRACKING_STATE)
+        assert code == WinError.ERROR_VHD_INVALID_TYPE
+        assert disk.info.change_tracking_enabled is None
+
+
+def test_vhd_child_records_the_parents_modification_time(tmp_path: Path) -> None:
+    parent = tmp_path / "parent.vhd"
+    virtdisk.create(parent, 8 * MiB).close()
+    os.utime(parent, (VHD_EPOCH + 123456789, VHD_EPOCH + 123456789))
+    with virtdisk.create(tmp_path / "child.vhd", parent=parent) as disk:
+        assert disk.info.parent_timestamp == 123456789
+
+
+def test_a_touched_parent_still_opens(tmp_path: Path) -> None:
+    """The unique id links child and parent; the time stamp is not checked,
+    because copying or backing up a parent changes its modification time and
+    Windows, qemu and libvhdi all keep opening such chains."""
+    parent = tmp_path / "parent.vhd"
+    virtdisk.create(parent, 8 * MiB).close()
+    virtdisk.create(tmp_path / "child.vhd", parent=parent).close()
+    os.utime(parent, (VHD_EPOCH + 5, VHD_EPOCH + 5))
+    with virtdisk.open(tmp_path / "child.vhd", read_only=True) as disk:
+        assert disk.info.parent_resolved
+
+
+def test_vhdx_has_no_parent_timestamp(tmp_path: Path) -> None:
+    parent = tmp_path / "parent.vhdx"
+    virtdisk.create(parent, 8 * MiB).close()
+    with virtdisk.create(tmp_path / "child.vhdx", parent=parent) as disk:
+        code, _ = raw_info(disk, lib.GET_VIRTUAL_DISK_INFO_PARENT_TIMESTAMP)
+        assert code == WinError.ERROR_VHD_INVALID_TYPE
+        assert disk.info.parent_timestamp is None
+
+
+def test_host_disk_sectors_are_those_of_the_block_device_holding_the_image(tmp_path: Path) -> None:
+    path = tmp_path / "a.vhd"
+    with virtdisk.create(path, 8 * MiB) as disk:
+        info = disk.info
+    st = os.stat(path)
+    queue = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/queue")
+    if not queue.exists():
+        pytest.skip("the image's file system has no block device")
+    assert info.host_logical_sector_size == int((queue / "logical_block_size").read_text())
+    assert info.host_physical_sector_size == int((queue / "physical_block_size").read_text())
+    assert info.host_is_remote is False
+
+
+@pytest.mark.parametrize(
+    ("name", "fixed", "aligned"), [("f.vhd", True, True), ("d.vhd", False, False), ("d.vhdx", False, True)]
+)
+def test_is_4k_aligned(tmp_path: Path, name: str, fixed: bool, aligned: bool) -> None:
+    with virtdisk.create(tmp_path / name, 8 * MiB, fixed=fixed) as disk:
+        assert disk.info.is_4k_aligned is aligned
+
+
+def test_info_json_shows_every_field(tmp_path: Path) -> None:
+    parent = tmp_path / "parent.vhd"
+    virtdisk.create(parent, 8 * MiB).close()
+    child = tmp_path / "child.vhd"
+    virtdisk.create(child, parent=parent).close()
+    out = subprocess.run(
+        [sys.executable, "-m", "virtdisk", "info", "--json", str(child)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    data = json.loads(out)
+    assert data["disk_type"] == "differencing"
+    assert data["parent_path"] == str(parent.resolve())
+    assert data["parent_timestamp"] == int(os.stat(parent).st_mtime) - VHD_EPOCH
+    assert data["smallest_safe_size"] == 8 * MiB
+    for key in (
+        "fragmentation",
+        "is_4k_aligned",
+        "host_logical_sector_size",
+        "host_physical_sector_size",
+        "change_tracking_enabled",
+    ):
+        assert key in data
+    assert uuid.UUID(data["parent_identifier"])
