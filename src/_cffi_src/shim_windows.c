@@ -9,6 +9,16 @@
 
 #include "messages.h"
 
+/* The vendor GUIDs the cdef exports are only declared by <virtdisk.h>, and
+   <initguid.h> cannot make it define them: MinGW-w64's <windows.h> has
+   already included <virtdisk.h> by then.  So they are defined here, once,
+   with the SDK's values (tests/test_conformance.py compares them). */
+#include <initguid.h>
+DEFINE_GUID(VIRTUAL_STORAGE_TYPE_VENDOR_UNKNOWN, 0x00000000, 0x0000, 0x0000, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00);
+DEFINE_GUID(VIRTUAL_STORAGE_TYPE_VENDOR_MICROSOFT, 0xEC984AEC, 0xA0F9, 0x47E9, 0x90, 0x1F, 0x71,
+            0x41, 0x5A, 0x66, 0x34, 0x5B);
+
 /* ---- late-bound VirtDisk functions ------------------------------------ */
 
 /* VirtDisk.dll is already loaded by the Windows 7 functions the module

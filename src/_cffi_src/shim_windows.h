@@ -28,9 +28,6 @@
 #define WINVER 0x0A00
 
 #include <windows.h>
-/* Before <virtdisk.h>: its DEFINE_GUIDs then define the vendor GUID objects
-   (selectany, so every file that does this may), which the cdef exports. */
-#include <initguid.h>
 #include <virtdisk.h>
 
 /* Up to at least 15.0 (zig's) MinGW-w64 declares neither RawSCSIVirtualDisk
