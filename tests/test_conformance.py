@@ -578,3 +578,16 @@ def test_layout_table_equals_mingw_where_mingw_is_current(compiler: str, arch: s
     (tmp_path / "layouts.c").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _check([gcc, "-std=c11", "-fsyntax-only", "layouts.c"], tmp_path)
     assert checked > 80
+
+
+def test_the_windows_shim_defines_the_sdk_vendor_guids() -> None:
+    text = (_sources() / "shim_windows.c").read_text(encoding="utf-8")
+    defined = {
+        name: [int(number, 16) for number in re.findall(r"0x[0-9A-Fa-f]+", values)]
+        for name, values in re.findall(r"DEFINE_GUID\((\w+),([^;]*)\);", text)
+    }
+    microsoft = uuid.UUID(API["vendor_microsoft"])
+    assert defined == {
+        "VIRTUAL_STORAGE_TYPE_VENDOR_UNKNOWN": [0] * 11,
+        "VIRTUAL_STORAGE_TYPE_VENDOR_MICROSOFT": [*microsoft.fields[:3], *microsoft.bytes[8:]],
+    }
