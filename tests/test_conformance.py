@@ -10,7 +10,8 @@ Three independent sources stand in for a Windows machine:
   every argument's width);
 * MinGW-w64's headers, where they are not stale (reference section 7).
 
-Tests that need zig, gcc or MinGW-w64 skip without them, and fail under CI=true.
+Tests that need zig, gcc or MinGW-w64 skip without them, and fail under CI=true
+on Linux, where .ci/run installs them.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ ZIG_TARGETS = {
 
 
 def _missing(what: str) -> None:
-    if IN_CI:
+    # .ci/run provisions the toolchains on Linux; elsewhere (the Windows
+    # wheel builds) these tests skip.
+    if IN_CI and sys.platform.startswith("linux"):
         pytest.fail(f"{what} (CI must provide it: see .ci/run)")
     pytest.skip(what)
 
