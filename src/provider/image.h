@@ -105,6 +105,22 @@ struct vd_format {
     DWORD (*read)(struct vd_image *image, void *buffer, uint64_t offset, size_t length);
     DWORD (*write)(struct vd_image *image, const void *buffer, uint64_t offset, size_t length);
 
+    /* Offline changes (SetVirtualDiskInformation, ResizeVirtualDisk,
+       ExpandVirtualDisk) to an image opened writable and not attached; the
+       caller has checked access and state.  Each writes in the order its
+       specification needs for an interrupted change to leave a readable
+       image (old or new), then updates the in-memory image.  NULL where the
+       format has no such thing: the caller answers ERROR_VHD_INVALID_TYPE.
+       set_parent takes ownership of parent, also on failure; the caller has
+       checked that it is the parent the child names (identifier, size). */
+    DWORD (*set_identifier)(struct vd_image *image, const GUID *identifier);
+    DWORD (*set_parent)(struct vd_image *image, struct vd_image *parent);
+    DWORD (*set_physical_sector_size)(struct vd_image *image, ULONG size);
+    DWORD (*set_virtual_disk_id)(struct vd_image *image, const GUID *id);
+    /* A new virtual size, a multiple of the logical sector size; shrinking
+       only where the format can (the caller has decided it is safe). */
+    DWORD (*resize)(struct vd_image *image, uint64_t size);
+
     /* Releases state (not fd, path, parent_locations or parent:
        vd_image_close() owns those).  Called only when state is not NULL, also
        after a failed open(). */

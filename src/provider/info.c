@@ -209,7 +209,7 @@ static DWORD vd_get_info(struct vd_handle *handle, ULONG size, GET_VIRTUAL_DISK_
     case GET_VIRTUAL_DISK_INFO_SMALLEST_SAFE_VIRTUAL_SIZE:
         if (image->subtype == VD_SUBTYPE_NONE)
             return vd_not_applicable(image, "SMALLEST_SAFE_VIRTUAL_SIZE");
-        return vd_smallest_safe_size(handle->image, &info->SmallestSafeVirtualSize);
+        return vd_smallest_safe_size(handle->image, &info->SmallestSafeVirtualSize, NULL);
     case GET_VIRTUAL_DISK_INFO_FRAGMENTATION:
         return vd_fragmentation(image, &info->FragmentationPercentage);
     case GET_VIRTUAL_DISK_INFO_CHANGE_TRACKING_STATE:

@@ -115,8 +115,9 @@ static DWORD gpt_end(struct vd_image *image, uint64_t *end)
     return ERROR_SUCCESS;
 }
 
-static DWORD table_end(struct vd_image *image, uint64_t *end)
+static DWORD table_end(struct vd_image *image, uint64_t *end, bool *from_table)
 {
+    *from_table = false;
     uint64_t ss = image->logical_sector_size;
     *end = image->virtual_size; /* no table: nothing is known to be unused */
     uint8_t *mbr = malloc(ss);
@@ -144,21 +145,28 @@ static DWORD table_end(struct vd_image *image, uint64_t *end)
     if (protective) {
         uint64_t gpt;
         status = gpt_end(image, &gpt);
-        if (status == ERROR_SUCCESS && gpt)
+        if (status == ERROR_SUCCESS && gpt) {
             *end = gpt;
+            *from_table = true;
+        }
         return status;
     }
     /* A protective entry of a GPT disk larger than 2 TiB is clipped, so only
        a plain MBR is judged by its entries. */
-    if (last * ss <= image->virtual_size)
+    if (last * ss <= image->virtual_size) {
         *end = last * ss;
+        *from_table = true;
+    }
     return ERROR_SUCCESS;
 }
 
-DWORD vd_smallest_safe_size(struct vd_image *image, uint64_t *size)
+DWORD vd_smallest_safe_size(struct vd_image *image, uint64_t *size, bool *from_table)
 {
     uint64_t end;
-    DWORD status = table_end(image, &end);
+    bool table;
+    DWORD status = table_end(image, &end, &table);
+    if (from_table)
+        *from_table = table;
     if (status != ERROR_SUCCESS) {
         char detail[400];
         snprintf(detail, sizeof detail, "%s", vd_last_error_detail());

@@ -10,6 +10,7 @@
 #ifndef VD_PROVIDER_PARTITION_H
 #define VD_PROVIDER_PARTITION_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "image.h"
@@ -27,7 +28,8 @@
    The answer is rounded up to a whole logical sector and to at least 3 MiB
    (the smallest disk CreateVirtualDisk makes), and never exceeds the current
    size.  Fails only when the disk cannot be read (e.g. the parent of a
-   differencing disk was not opened): ERROR_VHD_COULD_NOT_COMPUTE_MINIMUM_VIRTUAL_SIZE. */
-DWORD vd_smallest_safe_size(struct vd_image *image, uint64_t *size);
+   differencing disk was not opened): ERROR_VHD_COULD_NOT_COMPUTE_MINIMUM_VIRTUAL_SIZE.
+   *from_table (may be NULL) says whether a partition table decided it. */
+DWORD vd_smallest_safe_size(struct vd_image *image, uint64_t *size, bool *from_table);
 
 #endif

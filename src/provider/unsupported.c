@@ -16,12 +16,6 @@ DWORD WINAPI GetStorageDependencyInformation(HANDLE ObjectHandle, GET_STORAGE_DE
     return VD_UNSUPPORTED("GetStorageDependencyInformation");
 }
 
-DWORD WINAPI SetVirtualDiskInformation(HANDLE VirtualDiskHandle, SET_VIRTUAL_DISK_INFO *VirtualDiskInfo)
-{
-    vd_clear_detail();
-    return VD_UNSUPPORTED("SetVirtualDiskInformation");
-}
-
 DWORD WINAPI EnumerateVirtualDiskMetadata(HANDLE VirtualDiskHandle, ULONG *NumberOfItems, GUID *Items)
 {
     vd_clear_detail();
@@ -68,20 +62,6 @@ DWORD WINAPI MergeVirtualDisk(HANDLE VirtualDiskHandle, MERGE_VIRTUAL_DISK_FLAG 
 {
     vd_clear_detail();
     return VD_UNSUPPORTED("MergeVirtualDisk");
-}
-
-DWORD WINAPI ExpandVirtualDisk(HANDLE VirtualDiskHandle, EXPAND_VIRTUAL_DISK_FLAG Flags,
-                               EXPAND_VIRTUAL_DISK_PARAMETERS *Parameters, OVERLAPPED *Overlapped)
-{
-    vd_clear_detail();
-    return VD_UNSUPPORTED("ExpandVirtualDisk");
-}
-
-DWORD WINAPI ResizeVirtualDisk(HANDLE VirtualDiskHandle, RESIZE_VIRTUAL_DISK_FLAG Flags,
-                               RESIZE_VIRTUAL_DISK_PARAMETERS *Parameters, OVERLAPPED *Overlapped)
-{
-    vd_clear_detail();
-    return VD_UNSUPPORTED("ResizeVirtualDisk");
 }
 
 DWORD WINAPI MirrorVirtualDisk(HANDLE VirtualDiskHandle, MIRROR_VIRTUAL_DISK_FLAG Flags,

@@ -1439,6 +1439,258 @@ static DWORD vhd_create(int fd, const struct vd_create_request *request)
     return vhd_create_sparse(fd, request, size, block_size);
 }
 
+/* ---- offline changes ----------------------------------------------------- */
+
+/* The footer, changed: the copy at offset 0 first (dynamic and differencing
+   disks), flushed, then the one that ends the file, which is the one readers
+   trust.  Interrupted in between, the old footer stays in charge. */
+static DWORD vhd_write_footers(struct vd_image *image, struct vhd_footer *footer)
+{
+    struct vhd_state *state = image->state;
+    vhd_seal_footer(footer);
+    int error = 0;
+    if (state->disk_type != VHD_TYPE_FIXED) {
+        error = vd_pwrite_full(image->fd, footer, sizeof *footer, 0);
+        if (!error)
+            error = vhd_barrier(image);
+        if (error)
+            return vd_fail_errno(error, "%s: writing the footer copy at offset 0", image->path);
+    }
+    error = vd_pwrite_full(image->fd, footer, sizeof *footer, state->footer_offset);
+    if (!error)
+        error = vhd_barrier(image);
+    if (error)
+        return vd_fail_errno(error, "%s: writing the footer at offset %llu", image->path, (ull)state->footer_offset);
+    state->footer = *footer;
+    image->file_size = state->footer_offset + VHD_FOOTER_SIZE;
+    return ERROR_SUCCESS;
+}
+
+/* Makes length bytes of room where the footer is, moving the footer (as it
+   is) past them first, so that the file ends with a valid footer at every
+   step.  *start: the room, sector aligned, still holding the old footer. */
+static DWORD vhd_make_room(struct vd_image *image, uint64_t length, uint64_t *start)
+{
+    struct vhd_state *state = image->state;
+    uint64_t at = vhd_round_up(state->footer_offset, VHD_SECTOR);
+    uint64_t footer_offset = at + vhd_round_up(length, VHD_SECTOR);
+    int error = vd_pwrite_full(image->fd, &state->footer, sizeof state->footer, footer_offset);
+    if (!error)
+        error = vhd_barrier(image);
+    if (error)
+        return vd_fail_errno(error, "%s: moving the footer to offset %llu", image->path, (ull)footer_offset);
+    state->footer_offset = footer_offset;
+    image->file_size = footer_offset + VHD_FOOTER_SIZE;
+    *start = at;
+    return ERROR_SUCCESS;
+}
+
+static DWORD vhd_write_header(struct vd_image *image, struct vhd_dynamic_header *header, uint64_t offset)
+{
+    vhd_seal_header(header);
+    int error = vd_pwrite_full(image->fd, header, sizeof *header, offset);
+    if (!error)
+        error = vhd_barrier(image);
+    return error ? vd_fail_errno(error, "%s: writing the dynamic header at offset %llu", image->path, (ull)offset)
+                 : ERROR_SUCCESS;
+}
+
+static DWORD vhd_set_identifier(struct vd_image *image, const GUID *identifier)
+{
+    struct vhd_state *state = image->state;
+    struct vhd_footer footer = state->footer;
+    vd_guid_to_be_bytes(identifier, footer.unique_id);
+    DWORD status = vhd_write_footers(image, &footer);
+    if (status == ERROR_SUCCESS)
+        image->identifier = *identifier;
+    return status;
+}
+
+/* VHD has no field for it: 512 bytes is all a VHD can say. */
+static DWORD vhd_set_physical_sector_size(struct vd_image *image, ULONG size)
+{
+    if (size != VHD_SECTOR)
+        return vd_fail(ERROR_VHD_INVALID_TYPE, "%s: a VHD cannot record a %u-byte physical sector", image->path,
+                       (unsigned)size);
+    return ERROR_SUCCESS;
+}
+
+/* New parent locators (W2ku, W2ru), parent name and time stamp.  The new
+   locator data goes past the old end of the file and is flushed before the
+   one write of the dynamic header that points to it, so an interruption
+   leaves the old locators in force; the old locator data is left unused. */
+static DWORD vhd_set_parent(struct vd_image *image, struct vd_image *parent)
+{
+    struct vhd_state *state = image->state;
+    uint64_t header_offset = vd_be64(state->footer.data_offset);
+    struct vhd_dynamic_header header;
+    struct vhd_parent_info info = {0};
+    struct stat st;
+    DWORD status = vhd_read_dynamic_header(image, state, header_offset, &header);
+    if (status == ERROR_SUCCESS)
+        status = vhd_parent_info(image->path, parent, &info);
+    if (status == ERROR_SUCCESS && fstat(parent->fd, &st) < 0)
+        status = vd_fail_errno(errno, "examining parent %s", parent->path);
+    uint64_t absolute_space = vhd_round_up(info.absolute_length, VHD_SECTOR);
+    uint64_t start = 0;
+    if (status == ERROR_SUCCESS)
+        status = vhd_make_room(image, absolute_space + vhd_round_up(info.relative_length, VHD_SECTOR), &start);
+    if (status == ERROR_SUCCESS) {
+        int error = vd_pwrite_full(image->fd, info.absolute, info.absolute_length, start);
+        if (!error)
+            error = vd_pwrite_full(image->fd, info.relative, info.relative_length, start + absolute_space);
+        if (!error)
+            error = vhd_barrier(image);
+        if (error)
+            status = vd_fail_errno(error, "%s: writing parent locators at offset %llu", image->path, (ull)start);
+    }
+    if (status == ERROR_SUCCESS) {
+        const struct vhd_state *parent_state = parent->state;
+        memcpy(header.parent_unique_id, parent_state->footer.unique_id, 16);
+        vd_put_be32(header.parent_time_stamp, vhd_time_stamp(st.st_mtime));
+        memset(header.parent_unicode_name, 0, sizeof header.parent_unicode_name);
+        memcpy(header.parent_unicode_name, info.name, info.name_length);
+        memset(header.parent_locator, 0, sizeof header.parent_locator);
+        vhd_set_locator(&header.parent_locator[0], VHD_PLATFORM_W2KU, info.absolute_length, start);
+        vhd_set_locator(&header.parent_locator[1], VHD_PLATFORM_W2RU, info.relative_length, start + absolute_space);
+        status = vhd_write_header(image, &header, header_offset);
+    }
+    vhd_parent_info_free(&info);
+    if (status != ERROR_SUCCESS) {
+        vd_image_close(parent);
+        return status;
+    }
+    vd_image_close(image->parent);
+    image->parent = parent;
+    image->parent_resolved = true;
+    image->parent_timestamp = vd_be32(header.parent_time_stamp);
+    struct vhd_candidates candidates = {.count = 0};
+    status = vhd_find_parent_candidates(image, state, &header, header_offset, &candidates);
+    vhd_candidates_free(&candidates);
+    return status;
+}
+
+/* A larger fixed disk: the new footer is written at the new end first (the
+   file then ends with it, the gap reading as zeros), then the gap is
+   allocated and the old footer, now inside the disk, overwritten with
+   zeros.  Interrupted after the first step, the disk has its new size and
+   shows the old footer's bytes at its old end. */
+static DWORD vhd_grow_fixed(struct vd_image *image, uint64_t size)
+{
+    struct vhd_state *state = image->state;
+    uint64_t old_size = image->virtual_size;
+    struct vhd_footer footer = state->footer;
+    vd_put_be64(footer.current_size, size);
+    vd_put_be32(footer.disk_geometry, vhd_geometry(size));
+    vhd_seal_footer(&footer);
+    int error = vd_pwrite_full(image->fd, &footer, sizeof footer, size);
+    if (!error)
+        error = vhd_barrier(image);
+    if (error)
+        return vd_fail_errno(error, "%s: writing the footer at offset %llu", image->path, (ull)size);
+    state->footer = footer;
+    state->footer_offset = size;
+    image->file_size = size + VHD_FOOTER_SIZE;
+    image->virtual_size = size;
+    if (fallocate(image->fd, FALLOC_FL_KEEP_SIZE, (off_t)old_size, (off_t)(size - old_size)) < 0 &&
+        errno != EOPNOTSUPP)
+        return vd_fail_errno(errno, "%s: allocating %llu bytes for the larger disk", image->path,
+                             (ull)(size - old_size));
+    static const uint8_t zeros[VHD_FOOTER_SIZE];
+    error = vd_pwrite_full(image->fd, zeros, sizeof zeros, old_size);
+    if (!error)
+        error = vhd_barrier(image);
+    return error ? vd_fail_errno(error, "%s: clearing the old footer at offset %llu", image->path, (ull)old_size)
+                 : ERROR_SUCCESS;
+}
+
+/* A larger dynamic disk.  The BAT grows in place into its sector padding
+   when that suffices, else a larger copy is written past the old end of the
+   file; either way the new entries are written (unused) and flushed before
+   the one header write that makes them part of the table, and the footers
+   with the new size come last. */
+static DWORD vhd_grow_dynamic(struct vd_image *image, uint64_t size)
+{
+    struct vhd_state *state = image->state;
+    uint64_t header_offset = vd_be64(state->footer.data_offset);
+    struct vhd_dynamic_header header;
+    DWORD status = vhd_read_dynamic_header(image, state, header_offset, &header);
+    if (status != ERROR_SUCCESS)
+        return status;
+    uint64_t blocks = vhd_round_up(size, state->block_size) / state->block_size;
+    uint32_t max_entries = vd_be32(header.max_table_entries);
+    if (blocks > VHD_MAX_BLOCKS)
+        return vd_fail(ERROR_VHD_INVALID_SIZE, "%s: %llu bytes need %llu blocks, more than the supported %u",
+                       image->path, (ull)size, (ull)blocks, (unsigned)VHD_MAX_BLOCKS);
+    uint32_t *bat = malloc((size_t)blocks * sizeof *bat);
+    uint8_t *raw = malloc((size_t)blocks * 4 + VHD_SECTOR);
+    if (!bat || !raw) {
+        free(bat);
+        free(raw);
+        return vd_fail(ERROR_OUTOFMEMORY, "%s: a BAT of %llu entries", image->path, (ull)blocks);
+    }
+    for (uint64_t i = 0; i < blocks; i++)
+        bat[i] = i < state->block_count ? state->bat[i] : VHD_BAT_UNUSED;
+    /* Entries past the old size are written even where the table already
+       has them: whatever another writer left there must not come back as
+       blocks of the larger disk. */
+    uint64_t in_place = vhd_round_up((uint64_t)max_entries * 4, VHD_SECTOR) / 4;
+    bool move = blocks > in_place;
+    uint64_t table_offset = state->table_offset;
+    uint64_t table_length = vhd_round_up(blocks * 4, VHD_SECTOR);
+    uint64_t first_new = move ? 0 : state->block_count;
+    if (move)
+        status = vhd_make_room(image, table_length, &table_offset);
+    memset(raw, 0xFF, table_length);
+    for (uint64_t i = 0; i < blocks; i++)
+        vd_put_be32(raw + 4 * i, bat[i]);
+    if (status == ERROR_SUCCESS) {
+        size_t length = move ? (size_t)table_length : (size_t)(blocks - first_new) * 4;
+        int error = vd_pwrite_full(image->fd, raw + 4 * first_new, length, table_offset + 4 * first_new);
+        if (!error)
+            error = vhd_barrier(image);
+        if (error)
+            status = vd_fail_errno(error, "%s: writing the BAT at offset %llu", image->path, (ull)table_offset);
+    }
+    if (status == ERROR_SUCCESS && blocks > max_entries) {
+        vd_put_be64(header.table_offset, table_offset);
+        vd_put_be32(header.max_table_entries, (uint32_t)blocks);
+        status = vhd_write_header(image, &header, header_offset);
+    }
+    free(raw);
+    struct vhd_footer footer = state->footer;
+    vd_put_be64(footer.current_size, size);
+    vd_put_be32(footer.disk_geometry, vhd_geometry(size));
+    if (status == ERROR_SUCCESS)
+        status = vhd_write_footers(image, &footer);
+    if (status != ERROR_SUCCESS) {
+        free(bat);
+        return status;
+    }
+    free(state->bat);
+    state->bat = bat;
+    state->block_count = (uint32_t)blocks;
+    state->table_offset = table_offset;
+    image->virtual_size = size;
+    return ERROR_SUCCESS;
+}
+
+/* VHD only grows: its BAT has no way to say a block was given back. */
+static DWORD vhd_resize(struct vd_image *image, uint64_t size)
+{
+    struct vhd_state *state = image->state;
+    if (size < image->virtual_size)
+        return vd_fail(ERROR_VHD_INVALID_TYPE, "%s: a VHD cannot shrink (only VHDX can)", image->path);
+    if (state->disk_type == VHD_TYPE_DIFFERENCING)
+        return vd_fail(ERROR_VHD_INVALID_TYPE, "%s: a differencing VHD has its parent's size", image->path);
+    if (size > VHD_MAX_SIZE)
+        return vd_fail(ERROR_VHD_INVALID_SIZE, "%s: %llu bytes exceed the VHD limit of 2040 GiB", image->path,
+                       (ull)size);
+    if (size == image->virtual_size)
+        return ERROR_SUCCESS;
+    return state->disk_type == VHD_TYPE_FIXED ? vhd_grow_fixed(image, size) : vhd_grow_dynamic(image, size);
+}
+
 /* ---- probe --------------------------------------------------------------- */
 
 /* The footer ends the file (511 bytes in images from before Virtual PC
@@ -1462,5 +1714,9 @@ const struct vd_format vd_format_vhd = {
     .create = vhd_create,
     .read = vhd_read,
     .write = vhd_write,
+    .set_identifier = vhd_set_identifier,
+    .set_parent = vhd_set_parent,
+    .set_physical_sector_size = vhd_set_physical_sector_size,
+    .resize = vhd_resize,
     .close = vhd_close,
 };

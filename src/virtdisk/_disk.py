@@ -285,6 +285,38 @@ class VirtualDisk:
         """Whether the disk is attached (GET_VIRTUAL_DISK_INFO_IS_LOADED)."""
         return bool(self._info(lib.GET_VIRTUAL_DISK_INFO_IS_LOADED).IsLoaded)
 
+    # ---- size ------------------------------------------------------------
+
+    def resize(self, size: int, *, allow_unsafe: bool = False) -> None:
+        """Change the virtual size (ResizeVirtualDisk); the disk must be detached.
+
+        Both formats grow; VHDX also shrinks, but not below the end of its last
+        partition (:attr:`DiskInfo.smallest_safe_size`) unless ``allow_unsafe``,
+        which may cut off data.  ``size`` 0 shrinks to the smallest safe size.
+        """
+        flags = lib.RESIZE_VIRTUAL_DISK_FLAG_NONE
+        if allow_unsafe:
+            flags |= lib.RESIZE_VIRTUAL_DISK_FLAG_ALLOW_UNSAFE_VIRTUAL_SIZE
+        if size == 0:
+            flags |= lib.RESIZE_VIRTUAL_DISK_FLAG_RESIZE_TO_SMALLEST_SAFE_VIRTUAL_SIZE
+        parameters = ffi.new(
+            "RESIZE_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.RESIZE_VIRTUAL_DISK_VERSION_1}
+        )
+        parameters.Version1.NewSize = size
+        with self._using() as handle:
+            code = lib.ResizeVirtualDisk(handle, flags, parameters, ffi.NULL)
+        check(code, "ResizeVirtualDisk", str(self._path))
+
+    def expand(self, size: int) -> None:
+        """Grow a fixed or dynamic disk to ``size`` bytes (ExpandVirtualDisk); detached only."""
+        parameters = ffi.new(
+            "EXPAND_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.EXPAND_VIRTUAL_DISK_VERSION_1}
+        )
+        parameters.Version1.NewSize = size
+        with self._using() as handle:
+            code = lib.ExpandVirtualDisk(handle, lib.EXPAND_VIRTUAL_DISK_FLAG_NONE, parameters, ffi.NULL)
+        check(code, "ExpandVirtualDisk", str(self._path))
+
     # ---- information ----------------------------------------------------
 
     def _info(self, version: int, size: int = 0) -> Any:
