@@ -7,6 +7,8 @@ and cffi checks every declared layout and constant against the SDK.  On Linux
 the project's own provider (src/provider/) implements the same declarations.
 """
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,31 @@ def _cdef(name: str) -> str:
     return (ROOT / CFFI_SRC / name).read_text(encoding="utf-8")
 
 
+def _pkg_config(package: str, apt_name: str) -> dict[str, list[str]]:
+    """Compiler and linker flags of a pkg-config package, or a build error that
+    says what to install."""
+    pkg_config = shutil.which("pkg-config")
+    result = (
+        subprocess.run([pkg_config, "--cflags", "--libs", package], capture_output=True, text=True)
+        if pkg_config
+        else None
+    )
+    if result is None or result.returncode != 0:
+        raise SystemExit(
+            f"virtdisk needs {package} to build on Linux (the FUSE server that attaches dynamic and "
+            f"differencing images): install pkg-config and {apt_name} (Debian/Ubuntu: "
+            f"apt-get install pkg-config {apt_name} fuse3)"
+        )
+    flags: dict[str, list[str]] = {"include_dirs": [], "library_dirs": [], "libraries": [], "extra": []}
+    for flag in result.stdout.split():
+        kind = {"-I": "include_dirs", "-L": "library_dirs", "-l": "libraries"}.get(flag[:2])
+        if kind:
+            flags[kind].append(flag[2:])
+        else:
+            flags["extra"].append(flag)
+    return flags
+
+
 ffi = FFI()
 ffi.cdef(_cdef("virtdisk_api.h"))
 ffi.cdef(_cdef("shim.h"))
@@ -35,12 +62,14 @@ if sys.platform == "win32":
         libraries=["virtdisk", "advapi32", "kernel32"],
     )
 else:
+    fuse3 = _pkg_config("fuse3", "libfuse3-dev")
     ffi.set_source(
         "virtdisk._native",
         '#include "virtdisk.h"',
         sources=[str(CFFI_SRC / "messages.c")]
         + sorted(str(path.relative_to(ROOT)) for path in (ROOT / PROVIDER).glob("*.c")),
-        include_dirs=[str(PROVIDER), str(CFFI_SRC)],
-        extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        libraries=["pthread"],
+        include_dirs=[str(PROVIDER), str(CFFI_SRC), *fuse3["include_dirs"]],
+        extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", *fuse3["extra"]],
+        library_dirs=fuse3["library_dirs"],
+        libraries=[*fuse3["libraries"], "pthread"],
     )

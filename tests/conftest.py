@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,8 +53,25 @@ def _fail_without_loop() -> None:
     pytest.fail(f"loop devices are required in CI: {loop_devices_unavailable()}")
 
 
+def served_under(folder: Path) -> dict[str, Path]:
+    """Live FUSE-served attachments of images under folder (device: image), from
+    the provider's records: their loop devices' backing file is the FUSE file."""
+    found = {}
+    for record in Path("/run/virtdisk").glob("*.json"):
+        try:
+            entry = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        image, device = Path(entry.get("image", "/")), entry.get("device", "")
+        bound = Path("/sys/block", device.removeprefix("/dev/"), "loop").exists()
+        alive = Path("/proc", str(entry.get("pid"))).exists()
+        if image.is_relative_to(folder) and bound and alive:
+            found[device] = image
+    return found
+
+
 def loops_backed_under(folder: Path) -> list[str]:
-    """Loop devices whose backing file lies under folder."""
+    """Loop devices whose backing file lies under folder, directly or served."""
     found = []
     for loop_dir in Path("/sys/block").glob("loop*/loop"):
         try:
@@ -62,7 +81,7 @@ def loops_backed_under(folder: Path) -> list[str]:
         backing = backing.removesuffix(" (deleted)")
         if Path(backing).is_relative_to(folder):
             found.append("/dev/" + loop_dir.parent.name)
-    return found
+    return found + [device for device in served_under(folder) if device not in found]
 
 
 @pytest.fixture
@@ -71,9 +90,14 @@ def images(tmp_path: Path):
     detached afterwards, and the test fails for having left it."""
     yield tmp_path
     leaked = loops_backed_under(tmp_path)
+    served = served_under(tmp_path)
     for device in leaked:
         subprocess.run(["umount", "-q", device], check=False)
-        subprocess.run(["losetup", "-d", device], check=False)
+        if device in served:
+            # A helper holds a permanent served disk: only a detach ends it.
+            subprocess.run([sys.executable, "-m", "virtdisk", "detach", str(served[device])], check=False)
+        else:
+            subprocess.run(["losetup", "-d", device], check=False)
     assert not leaked, f"test left loop devices attached: {leaked}"
 
 

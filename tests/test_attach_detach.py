@@ -108,15 +108,16 @@ def test_qemu_made_fixed_vhd_attaches_with_its_size(images: Path) -> None:
         assert int((sysfs_loop(device) / "size").read_text()) * 512 == 64 * MiB
 
 
-def test_dynamic_vhd_attach_is_not_supported_yet(images: Path) -> None:
+def test_dynamic_vhd_attaches_with_its_size(images: Path) -> None:
+    # Served through FUSE (tests/test_attach_served.py has the details).
     path = images / "dynamic.vhd"
     virtdisk.create(path, 16 * MiB).close()
     with virtdisk.open(path) as disk:
-        with pytest.raises(virtdisk.NotSupportedError) as raised:
-            disk.attach()
-        assert raised.value.winerror == WinError.ERROR_NOT_SUPPORTED
-        assert "dynamic" in str(raised.value)
-        assert not disk.attached
+        disk.attach()
+        device = disk.physical_path
+        assert int((sysfs_loop(device) / "size").read_text()) * 512 == 16 * MiB
+        assert disk.attached
+    assert not is_bound(device)
 
 
 # ---- ISO ----------------------------------------------------------------

@@ -14,6 +14,7 @@
 
 #include "bytes.h"
 #include "errors.h"
+#include "fuseattach.h"
 #include "handles.h"
 #include "image.h"
 #include "loopdev.h"
@@ -377,13 +378,19 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
      ATTACH_VIRTUAL_DISK_FLAG_BYPASS_DEFAULT_ENCRYPTION_POLICY | ATTACH_VIRTUAL_DISK_FLAG_NON_PNP)
 
 /* The loop device showing this handle's disk: this process's own
-   non-permanent attachment, or one found by the image's identity. */
-static int vd_attached_loop(const struct vd_handle *handle)
+   non-permanent attachment, or one found by the image's identity: a FUSE
+   server's record (*helper: a permanent one's), or the loop device backed by
+   the image itself. */
+static int vd_attached_loop(const struct vd_handle *handle, bool *helper)
 {
+    *helper = false;
     if (handle->disk->loop_number >= 0)
         return handle->disk->loop_number;
     if (!vd_image_is_attached(handle->image))
         return -1; /* the cheap, exact answer for the common case */
+    int number = vd_served_find(handle->image, helper);
+    if (number >= 0)
+        return number;
     return vd_loop_find(handle->image->file_dev, handle->image->file_ino);
 }
 
@@ -407,12 +414,6 @@ static DWORD vd_attach_checks(struct vd_handle *handle, ATTACH_VIRTUAL_DISK_FLAG
                                             "VIRTUAL_DISK_ACCESS_ATTACH_RW (or pass ATTACH_VIRTUAL_DISK_FLAG_READ_ONLY)");
     if (handle->image->format->device_id == VIRTUAL_STORAGE_TYPE_DEVICE_ISO && !read_only)
         return vd_fail(ERROR_INVALID_PARAMETER, "ISO images attach only with ATTACH_VIRTUAL_DISK_FLAG_READ_ONLY");
-    if (!handle->image->flat)
-        return vd_fail(ERROR_NOT_SUPPORTED,
-                       "attaching a %s %s image is not supported yet on Linux: only fixed VHD and "
-                       "contiguous VHDX images map directly onto a loop device",
-                       handle->image->subtype == VD_SUBTYPE_DIFFERENCING ? "differencing" : "dynamic",
-                       handle->image->format->name);
     return ERROR_SUCCESS;
 }
 
@@ -438,9 +439,20 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
     bool permanent = Flags & ATTACH_VIRTUAL_DISK_FLAG_PERMANENT_LIFETIME;
     struct vd_image *image = handle->image;
     vd_disks_lock();
+    bool helper;
     if (handle->disk->loop_number >= 0 || vd_image_is_attached(image)) {
-        int existing = vd_attached_loop(handle);
+        int existing = vd_attached_loop(handle, &helper);
         status = vd_fail(ERROR_SHARING_VIOLATION, "%s is already attached as /dev/loop%d", image->path, existing);
+    } else if (!image->flat) {
+        /* Blocks to translate: a FUSE server shows the disk as a file. */
+        struct vd_loop loop;
+        struct vd_served *served;
+        status = vd_served_attach(image, read_only, permanent, &loop, &served);
+        if (status == ERROR_SUCCESS && !permanent) {
+            handle->disk->loop_number = loop.number;
+            handle->disk->loop_fd = loop.fd;
+            handle->disk->served = served;
+        }
     } else {
         /* The loop device gets its own open file description: sharing the
            handle's would carry the handle's OFD lock into the kernel, where
@@ -460,7 +472,9 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
         struct vd_loop loop;
         if (backing_fd < 0)
             status = vd_fail_errno(errno, "reopening %s for the loop device", image->path);
-        else
+        else if (!read_only && image->format->prepare_direct_write)
+            status = image->format->prepare_direct_write(image);
+        if (status == ERROR_SUCCESS && backing_fd >= 0)
             status = vd_mark_attached(backing_fd);
         if (status == ERROR_SUCCESS)
             status = vd_loop_attach(&request, &loop);
@@ -498,17 +512,26 @@ DWORD WINAPI DetachVirtualDisk(HANDLE VirtualDiskHandle, DETACH_VIRTUAL_DISK_FLA
         status = vd_fail(ERROR_SHARING_VIOLATION,
                          "other handles to %s are open; close them before detaching", handle->image->path);
     int number = -1;
+    bool helper = false;
     if (status == ERROR_SUCCESS) {
-        number = vd_attached_loop(handle);
+        number = vd_attached_loop(handle, &helper);
         if (number < 0)
             status = vd_fail(ERROR_NOT_READY, "%s is not attached", handle->image->path);
     }
-    if (status == ERROR_SUCCESS) {
+    if (status == ERROR_SUCCESS && helper) {
+        status = vd_served_detach(handle->image);
+    } else if (status == ERROR_SUCCESS) {
         struct vd_disk *disk = handle->disk;
         bool own = disk->loop_number == number;
         status = vd_loop_detach(number, own ? &disk->loop_fd : NULL);
-        if (own && status == ERROR_SUCCESS)
+        if (own && status == ERROR_SUCCESS) {
             disk->loop_number = -1;
+            if (disk->served) {
+                /* Success means the server is gone and the image flushed. */
+                status = vd_served_end(disk->served, number);
+                disk->served = NULL;
+            }
+        }
     }
     vd_disks_unlock();
     vd_handle_release(handle);
@@ -527,7 +550,8 @@ DWORD WINAPI GetVirtualDiskPhysicalPath(HANDLE VirtualDiskHandle, ULONG *DiskPat
     if (!(handle->access & VIRTUAL_DISK_ACCESS_GET_INFO)) {
         status = vd_fail(ERROR_ACCESS_DENIED, "the handle was opened without VIRTUAL_DISK_ACCESS_GET_INFO");
     } else {
-        int number = vd_attached_loop(handle);
+        bool helper;
+        int number = vd_attached_loop(handle, &helper);
         if (number < 0) {
             status = vd_fail(ERROR_DEV_NOT_EXIST, "%s is not attached", handle->image->path);
         } else {

@@ -157,16 +157,21 @@ static void vd_disk_forget(struct vd_disk *disk)
 static void vd_handle_free(struct vd_handle *handle)
 {
     struct vd_disk *disk = handle->disk;
-    int loop_fd = -1;
+    int loop_fd = -1, loop_number = -1;
+    struct vd_served *served = NULL;
     vd_disks_lock();
     pthread_mutex_lock(&vd_registry_mutex);
     if (--disk->handle_count == 0) {
         loop_fd = disk->loop_fd;
+        loop_number = disk->loop_number;
+        served = disk->served;
         vd_disk_forget(disk);
     }
     pthread_mutex_unlock(&vd_registry_mutex);
     if (loop_fd >= 0)
         close(loop_fd);
+    if (served)
+        vd_served_end(served, loop_number);
     vd_disks_unlock();
     vd_image_close(handle->image); /* closing the fd drops the handle lock */
     free(handle);

@@ -12,7 +12,8 @@
  *     handles to this image?" with F_OFD_GETLK.
  *   - A disk attached without PERMANENT_LIFETIME by this process is detached
  *     when its last handle in this process closes, and by the kernel when the
- *     process dies (the attachment is an autoclear loop device held open).
+ *     process dies (the attachment is an autoclear loop device held open);
+ *     a FUSE server of such a disk then ends with it (fuseattach.h).
  */
 #ifndef VD_PROVIDER_HANDLES_H
 #define VD_PROVIDER_HANDLES_H
@@ -20,6 +21,7 @@
 #include <stdbool.h>
 #include <sys/types.h>
 
+#include "fuseattach.h"
 #include "image.h"
 #include "virtdisk.h"
 
@@ -30,6 +32,7 @@ struct vd_disk {
     unsigned handle_count;
     int loop_number;        /* a non-permanent attachment made here, else -1 */
     int loop_fd;            /* held open to keep that attachment alive, else -1 */
+    struct vd_served *served; /* its FUSE server when the image is not flat */
     struct vd_disk *next;
 };
 

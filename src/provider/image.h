@@ -125,6 +125,17 @@ struct vd_format {
        vd_image_close() owns those).  Called only when state is not NULL, also
        after a failed open(). */
     void (*close)(struct vd_image *image);
+
+    /* Called before a writable image is loop-mapped directly (flat), where
+       the disk's writes reach the file without passing through write(): does
+       now what write() would do before the first write of a session (VHDX:
+       new FileWriteGuid/DataWriteGuid).  NULL when there is nothing to do. */
+    DWORD (*prepare_direct_write)(struct vd_image *image);
+
+    /* Makes everything write() has returned durable in the file (the FUSE
+       server's fsync, and before a detach reports success).  NULL: an
+       fdatasync() of image->fd is enough. */
+    DWORD (*flush)(struct vd_image *image);
 };
 
 extern const struct vd_format vd_format_vhd;

@@ -38,7 +38,7 @@ static DWORD vd_loop_fail_errno(int error, const char *what, int number)
     return vd_fail_errno(error, "%s /dev/loop%d", what, number);
 }
 
-static DWORD vd_loop_require_privilege(const char *what)
+DWORD vd_loop_require_privilege(const char *what)
 {
     int state = VD_PRIVILEGE_ABSENT;
     if (vd_manage_volume_privilege_state(&state) == ERROR_SUCCESS && state == VD_PRIVILEGE_ENABLED)
@@ -166,6 +166,20 @@ static int vd_loop_scan(bool (*visit)(int number, void *context), void *context)
     }
     closedir(dir);
     return found;
+}
+
+bool vd_loop_is_backed_by(int number, dev_t dev, ino_t ino)
+{
+    char path[32];
+    vd_loop_path(number, path, sizeof path);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    struct loop_info64 info;
+    bool backed = ioctl(fd, LOOP_GET_STATUS64, &info) == 0 && info.lo_device == (uint64_t)dev &&
+                  info.lo_inode == (uint64_t)ino;
+    close(fd);
+    return backed;
 }
 
 struct vd_file_identity {

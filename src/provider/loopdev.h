@@ -39,6 +39,10 @@ struct vd_loop {
     int fd;                  /* /dev/loopN, open O_RDWR or O_RDONLY */
 };
 
+/* ERROR_SUCCESS when this process may attach and detach (CAP_SYS_ADMIN),
+   else ERROR_PRIVILEGE_NOT_HELD with the detail naming what needed it. */
+DWORD vd_loop_require_privilege(const char *what);
+
 DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out);
 
 /* Detaches /dev/loopN.  held_fd points to a descriptor of the device that
@@ -54,6 +58,11 @@ int vd_loop_find(dev_t dev, ino_t ino);
 
 /* Whether /dev/loopN is bound to a file. */
 bool vd_loop_is_bound(int number);
+
+/* Whether /dev/loopN is bound to the file (dev, ino), asked of the device
+   itself (LOOP_GET_STATUS64): exact also for a backing file that has no name
+   any more, such as the file of a detached FUSE mount. */
+bool vd_loop_is_backed_by(int number, dev_t dev, ino_t ino);
 
 /* Calls visit(number, context) for every bound loop device that this provider
    attached (by its lo_file_name marker), in increasing order. */

@@ -1165,6 +1165,13 @@ static DWORD vhd_write(struct vd_image *image, const void *buffer, uint64_t offs
     return status;
 }
 
+/* Block allocation orders itself with barriers; this makes the data of
+   writes into existing blocks (and a fixed disk's) durable too. */
+static DWORD vhd_flush(struct vd_image *image)
+{
+    return fdatasync(image->fd) < 0 ? vd_fail_errno(errno, "%s: flushing", image->path) : ERROR_SUCCESS;
+}
+
 /* ---- creating ------------------------------------------------------------ */
 
 /* Cylinders, heads and sectors per track, by the specification's algorithm
@@ -1719,4 +1726,5 @@ const struct vd_format vd_format_vhd = {
     .set_physical_sector_size = vhd_set_physical_sector_size,
     .resize = vhd_resize,
     .close = vhd_close,
+    .flush = vhd_flush,
 };

@@ -1571,6 +1571,24 @@ static DWORD vhdx_write(struct vd_image *image, const void *buffer, uint64_t off
     return status;
 }
 
+static DWORD vhdx_prepare_direct_write(struct vd_image *image)
+{
+    struct vhdx_state *s = image->state;
+    if (!image->writable)
+        return vd_fail(ERROR_ACCESS_DENIED, "%s is open read-only", image->path);
+    pthread_mutex_lock(&s->lock);
+    DWORD status = s->session_guids_written ? ERROR_SUCCESS : update_headers(image, s);
+    pthread_mutex_unlock(&s->lock);
+    return status;
+}
+
+/* Every write above orders its metadata with its own barriers; what is left
+   is the data of writes into blocks that were already present. */
+static DWORD vhdx_flush(struct vd_image *image)
+{
+    return sync_file(image, "reporting the disk flushed");
+}
+
 /* ---- create ---- */
 
 enum {
@@ -2259,4 +2277,6 @@ const struct vd_format vd_format_vhdx = {
     .set_virtual_disk_id = vhdx_set_virtual_disk_id,
     .resize = vhdx_resize,
     .close = vhdx_close,
+    .prepare_direct_write = vhdx_prepare_direct_write,
+    .flush = vhdx_flush,
 };

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -532,7 +533,8 @@ def attached_disks() -> list[AttachedDisk]:
 
 
 def _backing_image(device: str) -> Path | None:
-    """Linux: the loop device's backing file, from sysfs."""
+    """Linux: the loop device's backing file, from sysfs; for an image served
+    through FUSE (whose file has no name), the provider's record of it."""
     if not device.startswith("/dev/loop"):
         return None
     name = device[len("/dev/") :]
@@ -540,4 +542,21 @@ def _backing_image(device: str) -> Path | None:
         backing = Path("/sys/block", name, "loop", "backing_file").read_text().strip()
     except OSError:
         return None
-    return Path(backing)
+    if Path(backing).is_file():
+        return Path(backing)
+    return _served_image(device)
+
+
+def _served_image(device: str) -> Path | None:
+    """The image of a FUSE-served attachment on device, from the records the
+    Linux provider keeps in /run/virtdisk (see src/provider/fuseattach.h)."""
+    for record in Path("/run/virtdisk").glob("*.json"):
+        try:
+            entry = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        # A record outlives a killed server: only a live server's counts.
+        alive = Path("/proc", str(entry.get("pid"))).exists()
+        if entry.get("device") == device and alive and isinstance(entry.get("image"), str):
+            return Path(entry["image"])
+    return None

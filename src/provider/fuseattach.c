@@ -1,0 +1,601 @@
+/*
+ * FUSE-served attachments: in-process and helper-process servers, their
+ * records, and the helper's control socket (see fuseattach.h).
+ *
+ * Kernel facts this relies on, tested on 6.18 (tests/test_attach_served.py):
+ *   - A FUSE mount detached with MNT_DETACH stays alive while a loop device
+ *     holds its file, and is destroyed when the loop device releases it; the
+ *     kernel then aborts the connection and the server's read of /dev/fuse
+ *     fails with ENODEV, which ends libfuse's session loop.
+ *   - When a process dies, its files are released in descending descriptor
+ *     order (close_files() walks upwards, and the deferred releases run last
+ *     queued first).  The last release of a loop device syncs its dirty
+ *     pages through the FUSE file: were /dev/fuse still open then, with no
+ *     thread left to answer, that sync would wait forever.  So every holder
+ *     keeps a duplicate of its /dev/fuse descriptor above its loop
+ *     descriptor: /dev/fuse goes first, the connection is aborted, and the
+ *     sync fails fast instead.
+ */
+#define _GNU_SOURCE
+#include "fuseattach.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "errors.h"
+#include "fuseserve.h"
+#include "handles.h"
+
+/* How long a detach waits for a server whose loop device is gone to flush
+   and end; it only has the final flush left to do. */
+enum { VD_SERVER_END_MS = 60000 };
+
+struct vd_served {
+    struct vd_fuse_server *server;
+    int fuse_dup;             /* /dev/fuse above the loop descriptor (see top) */
+    char base[96];            /* VD_RUN_DIR/<dev>-<ino>, without suffix */
+};
+
+/* Descriptors a helper keeps: the report pipe and a differencing chain. */
+enum { VD_MAX_KEEP_FDS = 1 + 300 };
+
+/* What the helper tells the attaching process. */
+struct vd_helper_report {
+    DWORD status;
+    int number;
+    char detail[512];
+};
+
+static void vd_record_base(const struct vd_image *image, char *base, size_t size)
+{
+    snprintf(base, size, VD_RUN_DIR "/%" PRIx64 "-%" PRIx64, (uint64_t)image->file_dev,
+             (uint64_t)image->file_ino);
+}
+
+static void vd_path_with(const char *base, const char *suffix, char *out, size_t size)
+{
+    snprintf(out, size, "%s%s", base, suffix);
+}
+
+/* ---- records -------------------------------------------------------------- */
+
+struct vd_record {
+    int loop;
+    long pid;
+    bool permanent;
+    uint64_t backing_dev; /* the FUSE file the loop device holds */
+    uint64_t backing_ino;
+};
+
+static void vd_json_string(FILE *file, const char *text)
+{
+    fputc('"', file);
+    for (const unsigned char *p = (const unsigned char *)text; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            fprintf(file, "\\%c", *p);
+        else if (*p < 0x20)
+            fprintf(file, "\\u%04x", *p);
+        else
+            fputc(*p, file);
+    }
+    fputc('"', file);
+}
+
+/* One JSON object, the numbers first so that a reader can take them without
+   parsing the path; written aside and renamed into place. */
+static DWORD vd_record_write(const char *base, const struct vd_record *record, const char *image_path)
+{
+    char path[128], temporary[160];
+    vd_path_with(base, ".json", path, sizeof path);
+    snprintf(temporary, sizeof temporary, "%s.%ld", path, (long)getpid());
+    int fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    FILE *file = fd >= 0 ? fdopen(fd, "w") : NULL;
+    if (!file) {
+        DWORD status = vd_fail_errno(errno, "writing %s", temporary);
+        if (fd >= 0)
+            close(fd);
+        return status;
+    }
+    fprintf(file,
+            "{\"loop\": %d, \"pid\": %ld, \"permanent\": %s, \"backing_dev\": %" PRIu64
+            ", \"backing_ino\": %" PRIu64 ", \"device\": \"/dev/loop%d\", \"image\": ",
+            record->loop, record->pid, record->permanent ? "true" : "false", record->backing_dev,
+            record->backing_ino, record->loop);
+    vd_json_string(file, image_path);
+    fprintf(file, "}\n");
+    if (fclose(file) != 0 || rename(temporary, path) < 0) {
+        DWORD status = vd_fail_errno(errno, "writing %s", path);
+        unlink(temporary);
+        return status;
+    }
+    return ERROR_SUCCESS;
+}
+
+static bool vd_record_read(const char *base, struct vd_record *record)
+{
+    char path[128], text[512];
+    vd_path_with(base, ".json", path, sizeof path);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n <= 0)
+        return false;
+    text[n] = '\0';
+    char permanent[8];
+    return sscanf(text,
+                  "{\"loop\": %d, \"pid\": %ld, \"permanent\": %7[a-z], \"backing_dev\": %" SCNu64
+                  ", \"backing_ino\": %" SCNu64,
+                  &record->loop, &record->pid, permanent, &record->backing_dev, &record->backing_ino) == 5 &&
+           (record->permanent = strcmp(permanent, "true") == 0, record->loop >= 0);
+}
+
+static void vd_record_remove(const char *base)
+{
+    char path[128];
+    vd_path_with(base, ".json", path, sizeof path);
+    unlink(path);
+}
+
+int vd_served_find(const struct vd_image *image, bool *helper)
+{
+    char base[96];
+    struct vd_record record;
+    vd_record_base(image, base, sizeof base);
+    if (!vd_record_read(base, &record))
+        return -1;
+    /* A record outlives a killed server; the device it names may even have
+       been reused since.  Only the device's own answer counts. */
+    if (!vd_loop_is_backed_by(record.loop, (dev_t)record.backing_dev, (ino_t)record.backing_ino))
+        return -1;
+    *helper = record.permanent;
+    return record.loop;
+}
+
+/* ---- attaching ------------------------------------------------------------ */
+
+/* Opens the image again for its server: new open file descriptions (the
+   handle's carries the handle lock, which must not outlive the handle), the
+   parents read-only, the image itself read-only for a read-only attach. */
+static DWORD vd_served_open_image(const struct vd_image *image, bool read_only, struct vd_image **out)
+{
+    char self[64];
+    snprintf(self, sizeof self, "/proc/self/fd/%d", image->fd);
+    DWORD status = vd_image_open(self, image->format->device_id, !read_only, image->open_flags, out);
+    if (status == ERROR_SUCCESS && ((*out)->file_dev != image->file_dev || (*out)->file_ino != image->file_ino)) {
+        vd_image_close(*out);
+        status = vd_fail(ERROR_FILE_NOT_FOUND, "%s changed while being attached", image->path);
+    }
+    return status;
+}
+
+/* Serves image (owned from here on) and attaches a held, autoclear loop
+   device on it.  On success the mount is already hidden. */
+static DWORD vd_served_start(struct vd_image *image, bool read_only, struct vd_served *served,
+                             struct vd_loop *loop, struct vd_record *record)
+{
+    served->fuse_dup = -1;
+    served->server = NULL;
+    const char *name = image->path;
+    uint64_t size = image->virtual_size;
+    uint32_t block_size = image->logical_sector_size;
+    char *name_copy = strdup(name);
+    if (!name_copy) {
+        vd_image_close(image);
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating a path");
+    }
+    DWORD status = vd_fuse_serve(image, !read_only, &served->server);
+    if (status != ERROR_SUCCESS) {
+        free(name_copy);
+        return status;
+    }
+    status = vd_mark_attached(vd_fuse_image(served->server)->fd);
+    int disk_fd = -1;
+    if (status == ERROR_SUCCESS)
+        disk_fd = vd_fuse_open_disk(served->server, !read_only, &status);
+    struct stat st;
+    if (disk_fd >= 0 && fstat(disk_fd, &st) < 0)
+        status = vd_fail_errno(errno, "examining the FUSE view of %s", name_copy);
+    if (status == ERROR_SUCCESS) {
+        struct vd_loop_request request = {
+            .backing_fd = disk_fd,
+            .offset = 0,
+            .size = size,
+            .block_size = block_size,
+            .read_only = read_only,
+            .autoclear = true,
+            .name = name_copy,
+        };
+        status = vd_loop_attach(&request, loop);
+    }
+    if (disk_fd >= 0)
+        close(disk_fd); /* the loop device holds its own reference */
+    free(name_copy);
+    if (status == ERROR_SUCCESS) {
+        record->loop = loop->number;
+        record->backing_dev = (uint64_t)st.st_dev;
+        record->backing_ino = (uint64_t)st.st_ino;
+        served->fuse_dup = fcntl(vd_fuse_device_fd(served->server), F_DUPFD_CLOEXEC, loop->fd + 1);
+        if (served->fuse_dup < 0)
+            status = vd_fail_errno(errno, "duplicating the /dev/fuse descriptor");
+    }
+    DWORD hidden = vd_fuse_hide(served->server);
+    if (status == ERROR_SUCCESS)
+        status = hidden;
+    if (status != ERROR_SUCCESS) {
+        if (loop->fd >= 0) {
+            close(loop->fd); /* autoclear: the only holder closing detaches */
+            loop->fd = -1;
+        }
+        if (served->fuse_dup >= 0)
+            close(served->fuse_dup);
+        served->fuse_dup = -1;
+        if (vd_fuse_wait(served->server, VD_SERVER_END_MS) == ERROR_BUSY)
+            vd_fuse_abandon(served->server);
+        served->server = NULL;
+    }
+    return status;
+}
+
+static DWORD vd_served_attach_here(const struct vd_image *image, bool read_only, struct vd_loop *loop,
+                                   struct vd_served **out)
+{
+    struct vd_served *served = calloc(1, sizeof *served);
+    if (!served)
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating an attachment");
+    vd_record_base(image, served->base, sizeof served->base);
+    struct vd_image *server_image;
+    DWORD status = vd_served_open_image(image, read_only, &server_image);
+    struct vd_record record = {.pid = (long)getpid(), .permanent = false};
+    loop->fd = -1;
+    if (status == ERROR_SUCCESS)
+        status = vd_served_start(server_image, read_only, served, loop, &record);
+    if (status == ERROR_SUCCESS) {
+        status = vd_record_write(served->base, &record, image->path);
+        if (status != ERROR_SUCCESS) {
+            close(loop->fd);
+            loop->fd = -1;
+            vd_served_end(served, loop->number);
+            return status;
+        }
+    }
+    if (status != ERROR_SUCCESS) {
+        free(served);
+        return status;
+    }
+    *out = served;
+    return ERROR_SUCCESS;
+}
+
+DWORD vd_served_end(struct vd_served *served, int number)
+{
+    vd_record_remove(served->base);
+    DWORD status = ERROR_SUCCESS;
+    if (vd_loop_is_bound(number)) {
+        vd_fuse_abandon(served->server);
+    } else {
+        status = vd_fuse_wait(served->server, VD_SERVER_END_MS);
+        if (status == ERROR_BUSY)
+            vd_fuse_abandon(served->server); /* it ends when the kernel lets go */
+    }
+    if (served->fuse_dup >= 0)
+        close(served->fuse_dup);
+    free(served);
+    return status;
+}
+
+/* ---- the helper process --------------------------------------------------- */
+
+static void vd_log(const char *format, ...) __attribute__((format(printf, 1, 2)));
+
+static void vd_log(const char *format, ...)
+{
+    char stamp[32];
+    time_t now = time(NULL);
+    struct tm tm;
+    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", localtime_r(&now, &tm));
+    char message[1024];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(message, sizeof message, format, args);
+    va_end(args);
+    dprintf(STDERR_FILENO, "%s virtdisk helper %ld: %s\n", stamp, (long)getpid(), message);
+}
+
+static int vd_compare_fd(const void *a, const void *b)
+{
+    return *(const int *)a - *(const int *)b;
+}
+
+/* Closes every inherited descriptor but the ones listed: the caller's handle
+   descriptors carry locks that must end with the handles, its loop and
+   /dev/fuse descriptors must end with the caller. */
+static void vd_close_all_but(int *keep, size_t count)
+{
+    qsort(keep, count, sizeof *keep, vd_compare_fd);
+    unsigned first = 3;
+    for (size_t i = 0; i < count; i++) {
+        if ((unsigned)keep[i] >= first) {
+            if ((unsigned)keep[i] > first)
+                close_range(first, (unsigned)keep[i] - 1, 0);
+            first = (unsigned)keep[i] + 1;
+        }
+    }
+    close_range(first, ~0u, 0);
+}
+
+static void vd_helper_reply(int fd, DWORD status, const char *detail)
+{
+    dprintf(fd, "%08X %s\n", (unsigned)status, status == ERROR_SUCCESS ? "" : detail);
+}
+
+/* Serves detach requests until one succeeds. */
+static void vd_helper_serve(int listener, struct vd_served *served, struct vd_loop *loop, const char *image_path)
+{
+    for (;;) {
+        int client = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+        if (client < 0) {
+            if (errno != EINTR && errno != ECONNABORTED)
+                vd_log("accept: %s", strerror(errno));
+            continue;
+        }
+        char command[32] = {0};
+        ssize_t n = read(client, command, sizeof command - 1);
+        struct ucred peer;
+        socklen_t peer_size = sizeof peer;
+        if (getsockopt(client, SOL_SOCKET, SO_PEERCRED, &peer, &peer_size) < 0 || peer.uid != 0 || n <= 0 ||
+            strncmp(command, "detach\n", 7) != 0) {
+            vd_helper_reply(client, ERROR_ACCESS_DENIED, "not a detach request from root");
+            close(client);
+            continue;
+        }
+        vd_clear_detail();
+        int number = loop->number;
+        DWORD status = vd_loop_detach(number, &loop->fd);
+        if (status != ERROR_SUCCESS) {
+            vd_log("detach refused (0x%08X): %s", (unsigned)status, vd_last_error_detail());
+            vd_helper_reply(client, status, vd_last_error_detail());
+            close(client);
+            continue;
+        }
+        char socket_path[128];
+        vd_path_with(served->base, ".sock", socket_path, sizeof socket_path);
+        unlink(socket_path);
+        status = vd_served_end(served, number);
+        vd_log("detached /dev/loop%d from %s; final flush 0x%08X", number, image_path, (unsigned)status);
+        vd_helper_reply(client, status, vd_last_error_detail());
+        /* The client waits for this process to end: its end of the
+           connection closes with the process. */
+        _exit(status == ERROR_SUCCESS ? 0 : 1);
+    }
+}
+
+static void vd_helper_main(struct vd_image *image, bool read_only, int report_fd) __attribute__((noreturn));
+
+static void vd_helper_main(struct vd_image *image, bool read_only, int report_fd)
+{
+    int keep[VD_MAX_KEEP_FDS];
+    size_t count = 0;
+    keep[count++] = report_fd;
+    for (struct vd_image *i = image; i && count < VD_MAX_KEEP_FDS; i = i->parent)
+        keep[count++] = i->fd;
+    vd_close_all_but(keep, count);
+    prctl(PR_SET_NAME, "virtdisk-serve");
+
+    char base[96];
+    vd_record_base(image, base, sizeof base);
+    char log_path[128];
+    vd_path_with(base, ".log", log_path, sizeof log_path);
+    int log_fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null_fd >= 0)
+        dup2(null_fd, STDIN_FILENO);
+    dup2(log_fd >= 0 ? log_fd : null_fd, STDOUT_FILENO);
+    dup2(log_fd >= 0 ? log_fd : null_fd, STDERR_FILENO);
+    if (log_fd > STDERR_FILENO)
+        close(log_fd);
+    if (null_fd > STDERR_FILENO)
+        close(null_fd);
+    if (chdir("/") < 0) {
+        /* "/" always exists; nothing depends on the directory anyway. */
+    }
+    umask(077);
+    /* The caller's signal handlers belong to its runtime, not to this
+       process. */
+    for (int sig = 1; sig < NSIG; sig++)
+        signal(sig, SIG_DFL);
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+
+    char *image_path = strdup(image->path);
+    struct vd_helper_report report = {.number = -1};
+    struct vd_record record = {.pid = (long)getpid(), .permanent = true};
+    struct vd_loop loop = {.number = -1, .fd = -1};
+    struct vd_served *served = calloc(1, sizeof *served);
+    vd_clear_detail();
+    if (!image_path || !served) {
+        vd_image_close(image);
+        report.status = vd_fail(ERROR_OUTOFMEMORY, "allocating the helper's state");
+    } else {
+        snprintf(served->base, sizeof served->base, "%s", base);
+        report.status = vd_served_start(image, read_only, served, &loop, &record);
+    }
+
+    int listener = -1;
+    if (report.status == ERROR_SUCCESS) {
+        struct sockaddr_un address = {.sun_family = AF_UNIX};
+        vd_path_with(base, ".sock", address.sun_path, sizeof address.sun_path);
+        unlink(address.sun_path);
+        listener = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (listener < 0 || bind(listener, (struct sockaddr *)&address, sizeof address) < 0 ||
+            listen(listener, 8) < 0)
+            report.status = vd_fail_errno(errno, "listening on %s", address.sun_path);
+    }
+    if (report.status == ERROR_SUCCESS)
+        report.status = vd_record_write(base, &record, image_path);
+    if (report.status == ERROR_SUCCESS) {
+        report.number = loop.number;
+        vd_log("serving %s (%s) on /dev/loop%d", image_path, read_only ? "read-only" : "read-write", loop.number);
+    } else {
+        snprintf(report.detail, sizeof report.detail, "%s", vd_last_error_detail());
+        vd_log("attaching %s failed (0x%08X): %s", image_path, (unsigned)report.status, report.detail);
+    }
+    ssize_t written = write(report_fd, &report, sizeof report);
+    close(report_fd);
+    if (report.status != ERROR_SUCCESS || written != (ssize_t)sizeof report) {
+        if (loop.fd >= 0) {
+            close(loop.fd);
+            vd_served_end(served, loop.number);
+        }
+        _exit(1);
+    }
+    vd_helper_serve(listener, served, &loop, image_path);
+    _exit(1);
+}
+
+static DWORD vd_served_attach_helper(const struct vd_image *image, bool read_only, struct vd_loop *loop)
+{
+    struct vd_image *server_image;
+    DWORD status = vd_served_open_image(image, read_only, &server_image);
+    if (status != ERROR_SUCCESS)
+        return status;
+    int report_pipe[2];
+    if (pipe2(report_pipe, O_CLOEXEC) < 0) {
+        status = vd_fail_errno(errno, "creating a pipe for the helper");
+        vd_image_close(server_image);
+        return status;
+    }
+    /* Double fork: the helper is nobody's child here (no zombie for the
+       caller to reap) and leads no session (no controlling terminal). */
+    pid_t child = fork();
+    if (child == 0) {
+        close(report_pipe[0]);
+        setsid();
+        pid_t helper = fork();
+        if (helper != 0)
+            _exit(helper < 0 ? 1 : 0);
+        vd_helper_main(server_image, read_only, report_pipe[1]);
+    }
+    int fork_error = errno;
+    close(report_pipe[1]);
+    vd_image_close(server_image); /* the helper has its own copies */
+    if (child < 0) {
+        close(report_pipe[0]);
+        return vd_fail_errno(fork_error, "starting the helper process");
+    }
+    while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
+        continue;
+
+    struct vd_helper_report report;
+    size_t got = 0;
+    while (got < sizeof report) {
+        ssize_t n = read(report_pipe[0], (char *)&report + got, sizeof report - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(report_pipe[0]);
+    if (got != sizeof report) {
+        char log_path[128], base[96];
+        vd_record_base(image, base, sizeof base);
+        vd_path_with(base, ".log", log_path, sizeof log_path);
+        return vd_fail(ERROR_GEN_FAILURE, "the helper serving %s ended before attaching (see %s)", image->path,
+                       log_path);
+    }
+    if (report.status != ERROR_SUCCESS) {
+        report.detail[sizeof report.detail - 1] = '\0';
+        return vd_fail(report.status, "%s", report.detail);
+    }
+    loop->number = report.number;
+    loop->fd = -1;
+    return ERROR_SUCCESS;
+}
+
+DWORD vd_served_attach(const struct vd_image *image, bool read_only, bool permanent, struct vd_loop *loop,
+                       struct vd_served **out)
+{
+    *out = NULL;
+    /* Before any mount: without the privilege nothing may be touched. */
+    DWORD status = vd_loop_require_privilege("attaching a virtual disk");
+    if (status != ERROR_SUCCESS)
+        return status;
+    if (permanent)
+        return vd_served_attach_helper(image, read_only, loop);
+    return vd_served_attach_here(image, read_only, loop, out);
+}
+
+/* ---- detaching through the helper --------------------------------------- */
+
+DWORD vd_served_detach(const struct vd_image *image)
+{
+    DWORD privilege = vd_loop_require_privilege("detaching a virtual disk");
+    if (privilege != ERROR_SUCCESS)
+        return privilege;
+    char base[96];
+    struct sockaddr_un address = {.sun_family = AF_UNIX};
+    vd_record_base(image, base, sizeof base);
+    vd_path_with(base, ".sock", address.sun_path, sizeof address.sun_path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return vd_fail_errno(errno, "creating a socket");
+    if (connect(fd, (struct sockaddr *)&address, sizeof address) < 0) {
+        DWORD status = vd_fail(ERROR_NOT_READY, "%s is not attached any more (its helper is gone: %s)",
+                               image->path, strerror(errno));
+        close(fd);
+        return status;
+    }
+    static const char command[] = "detach\n";
+    char reply[640];
+    size_t got = 0;
+    DWORD status = ERROR_SUCCESS;
+    if (write(fd, command, sizeof command - 1) != (ssize_t)(sizeof command - 1))
+        status = vd_fail_errno(errno, "asking the helper of %s to detach", image->path);
+    /* The reply, then end of file when the helper has exited. */
+    while (status == ERROR_SUCCESS && got < sizeof reply - 1) {
+        struct pollfd wait = {.fd = fd, .events = POLLIN};
+        int ready = poll(&wait, 1, VD_SERVER_END_MS + 5000);
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready <= 0) {
+            status = vd_fail(ERROR_BUSY, "the helper of %s did not answer", image->path);
+            break;
+        }
+        ssize_t n = read(fd, reply + got, sizeof reply - 1 - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(fd);
+    if (status != ERROR_SUCCESS)
+        return status;
+    reply[got] = '\0';
+    unsigned code;
+    char *newline = strchr(reply, '\n');
+    if (!newline || sscanf(reply, "%8X", &code) != 1)
+        return vd_fail(ERROR_GEN_FAILURE, "the helper of %s ended without answering", image->path);
+    *newline = '\0';
+    if (code != ERROR_SUCCESS)
+        return vd_fail((DWORD)code, "%s", reply + 9);
+    return ERROR_SUCCESS;
+}

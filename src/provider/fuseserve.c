@@ -1,0 +1,444 @@
+/*
+ * The FUSE server of one virtual disk (see fuseserve.h).
+ *
+ * The file system has two inodes: the root directory and "disk".  Every
+ * answer about them is fixed for the server's lifetime, so the kernel is told
+ * to cache attributes and entries for a long time, and the file's page cache
+ * is kept across opens.
+ */
+#define _GNU_SOURCE
+#define FUSE_USE_VERSION FUSE_MAKE_VERSION(3, 12)
+#include "fuseserve.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "errors.h"
+
+#define VD_FUSE_ROOT_INO FUSE_ROOT_ID
+#define VD_FUSE_DISK_INO 2
+#define VD_FUSE_DISK_NAME "disk"
+/* Attributes never change while the server runs. */
+#define VD_FUSE_TIMEOUT 86400.0
+
+enum {
+    /* Largest read or write one request carries: the kernel's FUSE_MAX_MAX_PAGES
+       (256 pages), which libfuse3 negotiates when its buffer allows. */
+    VD_FUSE_MAX_IO = 1 << 20,
+    /* Threads serving requests at once; a loop device has 128 requests in
+       flight at most, most of them merged, and the formats serialise block
+       allocation anyway. */
+    VD_FUSE_MAX_THREADS = 16,
+    VD_FUSE_IDLE_THREADS = 4,
+};
+
+struct vd_fuse_server {
+    struct vd_image *image;
+    bool writable;
+    struct fuse_session *session;
+    char *mount_dir;
+    bool hidden;
+
+    pthread_t thread;
+    pthread_mutex_t mutex;
+    pthread_cond_t ended_cond;
+    bool ended;         /* the session loop returned and the image is closed */
+    bool abandoned;     /* nobody waits: the thread frees the server */
+    DWORD flush_status; /* of the final flush */
+};
+
+DWORD vd_run_dir_ensure(void)
+{
+    if (mkdir(VD_RUN_DIR, 0700) < 0 && errno != EEXIST)
+        return vd_fail_errno(errno, "creating %s", VD_RUN_DIR);
+    return ERROR_SUCCESS;
+}
+
+static DWORD vd_fuse_flush_image(struct vd_image *image)
+{
+    if (!image->writable)
+        return ERROR_SUCCESS;
+    if (image->format->flush)
+        return image->format->flush(image);
+    return fdatasync(image->fd) < 0 ? vd_fail_errno(errno, "%s: flushing", image->path) : ERROR_SUCCESS;
+}
+
+/* ---- the file system ------------------------------------------------------ */
+
+static void vd_fuse_stat(const struct vd_fuse_server *server, fuse_ino_t ino, struct stat *st)
+{
+    memset(st, 0, sizeof *st);
+    st->st_ino = ino;
+    if (ino == VD_FUSE_ROOT_INO) {
+        st->st_mode = S_IFDIR | 0700;
+        st->st_nlink = 2;
+    } else {
+        st->st_mode = S_IFREG | (server->writable ? 0600 : 0400);
+        st->st_nlink = 1;
+        st->st_size = (off_t)server->image->virtual_size;
+        st->st_blocks = (blkcnt_t)((server->image->virtual_size + 511) / 512);
+        st->st_blksize = (blksize_t)server->image->logical_sector_size;
+    }
+}
+
+static void vd_fuse_init(void *data, struct fuse_conn_info *conn)
+{
+    /* The kernel may cache the file's pages: only this server changes them. */
+    conn->want &= ~(unsigned)FUSE_CAP_AUTO_INVAL_DATA;
+    /* Write-through: a write the loop device sees completed is in the image
+       (flushed at fsync), never in a cache the kernel could lose with the
+       session. */
+    conn->want &= ~(unsigned)FUSE_CAP_WRITEBACK_CACHE;
+    if (conn->max_write > VD_FUSE_MAX_IO)
+        conn->max_write = VD_FUSE_MAX_IO;
+    conn->max_readahead = conn->capable & FUSE_CAP_ASYNC_READ ? VD_FUSE_MAX_IO : conn->max_readahead;
+}
+
+static void vd_fuse_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    struct vd_fuse_server *server = fuse_req_userdata(req);
+    if (parent != VD_FUSE_ROOT_INO || strcmp(name, VD_FUSE_DISK_NAME) != 0) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    struct fuse_entry_param entry;
+    memset(&entry, 0, sizeof entry);
+    entry.ino = VD_FUSE_DISK_INO;
+    entry.attr_timeout = VD_FUSE_TIMEOUT;
+    entry.entry_timeout = VD_FUSE_TIMEOUT;
+    vd_fuse_stat(server, VD_FUSE_DISK_INO, &entry.attr);
+    fuse_reply_entry(req, &entry);
+}
+
+static void vd_fuse_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct vd_fuse_server *server = fuse_req_userdata(req);
+    if (ino != VD_FUSE_ROOT_INO && ino != VD_FUSE_DISK_INO) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    struct stat st;
+    vd_fuse_stat(server, ino, &st);
+    fuse_reply_attr(req, &st, VD_FUSE_TIMEOUT);
+}
+
+static void vd_fuse_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                            struct fuse_file_info *fi)
+{
+    /* The disk's size is the image's; a truncate to that same size (what
+       O_TRUNC-free tools may still ask) is harmless, anything else is not. */
+    struct vd_fuse_server *server = fuse_req_userdata(req);
+    if ((to_set & FUSE_SET_ATTR_SIZE) && (uint64_t)attr->st_size != server->image->virtual_size) {
+        fuse_reply_err(req, EPERM);
+        return;
+    }
+    vd_fuse_getattr(req, ino, fi);
+}
+
+static void vd_fuse_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct vd_fuse_server *server = fuse_req_userdata(req);
+    if (ino != VD_FUSE_DISK_INO) {
+        fuse_reply_err(req, EISDIR);
+        return;
+    }
+    if ((fi->flags & O_ACCMODE) != O_RDONLY && !server->writable) {
+        fuse_reply_err(req, EROFS);
+        return;
+    }
+    fi->keep_cache = 1;
+    fuse_reply_open(req, fi);
+}
+
+static void vd_fuse_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, struct fuse_file_info *fi)
+{
+    struct vd_fuse_server *server = fuse_req_userdata(req);
+    uint64_t end = server->image->virtual_size;
+    if (offset < 0 || (uint64_t)offset >= end) {
+        fuse_reply_buf(req, NULL, 0);
+        return;
+    }
+    if (size > end - (uint64_t)offset)
+        size = (size_t)(end - (uint64_t)offset);
+    void *buffer = malloc(size);
+    if (!buffer) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    DWORD status = server->image->format->read(server->image, buffer, (uint64_t)offset, size);
+    if (status == ERROR_SUCCESS) {
+        fuse_reply_buf(req, buffer, size);
+    } else {
+        fuse_log(FUSE_LOG_ERR, "virtdisk: reading %zu bytes at %lld failed (0x%08X): %s\n", size,
+                 (long long)offset, (unsigned)status, vd_last_error_detail());
+        fuse_reply_err(req, EIO);
+    }
+    free(buffer);
+}
+
+static void vd_fuse_write(fuse_req_t req, fuse_ino_t ino, const char *buffer, size_t size, off_t offset,
+                          struct fuse_file_info *fi)
+{
+    struct vd_fuse_server *server = fuse_req_userdata(req);
+    if (!server->writable) {
+        fuse_reply_err(req, EROFS);
+        return;
+    }
+    uint64_t end = server->image->virtual_size;
+    if (offset < 0 || (uint64_t)offset > end || size > end - (uint64_t)offset) {
+        fuse_reply_err(req, ENOSPC);
+        return;
+    }
+    DWORD status = server->image->format->write(server->image, buffer, (uint64_t)offset, size);
+    if (status == ERROR_SUCCESS) {
+        fuse_reply_write(req, size);
+    } else {
+        fuse_log(FUSE_LOG_ERR, "virtdisk: writing %zu bytes at %lld failed (0x%08X): %s\n", size,
+                 (long long)offset, (unsigned)status, vd_last_error_detail());
+        fuse_reply_err(req, status == ERROR_DISK_FULL ? ENOSPC : EIO);
+    }
+}
+
+static void vd_fuse_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    struct vd_fuse_server *server = fuse_req_userdata(req);
+    DWORD status = vd_fuse_flush_image(server->image);
+    if (status != ERROR_SUCCESS)
+        fuse_log(FUSE_LOG_ERR, "virtdisk: flush failed (0x%08X): %s\n", (unsigned)status, vd_last_error_detail());
+    fuse_reply_err(req, status == ERROR_SUCCESS ? 0 : EIO);
+}
+
+static void vd_fuse_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    fuse_reply_err(req, 0); /* close(): durability is fsync's business */
+}
+
+static void vd_fuse_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, struct fuse_file_info *fi)
+{
+    struct vd_fuse_server *server = fuse_req_userdata(req);
+    if (ino != VD_FUSE_ROOT_INO) {
+        fuse_reply_err(req, ENOTDIR);
+        return;
+    }
+    static const struct { const char *name; fuse_ino_t ino; } entries[] = {
+        {".", VD_FUSE_ROOT_INO}, {"..", VD_FUSE_ROOT_INO}, {VD_FUSE_DISK_NAME, VD_FUSE_DISK_INO}};
+    char buffer[512];
+    size_t used = 0;
+    for (size_t i = (size_t)offset; i < sizeof entries / sizeof entries[0]; i++) {
+        struct stat st;
+        vd_fuse_stat(server, entries[i].ino, &st);
+        size_t need = fuse_add_direntry(req, buffer + used, sizeof buffer - used, entries[i].name, &st,
+                                        (off_t)(i + 1));
+        if (used + need > size || used + need > sizeof buffer)
+            break;
+        used += need;
+    }
+    fuse_reply_buf(req, buffer, used);
+}
+
+static const struct fuse_lowlevel_ops vd_fuse_ops = {
+    .init = vd_fuse_init,
+    .lookup = vd_fuse_lookup,
+    .getattr = vd_fuse_getattr,
+    .setattr = vd_fuse_setattr,
+    .open = vd_fuse_open,
+    .read = vd_fuse_read,
+    .write = vd_fuse_write,
+    .flush = vd_fuse_flush,
+    .fsync = vd_fuse_fsync,
+    .readdir = vd_fuse_readdir,
+};
+
+/* ---- the server's life ---------------------------------------------------- */
+
+static void vd_fuse_free(struct vd_fuse_server *server)
+{
+    pthread_mutex_destroy(&server->mutex);
+    pthread_cond_destroy(&server->ended_cond);
+    free(server->mount_dir);
+    free(server);
+}
+
+static void *vd_fuse_thread(void *context)
+{
+    struct vd_fuse_server *server = context;
+    struct fuse_loop_config *config = fuse_loop_cfg_create();
+    if (config) {
+        fuse_loop_cfg_set_max_threads(config, VD_FUSE_MAX_THREADS);
+        fuse_loop_cfg_set_idle_threads(config, VD_FUSE_IDLE_THREADS);
+        /* One /dev/fuse descriptor: see fuseserve.h. */
+        fuse_loop_cfg_set_clone_fd(config, 0);
+        fuse_session_loop_mt(server->session, config);
+        fuse_loop_cfg_destroy(config);
+    } else {
+        fuse_session_loop(server->session);
+    }
+    DWORD status = vd_fuse_flush_image(server->image);
+    if (status != ERROR_SUCCESS)
+        fuse_log(FUSE_LOG_ERR, "virtdisk: final flush of %s failed (0x%08X): %s\n", server->image->path,
+                 (unsigned)status, vd_last_error_detail());
+    fuse_session_destroy(server->session);
+    vd_image_close(server->image);
+    server->image = NULL;
+
+    pthread_mutex_lock(&server->mutex);
+    server->ended = true;
+    server->flush_status = status;
+    bool abandoned = server->abandoned;
+    pthread_cond_broadcast(&server->ended_cond);
+    pthread_mutex_unlock(&server->mutex);
+    if (abandoned)
+        vd_fuse_free(server);
+    return NULL;
+}
+
+DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server **out)
+{
+    if (writable && (!image->writable || !image->format->write)) {
+        vd_image_close(image);
+        return vd_fail(ERROR_ACCESS_DENIED, "%s is not open for writing", image->path);
+    }
+    struct vd_fuse_server *server = calloc(1, sizeof *server);
+    if (!server) {
+        vd_image_close(image);
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating a FUSE server");
+    }
+    server->image = image;
+    server->writable = writable;
+    pthread_mutex_init(&server->mutex, NULL);
+    pthread_cond_init(&server->ended_cond, NULL);
+
+    DWORD status = vd_run_dir_ensure();
+    if (status == ERROR_SUCCESS) {
+        server->mount_dir = strdup(VD_RUN_DIR "/mnt.XXXXXX");
+        if (!server->mount_dir)
+            status = vd_fail(ERROR_OUTOFMEMORY, "allocating a mount path");
+        else if (!mkdtemp(server->mount_dir))
+            status = vd_fail_errno(errno, "creating a mount directory under %s", VD_RUN_DIR);
+    }
+    if (status == ERROR_SUCCESS) {
+        char *argv[] = {"virtdisk", "-o", "fsname=virtdisk,subtype=virtdisk", NULL};
+        struct fuse_args args = FUSE_ARGS_INIT(3, argv);
+        server->session = fuse_session_new(&args, &vd_fuse_ops, sizeof vd_fuse_ops, server);
+        fuse_opt_free_args(&args);
+        if (!server->session)
+            status = vd_fail(ERROR_NOT_SUPPORTED, "libfuse3 could not create a session (see stderr)");
+    }
+    if (status == ERROR_SUCCESS && fuse_session_mount(server->session, server->mount_dir) != 0) {
+        status = access("/dev/fuse", F_OK) == 0
+                     ? vd_fail(ERROR_NOT_SUPPORTED, "mounting the FUSE server on %s failed (see stderr)",
+                               server->mount_dir)
+                     : vd_fail(ERROR_NOT_SUPPORTED, "serving a %s %s image needs FUSE, and /dev/fuse is missing",
+                               image->subtype == VD_SUBTYPE_DIFFERENCING ? "differencing" : "dynamic",
+                               image->format->name);
+        fuse_session_destroy(server->session);
+        server->session = NULL;
+    }
+    if (status == ERROR_SUCCESS) {
+        int fd = fuse_session_fd(server->session);
+        fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
+        /* Server threads take no signal meant for the process (Python's
+           handlers run in its main thread); libfuse's workers inherit this. */
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &old);
+        int error = pthread_create(&server->thread, NULL, vd_fuse_thread, server);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (error) {
+            status = vd_fail_errno(error, "starting the FUSE server thread");
+            umount2(server->mount_dir, MNT_DETACH);
+            fuse_session_destroy(server->session);
+            server->session = NULL;
+        }
+    }
+    if (status != ERROR_SUCCESS) {
+        if (server->mount_dir && server->mount_dir[0])
+            rmdir(server->mount_dir);
+        vd_image_close(image);
+        vd_fuse_free(server);
+        return status;
+    }
+    *out = server;
+    return ERROR_SUCCESS;
+}
+
+struct vd_image *vd_fuse_image(const struct vd_fuse_server *server)
+{
+    return server->image;
+}
+
+int vd_fuse_device_fd(const struct vd_fuse_server *server)
+{
+    return fuse_session_fd(server->session);
+}
+
+int vd_fuse_open_disk(struct vd_fuse_server *server, bool writable, DWORD *status)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", server->mount_dir, VD_FUSE_DISK_NAME);
+    int fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    if (fd < 0)
+        *status = vd_fail_errno(errno, "opening %s, the FUSE view of %s", path, server->image->path);
+    return fd;
+}
+
+DWORD vd_fuse_hide(struct vd_fuse_server *server)
+{
+    if (server->hidden)
+        return ERROR_SUCCESS;
+    if (umount2(server->mount_dir, MNT_DETACH) < 0)
+        return vd_fail_errno(errno, "detaching the FUSE mount %s", server->mount_dir);
+    rmdir(server->mount_dir);
+    server->hidden = true;
+    return ERROR_SUCCESS;
+}
+
+DWORD vd_fuse_wait(struct vd_fuse_server *server, int timeout_ms)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&server->mutex);
+    while (!server->ended) {
+        if (pthread_cond_timedwait(&server->ended_cond, &server->mutex, &deadline) == ETIMEDOUT)
+            break;
+    }
+    bool ended = server->ended;
+    DWORD status = server->flush_status;
+    pthread_mutex_unlock(&server->mutex);
+    if (!ended)
+        return vd_fail(ERROR_BUSY, "the FUSE server of %s is still serving after %d ms",
+                       server->mount_dir, timeout_ms);
+    pthread_join(server->thread, NULL);
+    vd_fuse_free(server);
+    return status;
+}
+
+void vd_fuse_abandon(struct vd_fuse_server *server)
+{
+    pthread_mutex_lock(&server->mutex);
+    bool ended = server->ended;
+    server->abandoned = !ended;
+    pthread_mutex_unlock(&server->mutex);
+    if (ended) {
+        pthread_join(server->thread, NULL);
+        vd_fuse_free(server);
+    } else {
+        pthread_detach(server->thread);
+    }
+}
