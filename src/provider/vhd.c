@@ -379,6 +379,12 @@ static DWORD vhd_read_footer(struct vd_image *image, struct vhd_state *state)
         return vd_fail(ERROR_VHD_DRIVE_FOOTER_CORRUPT,
                        "%s: footer at offset %llu: current size %llu is not a multiple of 512", image->path, at,
                        (ull)size);
+    /* Also keeps the block count computed from the size from wrapping
+       around (a size just below 2^64 rounded up to whole blocks is 0). */
+    if (size > VHD_MAX_SIZE)
+        return vd_fail(ERROR_VHD_INVALID_SIZE,
+                       "%s: footer at offset %llu: current size %llu exceeds the VHD limit of 2040 GiB", image->path,
+                       at, (ull)size);
     image->virtual_size = size;
     return ERROR_SUCCESS;
 }
