@@ -18,6 +18,7 @@
 #include "handles.h"
 #include "image.h"
 #include "loopdev.h"
+#include "source.h"
 #include "utf16.h"
 
 const GUID VIRTUAL_STORAGE_TYPE_VENDOR_UNKNOWN = {0, 0, 0, {0, 0, 0, 0, 0, 0, 0, 0}};
@@ -36,6 +37,15 @@ const GUID VIRTUAL_STORAGE_TYPE_VENDOR_MICROSOFT = {
      OPEN_VIRTUAL_DISK_FLAG_NO_WRITE_HARDENING | OPEN_VIRTUAL_DISK_FLAG_SUPPORT_COMPRESSED_VOLUMES | \
      OPEN_VIRTUAL_DISK_FLAG_SUPPORT_SPARSE_FILES_ANY_FS | OPEN_VIRTUAL_DISK_FLAG_SUPPORT_ENCRYPTED_FILES)
 #define VD_OPEN_FLAGS_ALL 0x00000FFFu
+
+/* Create flags with a meaning here: a fixed disk, and SPARSE_FILE, which
+   leaves a fixed disk's data area unallocated in the file (Windows: a fixed
+   disk on a sparse file); SUPPORT_SPARSE_FILES_ANY_FS and
+   SUPPORT_COMPRESSED_VOLUMES relax Windows host-volume policies that Linux
+   does not have, so they change nothing. */
+#define VD_CREATE_FLAGS_ACCEPTED                                                              \
+    (CREATE_VIRTUAL_DISK_FLAG_FULL_PHYSICAL_ALLOCATION | CREATE_VIRTUAL_DISK_FLAG_SPARSE_FILE |  \
+     CREATE_VIRTUAL_DISK_FLAG_SUPPORT_SPARSE_FILES_ANY_FS | CREATE_VIRTUAL_DISK_FLAG_SUPPORT_COMPRESSED_VOLUMES)
 
 /* What Microsoft's documentation calls the provider: a known device type
    from the Microsoft vendor, or "unknown" for both (decide by contents). */
@@ -144,6 +154,7 @@ struct vd_create_arguments {
     ULONG physical_sector_size;
     const WCHAR *parent_path;
     const WCHAR *source_path;
+    ULONG source_device;           /* SourceVirtualStorageType.DeviceId (version 2 on) */
 };
 
 static DWORD vd_create_arguments(VIRTUAL_DISK_ACCESS_MASK mask, const CREATE_VIRTUAL_DISK_PARAMETERS *p,
@@ -182,6 +193,7 @@ static DWORD vd_create_arguments(VIRTUAL_DISK_ACCESS_MASK mask, const CREATE_VIR
         args->physical_sector_size = p->Version2.PhysicalSectorSizeInBytes;
         args->parent_path = p->Version2.ParentPath;
         args->source_path = p->Version2.SourcePath;
+        args->source_device = p->Version2.SourceVirtualStorageType.DeviceId;
         /* The handle from a version 2 create can do everything but create. */
         *access = VIRTUAL_DISK_ACCESS_ALL & ~(VIRTUAL_DISK_ACCESS_MASK)VIRTUAL_DISK_ACCESS_CREATE;
         return ERROR_SUCCESS;
@@ -211,12 +223,19 @@ static DWORD vd_create_device(const VIRTUAL_STORAGE_TYPE *type, const char *path
     return ERROR_SUCCESS;
 }
 
+/* source: what a SourcePath holds (NULL without one), whose sector sizes
+   are the defaults and whose size MaximumSize 0 stands for. */
 static DWORD vd_check_geometry(ULONG device, const struct vd_create_arguments *args, bool differencing,
-                               struct vd_create_request *request)
+                               const struct vd_source *source, struct vd_create_request *request)
 {
-    request->logical_sector_size = args->sector_size ? args->sector_size : 512;
+    ULONG default_sector = 512;
+    if (source && device == VIRTUAL_STORAGE_TYPE_DEVICE_VHDX)
+        default_sector = source->logical_sector_size == 4096 ? 4096 : 512;
+    request->logical_sector_size = args->sector_size ? args->sector_size : default_sector;
     request->physical_sector_size = args->physical_sector_size ? args->physical_sector_size
-                                                              : request->logical_sector_size;
+                                    : source && source->physical_sector_size == 4096
+                                        ? source->physical_sector_size
+                                        : request->logical_sector_size;
     if (request->logical_sector_size != 512 &&
         !(device == VIRTUAL_STORAGE_TYPE_DEVICE_VHDX && request->logical_sector_size == 4096))
         return vd_fail(ERROR_INVALID_PARAMETER, "sector size %u is not 512 (or 4096 for VHDX)",
@@ -241,6 +260,19 @@ static DWORD vd_check_geometry(ULONG device, const struct vd_create_arguments *a
             return vd_fail(ERROR_INVALID_PARAMETER, "a differencing disk takes its size from its parent: "
                                                     "MaximumSize must be 0");
         return ERROR_SUCCESS;
+    }
+    if (source) {
+        /* MaximumSize 0 takes the source's size (a raw source's last partial
+           sector reads as zeros); otherwise the source must fit. */
+        uint64_t ss = request->logical_sector_size;
+        uint64_t needed = (source->size + ss - 1) / ss * ss;
+        if (args->maximum_size == 0) {
+            request->virtual_size = needed;
+            return ERROR_SUCCESS;
+        }
+        if (args->maximum_size < needed)
+            return vd_fail(ERROR_INVALID_PARAMETER, "MaximumSize %llu is smaller than the source %s (%llu bytes)",
+                           (unsigned long long)args->maximum_size, source->path, (unsigned long long)source->size);
     }
     if (args->maximum_size < 3u * 1024 * 1024)
         return vd_fail(ERROR_INVALID_PARAMETER, "MaximumSize %llu is below the 3 MiB minimum",
@@ -267,8 +299,9 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
         return vd_fail(ERROR_NOT_SUPPORTED, "security descriptors are not supported on Linux");
     if (Flags & ~(CREATE_VIRTUAL_DISK_FLAG)0x7FF)
         return vd_fail(ERROR_INVALID_PARAMETER, "create flags 0x%08x include unknown bits", (unsigned)Flags);
-    if (Flags & ~(CREATE_VIRTUAL_DISK_FLAG)CREATE_VIRTUAL_DISK_FLAG_FULL_PHYSICAL_ALLOCATION)
-        return vd_fail(ERROR_NOT_SUPPORTED, "create flags 0x%08x are not supported on Linux", (unsigned)Flags);
+    if (Flags & ~VD_CREATE_FLAGS_ACCEPTED)
+        return vd_fail(ERROR_NOT_SUPPORTED, "create flags 0x%08x are not supported on Linux",
+                       (unsigned)(Flags & ~VD_CREATE_FLAGS_ACCEPTED));
 
     struct vd_create_arguments args;
     VIRTUAL_DISK_ACCESS_MASK access = 0;
@@ -279,8 +312,6 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
         return status;
     if (args.parent_path && args.source_path)
         return vd_fail(ERROR_INVALID_PARAMETER, "ParentPath and SourcePath exclude each other");
-    if (args.source_path)
-        return vd_fail(ERROR_NOT_SUPPORTED, "creating from a SourcePath is not supported yet on Linux");
     bool differencing = args.parent_path != NULL;
     if (differencing && (Flags & CREATE_VIRTUAL_DISK_FLAG_FULL_PHYSICAL_ALLOCATION))
         return vd_fail(ERROR_INVALID_PARAMETER, "a differencing disk cannot be fully allocated");
@@ -293,10 +324,15 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
     struct vd_create_request request;
     memset(&request, 0, sizeof request);
     request.fixed = (Flags & CREATE_VIRTUAL_DISK_FLAG_FULL_PHYSICAL_ALLOCATION) != 0;
+    request.sparse = request.fixed && (Flags & CREATE_VIRTUAL_DISK_FLAG_SPARSE_FILE);
     struct vd_image *parent = NULL;
+    struct vd_source source = {.fd = -1};
     status = vd_create_device(VirtualStorageType, path, &request.device_id);
+    if (status == ERROR_SUCCESS && args.source_path)
+        status = vd_source_open(args.source_path, args.source_device, &source);
     if (status == ERROR_SUCCESS)
-        status = vd_check_geometry(request.device_id, &args, differencing, &request);
+        status = vd_check_geometry(request.device_id, &args, differencing, args.source_path ? &source : NULL,
+                                   &request);
     if (status == ERROR_SUCCESS && differencing) {
         char *parent_path;
         status = vd_path_argument(args.parent_path, &parent_path);
@@ -327,6 +363,7 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
         status = vd_fail(ERROR_NOT_SUPPORTED, "creating this image type is not supported");
     if (status != ERROR_SUCCESS) {
         vd_image_close(parent);
+        vd_source_close(&source);
         free(path);
         return status;
     }
@@ -336,6 +373,7 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
     if (fd < 0) {
         status = vd_fail_errno(errno, "creating %s", path);
         vd_image_close(parent);
+        vd_source_close(&source);
         free(path);
         return status;
     }
@@ -347,6 +385,9 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
     close(fd);
     vd_image_close(parent);
     free(absolute);
+    if (status == ERROR_SUCCESS && args.source_path)
+        status = vd_source_copy(&source, path, request.device_id, &request.unique_id);
+    vd_source_close(&source);
     if (status != ERROR_SUCCESS) {
         unlink(path);
         free(path);

@@ -79,6 +79,7 @@ struct vd_create_request {
     ULONG logical_sector_size;     /* 512 or 4096 (VHDX only) */
     ULONG physical_sector_size;    /* 512 or 4096 */
     bool fixed;                    /* CREATE_VIRTUAL_DISK_FLAG_FULL_PHYSICAL_ALLOCATION */
+    bool sparse;                   /* fixed, but the data area left unallocated (SPARSE_FILE) */
     GUID unique_id;                /* never zero: the caller generates one */
     const char *path;              /* where the file is being created (absolute) */
     struct vd_image *parent;       /* differencing: the opened parent, else NULL */

@@ -1437,7 +1437,7 @@ static DWORD vhd_create(int fd, const struct vd_create_request *request)
         return vd_fail(ERROR_VHD_INVALID_SIZE, "virtual size %llu exceeds the VHD limit of 2040 GiB", (ull)size);
 
     if (request->fixed) {
-        DWORD status = vhd_preallocate(fd, size);
+        DWORD status = request->sparse ? ERROR_SUCCESS : vhd_preallocate(fd, size);
         if (status != ERROR_SUCCESS)
             return status;
         struct vhd_footer footer;

@@ -1871,7 +1871,9 @@ static DWORD vhdx_create(int fd, const struct vd_create_request *r)
     if (ftruncate(fd, (off_t)data_start) < 0)
         return vd_fail_errno(errno, "sizing the new VHDX file to %llu bytes", ull(data_start));
     DWORD status = ERROR_SUCCESS;
-    if (r->fixed)
+    if (r->fixed && r->sparse && ftruncate(fd, (off_t)(data_start + payload_blocks * block_size)) < 0)
+        status = vd_fail_errno(errno, "sizing the new VHDX file for its sparse payload");
+    else if (r->fixed && !r->sparse)
         status = create_payload(fd, data_start, payload_blocks * block_size);
     if (status == ERROR_SUCCESS)
         status = create_metadata(fd, r, (uint32_t)block_size, file_flags, virtual_size, logical, physical);

@@ -52,6 +52,9 @@ def _human(size: int) -> str:
 
 def _create(args: argparse.Namespace) -> int:
     path = Path(args.path)
+    if not args.size and args.parent is None and args.source is None:
+        print("virtdisk: error: --size is required without --parent or --source", file=sys.stderr)
+        return 2
     kind = args.format if args.format is not None else None
     if kind is None and path.suffix.lower() not in (".vhd", ".vhdx"):
         kind = StorageType.VHD
@@ -62,6 +65,8 @@ def _create(args: argparse.Namespace) -> int:
         fixed=args.type == "fixed",
         block_size=args.block_size,
         sector_size=args.sector_size,
+        parent=args.parent,
+        source=args.source,
     ) as disk:
         info = disk.info
     print(f"created {path} ({_kind(info)}, {_human(info.virtual_size)})")
@@ -140,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = commands.add_parser("create", help="create a VHD or VHDX image")
     create.add_argument("path")
-    create.add_argument("--size", type=parse_size, required=True, help="virtual size, e.g. 64M")
+    create.add_argument(
+        "--size", type=parse_size, default=0, help="virtual size, e.g. 64M (default: the source's)"
+    )
     create.add_argument(
         "--format",
         type=_format,
@@ -157,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="logical sector size (4096: VHDX only)",
     )
+    origin = create.add_mutually_exclusive_group()
+    origin.add_argument("--parent", help="make a differencing disk over this image (no --size)")
+    origin.add_argument("--source", help="copy the contents of this image, raw file or block device")
     create.set_defaults(run=_create)
 
     info = commands.add_parser("info", help="describe an image")

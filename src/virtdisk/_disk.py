@@ -478,12 +478,18 @@ def create(
     physical_sector_size: int = 0,
     unique_id: uuid.UUID | None = None,
     parent: StrPath | None = None,
+    source: StrPath | None = None,
+    sparse: bool = False,
 ) -> VirtualDisk:
     """Create an image (CreateVirtualDisk, version 2 parameters) and return its handle.
 
     The format is ``storage_type`` or, when None, the path's suffix (.vhd,
     .vhdx).  ``fixed`` allocates the whole size now; otherwise the image grows
     as data is written.  ``parent`` makes a differencing disk (``size`` 0).
+    ``source`` copies the contents of another disk: a VHD, VHDX or ISO image
+    (its virtual disk) or anything else byte for byte (a raw image, a block
+    device); ``size`` 0 then means the source's size.  ``sparse`` leaves a
+    fixed disk's data area unallocated in the file (CREATE_VIRTUAL_DISK_FLAG_SPARSE_FILE).
     Never overwrites: an existing file raises :class:`VirtualDiskExistsError`.
     """
     image = Path(os.fspath(path))
@@ -501,7 +507,13 @@ def create(
         parent_text = ffi.new("WCHAR[]", os.fspath(parent))
         keep_alive.append(parent_text)
         v2.ParentPath = parent_text
+    if source is not None:
+        source_text = ffi.new("WCHAR[]", os.fspath(source))
+        keep_alive.append(source_text)
+        v2.SourcePath = source_text
     flags = CreateFlag.FULL_PHYSICAL_ALLOCATION if fixed else CreateFlag.NONE
+    if sparse:
+        flags |= CreateFlag.SPARSE_FILE
     handle = ffi.new("HANDLE *")
     kind = _storage_type_for(image, storage_type)
     code = lib.CreateVirtualDisk(

@@ -1,0 +1,147 @@
+/*
+ * Reading a creation source and copying it into a new image (source.h).
+ */
+#define _GNU_SOURCE
+#include "source.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "bytes.h"
+#include "errors.h"
+#include "utf16.h"
+
+typedef unsigned long long ull;
+
+enum { VD_COPY_CHUNK = 1 << 20 };
+
+static DWORD vd_source_open_raw(struct vd_source *source)
+{
+    source->fd = open(source->path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    if (source->fd < 0)
+        return vd_fail_errno(errno, "opening the source %s", source->path);
+    struct stat st;
+    if (fstat(source->fd, &st) < 0)
+        return vd_fail_errno(errno, "examining the source %s", source->path);
+    if (S_ISREG(st.st_mode)) {
+        source->size = (uint64_t)st.st_size;
+    } else if (S_ISBLK(st.st_mode)) {
+        uint64_t size;
+        if (ioctl(source->fd, BLKGETSIZE64, &size) < 0)
+            return vd_fail_errno(errno, "reading the size of the source device %s", source->path);
+        source->size = size;
+    } else {
+        return vd_fail(ERROR_VIRTDISK_NOT_VIRTUAL_DISK, "the source %s is neither a file nor a block device",
+                       source->path);
+    }
+    if (source->size == 0)
+        return vd_fail(ERROR_INVALID_PARAMETER, "the source %s is empty", source->path);
+    source->logical_sector_size = 512;
+    source->physical_sector_size = 512;
+    return ERROR_SUCCESS;
+}
+
+DWORD vd_source_open(const WCHAR *path, ULONG device_id, struct vd_source *source)
+{
+    memset(source, 0, sizeof *source);
+    source->fd = -1;
+    if (!path[0])
+        return vd_fail(ERROR_INVALID_PARAMETER, "SourcePath is empty");
+    source->path = vd_utf16_to_utf8(path);
+    if (!source->path)
+        return vd_fail(ERROR_INVALID_NAME, "SourcePath is not valid UTF-16");
+    DWORD status = vd_image_open(source->path, device_id, false, 0, &source->image);
+    bool unrecognised = status == ERROR_VIRTDISK_PROVIDER_NOT_FOUND || status == ERROR_VIRTDISK_NOT_VIRTUAL_DISK;
+    if (unrecognised && device_id == VIRTUAL_STORAGE_TYPE_DEVICE_UNKNOWN) {
+        source->image = NULL;
+        return vd_source_open_raw(source);
+    }
+    if (status != ERROR_SUCCESS)
+        return status;
+    source->size = source->image->virtual_size;
+    source->logical_sector_size = source->image->logical_sector_size;
+    source->physical_sector_size = source->image->physical_sector_size;
+    return ERROR_SUCCESS;
+}
+
+void vd_source_close(struct vd_source *source)
+{
+    vd_image_close(source->image);
+    if (source->fd >= 0)
+        close(source->fd);
+    free(source->path);
+    memset(source, 0, sizeof *source);
+    source->fd = -1;
+}
+
+static DWORD vd_source_read(const struct vd_source *source, uint8_t *buffer, uint64_t offset, size_t length)
+{
+    if (source->image)
+        return source->image->format->read(source->image, buffer, offset, length);
+    int error = vd_pread_full(source->fd, buffer, length, offset);
+    return error ? vd_fail_errno(error, "reading %zu bytes at offset %llu of the source %s", length, (ull)offset,
+                                 source->path)
+                 : ERROR_SUCCESS;
+}
+
+static bool vd_all_zero(const uint8_t *data, size_t length)
+{
+    static const uint8_t zeros[4096];
+    for (size_t done = 0; done < length; done += sizeof zeros) {
+        size_t n = length - done < sizeof zeros ? length - done : sizeof zeros;
+        if (memcmp(data + done, zeros, n) != 0)
+            return false;
+    }
+    return true;
+}
+
+DWORD vd_source_copy(const struct vd_source *source, const char *target_path, ULONG device_id,
+                     const GUID *unique_id)
+{
+    /* The file is new and is removed if anything fails, so the write
+       ordering that protects an existing image is not needed here; one
+       fsync at the end makes it durable. */
+    struct vd_image *target;
+    DWORD status = vd_image_open(target_path, device_id, true, OPEN_VIRTUAL_DISK_FLAG_NO_WRITE_HARDENING, &target);
+    if (status != ERROR_SUCCESS)
+        return status;
+    uint8_t *buffer = malloc(VD_COPY_CHUNK);
+    if (!buffer) {
+        vd_image_close(target);
+        return vd_fail(ERROR_OUTOFMEMORY, "copy buffer");
+    }
+    bool wrote = false;
+    for (uint64_t offset = 0; offset < source->size && status == ERROR_SUCCESS; offset += VD_COPY_CHUNK) {
+        size_t n = source->size - offset < VD_COPY_CHUNK ? (size_t)(source->size - offset) : VD_COPY_CHUNK;
+        status = vd_source_read(source, buffer, offset, n);
+        if (status != ERROR_SUCCESS || vd_all_zero(buffer, n))
+            continue;
+        /* A raw source's last sector may be partial: the rest reads as zero. */
+        size_t whole = (n + target->logical_sector_size - 1) / target->logical_sector_size *
+                       target->logical_sector_size;
+        if (whole > n) {
+            if (whole > VD_COPY_CHUNK || offset + whole > target->virtual_size) {
+                status = vd_fail(ERROR_INVALID_PARAMETER, "the source %s does not fit the new disk", source->path);
+                break;
+            }
+            memset(buffer + n, 0, whole - n);
+        }
+        status = target->format->write(target, buffer, offset, whole);
+        wrote = true;
+    }
+    free(buffer);
+    if (status == ERROR_SUCCESS && wrote && target->format->set_identifier &&
+        !vd_guid_equal(&target->identifier, unique_id))
+        status = target->format->set_identifier(target, unique_id);
+    if (status == ERROR_SUCCESS && fsync(target->fd) < 0)
+        status = vd_fail_errno(errno, "flushing %s", target_path);
+    vd_image_close(target);
+    return status;
+}
