@@ -19,6 +19,7 @@
 #define _GNU_SOURCE
 #include "fuseattach.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -150,6 +151,32 @@ static void vd_record_remove(const char *base)
     char path[128];
     vd_path_with(base, ".json", path, sizeof path);
     unlink(path);
+}
+
+/* Removes the records (and sockets) of servers that were killed: a record
+   whose process is gone.  Logs stay. */
+static void vd_records_collect_garbage(void)
+{
+    DIR *dir = opendir(VD_RUN_DIR);
+    if (!dir)
+        return;
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL) {
+        size_t length = strlen(entry->d_name);
+        if (length < 6 || strcmp(entry->d_name + length - 5, ".json") != 0 || length - 5 >= 80)
+            continue;
+        char base[96];
+        struct vd_record record;
+        snprintf(base, sizeof base, VD_RUN_DIR "/%.*s", (int)(length - 5), entry->d_name);
+        if (!vd_record_read(base, &record) || record.pid <= 0 || kill((pid_t)record.pid, 0) == 0 ||
+            errno != ESRCH)
+            continue;
+        char path[128];
+        vd_record_remove(base);
+        vd_path_with(base, ".sock", path, sizeof path);
+        unlink(path);
+    }
+    closedir(dir);
 }
 
 int vd_served_find(const struct vd_image *image, bool *helper)
@@ -538,6 +565,7 @@ DWORD vd_served_attach(const struct vd_image *image, bool read_only, bool perman
     DWORD status = vd_loop_require_privilege("attaching a virtual disk");
     if (status != ERROR_SUCCESS)
         return status;
+    vd_records_collect_garbage();
     if (permanent)
         return vd_served_attach_helper(image, read_only, loop);
     return vd_served_attach_here(image, read_only, loop, out);

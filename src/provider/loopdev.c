@@ -325,6 +325,15 @@ DWORD vd_loop_detach(int number, int *held_fd)
     }
     bool autoclear = info.lo_flags & LO_FLAGS_AUTOCLEAR;
 
+    /* A device in rundown fails every request, including the writeback of
+       its dirty pages at the last close: written but unsynced data would be
+       lost.  So it is written back now, while the device is still bound. */
+    if (fsync(probe) < 0) {
+        DWORD status = vd_loop_fail_errno(errno, "flushing", number);
+        close(probe);
+        return status;
+    }
+
     /* The kernel itself counts the device's openers: LOOP_CLR_FD from the
        only opener puts the device in rundown (new opens fail with ENXIO and
        the last close tears it down); with other openers it merely sets

@@ -1,0 +1,457 @@
+"""Attaching images that need block translation (dynamic and differencing VHD,
+VHDX): served through FUSE onto a loop device, with the lifetime and detach
+rules of a fixed VHD, data that lands in the image as the formats require, and
+nothing left behind when a process is killed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import virtdisk
+from virtdisk import Access, WinError
+
+from .conftest import require_tool
+
+pytestmark = pytest.mark.loop
+
+MiB = 1 << 20
+RUN_DIR = Path("/run/virtdisk")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def is_bound(device: str) -> bool:
+    return Path("/sys/block", Path(device).name, "loop").exists()
+
+
+def fuse_mounts() -> list[str]:
+    return [line for line in Path("/proc/self/mounts").read_text().splitlines() if " fuse" in line]
+
+
+def helper_pids() -> list[int]:
+    """Running helpers (an exited one may stay a zombie until init reaps it)."""
+    return [
+        int(p.parent.name)
+        for p in Path("/proc").glob("[0-9]*/comm")
+        if _read(p) == "virtdisk-serve" and _read(p.parent / "stat").rpartition(")")[2].split()[:1] != ["Z"]
+    ]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def record_path(image: Path, suffix: str = ".json") -> Path:
+    st = image.stat()
+    return RUN_DIR / f"{st.st_dev:x}-{st.st_ino:x}{suffix}"
+
+
+def record_of(image: Path) -> dict:
+    return json.loads(record_path(image).read_text())
+
+
+# ---- images of every kind ------------------------------------------------------
+
+
+def _qemu_fixed_vhdx(folder: Path, size: int) -> tuple[Path, list[Path]]:
+    qemu_img = require_tool("qemu-img")
+    path = folder / "qemu-fixed.vhdx"
+    subprocess.run(
+        [qemu_img, "create", "-q", "-f", "vhdx", "-o", "subformat=fixed", str(path), str(size)], check=True
+    )
+    return path, []
+
+
+def _made(name: str, **options) -> Callable[[Path, int], tuple[Path, list[Path]]]:
+    def make(folder: Path, size: int) -> tuple[Path, list[Path]]:
+        path = folder / name
+        virtdisk.create(path, size, **options).close()
+        return path, []
+
+    return make
+
+
+def _chain(suffix: str, levels: int, **options) -> Callable[[Path, int], tuple[Path, list[Path]]]:
+    """A differencing chain: base <- child1 <- ... ; the base holds data, so
+    reads through the chain must compose it."""
+
+    def make(folder: Path, size: int) -> tuple[Path, list[Path]]:
+        base = folder / f"base.{suffix}"
+        virtdisk.create(base, size, **options).close()
+        with virtdisk.open(base) as disk:
+            disk.attach()
+            with open(disk.physical_path, "r+b") as device:
+                device.seek(size - MiB)
+                device.write(b"from the base" + bytes(MiB - 13))
+            disk.detach()
+        parents = [base]
+        for level in range(1, levels + 1):
+            child = folder / f"child{level}.{suffix}"
+            virtdisk.create(child, 0, parent=parents[-1]).close()
+            parents.append(child)
+        return parents[-1], parents[:-1]
+
+    return make
+
+
+KINDS = {
+    "dynamic-vhd": (_made("dynamic.vhd"), True),
+    "differencing-vhd-2-levels": (_chain("vhd", 2), False),
+    "dynamic-vhdx-512": (_made("dynamic.vhdx"), True),
+    "dynamic-vhdx-4096": (_made("dynamic4k.vhdx", sector_size=4096), False),
+    "fixed-vhdx-512": (_made("fixed.vhdx", fixed=True), True),
+    "fixed-vhdx-4096": (_made("fixed4k.vhdx", fixed=True, sector_size=4096), False),
+    "qemu-fixed-vhdx-zero-blocks": (_qemu_fixed_vhdx, True),
+    "differencing-vhdx": (_chain("vhdx", 1), False),
+}
+QEMU_FORMAT = {".vhd": "vpc", ".vhdx": "vhdx"}
+
+
+@pytest.fixture
+def mount_point(images: Path) -> Iterator[Path]:
+    folder = images / "mnt"
+    folder.mkdir()
+    yield folder
+    subprocess.run(["umount", "-q", str(folder)], check=False)
+
+
+def read_device(device: str) -> bytes:
+    with open(device, "rb") as block:
+        return block.read()
+
+
+def dump_read_only(image: Path, out: Path) -> bytes:
+    """The disk's bytes as the provider shows them, attached read-only."""
+    with virtdisk.open(image, read_only=True) as disk:
+        disk.attach(read_only=True)
+        data = read_device(disk.physical_path)
+    out.write_bytes(data)
+    return data
+
+
+# ---- data round trip -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_files_written_through_the_mounted_disk_land_in_the_image(
+    kind: str, images: Path, mount_point: Path
+) -> None:
+    mkfs, debugfs = require_tool("mkfs.ext4"), require_tool("debugfs")
+    make, qemu_reads_it = KINDS[kind]
+    image, parents = make(images, 64 * MiB)
+    parent_hashes = {p: sha256(p) for p in parents}
+    payload = os.urandom(3 * MiB + 512)
+
+    with virtdisk.open(image) as disk:
+        disk.attach()
+        device = disk.physical_path
+        sector = disk.info.logical_sector_size
+        queue = Path("/sys/block", Path(device).name, "queue")
+        assert int((queue / "logical_block_size").read_text()) == sector
+        assert int(Path("/sys/block", Path(device).name, "size").read_text()) * 512 == 64 * MiB
+        if parents:
+            assert read_device(device)[63 * MiB : 63 * MiB + 13] == b"from the base"
+        subprocess.run([mkfs, "-q", "-F", device], check=True)
+        subprocess.run(["mount", device, str(mount_point)], check=True)
+        (mount_point / "hello.txt").write_text(f"hello from {kind}\n")
+        (mount_point / "random.bin").write_bytes(payload)
+        subprocess.run(["umount", str(mount_point)], check=True)
+        disk.detach()
+        assert not is_bound(device)
+
+    # Differencing writes go to the child only.
+    assert {p: sha256(p) for p in parents} == parent_hashes
+
+    ours = dump_read_only(image, images / "ours.raw")
+    if qemu_reads_it:
+        qemu_img = require_tool("qemu-img")
+        fmt = QEMU_FORMAT[image.suffix]
+        reference = images / "qemu.raw"
+        subprocess.run([qemu_img, "convert", "-f", fmt, "-O", "raw", str(image), str(reference)], check=True)
+        subprocess.run(
+            [qemu_img, "compare", "-f", "raw", "-F", "raw", str(reference), str(images / "ours.raw")],
+            check=True,
+        )
+        if fmt == "vhdx":
+            subprocess.run([qemu_img, "check", "-q", "-f", fmt, str(image)], check=True)
+    else:
+        reference = images / "ours.raw"
+    assert len(ours) == 64 * MiB
+    hello = subprocess.run([debugfs, "-R", "cat /hello.txt", str(reference)], capture_output=True, check=True)
+    assert hello.stdout == f"hello from {kind}\n".encode()
+    dumped = images / "random.out"
+    subprocess.run(
+        [debugfs, "-R", f"dump /random.bin {dumped}", str(reference)], capture_output=True, check=True
+    )
+    assert dumped.read_bytes() == payload
+
+
+@pytest.mark.parametrize(
+    "kind", ["dynamic-vhd", "differencing-vhd-2-levels", "dynamic-vhdx-4096", "differencing-vhdx"]
+)
+def test_read_only_attach_refuses_writes_and_leaves_the_image_unchanged(kind: str, images: Path) -> None:
+    make, _ = KINDS[kind]
+    image, parents = make(images, 16 * MiB)
+    before = {p: sha256(p) for p in [image, *parents]}
+    with virtdisk.open(image, read_only=True) as disk:
+        disk.attach(read_only=True)
+        device = disk.physical_path
+        assert Path("/sys/block", Path(device).name, "ro").read_text().strip() == "1"
+        with pytest.raises(OSError):
+            fd = os.open(device, os.O_WRONLY)
+            try:
+                os.write(fd, b"x" * 4096)
+            finally:
+                os.close(fd)
+        read_device(device)
+        disk.detach()
+    assert {p: sha256(p) for p in [image, *parents]} == before
+
+
+def test_a_writable_direct_vhdx_gets_a_new_data_write_guid(images: Path) -> None:
+    # A VHDX mapped straight onto the loop device never calls write(): the
+    # header update a first write makes must happen at attach.
+    path = images / "flat.vhdx"
+    virtdisk.create(path, 16 * MiB, fixed=True).close()
+    with virtdisk.open(path, Access.GET_INFO) as disk:
+        before = disk.info.identifier
+    with virtdisk.open(path) as disk:
+        disk.attach()
+        assert not list(RUN_DIR.glob("*.json")) or path.resolve() not in {
+            Path(json.loads(r.read_text())["image"]) for r in RUN_DIR.glob("*.json")
+        }, "a contiguous VHDX maps directly, without FUSE"
+        disk.detach()
+    with virtdisk.open(path, Access.GET_INFO) as disk:
+        assert disk.info.identifier != before
+
+
+# ---- lifetime and detach rules -----------------------------------------------------
+
+
+def make_dynamic(images: Path, name: str = "disk.vhdx", size: int = 32 * MiB) -> Path:
+    path = images / name
+    virtdisk.create(path, size).close()
+    return path
+
+
+def test_served_disk_detaches_and_its_server_ends_when_the_last_handle_closes(images: Path) -> None:
+    path = make_dynamic(images)
+    first = virtdisk.open(path)
+    second = virtdisk.open(path, Access.GET_INFO)
+    first.attach()
+    device = first.physical_path
+    first.close()
+    assert is_bound(device), "another handle is still open: the disk must stay"
+    assert second.physical_path == device and second.attached
+    second.close()
+    assert not is_bound(device)
+    assert not fuse_mounts()
+    assert not record_path(path).exists()
+
+
+def test_served_disk_is_found_by_other_processes(images: Path) -> None:
+    path = make_dynamic(images)
+    with virtdisk.open(path) as disk:
+        disk.attach()
+        device = disk.physical_path
+        result = run_python(f"""
+            import virtdisk
+            disk = virtdisk.open({str(path)!r}, virtdisk.Access.GET_INFO)
+            print(disk.physical_path, disk.attached)
+        """)
+        assert result.split() == [device, "True"]
+        listed = {d.physical_path: d.image_path for d in virtdisk.attached_disks()}
+        assert listed[device] == path.resolve()
+        with pytest.raises(virtdisk.DiskInUseError) as raised:
+            disk.attach()
+        assert raised.value.winerror == WinError.ERROR_SHARING_VIOLATION
+
+
+def test_detach_of_a_served_disk_is_refused_while_mounted(images: Path, mount_point: Path) -> None:
+    mkfs = require_tool("mkfs.ext4")
+    path = make_dynamic(images)
+    with virtdisk.open(path) as disk:
+        disk.attach()
+        device = disk.physical_path
+        subprocess.run([mkfs, "-q", "-F", device], check=True)
+        subprocess.run(["mount", device, str(mount_point)], check=True)
+        with pytest.raises(virtdisk.DiskInUseError) as raised:
+            disk.detach()
+        assert raised.value.winerror == WinError.ERROR_DEVICE_IN_USE
+        assert is_bound(device)
+        (mount_point / "still.txt").write_text("still served\n")
+        subprocess.run(["umount", str(mount_point)], check=True)
+        disk.detach()
+        assert not is_bound(device)
+
+
+def test_detach_of_a_served_disk_that_is_not_attached_is_error_not_ready(images: Path) -> None:
+    path = make_dynamic(images)
+    with virtdisk.open(path) as disk:
+        with pytest.raises(virtdisk.NotAttachedError) as raised:
+            disk.detach()
+        assert raised.value.winerror == WinError.ERROR_NOT_READY
+        disk.attach()
+        disk.detach()
+        with pytest.raises(virtdisk.NotAttachedError):
+            disk.detach()
+
+
+def run_python(code: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_permanent_served_disk_outlives_its_process_until_a_later_detach(images: Path) -> None:
+    path = make_dynamic(images)
+    device = run_python(f"""
+        import virtdisk
+        with virtdisk.open({str(path)!r}) as disk:
+            disk.attach(permanent=True)
+            print(disk.physical_path)
+    """)
+    assert is_bound(device)
+    helper = record_of(path)["pid"]
+    assert helper in helper_pids()
+    with virtdisk.open(path, Access.GET_INFO) as disk:
+        assert disk.physical_path == device and disk.attached
+    # Data written now must be in the image when the detach returns.
+    with open(device, "r+b") as block:
+        block.seek(5 * MiB)
+        block.write(b"permanent" * 1000)
+    run_python(f"import virtdisk; virtdisk.detach({str(path)!r})")
+    assert not is_bound(device)
+    assert helper not in helper_pids()
+    assert not record_path(path).exists() and not record_path(path, ".sock").exists()
+    log = record_path(path, ".log").read_text()
+    assert f"detached {device}" in log
+    data = dump_read_only(path, images / "after.raw")
+    assert data[5 * MiB : 5 * MiB + 9000] == b"permanent" * 1000
+
+
+def test_permanent_served_disk_detach_rules(images: Path) -> None:
+    path = make_dynamic(images)
+    with virtdisk.open(path) as disk:
+        disk.attach(permanent=True, read_only=True)
+        device = disk.physical_path
+        other = virtdisk.open(path, Access.GET_INFO)
+        with pytest.raises(virtdisk.DiskInUseError) as raised:
+            disk.detach()
+        assert raised.value.winerror == WinError.ERROR_SHARING_VIOLATION
+        other.close()
+        fd = os.open(device, os.O_RDONLY)
+        try:
+            with pytest.raises(virtdisk.DiskInUseError) as raised:
+                disk.detach()
+            assert raised.value.winerror == WinError.ERROR_DEVICE_IN_USE
+            assert is_bound(device), "a refused detach must not detach lazily"
+        finally:
+            os.close(fd)
+    with (
+        virtdisk.open(path, Access.GET_INFO | Access.ATTACH_RO) as disk,
+        pytest.raises(virtdisk.VirtualDiskPermissionError),
+    ):
+        disk.detach()
+    virtdisk.detach(path)
+    assert not is_bound(device)
+    with pytest.raises(virtdisk.NotAttachedError):
+        virtdisk.detach(path)
+
+
+# ---- faults ----------------------------------------------------------------------
+
+
+WRITER = """
+import os, sys, virtdisk
+disk = virtdisk.open({path!r})
+disk.attach(permanent={permanent})
+print(disk.physical_path, flush=True)
+fd = os.open(disk.physical_path, os.O_RDWR)
+block = os.urandom(1 << 20)
+i = 0
+while True:
+    os.pwrite(fd, block, (i % 24) << 20)
+    i += 1
+    if i == 8:
+        print("writing", flush=True)
+"""
+
+
+@contextmanager
+def writer(path: Path, permanent: bool) -> Iterator[tuple[subprocess.Popen, str]]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER.format(path=str(path), permanent=permanent)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        device = child.stdout.readline().strip()
+        assert child.stdout.readline().strip() == "writing"
+        yield child, device
+    finally:
+        child.kill()
+        child.wait()
+
+
+def wait_unbound(device: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while is_bound(device) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_bound(device), f"{device} is still attached"
+
+
+def assert_image_sound(path: Path) -> None:
+    with virtdisk.open(path) as disk:
+        assert not disk.attached
+        disk.attach(read_only=True)
+        read_device(disk.physical_path)
+        disk.detach()
+    if path.suffix == ".vhdx":
+        qemu_img = require_tool("qemu-img")
+        subprocess.run([qemu_img, "check", "-q", "-f", "vhdx", str(path)], check=True)
+
+
+@pytest.mark.parametrize("name", ["disk.vhdx", "disk.vhd"])
+def test_killing_the_attaching_process_mid_write_leaves_nothing_attached(name: str, images: Path) -> None:
+    path = make_dynamic(images, name)
+    with writer(path, permanent=False) as (child, device):
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    wait_unbound(device)
+    assert not fuse_mounts()
+    assert_image_sound(path)
+
+
+@pytest.mark.parametrize("name", ["disk.vhdx", "disk.vhd"])
+def test_killing_the_helper_mid_write_leaves_nothing_attached(name: str, images: Path) -> None:
+    path = make_dynamic(images, name)
+    with writer(path, permanent=True) as (child, device):
+        helper = record_of(path)["pid"]
+        os.kill(helper, signal.SIGKILL)
+        time.sleep(0.2)  # writes keep coming while the server is gone
+        child.kill()
+        child.wait(timeout=10)
+    wait_unbound(device)
+    assert helper not in helper_pids()
+    assert not fuse_mounts()
+    assert_image_sound(path)
+    with pytest.raises(virtdisk.NotAttachedError):
+        virtdisk.detach(path)
