@@ -8,14 +8,6 @@
 #define VD_UNSUPPORTED(name) \
     vd_fail(ERROR_CALL_NOT_IMPLEMENTED, name " is not implemented by the Linux provider")
 
-DWORD WINAPI GetStorageDependencyInformation(HANDLE ObjectHandle, GET_STORAGE_DEPENDENCY_FLAG Flags,
-                                             ULONG StorageDependencyInfoSize,
-                                             STORAGE_DEPENDENCY_INFO *StorageDependencyInfo, ULONG *SizeUsed)
-{
-    vd_clear_detail();
-    return VD_UNSUPPORTED("GetStorageDependencyInformation");
-}
-
 DWORD WINAPI EnumerateVirtualDiskMetadata(HANDLE VirtualDiskHandle, ULONG *NumberOfItems, GUID *Items)
 {
     vd_clear_detail();
