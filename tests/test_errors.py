@@ -47,6 +47,7 @@ def test_python_codes_match_the_native_table() -> None:
             errno.ENOENT,
         ),
         (WinError.ERROR_NOT_SUPPORTED, virtdisk.NotSupportedError, OSError, errno.EOPNOTSUPP),
+        (WinError.ERROR_VHD_INVALID_STATE, virtdisk.InvalidStateError, OSError, errno.EBUSY),
     ],
 )
 def test_codes_map_to_classes_and_errno(code, cls, builtin, errno_value) -> None:

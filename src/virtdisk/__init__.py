@@ -10,6 +10,7 @@ from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageT
 from ._errors import (
     DiskInUseError,
     InvalidImageError,
+    InvalidStateError,
     NotAttachedError,
     NotSupportedError,
     ParentNotFoundError,
@@ -31,6 +32,7 @@ __all__ = [
     "DiskInfo",
     "DiskType",
     "InvalidImageError",
+    "InvalidStateError",
     "NotAttachedError",
     "NotSupportedError",
     "OpenFlag",

@@ -148,6 +148,11 @@ class ParentNotFoundError(InvalidImageError, builtins.FileNotFoundError):
     """A differencing disk's parent cannot be found."""
 
 
+class InvalidStateError(VirtualDiskError):
+    """Not possible in the disk's current state: attached (detach first), or a
+    VHDX whose log must be replayed first."""
+
+
 class NotSupportedError(VirtualDiskError):
     """The operation or option is not supported by this platform's provider."""
 
@@ -182,7 +187,7 @@ _TABLE: dict[int, tuple[type[VirtualDiskError], int]] = {
     _E.ERROR_VHD_PARENT_VHD_NOT_FOUND: (ParentNotFoundError, errno.ENOENT),
     _E.ERROR_VHD_PARENT_VHD_ACCESS_DENIED: (VirtualDiskPermissionError, errno.EACCES),
     _E.ERROR_VHD_INVALID_TYPE: (NotSupportedError, errno.EOPNOTSUPP),
-    _E.ERROR_VHD_INVALID_STATE: (InvalidImageError, errno.EINVAL),
+    _E.ERROR_VHD_INVALID_STATE: (InvalidStateError, errno.EBUSY),
     # Refusals to resize: the image is fine, the request is not.
     _E.ERROR_VHD_RESIZE_WOULD_TRUNCATE_DATA: (VirtualDiskError, errno.EINVAL),
     _E.ERROR_VHD_COULD_NOT_COMPUTE_MINIMUM_VIRTUAL_SIZE: (VirtualDiskError, errno.EINVAL),
