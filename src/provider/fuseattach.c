@@ -246,6 +246,11 @@ static DWORD vd_served_start(struct vd_image *image, bool read_only, struct vd_s
             .block_size = block_size,
             .read_only = read_only,
             .autoclear = true,
+            /* The FUSE file's page cache would only duplicate the loop
+               device's own, and direct I/O keeps many requests in flight
+               (benchmarks/attached_io.py: sequential reads up to twice as
+               fast here). */
+            .direct_io = true,
             .name = name_copy,
         };
         status = vd_loop_attach(&request, loop);

@@ -81,6 +81,8 @@ DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out)
         config.info.lo_flags |= LO_FLAGS_READ_ONLY;
     if (request->autoclear)
         config.info.lo_flags |= LO_FLAGS_AUTOCLEAR;
+    if (request->direct_io)
+        config.info.lo_flags |= LO_FLAGS_DIRECT_IO;
     snprintf((char *)config.info.lo_file_name, LO_NAME_SIZE, "%s%s", VD_LOOP_NAME_PREFIX,
              request->name ? request->name : "");
 

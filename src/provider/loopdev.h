@@ -31,6 +31,7 @@ struct vd_loop_request {
     uint32_t block_size;     /* logical sector size: 512, 2048 or 4096 */
     bool read_only;
     bool autoclear;          /* detach when the last opener closes */
+    bool direct_io;          /* the device reads and writes the file with O_DIRECT */
     const char *name;        /* the image path, for lo_file_name (cosmetic) */
 };
 
