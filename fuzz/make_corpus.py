@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from pack import pack
 
 MiB = 1 << 20
+PARENT_VHD_ID = uuid.UUID("5eed0000-0000-4000-8000-00000000d15c")
+PARENT_VHDX_ID = uuid.UUID("5eed0000-0000-4000-8000-0000000d15c2")
 
 
 def _crc32c(data: bytes) -> int:
@@ -134,8 +136,10 @@ def make(out: Path) -> dict[str, list[Path]]:
 
     # The parents, and their children made beside them (so the relative locator
     # is ".\parent.vhd" / "./parent.vhdx", which the harness reproduces).
-    virtdisk.create(parents / "parent.vhd", 8 * MiB).close()
-    virtdisk.create(parents / "parent.vhdx", 8 * MiB, block_size=MiB).close()
+    # Fixed identifiers: children in a corpus grown from older seeds still
+    # match regenerated parents.
+    virtdisk.create(parents / "parent.vhd", 8 * MiB, unique_id=PARENT_VHD_ID).close()
+    virtdisk.create(parents / "parent.vhdx", 8 * MiB, block_size=MiB, unique_id=PARENT_VHDX_ID).close()
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         children = {
