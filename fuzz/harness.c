@@ -225,6 +225,11 @@ void vd_fuzz_one(const uint8_t *data, size_t size, ULONG device_id)
     struct vd_image *image = NULL;
     vd_clear_detail();
     DWORD status = vd_image_open(vd_fuzz_input, device_id, false, 0, &image);
+    if (getenv("VD_FUZZ_VERBOSE"))
+        fprintf(stderr, "fuzz harness: open: 0x%08X %s%s\n", (unsigned)status, vd_last_error_detail(),
+                status == ERROR_SUCCESS && image->subtype == VD_SUBTYPE_DIFFERENCING
+                    ? (image->parent_resolved ? " (parent resolved)" : " (parent not resolved)")
+                    : "");
     vd_fuzz_check(status, "vd_image_open()");
     if (status != ERROR_SUCCESS)
         return;
