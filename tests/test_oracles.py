@@ -113,3 +113,18 @@ def test_opening_read_only_writes_nothing(tmp_path: Path) -> None:
     with virtdisk.open(path, read_only=True) as disk:
         disk.info  # noqa: B018
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
+def test_every_info_field_comes_from_its_own_answer(tmp_path: Path) -> None:
+    """Each information version is read while its buffer is alive: a field must
+    never show another version's answer (this once aliased the parent's id)."""
+    parent_path = tmp_path / "parent.vhdx"
+    with virtdisk.create(parent_path, 8 * MiB, physical_sector_size=4096) as parent:
+        parent_info = parent.info
+    with virtdisk.create(tmp_path / "child.vhdx", parent=parent_path) as child:
+        info = child.info
+    assert info.disk_type == DiskType.DIFFERENCING
+    assert info.physical_sector_size == 4096
+    assert info.parent_identifier == parent_info.identifier
+    assert info.virtual_disk_id not in (None, info.identifier, parent_info.identifier)
+    assert info.parent_path == str(parent_path.resolve())

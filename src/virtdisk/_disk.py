@@ -10,14 +10,16 @@ import sys
 import threading
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageType
 from ._errors import NotSupportedError, VirtualDiskError, WinError, check
 from ._native import ffi, lib
+
+_T = TypeVar("_T")
 
 StrPath = Union[str, "os.PathLike[str]"]
 
@@ -284,7 +286,7 @@ class VirtualDisk:
     @property
     def attached(self) -> bool:
         """Whether the disk is attached (GET_VIRTUAL_DISK_INFO_IS_LOADED)."""
-        return bool(self._info(lib.GET_VIRTUAL_DISK_INFO_IS_LOADED).IsLoaded)
+        return self._query(lib.GET_VIRTUAL_DISK_INFO_IS_LOADED, lambda i: bool(i.IsLoaded))
 
     # ---- size ------------------------------------------------------------
 
@@ -320,7 +322,9 @@ class VirtualDisk:
 
     # ---- information ----------------------------------------------------
 
-    def _info(self, version: int, size: int = 0) -> Any:
+    def _query(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T:
+        """GetVirtualDiskInformation for one version, and ``read`` applied to the
+        answer while its buffer is alive (a view must never outlive it)."""
         size = max(size, ffi.sizeof("GET_VIRTUAL_DISK_INFO"))
         with self._using() as handle:
             while True:
@@ -333,14 +337,12 @@ class VirtualDisk:
                     break
                 size = info_size[0]
             check(code, "GetVirtualDiskInformation", str(self._path))
-            # Keep the buffer alive as long as the struct view of it.
-            self._last_info_buffer = buffer
-            return info
+            return read(info)
 
-    def _optional_info(self, version: int, size: int = 0) -> Any:
+    def _optional_query(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T | None:
         """The information, or None where it does not apply to this image."""
         try:
-            return self._info(version, size)
+            return self._query(version, read, size)
         except NotSupportedError:
             return None
         except VirtualDiskError as error:
@@ -354,28 +356,43 @@ class VirtualDisk:
     @property
     def info(self) -> DiskInfo:
         """Everything GetVirtualDiskInformation tells about the image."""
-        size = self._info(lib.GET_VIRTUAL_DISK_INFO_SIZE).Size
-        virtual_size, physical_size = size.VirtualSize, size.PhysicalSize
-        block_size, sector_size = size.BlockSize, size.SectorSize
-        storage = StorageType(
-            self._info(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE).VirtualStorageType.DeviceId
+        virtual_size, physical_size, block_size, sector_size = self._query(
+            lib.GET_VIRTUAL_DISK_INFO_SIZE,
+            lambda i: (i.Size.VirtualSize, i.Size.PhysicalSize, i.Size.BlockSize, i.Size.SectorSize),
         )
-        subtype = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE)
-        disk_type = DiskType(subtype.ProviderSubtype) if subtype is not None else None
-        identifier = _guid_to_uuid(self._info(lib.GET_VIRTUAL_DISK_INFO_IDENTIFIER).Identifier)
-        physical_sector = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_VHD_PHYSICAL_SECTOR_SIZE)
-        disk_id = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_DISK_ID)
+        storage = StorageType(
+            self._query(
+                lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE, lambda i: i.VirtualStorageType.DeviceId
+            )
+        )
+        subtype = self._optional_query(
+            lib.GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE, lambda i: i.ProviderSubtype
+        )
+        disk_type = DiskType(subtype) if subtype is not None else None
+        identifier = self._query(lib.GET_VIRTUAL_DISK_INFO_IDENTIFIER, lambda i: _guid_to_uuid(i.Identifier))
+        physical_sector = self._optional_query(
+            lib.GET_VIRTUAL_DISK_INFO_VHD_PHYSICAL_SECTOR_SIZE, lambda i: i.VhdPhysicalSectorSize
+        )
+        disk_id = self._optional_query(
+            lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_DISK_ID, lambda i: _guid_to_uuid(i.VirtualDiskId)
+        )
         parent_paths: tuple[str, ...] = ()
         parent_resolved = parent_identifier = None
         parent_timestamp = None
         if disk_type == DiskType.DIFFERENCING:
-            timestamp = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_PARENT_TIMESTAMP)
-            parent_timestamp = timestamp.ParentTimestamp if timestamp is not None else None
-            location = self._info(lib.GET_VIRTUAL_DISK_INFO_PARENT_LOCATION, 4096)
-            parent_resolved = bool(location.ParentLocation.ParentResolved)
-            parent_paths = _multi_sz(ffi.cast("WCHAR *", location.ParentLocation.ParentLocationBuffer))
-            parent_identifier = _guid_to_uuid(
-                self._info(lib.GET_VIRTUAL_DISK_INFO_PARENT_IDENTIFIER).ParentIdentifier
+            parent_timestamp = self._optional_query(
+                lib.GET_VIRTUAL_DISK_INFO_PARENT_TIMESTAMP, lambda i: i.ParentTimestamp
+            )
+            parent_resolved, parent_paths = self._query(
+                lib.GET_VIRTUAL_DISK_INFO_PARENT_LOCATION,
+                lambda i: (
+                    bool(i.ParentLocation.ParentResolved),
+                    _multi_sz(ffi.cast("WCHAR *", i.ParentLocation.ParentLocationBuffer)),
+                ),
+                4096,
+            )
+            parent_identifier = self._query(
+                lib.GET_VIRTUAL_DISK_INFO_PARENT_IDENTIFIER, lambda i: _guid_to_uuid(i.ParentIdentifier)
             )
         return DiskInfo(
             path=self._path,
@@ -385,9 +402,9 @@ class VirtualDisk:
             physical_size=physical_size,
             block_size=block_size,
             logical_sector_size=sector_size,
-            physical_sector_size=physical_sector.VhdPhysicalSectorSize if physical_sector else sector_size,
+            physical_sector_size=physical_sector if physical_sector is not None else sector_size,
             identifier=identifier,
-            virtual_disk_id=_guid_to_uuid(disk_id.VirtualDiskId) if disk_id is not None else None,
+            virtual_disk_id=disk_id,
             parent_paths=parent_paths,
             parent_resolved=parent_resolved,
             parent_identifier=parent_identifier,
@@ -398,23 +415,37 @@ class VirtualDisk:
 
     def _extra_info(self) -> dict[str, Any]:
         """The information versions added after Windows 7, each None where it does not apply."""
-        out: dict[str, Any] = {}
-        safe = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_SMALLEST_SAFE_VIRTUAL_SIZE)
-        out["smallest_safe_size"] = safe.SmallestSafeVirtualSize if safe is not None else None
-        fragmentation = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_FRAGMENTATION)
-        out["fragmentation"] = fragmentation.FragmentationPercentage if fragmentation is not None else None
-        aligned = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_IS_4K_ALIGNED)
-        out["is_4k_aligned"] = bool(aligned.Is4kAligned) if aligned is not None else None
-        host = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_PHYSICAL_DISK)
+        out: dict[str, Any] = {
+            "smallest_safe_size": self._optional_query(
+                lib.GET_VIRTUAL_DISK_INFO_SMALLEST_SAFE_VIRTUAL_SIZE, lambda i: i.SmallestSafeVirtualSize
+            ),
+            "fragmentation": self._optional_query(
+                lib.GET_VIRTUAL_DISK_INFO_FRAGMENTATION, lambda i: i.FragmentationPercentage
+            ),
+            "is_4k_aligned": self._optional_query(
+                lib.GET_VIRTUAL_DISK_INFO_IS_4K_ALIGNED, lambda i: bool(i.Is4kAligned)
+            ),
+        }
+        host = self._optional_query(
+            lib.GET_VIRTUAL_DISK_INFO_PHYSICAL_DISK,
+            lambda i: (
+                i.PhysicalDisk.LogicalSectorSize,
+                i.PhysicalDisk.PhysicalSectorSize,
+                bool(i.PhysicalDisk.IsRemote),
+            ),
+        )
         if host is not None:
-            out["host_logical_sector_size"] = host.PhysicalDisk.LogicalSectorSize
-            out["host_physical_sector_size"] = host.PhysicalDisk.PhysicalSectorSize
-            out["host_is_remote"] = bool(host.PhysicalDisk.IsRemote)
-        tracking = self._optional_info(lib.GET_VIRTUAL_DISK_INFO_CHANGE_TRACKING_STATE, 1024)
+            out["host_logical_sector_size"], out["host_physical_sector_size"], out["host_is_remote"] = host
+        tracking = self._optional_query(
+            lib.GET_VIRTUAL_DISK_INFO_CHANGE_TRACKING_STATE,
+            lambda i: (
+                bool(i.ChangeTrackingState.Enabled),
+                str(ffi.string(ffi.cast("WCHAR *", i.ChangeTrackingState.MostRecentId))),
+            ),
+            1024,
+        )
         if tracking is not None:
-            state = tracking.ChangeTrackingState
-            out["change_tracking_enabled"] = bool(state.Enabled)
-            out["change_tracking_id"] = str(ffi.string(ffi.cast("WCHAR *", state.MostRecentId)))
+            out["change_tracking_enabled"], out["change_tracking_id"] = tracking
         return out
 
 
