@@ -170,18 +170,23 @@ static int vd_loop_scan(bool (*visit)(int number, void *context), void *context)
     return found;
 }
 
-bool vd_loop_is_backed_by(int number, dev_t dev, ino_t ino)
+/* LOOP_GET_STATUS64 of /dev/loopN; false when it is not there or not bound. */
+static bool vd_loop_status(int number, struct loop_info64 *info)
 {
     char path[32];
     vd_loop_path(number, path, sizeof path);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return false;
-    struct loop_info64 info;
-    bool backed = ioctl(fd, LOOP_GET_STATUS64, &info) == 0 && info.lo_device == (uint64_t)dev &&
-                  info.lo_inode == (uint64_t)ino;
+    bool bound = ioctl(fd, LOOP_GET_STATUS64, info) == 0;
     close(fd);
-    return backed;
+    return bound;
+}
+
+bool vd_loop_is_backed_by(int number, dev_t dev, ino_t ino)
+{
+    struct loop_info64 info;
+    return vd_loop_status(number, &info) && info.lo_device == (uint64_t)dev && info.lo_inode == (uint64_t)ino;
 }
 
 struct vd_file_identity {
@@ -232,17 +237,9 @@ static int vd_compare_int(const void *a, const void *b)
 
 static bool vd_loop_is_ours(int number)
 {
-    char path[32];
-    vd_loop_path(number, path, sizeof path);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return false;
     struct loop_info64 info;
-    bool ours = ioctl(fd, LOOP_GET_STATUS64, &info) == 0 &&
-                strncmp((const char *)info.lo_file_name, VD_LOOP_NAME_PREFIX,
-                        strlen(VD_LOOP_NAME_PREFIX)) == 0;
-    close(fd);
-    return ours;
+    return vd_loop_status(number, &info) &&
+           strncmp((const char *)info.lo_file_name, VD_LOOP_NAME_PREFIX, strlen(VD_LOOP_NAME_PREFIX)) == 0;
 }
 
 void vd_loop_for_each_virtual_disk(void (*visit)(int number, void *context), void *context)
