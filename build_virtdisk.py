@@ -66,8 +66,10 @@ else:
     ffi.set_source(
         "virtdisk._native",
         '#include "virtdisk.h"',
-        sources=[str(CFFI_SRC / "messages.c")]
-        + sorted(str(path.relative_to(ROOT)) for path in (ROOT / PROVIDER).glob("*.c")),
+        sources=[
+            str(CFFI_SRC / "messages.c"),
+            *sorted(str(path.relative_to(ROOT)) for path in (ROOT / PROVIDER).glob("*.c")),
+        ],
         include_dirs=[str(PROVIDER), str(CFFI_SRC), *fuse3["include_dirs"]],
         extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", *fuse3["extra"]],
         library_dirs=fuse3["library_dirs"],
