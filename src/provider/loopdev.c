@@ -326,8 +326,11 @@ DWORD vd_loop_detach(int number, int *held_fd)
 
     /* A device in rundown fails every request, including the writeback of
        its dirty pages at the last close: written but unsynced data would be
-       lost.  So it is written back now, while the device is still bound. */
-    if (fsync(probe) < 0) {
+       lost.  So it is written back now, while the device is still bound, and
+       made durable in the image as Windows' write-through disks are.  That
+       flush reaches the host disk and costs more than the rest of a detach;
+       a read-only device has nothing to write and skips it. */
+    if (!(info.lo_flags & LO_FLAGS_READ_ONLY) && fsync(probe) < 0) {
         DWORD status = vd_loop_fail_errno(errno, "flushing", number);
         close(probe);
         return status;
