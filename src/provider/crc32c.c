@@ -1,7 +1,9 @@
 /*
- * CRC-32C by slicing-by-8: VHDX checksums cover at most 64 KiB at a time
- * (region tables) or a log entry, so a portable table method is plenty; no
- * SSE4.2 dispatch to keep the provider free of CPU-specific code paths.
+ * CRC-32C by slicing-by-8, and on x86-64 processors with SSE4.2 by the crc32
+ * instruction.  Opening a VHDX checksums two headers and a 64 KiB region
+ * table; the table method spends most of an open there, the instruction a
+ * tenth of it.  The table method stays the portable reference: both must give
+ * the same result (crc32c("123456789") == 0xE3069283).
  */
 #include "crc32c.h"
 
@@ -28,10 +30,8 @@ static void crc32c_build_table(void)
                                  ^ crc32c_table[0][crc32c_table[k - 1][n] & 0xFF];
 }
 
-uint32_t vd_crc32c(uint32_t crc, const void *data, size_t length)
+static uint32_t crc32c_table_method(uint32_t crc, const uint8_t *p, size_t length)
 {
-    const uint8_t *p = data;
-
     pthread_once(&crc32c_table_once, crc32c_build_table);
     crc = ~crc;
     while (length >= 8) {
@@ -52,3 +52,36 @@ uint32_t vd_crc32c(uint32_t crc, const void *data, size_t length)
         crc = crc >> 8 ^ crc32c_table[0][(crc ^ *p++) & 0xFF];
     return ~crc;
 }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <string.h>
+
+__attribute__((target("sse4.2"))) static uint32_t crc32c_instruction(uint32_t crc, const uint8_t *p,
+                                                                     size_t length)
+{
+    uint64_t state = ~crc;
+    while (length >= 8) {
+        uint64_t word;
+        memcpy(&word, p, 8); /* unaligned-safe; x86-64 is little-endian like the CRC */
+        state = __builtin_ia32_crc32di(state, word);
+        p += 8;
+        length -= 8;
+    }
+    uint32_t small = (uint32_t)state;
+    while (length--)
+        small = __builtin_ia32_crc32qi(small, *p++);
+    return ~small;
+}
+
+uint32_t vd_crc32c(uint32_t crc, const void *data, size_t length)
+{
+    if (__builtin_cpu_supports("sse4.2"))
+        return crc32c_instruction(crc, data, length);
+    return crc32c_table_method(crc, data, length);
+}
+#else
+uint32_t vd_crc32c(uint32_t crc, const void *data, size_t length)
+{
+    return crc32c_table_method(crc, data, length);
+}
+#endif

@@ -325,65 +325,46 @@ class VirtualDisk:
     def _query(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T:
         """GetVirtualDiskInformation for one version, and ``read`` applied to the
         answer while its buffer is alive (a view must never outlive it)."""
-        size = max(size, ffi.sizeof("GET_VIRTUAL_DISK_INFO"))
-        with self._using() as handle:
-            while True:
-                buffer = ffi.new("char[]", size)
-                info = ffi.cast("GET_VIRTUAL_DISK_INFO *", buffer)
-                info.Version = version
-                info_size = ffi.new("ULONG *", size)
-                code = lib.GetVirtualDiskInformation(handle, info_size, info, ffi.NULL)
-                if code != WinError.ERROR_INSUFFICIENT_BUFFER or info_size[0] <= size:
-                    break
-                size = info_size[0]
-            check(code, "GetVirtualDiskInformation", str(self._path))
-            return read(info)
-
-    def _optional_query(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T | None:
-        """The information, or None where it does not apply to this image."""
+        handle = self._acquire()
         try:
-            return self._query(version, read, size)
-        except NotSupportedError:
-            return None
-        except VirtualDiskError as error:
-            # Asked of an image that cannot answer it: the minimum size of a
-            # differencing disk opened without its parent, or a version the
-            # running Windows predates.
-            if error.winerror in _UNANSWERABLE:
-                return None
-            raise
+            return _Query(handle, self._path)(version, read, size)
+        finally:
+            self._release()
 
     @property
     def info(self) -> DiskInfo:
         """Everything GetVirtualDiskInformation tells about the image."""
-        virtual_size, physical_size, block_size, sector_size = self._query(
+        handle = self._acquire()
+        try:
+            return self._info(_Query(handle, self._path))
+        finally:
+            self._release()
+
+    def _info(self, query: _Query) -> DiskInfo:
+        virtual_size, physical_size, block_size, sector_size = query(
             lib.GET_VIRTUAL_DISK_INFO_SIZE,
             lambda i: (i.Size.VirtualSize, i.Size.PhysicalSize, i.Size.BlockSize, i.Size.SectorSize),
         )
         storage = StorageType(
-            self._query(
-                lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE, lambda i: i.VirtualStorageType.DeviceId
-            )
+            query(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE, lambda i: i.VirtualStorageType.DeviceId)
         )
-        subtype = self._optional_query(
-            lib.GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE, lambda i: i.ProviderSubtype
-        )
+        subtype = query.optional(lib.GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE, lambda i: i.ProviderSubtype)
         disk_type = DiskType(subtype) if subtype is not None else None
-        identifier = self._query(lib.GET_VIRTUAL_DISK_INFO_IDENTIFIER, lambda i: _guid_to_uuid(i.Identifier))
-        physical_sector = self._optional_query(
+        identifier = query(lib.GET_VIRTUAL_DISK_INFO_IDENTIFIER, lambda i: _guid_to_uuid(i.Identifier))
+        physical_sector = query.optional(
             lib.GET_VIRTUAL_DISK_INFO_VHD_PHYSICAL_SECTOR_SIZE, lambda i: i.VhdPhysicalSectorSize
         )
-        disk_id = self._optional_query(
+        disk_id = query.optional(
             lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_DISK_ID, lambda i: _guid_to_uuid(i.VirtualDiskId)
         )
         parent_paths: tuple[str, ...] = ()
         parent_resolved = parent_identifier = None
         parent_timestamp = None
         if disk_type == DiskType.DIFFERENCING:
-            parent_timestamp = self._optional_query(
+            parent_timestamp = query.optional(
                 lib.GET_VIRTUAL_DISK_INFO_PARENT_TIMESTAMP, lambda i: i.ParentTimestamp
             )
-            parent_resolved, parent_paths = self._query(
+            parent_resolved, parent_paths = query(
                 lib.GET_VIRTUAL_DISK_INFO_PARENT_LOCATION,
                 lambda i: (
                     bool(i.ParentLocation.ParentResolved),
@@ -391,7 +372,7 @@ class VirtualDisk:
                 ),
                 4096,
             )
-            parent_identifier = self._query(
+            parent_identifier = query(
                 lib.GET_VIRTUAL_DISK_INFO_PARENT_IDENTIFIER, lambda i: _guid_to_uuid(i.ParentIdentifier)
             )
         return DiskInfo(
@@ -408,45 +389,90 @@ class VirtualDisk:
             parent_paths=parent_paths,
             parent_resolved=parent_resolved,
             parent_identifier=parent_identifier,
-            attached=self.attached,
+            attached=query(lib.GET_VIRTUAL_DISK_INFO_IS_LOADED, lambda i: bool(i.IsLoaded)),
             parent_timestamp=parent_timestamp,
-            **self._extra_info(),
+            **_extra_info(query),
         )
 
-    def _extra_info(self) -> dict[str, Any]:
-        """The information versions added after Windows 7, each None where it does not apply."""
-        out: dict[str, Any] = {
-            "smallest_safe_size": self._optional_query(
-                lib.GET_VIRTUAL_DISK_INFO_SMALLEST_SAFE_VIRTUAL_SIZE, lambda i: i.SmallestSafeVirtualSize
-            ),
-            "fragmentation": self._optional_query(
-                lib.GET_VIRTUAL_DISK_INFO_FRAGMENTATION, lambda i: i.FragmentationPercentage
-            ),
-            "is_4k_aligned": self._optional_query(
-                lib.GET_VIRTUAL_DISK_INFO_IS_4K_ALIGNED, lambda i: bool(i.Is4kAligned)
-            ),
-        }
-        host = self._optional_query(
-            lib.GET_VIRTUAL_DISK_INFO_PHYSICAL_DISK,
-            lambda i: (
-                i.PhysicalDisk.LogicalSectorSize,
-                i.PhysicalDisk.PhysicalSectorSize,
-                bool(i.PhysicalDisk.IsRemote),
-            ),
-        )
-        if host is not None:
-            out["host_logical_sector_size"], out["host_physical_sector_size"], out["host_is_remote"] = host
-        tracking = self._optional_query(
-            lib.GET_VIRTUAL_DISK_INFO_CHANGE_TRACKING_STATE,
-            lambda i: (
-                bool(i.ChangeTrackingState.Enabled),
-                str(ffi.string(ffi.cast("WCHAR *", i.ChangeTrackingState.MostRecentId))),
-            ),
-            1024,
-        )
-        if tracking is not None:
-            out["change_tracking_enabled"], out["change_tracking_id"] = tracking
-        return out
+
+def _extra_info(query: _Query) -> dict[str, Any]:
+    """The information versions added after Windows 7, each None where it does not apply."""
+    out: dict[str, Any] = {
+        "smallest_safe_size": query.optional(
+            lib.GET_VIRTUAL_DISK_INFO_SMALLEST_SAFE_VIRTUAL_SIZE, lambda i: i.SmallestSafeVirtualSize
+        ),
+        "fragmentation": query.optional(
+            lib.GET_VIRTUAL_DISK_INFO_FRAGMENTATION, lambda i: i.FragmentationPercentage
+        ),
+        "is_4k_aligned": query.optional(
+            lib.GET_VIRTUAL_DISK_INFO_IS_4K_ALIGNED, lambda i: bool(i.Is4kAligned)
+        ),
+    }
+    host = query.optional(
+        lib.GET_VIRTUAL_DISK_INFO_PHYSICAL_DISK,
+        lambda i: (
+            i.PhysicalDisk.LogicalSectorSize,
+            i.PhysicalDisk.PhysicalSectorSize,
+            bool(i.PhysicalDisk.IsRemote),
+        ),
+    )
+    if host is not None:
+        out["host_logical_sector_size"], out["host_physical_sector_size"], out["host_is_remote"] = host
+    tracking = query.optional(
+        lib.GET_VIRTUAL_DISK_INFO_CHANGE_TRACKING_STATE,
+        lambda i: (
+            bool(i.ChangeTrackingState.Enabled),
+            str(ffi.string(ffi.cast("WCHAR *", i.ChangeTrackingState.MostRecentId))),
+        ),
+        1024,
+    )
+    if tracking is not None:
+        out["change_tracking_enabled"], out["change_tracking_id"] = tracking
+    return out
+
+
+class _Query:
+    """GetVirtualDiskInformation on one handle, reusing one buffer: each call
+    applies ``read`` to the answer while the buffer holds it (a view into the
+    buffer must never outlive the call)."""
+
+    _SIZE = 4096
+
+    def __init__(self, handle: Any, path: Path) -> None:
+        self._handle = handle
+        self._path = path
+        self._buffer = ffi.new("char[]", self._SIZE)
+        self._size = ffi.new("ULONG *")
+
+    def __call__(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T:
+        buffer, size = self._buffer, max(size, self._SIZE)
+        if size > self._SIZE:
+            buffer = ffi.new("char[]", size)
+        while True:
+            info = ffi.cast("GET_VIRTUAL_DISK_INFO *", buffer)
+            info.Version = version
+            self._size[0] = size
+            code = lib.GetVirtualDiskInformation(self._handle, self._size, info, ffi.NULL)
+            if code != WinError.ERROR_INSUFFICIENT_BUFFER or self._size[0] <= size:
+                break
+            size = self._size[0]
+            buffer = ffi.new("char[]", size)
+        check(code, "GetVirtualDiskInformation", str(self._path))
+        return read(info)
+
+    def optional(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T | None:
+        """The information, or None where it does not apply to this image."""
+        try:
+            return self(version, read, size)
+        except NotSupportedError:
+            return None
+        except VirtualDiskError as error:
+            # Asked of an image that cannot answer it: the minimum size of a
+            # differencing disk opened without its parent, or a version the
+            # running Windows predates.
+            if error.winerror in _UNANSWERABLE:
+                return None
+            raise
 
 
 def _multi_sz(pointer: Any) -> tuple[str, ...]:
