@@ -33,45 +33,36 @@ void vd_disks_unlock(void)
     pthread_mutex_unlock(&vd_disk_mutex);
 }
 
-static int vd_lock_byte_at(int fd, off_t offset, short type, int command, struct flock *lock);
-
-static int vd_lock_byte(int fd, short type, int command, struct flock *lock)
+/* Read-locks one byte for this open file description. */
+static int vd_lock_byte(int fd, off_t offset)
 {
-    return vd_lock_byte_at(fd, VD_HANDLE_LOCK_OFFSET, type, command, lock);
+    struct flock lock = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = offset, .l_len = 1};
+    return fcntl(fd, F_OFD_SETLK, &lock);
 }
 
-static int vd_lock_byte_at(int fd, off_t offset, short type, int command, struct flock *lock)
+/* Whether another open file description, in any process, holds a lock on the
+   byte (F_OFD_GETLK ignores the caller's own). */
+static bool vd_byte_locked_elsewhere(int fd, off_t offset)
 {
-    lock->l_type = type;
-    lock->l_whence = SEEK_SET;
-    lock->l_start = offset;
-    lock->l_len = 1;
-    lock->l_pid = 0;
-    return fcntl(fd, command, lock);
+    struct flock lock = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = offset, .l_len = 1};
+    return fcntl(fd, F_OFD_GETLK, &lock) == 0 && lock.l_type != F_UNLCK;
 }
 
 DWORD vd_mark_attached(int backing_fd)
 {
-    struct flock lock;
-    if (vd_lock_byte_at(backing_fd, VD_ATTACHED_LOCK_OFFSET, F_RDLCK, F_OFD_SETLK, &lock) < 0)
+    if (vd_lock_byte(backing_fd, VD_ATTACHED_LOCK_OFFSET) < 0)
         return vd_fail_errno(errno, "marking the image as attached");
     return ERROR_SUCCESS;
 }
 
 bool vd_image_is_attached(const struct vd_image *image)
 {
-    struct flock lock;
-    if (vd_lock_byte_at(image->fd, VD_ATTACHED_LOCK_OFFSET, F_WRLCK, F_OFD_GETLK, &lock) < 0)
-        return false;
-    return lock.l_type != F_UNLCK;
+    return vd_byte_locked_elsewhere(image->fd, VD_ATTACHED_LOCK_OFFSET);
 }
 
 bool vd_handle_has_others(const struct vd_handle *handle)
 {
-    struct flock lock;
-    if (vd_lock_byte(handle->image->fd, F_WRLCK, F_OFD_GETLK, &lock) < 0)
-        return false;
-    return lock.l_type != F_UNLCK;
+    return vd_byte_locked_elsewhere(handle->image->fd, VD_HANDLE_LOCK_OFFSET);
 }
 
 /* Called with vd_registry_mutex held. */
@@ -94,8 +85,7 @@ static struct vd_disk *vd_disk_for(dev_t dev, ino_t ino)
 
 DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, HANDLE *out)
 {
-    struct flock lock;
-    if (vd_lock_byte(image->fd, F_RDLCK, F_OFD_SETLK, &lock) < 0) {
+    if (vd_lock_byte(image->fd, VD_HANDLE_LOCK_OFFSET) < 0) {
         DWORD status = vd_fail_errno(errno, "registering a handle lock on %s", image->path);
         vd_image_close(image);
         return status;
