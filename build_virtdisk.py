@@ -2,11 +2,18 @@
 
 The declarations are one file for every platform (src/_cffi_src/virtdisk_api.h,
 spelled like the SDK's virtdisk.h) plus the shim's prototypes (shim.h).  On
-Windows they are compiled against the system <virtdisk.h> and VirtDisk.lib,
-and cffi checks every declared layout and constant against the SDK.  On Linux
-the project's own provider (src/provider/) implements the same declarations.
+Windows they are compiled against the system <virtdisk.h> and VirtDisk.lib
+(shim_windows.h says how), and cffi checks the declared constants and
+layouts against them.  On Linux the project's own provider (src/provider/)
+implements the same declarations.
+
+VIRTDISK_TARGET=windows or linux picks the branch; by default the platform
+running the build.  .ci/windows-wheel sets it to cross-compile the Windows
+module on Linux through this very branch.
 """
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,10 +25,16 @@ from cffi import FFI
 ROOT = Path(__file__).parent
 CFFI_SRC = Path("src", "_cffi_src")
 PROVIDER = Path("src", "provider")
+TARGET = os.environ.get("VIRTDISK_TARGET") or ("windows" if sys.platform == "win32" else "linux")
+if TARGET not in ("windows", "linux"):
+    raise SystemExit(f"VIRTDISK_TARGET must be windows or linux, not {TARGET!r}")
 
 
 def _cdef(name: str) -> str:
-    return (ROOT / CFFI_SRC / name).read_text(encoding="utf-8")
+    text = (ROOT / CFFI_SRC / name).read_text(encoding="utf-8")
+    # The C spells the SDK's flexible arrays [0] (virtdisk_api.h says why);
+    # cffi gets them as flexible again.
+    return re.sub(r"\[0\];", "[];", text)
 
 
 def _pkg_config(package: str, apt_name: str) -> dict[str, list[str]]:
@@ -53,7 +66,7 @@ ffi = FFI()
 ffi.cdef(_cdef("virtdisk_api.h"))
 ffi.cdef(_cdef("shim.h"))
 
-if sys.platform == "win32":
+if TARGET == "windows":
     ffi.set_source(
         "virtdisk._native",
         '#include "shim_windows.h"',

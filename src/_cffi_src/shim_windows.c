@@ -3,11 +3,13 @@
  * privilege, and the run-time lookup of VirtDisk functions newer than
  * Windows 7 (late_bound.h).
  */
-#include "shim_windows.h"
+#include "windows_sdk.h"
 
 #include <stdlib.h>
 
+#include "late_bound.h"
 #include "messages.h"
+#include "shim.h"
 
 /* The vendor GUIDs the cdef exports are only declared by <virtdisk.h>, and
    <initguid.h> cannot make it define them: MinGW-w64's <windows.h> has

@@ -1,93 +1,38 @@
 /*
  * The Windows side of virtdisk._native: the preamble cffi compiles its
- * generated code with (build_virtdisk.py), and the header of shim_windows.c.
+ * generated code with (build_virtdisk.py).  shim_windows.c implements shim.h.
  *
- * The system's <virtdisk.h> declares everything; cffi checks our cdef against
- * it.  Two things are added here:
- *   - the functions newer than Windows 7 are routed through run-time lookup
- *     (late_bound.h), so that the module imports on any Windows and a missing
- *     function answers ERROR_CALL_NOT_IMPLEMENTED instead;
- *   - what MinGW-w64's <virtdisk.h> lacks, so that shim_windows.c also builds
- *     with MinGW-w64 and zig, which is how tests/test_conformance.py checks it
- *     on Linux.  (The module itself is built with MSVC and the SDK: MinGW-w64's
- *     stale layouts would fail cffi's own checks.)
+ * Promises: the cdef's types, constants and functions (virtdisk_api.h,
+ * shim.h) declared with the SDK's layouts, char16_t declared, and the
+ * functions newer than Windows 7 routed to their run-time lookup thunks.
+ *
+ * The declarations come from one of two places:
+ *   - with the SDK (MSVC), the system's <virtdisk.h> (windows_sdk.h), which
+ *     cffi then checks our cdef against;
+ *   - with MinGW-w64 (zig, .ci/windows-wheel), the project's own
+ *     virtdisk_api.h: MinGW-w64's <virtdisk.h> lacks OPEN_VIRTUAL_DISK v3,
+ *     CREATE v3/v4 and ATTACH v2, and its CREATE v2 and ATTACH layouts differ
+ *     from the SDK's, while ours equal the SDK's on x64, x86 and ARM64
+ *     (tests/test_conformance.py).  <windows.h> stays out of this file then:
+ *     its ULONG is not uint32_t's type.
  */
 #ifndef VD_SHIM_WINDOWS_H
 #define VD_SHIM_WINDOWS_H
 
-/* Python's pyconfig.h targets Windows 8 (NTDDI_WIN8), and the SDK's
-   <virtdisk.h> hides whatever is newer than NTDDI_VERSION.  Every declaration
-   is wanted here, whatever Windows build it arrived in: which of them this
-   Windows has is decided at run time.  0x0A00FFFF is past every Windows 10/11
-   NTDDI value. */
-#undef NTDDI_VERSION
-#undef _WIN32_WINNT
-#undef WINVER
-#define NTDDI_VERSION 0x0A00FFFF
-#define _WIN32_WINNT 0x0A00
-#define WINVER 0x0A00
+#include <stddef.h>
+#include <stdint.h>
+/* cffi spells every WCHAR of the cdef as char16_t in the code it generates,
+   and its documentation leaves declaring char16_t to set_source's code: no
+   Windows header does. */
+#include <uchar.h>
 
-#include <windows.h>
-#include <virtdisk.h>
-
-/* Up to at least 15.0 (zig's) MinGW-w64 declares neither RawSCSIVirtualDisk
-   nor ForkVirtualDisk, nor their types; these are the SDK's definitions. */
-#if defined(__MINGW64_VERSION_MAJOR) && __MINGW64_VERSION_MAJOR <= 15
-typedef enum _RAW_SCSI_VIRTUAL_DISK_VERSION {
-    RAW_SCSI_VIRTUAL_DISK_VERSION_UNSPECIFIED = 0,
-    RAW_SCSI_VIRTUAL_DISK_VERSION_1 = 1
-} RAW_SCSI_VIRTUAL_DISK_VERSION;
-
-typedef struct _RAW_SCSI_VIRTUAL_DISK_PARAMETERS {
-    RAW_SCSI_VIRTUAL_DISK_VERSION Version;
-    union {
-        struct {
-            BOOL RSVDHandle;
-            UCHAR DataIn;
-            UCHAR CdbLength;
-            UCHAR SenseInfoLength;
-            ULONG SrbFlags;
-            ULONG DataTransferLength;
-            PVOID DataBuffer;
-            UCHAR *SenseInfo;
-            UCHAR *Cdb;
-        } Version1;
-    };
-} RAW_SCSI_VIRTUAL_DISK_PARAMETERS, *PRAW_SCSI_VIRTUAL_DISK_PARAMETERS;
-
-typedef struct _RAW_SCSI_VIRTUAL_DISK_RESPONSE {
-    RAW_SCSI_VIRTUAL_DISK_VERSION Version;
-    union {
-        struct {
-            UCHAR ScsiStatus;
-            UCHAR SenseInfoLength;
-            ULONG DataTransferLength;
-        } Version1;
-    };
-} RAW_SCSI_VIRTUAL_DISK_RESPONSE, *PRAW_SCSI_VIRTUAL_DISK_RESPONSE;
-
-typedef enum _RAW_SCSI_VIRTUAL_DISK_FLAG {
-    RAW_SCSI_VIRTUAL_DISK_FLAG_NONE = 0x0
-} RAW_SCSI_VIRTUAL_DISK_FLAG;
-
-typedef enum _FORK_VIRTUAL_DISK_VERSION {
-    FORK_VIRTUAL_DISK_VERSION_UNSPECIFIED = 0,
-    FORK_VIRTUAL_DISK_VERSION_1 = 1
-} FORK_VIRTUAL_DISK_VERSION;
-
-typedef struct _FORK_VIRTUAL_DISK_PARAMETERS {
-    FORK_VIRTUAL_DISK_VERSION Version;
-    union {
-        struct {
-            PCWSTR ForkedVirtualDiskPath;
-        } Version1;
-    };
-} FORK_VIRTUAL_DISK_PARAMETERS, *PFORK_VIRTUAL_DISK_PARAMETERS;
-
-typedef enum _FORK_VIRTUAL_DISK_FLAG {
-    FORK_VIRTUAL_DISK_FLAG_NONE = 0x00000000,
-    FORK_VIRTUAL_DISK_FLAG_EXISTING_FILE = 0x00000001
-} FORK_VIRTUAL_DISK_FLAG;
+#if defined(__MINGW64_VERSION_MAJOR) /* defined by every MinGW-w64 C header */
+#ifndef WINAPI
+#define WINAPI __stdcall
+#endif
+#include "virtdisk_api.h"
+#else
+#include "windows_sdk.h"
 #endif
 
 #include "late_bound.h"

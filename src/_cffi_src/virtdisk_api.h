@@ -3,10 +3,15 @@
  *
  * This one file is read twice:
  *   - by build_virtdisk.py as the cffi cdef, on every platform.  On Windows cffi
- *     compiles checks of every struct layout and #define value below against the
- *     real <virtdisk.h>, so a drift from the SDK fails the build.
+ *     compiles checks of every #define value below against the real
+ *     <virtdisk.h>, and of the struct layouts as far as cffi checks them: the
+ *     whole layout of a struct without anonymous members, but only the member
+ *     sizes of one with an anonymous union (most here), whose offsets it takes
+ *     from the compiler.  tests/test_conformance.py checks the rest.
  *   - by the C compiler as the Linux provider's stand-in for <virtdisk.h>
- *     (through src/provider/virtdisk.h, which supplies WINAPI and <stdint.h>).
+ *     (through src/provider/virtdisk.h, which supplies WINAPI and <stdint.h>),
+ *     and as the Windows module's, where the system <virtdisk.h> is
+ *     MinGW-w64's and lacks what the SDK has (shim_windows.h).
  *
  * It must therefore stay in the common subset of C and cffi's cdef syntax: no
  * #if, no #include, integer literals only in #define, P-typedefs written as
@@ -273,14 +278,19 @@ typedef struct _STORAGE_DEPENDENCY_INFO_TYPE_2 {
     WCHAR *DependentVolumeRelativePath;
 } STORAGE_DEPENDENCY_INFO_TYPE_2;
 
-/* The SDK's entry arrays are flexible; [1] keeps this valid cdef.  Entries
-   start at offset 8 either way: size buffers from NumberEntries, not sizeof. */
+/* The SDK's entry arrays are flexible ([]), which C allows in no union: [0]
+   is GNU C's (and MSVC's) spelling of the same thing, so that the Linux
+   provider compiles this file and the layout is the SDK's (sizeof 8, entries
+   at offset 8).  build_virtdisk.py hands them to cffi as [] again: cffi then
+   asks the compiler for their offset but never for a sizeof, which MSVC
+   refuses or answers 0 for the SDK's flexible arrays.  Size buffers from
+   NumberEntries. */
 typedef struct _STORAGE_DEPENDENCY_INFO {
     STORAGE_DEPENDENCY_INFO_VERSION Version;
     ULONG NumberEntries;
     union {
-        STORAGE_DEPENDENCY_INFO_TYPE_1 Version1Entries[1];
-        STORAGE_DEPENDENCY_INFO_TYPE_2 Version2Entries[1];
+        STORAGE_DEPENDENCY_INFO_TYPE_1 Version1Entries[0];
+        STORAGE_DEPENDENCY_INFO_TYPE_2 Version2Entries[0];
     };
 } STORAGE_DEPENDENCY_INFO;
 
