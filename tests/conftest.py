@@ -16,6 +16,8 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 def loop_devices_unavailable() -> str | None:
     """Why this machine cannot attach loop devices, or None when it can."""
+    if not sys.platform.startswith("linux"):
+        return "loop devices are Linux's"  # (under Wine, /dev/loop-control is the host's)
     if not Path("/dev/loop-control").exists():
         return "no /dev/loop-control (loop driver missing)"
     if os.geteuid() != 0:

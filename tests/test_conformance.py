@@ -130,6 +130,9 @@ def _field(ctype: object, path: str) -> tuple[int, int]:
         member = fields[name]
         offset += member.offset
         ctype = member.type
+    # The SDK's flexible arrays (STORAGE_DEPENDENCY_INFO) take no room.
+    if ctype.kind == "array" and ctype.length is None:  # type: ignore[attr-defined]
+        return offset, 0
     return offset, ffi.sizeof(ctype)
 
 
@@ -224,12 +227,16 @@ int main(int argc, char **argv)
 """
 
 PROTOTYPE_CHECK = """\
-/* Our prototypes against the Windows headers, as the Windows build sees them
-   (shim_windows.h): a function pointer of our type must accept the real
-   function, or, for late-bound names, the thunk that shim_windows.h routes
-   them to. */
-#include "shim_windows.h"
+/* Our prototypes against the Windows headers (windows_sdk.h, as shim_windows.c
+   and an SDK build see them): a function pointer of our type must accept the
+   real function, or, for late-bound names, the thunk that shim_windows.h
+   routes them to.  MinGW-w64's <virtdisk.h> lacks ATTACH_VIRTUAL_DISK_FLAG_AT_BOOT
+   as SDKs before 10.0.26100 do: windows_sdk.h must supply it. */
+#include "windows_sdk.h"
+#include "late_bound.h"
+{late_defines}
 
+_Static_assert(ATTACH_VIRTUAL_DISK_FLAG_AT_BOOT == 0x400, "AT_BOOT");
 {checks}
 """
 
@@ -263,7 +270,11 @@ def _build_windows_program(target: str, tmp_path: Path) -> subprocess.CompletedP
         f"DWORD (WINAPI *const vd_check_{name})({params}) = &{name};" for name, params in functions.items()
     ]
     (tmp_path / "prototype_check.c").write_text(
-        PROTOTYPE_CHECK.format(checks="\n".join(checks)), encoding="utf-8"
+        PROTOTYPE_CHECK.format(
+            checks="\n".join(checks),
+            late_defines="\n".join(f"#define {name} {thunk}" for name, thunk in late.items()),
+        ),
+        encoding="utf-8",
     )
     flags = ["-target", target, "-std=c11", "-Wall", "-Wextra", "-Werror", f"-I{cffi_src}"]
     sources = [
@@ -549,7 +560,8 @@ def test_vendor_guid_equals_mingw(tmp_path: Path) -> None:
 
 
 # MinGW-w64's layouts are stale for these (reference 4.1): OPEN v3, CREATE v2
-# and later, ATTACH; and it has no RAW_SCSI or FORK types at all.
+# and later, ATTACH; it has no RAW_SCSI or FORK types at all; and it declares
+# STORAGE_DEPENDENCY_INFO's flexible arrays as [1] (only their offsets agree).
 def _mingw_layout_is_current(struct: str, path: str | None) -> bool:
     if struct in (
         "ATTACH_VIRTUAL_DISK_PARAMETERS",
@@ -558,6 +570,8 @@ def _mingw_layout_is_current(struct: str, path: str | None) -> bool:
         "FORK_VIRTUAL_DISK_PARAMETERS",
     ):
         return False
+    if struct == "STORAGE_DEPENDENCY_INFO":
+        return path in ("Version", "NumberEntries")
     if struct == "OPEN_VIRTUAL_DISK_PARAMETERS":
         return path is not None and not path.startswith("Version3.")
     if struct == "CREATE_VIRTUAL_DISK_PARAMETERS":

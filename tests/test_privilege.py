@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from virtdisk import VirtualDiskError, VirtualDiskPermissionError
 from virtdisk._privilege import (
     ERROR_PRIVILEGE_NOT_HELD,
     NativeToken,
@@ -21,6 +22,7 @@ class FakeToken:
         self._enable_error = enable_error
         self.queries = 0
         self.enables = 0
+        self.raised: OSError | None = None
 
     def state(self) -> PrivilegeState:
         self.queries += 1
@@ -29,8 +31,11 @@ class FakeToken:
     def enable(self) -> None:
         self.enables += 1
         if self._enable_error is not None:
+            # As the native token builds it: on Windows the winerror argument
+            # picks the subclass (5 -> PermissionError), elsewhere it is ignored.
             error = OSError(None, "AdjustTokenPrivileges", None, self._enable_error)
             error.winerror = self._enable_error  # type: ignore[attr-defined,unused-ignore]
+            self.raised = error
             raise error
         self._state = PrivilegeState.ENABLED
 
@@ -51,9 +56,13 @@ def test_a_disabled_privilege_is_enabled_once() -> None:
 
 def test_an_absent_privilege_asks_to_run_elevated() -> None:
     token = FakeToken(PrivilegeState.ABSENT)
-    with pytest.raises(PermissionError, match="run elevated") as raised:
-        ensure_manage_volume_privilege(token)
-    assert raised.value.errno == ERROR_PRIVILEGE_NOT_HELD
+    with pytest.raises(VirtualDiskError, match="run elevated") as raised:
+        ensure_manage_volume_privilege(token, function="AttachVirtualDisk", path="disk.vhdx")
+    # caught as the package's error and as the builtin one, on every platform
+    assert isinstance(raised.value, VirtualDiskPermissionError)
+    assert isinstance(raised.value, PermissionError)
+    assert raised.value.winerror == ERROR_PRIVILEGE_NOT_HELD
+    assert (raised.value.function, raised.value.filename) == ("AttachVirtualDisk", "disk.vhdx")
     assert token.enables == 0
 
 
@@ -68,17 +77,22 @@ def test_an_absent_privilege_is_asked_about_again_next_time() -> None:
 
 def test_enabling_refused_for_lack_of_the_privilege_asks_to_run_elevated() -> None:
     token = FakeToken(PrivilegeState.DISABLED, enable_error=ERROR_PRIVILEGE_NOT_HELD)
-    with pytest.raises(PermissionError, match="run elevated"):
+    with pytest.raises(VirtualDiskPermissionError, match="run elevated") as raised:
         ensure_manage_volume_privilege(token)
+    assert raised.value.winerror == ERROR_PRIVILEGE_NOT_HELD
+    assert raised.value.__cause__ is token.raised
 
 
 def test_other_failures_to_enable_pass_through() -> None:
+    """Passed on as they came: the very exception (on Windows CPython makes
+    winerror 5 a PermissionError, elsewhere a plain OSError)."""
     access_denied = 5
     token = FakeToken(PrivilegeState.DISABLED, enable_error=access_denied)
     with pytest.raises(OSError) as raised:
         ensure_manage_volume_privilege(token)
+    assert raised.value is token.raised
     assert raised.value.winerror == access_denied  # type: ignore[attr-defined,unused-ignore]
-    assert not isinstance(raised.value, PermissionError)
+    assert not isinstance(raised.value, VirtualDiskError)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

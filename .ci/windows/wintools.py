@@ -91,8 +91,7 @@ def dll_exports(dll: Path) -> list[str]:
     directories = optional + (112 if magic == 0x20B else 96)  # PE32+ or PE32
     export_rva = struct.unpack_from("<I", image, directories)[0]
     sections = [
-        struct.unpack_from("<12xIII", image, optional + optional_size + 40 * i)
-        for i in range(sections_count)
+        struct.unpack_from("<12xIII", image, optional + optional_size + 40 * i) for i in range(sections_count)
     ]
 
     def offset(rva: int) -> int:

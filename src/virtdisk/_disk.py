@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageType
-from ._errors import NotSupportedError, VirtualDiskError, WinError, check
+from ._errors import (
+    NotSupportedError,
+    VirtualDiskError,
+    VirtualDiskNotFoundError,
+    WinError,
+    check,
+    error_for,
+)
 from ._native import ffi, lib
 
 _T = TypeVar("_T")
@@ -81,7 +88,7 @@ class DiskInfo:
     block_size: int
     logical_sector_size: int
     physical_sector_size: int
-    identifier: uuid.UUID
+    identifier: uuid.UUID | None  # None for ISO, which has none
     virtual_disk_id: uuid.UUID | None  # VHDX only
     parent_paths: tuple[str, ...]  # differencing: the resolved parent, else the candidates
     parent_resolved: bool | None
@@ -130,8 +137,10 @@ class DiskInfo:
 class AttachedDisk:
     """A virtual disk the system has attached."""
 
-    physical_path: str  # \\.\PhysicalDriveN on Windows, /dev/loopN on Linux
-    image_path: Path | None  # the backing image where the platform tells
+    physical_path: str  # \\.\PhysicalDriveN (\\.\CdRomN) on Windows, /dev/loopN on Linux
+    # The backing image where the platform tells: on Linux always, on Windows
+    # where GetAllAttachedVirtualDiskPhysicalPaths answers with image paths.
+    image_path: Path | None
 
 
 class VirtualDisk:
@@ -239,7 +248,7 @@ class VirtualDisk:
             flags |= AttachFlag.PERMANENT_LIFETIME
         if no_drive_letter:
             flags |= AttachFlag.NO_DRIVE_LETTER
-        _ensure_volume_privilege()
+        _ensure_volume_privilege("AttachVirtualDisk", str(self._path))
         handle = self._acquire()
         try:
             code = lib.AttachVirtualDisk(handle, ffi.NULL, flags, 0, _ATTACH_PARAMETERS, ffi.NULL)
@@ -254,39 +263,37 @@ class VirtualDisk:
         the disk; refuses (:class:`DiskInUseError`) while the disk is mounted
         or in use, and raises :class:`NotAttachedError` when it is not attached.
         """
-        _ensure_volume_privilege()
-        handle = self._acquire()
-        try:
+        with self._using() as handle:
             code = lib.DetachVirtualDisk(handle, lib.DETACH_VIRTUAL_DISK_FLAG_NONE, 0)
-        finally:
-            self._release()
+            # Detaching needs the volume-management privilege only "on a
+            # Windows Server operating system" (Microsoft Learn,
+            # DetachVirtualDisk, Remarks): asked for where refused for want of it.
+            if code == WinError.ERROR_PRIVILEGE_NOT_HELD:
+                _ensure_volume_privilege("DetachVirtualDisk", str(self._path))
+                code = lib.DetachVirtualDisk(handle, lib.DETACH_VIRTUAL_DISK_FLAG_NONE, 0)
         check(code, "DetachVirtualDisk", str(self._path))
 
     @property
     def physical_path(self) -> str:
         """The attached disk's device path (``\\\\.\\PhysicalDriveN``, ``/dev/loopN``)."""
         with self._using() as handle:
-            size = ffi.new("ULONG *", 520)
-            while True:
-                buffer = ffi.new("WCHAR[]", size[0] // 2)
-                code = lib.GetVirtualDiskPhysicalPath(handle, size, buffer)
-                if code != WinError.ERROR_INSUFFICIENT_BUFFER:
-                    break
-            check(code, "GetVirtualDiskPhysicalPath", str(self._path))
-            return str(ffi.string(buffer))
+            code, path = _physical_path(handle)
+        check(code, "GetVirtualDiskPhysicalPath", str(self._path))
+        return path
 
     @property
     def disk_number(self) -> int:
         """N of ``\\\\.\\PhysicalDriveN`` (Windows) or of ``/dev/loopN`` (Linux)."""
-        match = re.search(r"(\d+)$", self.physical_path)
+        match = re.search(r"(?:PhysicalDrive|/dev/loop)(\d+)$", self.physical_path)
         if match is None:  # a CD-ROM device on Windows: \\.\CdRomN has its own numbering
             raise NotSupportedError(WinError.ERROR_NOT_SUPPORTED, "disk_number", str(self._path))
         return int(match.group(1))
 
     @property
     def attached(self) -> bool:
-        """Whether the disk is attached (GET_VIRTUAL_DISK_INFO_IS_LOADED)."""
-        return self._query(lib.GET_VIRTUAL_DISK_INFO_IS_LOADED, lambda i: bool(i.IsLoaded))
+        """Whether the disk is attached: whether it has a physical path."""
+        with self._using() as handle:
+            return _is_attached(handle, self._path)
 
     # ---- size ------------------------------------------------------------
 
@@ -350,7 +357,9 @@ class VirtualDisk:
         )
         subtype = query.optional(lib.GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE, lambda i: i.ProviderSubtype)
         disk_type = DiskType(subtype) if subtype is not None else None
-        identifier = query(lib.GET_VIRTUAL_DISK_INFO_IDENTIFIER, lambda i: _guid_to_uuid(i.Identifier))
+        identifier = query.optional(
+            lib.GET_VIRTUAL_DISK_INFO_IDENTIFIER, lambda i: _guid_to_uuid(i.Identifier)
+        )
         physical_sector = query.optional(
             lib.GET_VIRTUAL_DISK_INFO_VHD_PHYSICAL_SECTOR_SIZE, lambda i: i.VhdPhysicalSectorSize
         )
@@ -389,7 +398,7 @@ class VirtualDisk:
             parent_paths=parent_paths,
             parent_resolved=parent_resolved,
             parent_identifier=parent_identifier,
-            attached=query(lib.GET_VIRTUAL_DISK_INFO_IS_LOADED, lambda i: bool(i.IsLoaded)),
+            attached=_is_attached(query.handle, self._path),
             parent_timestamp=parent_timestamp,
             **_extra_info(query),
         )
@@ -439,7 +448,7 @@ class _Query:
     _SIZE = 4096
 
     def __init__(self, handle: Any, path: Path) -> None:
-        self._handle = handle
+        self.handle = handle
         self._path = path
         self._buffer = ffi.new("char[]", self._SIZE)
         self._size = ffi.new("ULONG *")
@@ -452,7 +461,8 @@ class _Query:
             info = ffi.cast("GET_VIRTUAL_DISK_INFO *", buffer)
             info.Version = version
             self._size[0] = size
-            code = lib.GetVirtualDiskInformation(self._handle, self._size, info, ffi.NULL)
+            code = lib.GetVirtualDiskInformation(self.handle, self._size, info, ffi.NULL)
+            # A size that does not grow would loop for ever: the error is raised.
             if code != WinError.ERROR_INSUFFICIENT_BUFFER or self._size[0] <= size:
                 break
             size = self._size[0]
@@ -485,12 +495,59 @@ def _multi_sz(pointer: Any) -> tuple[str, ...]:
         pointer += len(item) + 1
 
 
-def _ensure_volume_privilege() -> None:
-    """Windows: attach and detach need SeManageVolumePrivilege enabled."""
+def _sized_call(call: Callable[[Any, Any], int], size: int) -> tuple[int, Any]:
+    """A call answering ERROR_INSUFFICIENT_BUFFER with the byte size it needs,
+    retried with that size while the size grows (a size that does not grow
+    would loop for ever: that answer is returned).  Returns (code, WCHAR buffer)."""
+    needed = ffi.new("ULONG *", size)
+    while True:
+        size = needed[0]
+        buffer = ffi.new("WCHAR[]", size // 2 + 1)
+        code = call(needed, buffer)
+        if code != WinError.ERROR_INSUFFICIENT_BUFFER or needed[0] <= size:
+            return code, buffer
+
+
+def _physical_path(handle: Any) -> tuple[int, str]:
+    """GetVirtualDiskPhysicalPath: (code, path); the path is "" on failure."""
+    code, buffer = _sized_call(lambda size, buffer: lib.GetVirtualDiskPhysicalPath(handle, size, buffer), 520)
+    return code, str(ffi.string(buffer)) if code == WinError.ERROR_SUCCESS else ""
+
+
+# The failures that leave the question unanswered (a handle without GET_INFO
+# access, or no handle at all) rather than answer "not attached".
+_NOT_ASKED = frozenset(
+    {WinError.ERROR_ACCESS_DENIED, WinError.ERROR_INVALID_HANDLE, WinError.ERROR_INVALID_PARAMETER}
+)
+
+
+def _is_attached(handle: Any, path: Path) -> bool:
+    """Whether the disk is attached, on both platforms alike: GetVirtualDiskPhysicalPath
+    succeeds only when the disk "must be attached" and its physical disk is found
+    (Microsoft Learn, GetVirtualDiskPhysicalPath, Remarks); the code for "not
+    attached" is undocumented.  GET_VIRTUAL_DISK_INFO_IS_LOADED is not this
+    question: it says whether the disk is "mounted and in use"."""
+    code, _ = _physical_path(handle)
+    if code in _NOT_ASKED or code == WinError.ERROR_INSUFFICIENT_BUFFER:
+        check(code, "GetVirtualDiskPhysicalPath", str(path))
+    return code == WinError.ERROR_SUCCESS
+
+
+def _ensure_volume_privilege(function: str, path: str | None) -> None:
+    """Windows: attaching needs SeManageVolumePrivilege enabled (Microsoft Learn,
+    AttachVirtualDisk); a token without it is a VirtualDiskPermissionError
+    (ERROR_PRIVILEGE_NOT_HELD), as the Linux provider answers without CAP_SYS_ADMIN."""
     if sys.platform == "win32":
         from ._privilege import ensure_manage_volume_privilege
 
-        ensure_manage_volume_privilege()
+        ensure_manage_volume_privilege(function=function, path=path)
+
+
+def _absolute(path: StrPath) -> str:
+    """Parent and source paths must be "fully qualified" (Microsoft Learn,
+    CREATE_VIRTUAL_DISK_PARAMETERS): relative ones are made absolute here, as
+    a relative path means the working directory to Python users."""
+    return os.path.abspath(os.fspath(path))
 
 
 def open(
@@ -561,11 +618,11 @@ def create(
     v2.PhysicalSectorSizeInBytes = physical_sector_size
     keep_alive = []
     if parent is not None:
-        parent_text = ffi.new("WCHAR[]", os.fspath(parent))
+        parent_text = ffi.new("WCHAR[]", _absolute(parent))
         keep_alive.append(parent_text)
         v2.ParentPath = parent_text
     if source is not None:
-        source_text = ffi.new("WCHAR[]", os.fspath(source))
+        source_text = ffi.new("WCHAR[]", _absolute(source))
         keep_alive.append(source_text)
         v2.SourcePath = source_text
     flags = CreateFlag.FULL_PHYSICAL_ALLOCATION if fixed else CreateFlag.NONE
@@ -591,14 +648,35 @@ def detach(path: StrPath) -> None:
 
 def attached_disks() -> list[AttachedDisk]:
     """Every attached virtual disk (GetAllAttachedVirtualDiskPhysicalPaths)."""
-    size = ffi.new("ULONG *", 1024)
-    while True:
-        buffer = ffi.new("WCHAR[]", size[0] // 2 + 1)
-        code = lib.GetAllAttachedVirtualDiskPhysicalPaths(size, buffer)
-        if code != WinError.ERROR_INSUFFICIENT_BUFFER:
-            break
+    code, buffer = _sized_call(lib.GetAllAttachedVirtualDiskPhysicalPaths, 1024)
     check(code, "GetAllAttachedVirtualDiskPhysicalPaths")
-    return [AttachedDisk(device, _backing_image(device)) for device in _multi_sz(buffer)]
+    found = []
+    for entry in _multi_sz(buffer):
+        disk = _attached_disk(entry)
+        if disk is not None:
+            found.append(disk)
+    return found
+
+
+def _attached_disk(entry: str) -> AttachedDisk | None:
+    r"""One entry of GetAllAttachedVirtualDiskPhysicalPaths, which is undocumented:
+    Windows builds answer device paths (\\.\PhysicalDriveN) or the images'
+    paths.  A device path is the physical path; an image's physical path comes
+    from opening it.  None for an image gone or detached in the meantime."""
+    if entry.startswith("/dev/"):
+        return AttachedDisk(entry, _backing_image(entry))
+    if entry.startswith("\\\\.\\"):
+        return AttachedDisk(entry, None)
+    try:
+        with open(entry, Access.GET_INFO) as disk, disk._using() as handle:
+            code, physical = _physical_path(handle)
+    except VirtualDiskNotFoundError:
+        return None
+    if code != WinError.ERROR_SUCCESS:
+        if code in _NOT_ASKED:
+            raise error_for(code, "GetVirtualDiskPhysicalPath", entry)
+        return None
+    return AttachedDisk(physical, Path(entry))
 
 
 def _backing_image(device: str) -> Path | None:

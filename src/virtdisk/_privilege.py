@@ -4,7 +4,8 @@ Windows grants ``SeManageVolumePrivilege`` to elevated administrators but
 leaves it *disabled* in their token; AttachVirtualDisk then fails with
 ERROR_PRIVILEGE_NOT_HELD.  Elevated tools enable it once for the process, and
 so does :func:`ensure_manage_volume_privilege`.  A token without it cannot be
-helped from inside the process: that is a :class:`PermissionError` telling the
+helped from inside the process: that is a :class:`VirtualDiskPermissionError`
+(a ``PermissionError`` and a ``VirtualDiskError``, winerror 1314) telling the
 user to run elevated.
 
 The operating system is reached through a :class:`PrivilegeToken`, so the
@@ -90,11 +91,23 @@ _lock = threading.Lock()
 _native_token: NativeToken | None = None
 
 
-def ensure_manage_volume_privilege(token: PrivilegeToken | None = None) -> None:
+def _run_elevated(function: str, path: str | None) -> OSError:
+    from ._errors import VirtualDiskPermissionError
+
+    return VirtualDiskPermissionError(ERROR_PRIVILEGE_NOT_HELD, function, path, RUN_ELEVATED)
+
+
+def ensure_manage_volume_privilege(
+    token: PrivilegeToken | None = None,
+    *,
+    function: str = "ensure_manage_volume_privilege",
+    path: str | None = None,
+) -> None:
     """Makes sure the privilege is enabled in ``token`` (default: this process's).
 
     Enabled: nothing to do.  Held but disabled: enables it, once.  Absent:
-    raises PermissionError, saying to run elevated.
+    raises VirtualDiskPermissionError (winerror 1314) naming ``function`` and
+    ``path`` (what needed the privilege), saying to run elevated.
     """
     global _native_token
     with _lock:
@@ -106,7 +119,7 @@ def ensure_manage_volume_privilege(token: PrivilegeToken | None = None) -> None:
             return
         state = token.state()
         if state is PrivilegeState.ABSENT:
-            raise PermissionError(ERROR_PRIVILEGE_NOT_HELD, RUN_ELEVATED)
+            raise _run_elevated(function, path)
         if state is PrivilegeState.DISABLED:
             try:
                 token.enable()
@@ -114,6 +127,6 @@ def ensure_manage_volume_privilege(token: PrivilegeToken | None = None) -> None:
                 # The token changed under us, or enabling was refused: the
                 # user's remedy is the same.
                 if getattr(error, "winerror", None) == ERROR_PRIVILEGE_NOT_HELD:
-                    raise PermissionError(ERROR_PRIVILEGE_NOT_HELD, RUN_ELEVATED) from error
+                    raise _run_elevated(function, path) from error
                 raise
         _enabled.add(token)
