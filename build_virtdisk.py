@@ -3,9 +3,10 @@
 The declarations are one file for every platform (src/_cffi_src/virtdisk_api.h,
 spelled like the SDK's virtdisk.h) plus the shim's prototypes (shim.h).  On
 Windows they are compiled against the system <virtdisk.h> and VirtDisk.lib
-(shim_windows.h says how), and cffi checks the declared constants and
-layouts against them.  On Linux the project's own provider (src/provider/)
-implements the same declarations.
+(shim_windows.h says how), and cffi checks the declared constants against
+them, and the layouts as far as it checks any (virtdisk_api.h says how far).
+On Linux the project's own provider (src/provider/) implements the same
+declarations.
 
 VIRTDISK_TARGET=windows or linux picks the branch; by default the platform
 running the build.  .ci/windows-wheel sets it to cross-compile the Windows
