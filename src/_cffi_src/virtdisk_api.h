@@ -31,7 +31,26 @@ typedef char16_t WCHAR;
 typedef void *HANDLE;
 typedef void *PVOID;
 typedef void *PSECURITY_DESCRIPTOR;
-typedef struct _OVERLAPPED OVERLAPPED;
+typedef uintptr_t ULONG_PTR;
+
+/* kernel32's OVERLAPPED, laid out as the SDK lays it out (32 bytes on x64):
+   callers allocate one for an asynchronous call.  On Linux hEvent, when not
+   NULL, is an eventfd descriptor cast to HANDLE (CreateEventW below makes
+   one); the provider drains it when the operation starts and signals it when
+   the operation ends, Internal is STATUS_PENDING (0x103) while it runs and
+   the operation's Win32 result afterwards. */
+typedef struct _OVERLAPPED {
+    ULONG_PTR Internal;
+    ULONG_PTR InternalHigh;
+    union {
+        struct {
+            DWORD Offset;
+            DWORD OffsetHigh;
+        };
+        PVOID Pointer;
+    };
+    HANDLE hEvent;
+} OVERLAPPED;
 
 typedef struct _GUID {
     uint32_t Data1;
@@ -746,3 +765,15 @@ DWORD WINAPI CompleteForkVirtualDisk(HANDLE VirtualDiskHandle);
 
 BOOL WINAPI CloseHandle(HANDLE hObject);
 DWORD WINAPI GetLastError(void);
+
+/* Asynchronous calls: an event for OVERLAPPED.hEvent (manual reset), a wait
+   for it, and cancellation of the operation an OVERLAPPED started.  On
+   Linux the provider implements them: the event is an eventfd (no
+   attributes, no name), WaitForSingleObject waits for it without resetting
+   it (a manual-reset event), and CancelIoEx cancels the provider's
+   operation.  Like CloseHandle they report failure through GetLastError. */
+#define WAIT_TIMEOUT 258
+HANDLE WINAPI CreateEventW(PVOID lpEventAttributes, BOOL bManualReset, BOOL bInitialState,
+                           const WCHAR *lpName);
+DWORD WINAPI WaitForSingleObject(HANDLE hHandle, DWORD dwMilliseconds);
+BOOL WINAPI CancelIoEx(HANDLE hFile, OVERLAPPED *lpOverlapped);

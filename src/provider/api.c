@@ -104,6 +104,20 @@ static DWORD vd_open_access(VIRTUAL_DISK_ACCESS_MASK mask, const OPEN_VIRTUAL_DI
     return ERROR_SUCCESS;
 }
 
+/* How deep into the chain a handle may write (MergeVirtualDisk): version 1
+   says so in RWDepth; version 2 and 3 have no such limit for a handle that is
+   neither read-only nor for information only. */
+static ULONG vd_open_rw_depth(const OPEN_VIRTUAL_DISK_PARAMETERS *parameters, VIRTUAL_DISK_ACCESS_MASK access)
+{
+    if (!(access & VD_WRITE_ACCESS))
+        return 0;
+    if (!parameters)
+        return OPEN_VIRTUAL_DISK_RW_DEPTH_DEFAULT;
+    if (parameters->Version == OPEN_VIRTUAL_DISK_VERSION_1)
+        return parameters->Version1.RWDepth;
+    return UINT32_MAX;
+}
+
 DWORD WINAPI OpenVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const WCHAR *Path,
                              VIRTUAL_DISK_ACCESS_MASK VirtualDiskAccessMask, OPEN_VIRTUAL_DISK_FLAG Flags,
                              OPEN_VIRTUAL_DISK_PARAMETERS *Parameters, HANDLE *Handle)
@@ -140,7 +154,10 @@ DWORD WINAPI OpenVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const WCH
         return vd_fail(ERROR_INVALID_PARAMETER,
                        "ISO images open only for ATTACH_RO, DETACH and GET_INFO access");
     }
-    return vd_handle_create(image, access, Handle);
+    status = vd_handle_create(image, access, Handle);
+    if (status == ERROR_SUCCESS)
+        ((struct vd_handle *)*Handle)->rw_depth = vd_open_rw_depth(Parameters, access);
+    return status;
 }
 
 /* ---- create ------------------------------------------------------------ */
@@ -284,6 +301,73 @@ static DWORD vd_check_geometry(ULONG device, const struct vd_create_arguments *a
     return ERROR_SUCCESS;
 }
 
+/* An asynchronous create: the file exists, empty of data; the copy from a
+   source (if any) runs as the handle's job. */
+struct vd_create_job {
+    struct vd_source source;
+    struct vd_image *image;        /* the handle's */
+    GUID unique_id;
+    char *path;
+};
+
+static DWORD vd_create_work(struct vd_job *job, void *context)
+{
+    struct vd_create_job *c = context;
+    if (!c->source.path)
+        return ERROR_SUCCESS;
+    return vd_source_copy_into(&c->source, c->image, &c->unique_id, job);
+}
+
+static void vd_create_done(void *context, DWORD status)
+{
+    struct vd_create_job *c = context;
+    /* As a synchronous create leaves no file behind when the copy fails;
+       the handle keeps the unlinked file open until it closes. */
+    if (status != ERROR_SUCCESS)
+        unlink(c->path);
+    vd_source_close(&c->source);
+    free(c->path);
+    free(c);
+}
+
+/* Takes ownership of path and source. */
+static DWORD vd_create_async(char *path, ULONG device_id, const GUID *unique_id, struct vd_source *source,
+                             VIRTUAL_DISK_ACCESS_MASK access, OVERLAPPED *overlapped, HANDLE *out)
+{
+    struct vd_create_job *c = calloc(1, sizeof *c);
+    struct vd_image *image = NULL;
+    DWORD status = c ? vd_image_open(path, device_id, true, 0, &image) : vd_fail(ERROR_OUTOFMEMORY, "create job");
+    HANDLE handle = NULL;
+    if (status == ERROR_SUCCESS)
+        status = vd_handle_create(image, access, &handle);
+    struct vd_handle *h = handle ? vd_handle_acquire(handle) : NULL;
+    if (status == ERROR_SUCCESS)
+        status = vd_job_check_overlapped(h, overlapped);
+    if (status != ERROR_SUCCESS) {
+        if (h) {
+            vd_handle_release(h);
+            CloseHandle(handle);
+        }
+        unlink(path);
+        free(path);
+        free(c);
+        vd_source_close(source);
+        return status;
+    }
+    c->source = *source;
+    c->image = h->image;
+    c->unique_id = *unique_id;
+    c->path = path;
+    *out = handle;
+    status = vd_job_start(h, overlapped, vd_create_work, c, vd_create_done);
+    vd_handle_release(h);
+    if (status != ERROR_IO_PENDING) {
+        CloseHandle(handle);
+        *out = NULL;
+    }
+    return status;
+}
+
 DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const WCHAR *Path,
                                VIRTUAL_DISK_ACCESS_MASK VirtualDiskAccessMask,
                                PSECURITY_DESCRIPTOR SecurityDescriptor, CREATE_VIRTUAL_DISK_FLAG Flags,
@@ -293,8 +377,6 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
     vd_clear_detail();
     if (!VirtualStorageType || !Path || !Parameters || !Handle)
         return vd_fail(ERROR_INVALID_PARAMETER, "VirtualStorageType, Path, Parameters and Handle are required");
-    if (Overlapped)
-        return vd_fail(ERROR_NOT_SUPPORTED, "asynchronous creation (Overlapped) is not supported on Linux");
     if (SecurityDescriptor)
         return vd_fail(ERROR_NOT_SUPPORTED, "security descriptors are not supported on Linux");
     if (Flags & ~(CREATE_VIRTUAL_DISK_FLAG)0x7FF)
@@ -385,8 +467,13 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
     close(fd);
     vd_image_close(parent);
     free(absolute);
-    if (status == ERROR_SUCCESS && args.source_path)
-        status = vd_source_copy(&source, path, request.device_id, &request.unique_id);
+    if (status == ERROR_SUCCESS && Overlapped)
+        return vd_create_async(path, request.device_id, &request.unique_id, &source, access, Overlapped, Handle);
+    if (status == ERROR_SUCCESS && args.source_path) {
+        struct vd_job job;
+        vd_job_init_sync(&job);
+        status = vd_source_copy(&source, path, request.device_id, &request.unique_id, &job);
+    }
     vd_source_close(&source);
     if (status != ERROR_SUCCESS) {
         unlink(path);
@@ -467,6 +554,8 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
     if (!handle)
         return vd_fail(ERROR_INVALID_PARAMETER, "not a handle from OpenVirtualDisk or CreateVirtualDisk");
     DWORD status = vd_attach_checks(handle, Flags, Parameters);
+    if (status == ERROR_SUCCESS && vd_job_running(handle))
+        status = vd_fail(ERROR_BUSY, "an operation is still running on this handle");
     if (status == ERROR_SUCCESS && Overlapped)
         status = vd_fail(ERROR_NOT_SUPPORTED, "asynchronous attach (Overlapped) is not supported on Linux");
     if (status == ERROR_SUCCESS && SecurityDescriptor)

@@ -65,6 +65,11 @@ bool vd_handle_has_others(const struct vd_handle *handle)
     return vd_byte_locked_elsewhere(handle->image->fd, VD_HANDLE_LOCK_OFFSET);
 }
 
+bool vd_image_has_handles(const struct vd_image *image)
+{
+    return vd_byte_locked_elsewhere(image->fd, VD_HANDLE_LOCK_OFFSET);
+}
+
 /* Called with vd_registry_mutex held. */
 static struct vd_disk *vd_disk_for(dev_t dev, ino_t ino)
 {
@@ -98,6 +103,7 @@ DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, 
     handle->access = access;
     handle->image = image;
     handle->users = 1;
+    handle->rw_depth = 1;
 
     pthread_mutex_lock(&vd_registry_mutex);
     handle->disk = vd_disk_for(image->file_dev, image->file_ino);
@@ -164,6 +170,7 @@ static void vd_handle_free(struct vd_handle *handle)
         vd_served_end(served, loop_number);
     vd_disks_unlock();
     vd_image_close(handle->image); /* closing the fd drops the handle lock */
+    vd_job_free_all(handle);
     free(handle);
 }
 
@@ -190,9 +197,14 @@ BOOL WINAPI CloseHandle(HANDLE value)
     }
     pthread_mutex_unlock(&vd_registry_mutex);
     if (!handle) {
+        if (vd_event_close(value))
+            return 1;
         vd_set_last_error(ERROR_INVALID_HANDLE);
         return 0;
     }
+    /* Like Windows, closing the handle cancels its operations; each holds
+       its own reference, so the handle is freed when the last one ends. */
+    vd_job_cancel(handle, NULL);
     vd_handle_release(handle); /* drops the "open" reference */
     return 1;
 }

@@ -23,6 +23,7 @@
 
 #include "fuseattach.h"
 #include "image.h"
+#include "job.h"
 #include "virtdisk.h"
 
 /* One per image file (device, inode) with open handles in this process. */
@@ -41,6 +42,10 @@ struct vd_handle {
     struct vd_image *image;
     struct vd_disk *disk;
     unsigned users;         /* calls in progress plus one while open */
+    struct vd_job *jobs;    /* asynchronous operations started on it (job.h) */
+    ULONG rw_depth;         /* OPEN_VIRTUAL_DISK_PARAMETERS' RWDepth: how many
+                               disks of the chain, from the leaf, the handle
+                               may change (1 unless OpenVirtualDisk said) */
     struct vd_handle *next;
 };
 
@@ -67,5 +72,9 @@ bool vd_image_is_attached(const struct vd_image *image);
 /* Whether a handle other than this one (in any process) is open on the same
    image file. */
 bool vd_handle_has_others(const struct vd_handle *handle);
+
+/* Whether any handle (in any process) is open on the image file, which is
+   not itself opened as a handle (a parent in a chain). */
+bool vd_image_has_handles(const struct vd_image *image);
 
 #endif

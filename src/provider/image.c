@@ -123,3 +123,13 @@ void vd_image_close(struct vd_image *image)
     free(image->path);
     free(image);
 }
+
+DWORD vd_image_block_status(struct vd_image *image, uint64_t offset, uint64_t length,
+                            enum vd_block_state *state, uint64_t *run)
+{
+    if (image->format->block_status)
+        return image->format->block_status(image, offset, length, state, run);
+    *state = VD_BLOCK_DATA;
+    *run = length;
+    return ERROR_SUCCESS;
+}

@@ -85,6 +85,13 @@ struct vd_create_request {
     struct vd_image *parent;       /* differencing: the opened parent, else NULL */
 };
 
+/* What one layer of a chain holds at a place (block_status()). */
+enum vd_block_state {
+    VD_BLOCK_ABSENT, /* not this file's: its parent's, or zeros without one */
+    VD_BLOCK_DATA,   /* this file's data (or may be: a conservative answer) */
+    VD_BLOCK_ZERO,   /* zeros this file states, hiding any parent's data */
+};
+
 struct vd_format {
     const char *name;              /* "VHD", "VHDX", "ISO" */
     ULONG device_id;               /* VIRTUAL_STORAGE_TYPE_DEVICE_* */
@@ -105,6 +112,14 @@ struct vd_format {
        write is NULL for read-only formats. */
     DWORD (*read)(struct vd_image *image, void *buffer, uint64_t offset, size_t length);
     DWORD (*write)(struct vd_image *image, const void *buffer, uint64_t offset, size_t length);
+
+    /* What this file (not its parent) holds at offset: *state for the
+       *run bytes from offset (0 < *run <= length), for copying only what a
+       layer holds (merge, create with a source).  ABSENT is exact; DATA may
+       cover bytes the file does not hold (a partly written block) when
+       finding out costs more than copying them.  NULL: all DATA. */
+    DWORD (*block_status)(struct vd_image *image, uint64_t offset, uint64_t length,
+                          enum vd_block_state *state, uint64_t *run);
 
     /* Offline changes (SetVirtualDiskInformation, ResizeVirtualDisk,
        ExpandVirtualDisk) to an image opened writable and not attached; the
@@ -151,6 +166,11 @@ DWORD vd_image_open(const char *path, ULONG device_id, bool writable,
                     OPEN_VIRTUAL_DISK_FLAG open_flags, struct vd_image **out);
 
 void vd_image_close(struct vd_image *image);
+
+/* block_status() of any image, whatever its format (all DATA where the
+   format does not say). */
+DWORD vd_image_block_status(struct vd_image *image, uint64_t offset, uint64_t length,
+                            enum vd_block_state *state, uint64_t *run);
 
 /* The format module for a device id, or NULL. */
 const struct vd_format *vd_format_for_device(ULONG device_id);

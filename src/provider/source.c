@@ -102,46 +102,97 @@ static bool vd_all_zero(const uint8_t *data, size_t length)
     return true;
 }
 
-DWORD vd_source_copy(const struct vd_source *source, const char *target_path, ULONG device_id,
-                     const GUID *unique_id)
+/* Whether [offset, offset + *run) of the source surely reads as zeros
+   without reading it: no layer of its chain holds data there. */
+static DWORD vd_source_zeros(const struct vd_source *source, uint64_t offset, uint64_t length, bool *zeros,
+                             uint64_t *run)
 {
+    *zeros = false;
+    *run = length;
+    if (!source->image)
+        return ERROR_SUCCESS;
+    for (struct vd_image *layer = source->image; layer; layer = layer->parent) {
+        enum vd_block_state state;
+        uint64_t n;
+        DWORD status = vd_image_block_status(layer, offset, *run, &state, &n);
+        if (status != ERROR_SUCCESS)
+            return status;
+        *run = n;
+        if (state == VD_BLOCK_DATA)
+            return ERROR_SUCCESS;
+        if (state == VD_BLOCK_ZERO)
+            break;
+        if (layer->subtype == VD_SUBTYPE_DIFFERENCING && !layer->parent)
+            return ERROR_SUCCESS; /* unknown below: read it */
+    }
+    *zeros = true;
+    return ERROR_SUCCESS;
+}
+
+DWORD vd_source_copy_into(const struct vd_source *source, struct vd_image *target, const GUID *unique_id,
+                          struct vd_job *job)
+{
+    uint8_t *buffer = malloc(VD_COPY_CHUNK);
+    if (!buffer)
+        return vd_fail(ERROR_OUTOFMEMORY, "copy buffer");
     /* The file is new and is removed if anything fails, so the write
        ordering that protects an existing image is not needed here; one
        fsync at the end makes it durable. */
-    struct vd_image *target;
-    DWORD status = vd_image_open(target_path, device_id, true, OPEN_VIRTUAL_DISK_FLAG_NO_WRITE_HARDENING, &target);
-    if (status != ERROR_SUCCESS)
-        return status;
-    uint8_t *buffer = malloc(VD_COPY_CHUNK);
-    if (!buffer) {
-        vd_image_close(target);
-        return vd_fail(ERROR_OUTOFMEMORY, "copy buffer");
-    }
+    OPEN_VIRTUAL_DISK_FLAG flags = target->open_flags;
+    target->open_flags |= OPEN_VIRTUAL_DISK_FLAG_NO_WRITE_HARDENING;
+    vd_job_set_total(job, source->size);
+    DWORD status = ERROR_SUCCESS;
     bool wrote = false;
-    for (uint64_t offset = 0; offset < source->size && status == ERROR_SUCCESS; offset += VD_COPY_CHUNK) {
-        size_t n = source->size - offset < VD_COPY_CHUNK ? (size_t)(source->size - offset) : VD_COPY_CHUNK;
-        status = vd_source_read(source, buffer, offset, n);
-        if (status != ERROR_SUCCESS || vd_all_zero(buffer, n))
-            continue;
-        /* A raw source's last sector may be partial: the rest reads as zero. */
-        size_t whole = (n + target->logical_sector_size - 1) / target->logical_sector_size *
-                       target->logical_sector_size;
-        if (whole > n) {
-            if (whole > VD_COPY_CHUNK || offset + whole > target->virtual_size) {
-                status = vd_fail(ERROR_INVALID_PARAMETER, "the source %s does not fit the new disk", source->path);
-                break;
-            }
-            memset(buffer + n, 0, whole - n);
+    for (uint64_t offset = 0; offset < source->size && status == ERROR_SUCCESS;) {
+        if (vd_job_cancelled(job)) {
+            status = vd_fail(ERROR_OPERATION_ABORTED, "the copy of %s was cancelled", source->path);
+            break;
         }
-        status = target->format->write(target, buffer, offset, whole);
-        wrote = true;
+        size_t n = source->size - offset < VD_COPY_CHUNK ? (size_t)(source->size - offset) : VD_COPY_CHUNK;
+        bool zeros;
+        uint64_t run;
+        status = vd_source_zeros(source, offset, n, &zeros, &run);
+        if (status != ERROR_SUCCESS)
+            break;
+        n = (size_t)run;
+        if (!zeros)
+            status = vd_source_read(source, buffer, offset, n);
+        if (status == ERROR_SUCCESS && !zeros && !vd_all_zero(buffer, n)) {
+            /* A raw source's last sector may be partial: the rest reads as zero. */
+            size_t whole = (n + target->logical_sector_size - 1) / target->logical_sector_size *
+                           target->logical_sector_size;
+            if (whole > n) {
+                if (whole > VD_COPY_CHUNK || offset + whole > target->virtual_size) {
+                    status = vd_fail(ERROR_INVALID_PARAMETER, "the source %s does not fit the new disk",
+                                     source->path);
+                    break;
+                }
+                memset(buffer + n, 0, whole - n);
+            }
+            status = target->format->write(target, buffer, offset, whole);
+            wrote = true;
+        }
+        offset += n;
+        vd_job_advance(job, n);
     }
     free(buffer);
     if (status == ERROR_SUCCESS && wrote && target->format->set_identifier &&
         !vd_guid_equal(&target->identifier, unique_id))
         status = target->format->set_identifier(target, unique_id);
     if (status == ERROR_SUCCESS && fsync(target->fd) < 0)
-        status = vd_fail_errno(errno, "flushing %s", target_path);
+        status = vd_fail_errno(errno, "flushing %s", target->path);
+    target->open_flags = flags;
+    return status;
+}
+
+DWORD vd_source_copy(const struct vd_source *source, const char *target_path, ULONG device_id,
+                     const GUID *unique_id, struct vd_job *job)
+{
+    struct vd_image *target;
+    DWORD status = vd_image_open(target_path, device_id, true, OPEN_VIRTUAL_DISK_FLAG_NO_WRITE_HARDENING, &target);
+    if (status != ERROR_SUCCESS)
+        return status;
+    status = vd_source_copy_into(source, target, unique_id, job);
     vd_image_close(target);
     return status;
 }

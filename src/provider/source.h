@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "image.h"
+#include "job.h"
 
 struct vd_source {
     struct vd_image *image;        /* a virtual disk, or NULL for raw */
@@ -27,12 +28,20 @@ DWORD vd_source_open(const WCHAR *path, ULONG device_id, struct vd_source *sourc
 void vd_source_close(struct vd_source *source);
 
 /* Copies the source's disk into the new image at target_path (created empty
-   by the format, of at least source->size bytes).  All-zero stretches are
-   skipped: a new image reads as zeros there already (dynamic images leave
-   the blocks unallocated, fixed ones were preallocated with zeros).  A VHDX
-   gets its DataWriteGuid back afterwards (unique_id), since writing data
-   changes it. */
+   by the format, of at least source->size bytes).  Stretches that read as
+   zeros are skipped: a new image reads as zeros there already (dynamic
+   images leave the blocks unallocated, fixed ones were preallocated with
+   zeros); the source's block_status() finds unallocated ones without
+   reading them.  A VHDX gets its DataWriteGuid back afterwards (unique_id),
+   since writing data changes it.  Progress (bytes of the source's disk) and
+   cancellation (ERROR_OPERATION_ABORTED) go through job. */
 DWORD vd_source_copy(const struct vd_source *source, const char *target_path, ULONG device_id,
-                     const GUID *unique_id);
+                     const GUID *unique_id, struct vd_job *job);
+
+/* The same into an image already open for writing (an asynchronous
+   create's handle): its writes skip write hardening for the copy, as a new
+   file's do, and one fsync ends it. */
+DWORD vd_source_copy_into(const struct vd_source *source, struct vd_image *target, const GUID *unique_id,
+                          struct vd_job *job);
 
 #endif

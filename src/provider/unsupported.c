@@ -34,26 +34,11 @@ DWORD WINAPI DeleteVirtualDiskMetadata(HANDLE VirtualDiskHandle, const GUID *Ite
     return VD_UNSUPPORTED("DeleteVirtualDiskMetadata");
 }
 
-DWORD WINAPI GetVirtualDiskOperationProgress(HANDLE VirtualDiskHandle, OVERLAPPED *Overlapped,
-                                             VIRTUAL_DISK_PROGRESS *Progress)
-{
-    vd_clear_detail();
-    /* Every operation here is synchronous, so none is ever in progress. */
-    return vd_fail(ERROR_INVALID_PARAMETER, "no asynchronous operation is in progress on this handle");
-}
-
 DWORD WINAPI CompactVirtualDisk(HANDLE VirtualDiskHandle, COMPACT_VIRTUAL_DISK_FLAG Flags,
                                 COMPACT_VIRTUAL_DISK_PARAMETERS *Parameters, OVERLAPPED *Overlapped)
 {
     vd_clear_detail();
     return VD_UNSUPPORTED("CompactVirtualDisk");
-}
-
-DWORD WINAPI MergeVirtualDisk(HANDLE VirtualDiskHandle, MERGE_VIRTUAL_DISK_FLAG Flags,
-                              MERGE_VIRTUAL_DISK_PARAMETERS *Parameters, OVERLAPPED *Overlapped)
-{
-    vd_clear_detail();
-    return VD_UNSUPPORTED("MergeVirtualDisk");
 }
 
 DWORD WINAPI MirrorVirtualDisk(HANDLE VirtualDiskHandle, MIRROR_VIRTUAL_DISK_FLAG Flags,

@@ -985,6 +985,50 @@ static DWORD vhd_read(struct vd_image *image, void *buffer, uint64_t offset, siz
     return status;
 }
 
+/* Dynamic blocks answer per block; a differencing disk's allocated block per
+   run of sectors in its bitmap, since only those hide the parent. */
+static DWORD vhd_block_status(struct vd_image *image, uint64_t offset, uint64_t length,
+                              enum vd_block_state *out, uint64_t *run)
+{
+    struct vhd_state *state = image->state;
+    if (!vhd_in_range(image, offset, length) || length == 0)
+        return vd_fail(ERROR_INVALID_PARAMETER, "%s: block status of %llu bytes at offset %llu", image->path,
+                       (ull)length, (ull)offset);
+    if (state->disk_type == VHD_TYPE_FIXED) {
+        *out = VD_BLOCK_DATA;
+        *run = length;
+        return ERROR_SUCCESS;
+    }
+    uint32_t block = (uint32_t)(offset / state->block_size);
+    uint32_t within = (uint32_t)(offset % state->block_size);
+    uint64_t in_block = state->block_size - within < length ? state->block_size - within : length;
+    pthread_mutex_lock(&state->lock);
+    DWORD status = ERROR_SUCCESS;
+    if (state->bat[block] == VHD_BAT_UNUSED) {
+        *out = VD_BLOCK_ABSENT;
+        *run = in_block;
+    } else if (state->disk_type != VHD_TYPE_DIFFERENCING) {
+        *out = VD_BLOCK_DATA;
+        *run = in_block;
+    } else {
+        uint32_t first = within / VHD_SECTOR, last = (uint32_t)((within + in_block - 1) / VHD_SECTOR);
+        uint64_t block_offset = (uint64_t)state->bat[block] * VHD_SECTOR;
+        status = vhd_read_bitmap(image, block_offset, first / 8, last / 8 - first / 8 + 1);
+        if (status == ERROR_SUCCESS) {
+            bool present = vhd_bit(state->bitmap, first);
+            uint32_t sector = first;
+            while (sector < last && vhd_bit(state->bitmap, sector + 1) == present)
+                sector++;
+            uint64_t end = (uint64_t)(sector + 1) * VHD_SECTOR < within + in_block ? (uint64_t)(sector + 1) * VHD_SECTOR
+                                                                                    : within + in_block;
+            *out = present ? VD_BLOCK_DATA : VD_BLOCK_ABSENT;
+            *run = end - within;
+        }
+    }
+    pthread_mutex_unlock(&state->lock);
+    return status;
+}
+
 /* ---- writing ------------------------------------------------------------- */
 
 /* Makes room for a new block where the footer is, and returns its BAT entry
@@ -1727,6 +1771,7 @@ const struct vd_format vd_format_vhd = {
     .create = vhd_create,
     .read = vhd_read,
     .write = vhd_write,
+    .block_status = vhd_block_status,
     .set_identifier = vhd_set_identifier,
     .set_parent = vhd_set_parent,
     .set_physical_sector_size = vhd_set_physical_sector_size,

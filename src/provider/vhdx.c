@@ -1274,6 +1274,31 @@ static DWORD vhdx_read(struct vd_image *image, void *buffer, uint64_t offset, si
     return ERROR_SUCCESS;
 }
 
+/* Per block: a partly present block counts as data (its sector bitmap is
+   not read; copying the parent's sectors along is harmless). */
+static DWORD vhdx_block_status(struct vd_image *image, uint64_t offset, uint64_t length,
+                               enum vd_block_state *state, uint64_t *run)
+{
+    struct vhdx_state *s = image->state;
+    if (length == 0 || offset > image->virtual_size || length > image->virtual_size - offset)
+        return vd_fail(ERROR_INVALID_PARAMETER, "block status of %llu bytes at %llu", ull(length), ull(offset));
+    uint64_t block = offset / s->block_size, in_block = offset % s->block_size;
+    *run = s->block_size - in_block < length ? s->block_size - in_block : length;
+    switch (bat_state(bat_load(s, payload_entry(s, block)))) {
+    case PAYLOAD_BLOCK_FULLY_PRESENT:
+    case PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+        *state = VD_BLOCK_DATA;
+        break;
+    case PAYLOAD_BLOCK_NOT_PRESENT:
+        *state = VD_BLOCK_ABSENT;
+        break;
+    default: /* ZERO, UNMAPPED, UNDEFINED read as zeros (vhdx_read) */
+        *state = s->has_parent ? VD_BLOCK_ZERO : VD_BLOCK_ABSENT;
+        break;
+    }
+    return ERROR_SUCCESS;
+}
+
 /* ---- write ---- */
 
 static DWORD write_file(struct vd_image *image, const void *buffer, size_t length, uint64_t file_offset)
@@ -2273,6 +2298,7 @@ const struct vd_format vd_format_vhdx = {
     .create = vhdx_create,
     .read = vhdx_read,
     .write = vhdx_write,
+    .block_status = vhdx_block_status,
     .set_identifier = vhdx_set_identifier,
     .set_parent = vhdx_set_parent,
     .set_physical_sector_size = vhdx_set_physical_sector_size,

@@ -5,14 +5,16 @@ Linux the project's own provider (image formats in C, attach through loop
 devices).  The raw API is ``virtdisk._native.ffi`` / ``.lib``.
 """
 
-from ._disk import AttachedDisk, DiskInfo, VirtualDisk, attached_disks, create, detach, open
+from ._disk import AttachedDisk, DiskInfo, VirtualDisk, attached_disks, create, detach, merge, open
 from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageType
+from ._operation import Operation
 from ._errors import (
     DiskInUseError,
     InvalidImageError,
     InvalidStateError,
     NotAttachedError,
     NotSupportedError,
+    OperationCancelledError,
     ParentNotFoundError,
     VirtualDiskError,
     VirtualDiskExistsError,
@@ -36,6 +38,8 @@ __all__ = [
     "NotAttachedError",
     "NotSupportedError",
     "OpenFlag",
+    "Operation",
+    "OperationCancelledError",
     "ParentNotFoundError",
     "StorageType",
     "VirtualDisk",
@@ -47,5 +51,6 @@ __all__ = [
     "attached_disks",
     "create",
     "detach",
+    "merge",
     "open",
 ]

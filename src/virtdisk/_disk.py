@@ -25,6 +25,7 @@ from ._errors import (
     error_for,
 )
 from ._native import ffi, lib
+from ._operation import Operation, ProgressCallback
 
 _T = TypeVar("_T")
 
@@ -327,6 +328,41 @@ class VirtualDisk:
             code = lib.ExpandVirtualDisk(handle, lib.EXPAND_VIRTUAL_DISK_FLAG_NONE, parameters, ffi.NULL)
         check(code, "ExpandVirtualDisk", str(self._path))
 
+    # ---- long operations: merge (see _operation.py) ---------------------
+
+    def begin_merge(self, depth: int = 1, *, source_depth: int | None = None) -> Operation:
+        """Start merging this differencing disk into an ancestor (MergeVirtualDisk, asynchronous).
+
+        ``depth`` counts the disks merged: 1 merges this disk into its parent,
+        2 this disk and its parent into the grandparent.  ``source_depth``
+        (version 2 parameters; the leaf is 1) merges the disks from that depth
+        down instead, and re-points the disk above them at the target.  The
+        handle needs METAOPS access and an ``rw_depth`` (see :func:`open`)
+        reaching the target.  Returns the running :class:`Operation`.
+        """
+        parameters = ffi.new("MERGE_VIRTUAL_DISK_PARAMETERS *")
+        if source_depth is None:
+            parameters.Version = lib.MERGE_VIRTUAL_DISK_VERSION_1
+            parameters.Version1.MergeDepth = depth
+        else:
+            parameters.Version = lib.MERGE_VIRTUAL_DISK_VERSION_2
+            parameters.Version2.MergeSourceDepth = source_depth
+            parameters.Version2.MergeTargetDepth = source_depth + depth
+        handle = self._acquire()
+
+        def start(overlapped: Any) -> int:
+            return int(lib.MergeVirtualDisk(handle, lib.MERGE_VIRTUAL_DISK_FLAG_NONE, parameters, overlapped))
+
+        return Operation(lambda: handle, start, "MergeVirtualDisk", str(self._path), release=self._release)
+
+    def merge(
+        self, depth: int = 1, *, source_depth: int | None = None, progress: ProgressCallback | None = None
+    ) -> None:
+        """Merge and wait (:meth:`begin_merge`); ``progress(current, total)`` is
+        called along the way (bytes).  An exception raised by ``progress`` (or
+        Ctrl-C) cancels the merge and propagates; the chain stays consistent."""
+        self.begin_merge(depth, source_depth=source_depth).wait(progress)
+
     # ---- information ----------------------------------------------------
 
     def _query(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T:
@@ -557,8 +593,13 @@ def open(
     read_only: bool = False,
     storage_type: StorageType | None = None,
     no_parents: bool = False,
+    rw_depth: int = 1,
 ) -> VirtualDisk:
     """Open an image (OpenVirtualDisk, version 1 parameters).
+
+    ``rw_depth`` is how many disks of a differencing chain, from this one
+    down, the handle may change: a merge of ``depth`` disks needs
+    ``depth + 1`` (and ``Access.METAOPS``).
 
     ``access`` defaults to attach (read-only or read-write), detach and
     information access; ``read_only=True`` (the default for ``.iso`` files)
@@ -572,7 +613,7 @@ def open(
     flags = OpenFlag.NO_PARENTS if no_parents else OpenFlag.NONE
     parameters = ffi.new("OPEN_VIRTUAL_DISK_PARAMETERS *")
     parameters.Version = lib.OPEN_VIRTUAL_DISK_VERSION_1
-    parameters.Version1.RWDepth = lib.OPEN_VIRTUAL_DISK_RW_DEPTH_DEFAULT
+    parameters.Version1.RWDepth = rw_depth
     handle = ffi.new("HANDLE *")
     code = lib.OpenVirtualDisk(
         _storage_type(_storage_type_for(image, storage_type)), str(image), access, flags, parameters, handle
@@ -594,6 +635,7 @@ def create(
     parent: StrPath | None = None,
     source: StrPath | None = None,
     sparse: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> VirtualDisk:
     """Create an image (CreateVirtualDisk, version 2 parameters) and return its handle.
 
@@ -605,6 +647,11 @@ def create(
     device); ``size`` 0 then means the source's size.  ``sparse`` leaves a
     fixed disk's data area unallocated in the file (CREATE_VIRTUAL_DISK_FLAG_SPARSE_FILE).
     Never overwrites: an existing file raises :class:`VirtualDiskExistsError`.
+
+    A copy from ``source`` runs as an asynchronous operation (_operation.py):
+    ``progress(current, total)`` is called along the way (bytes of the
+    source); an exception raised by it (or Ctrl-C) cancels the copy, removes
+    the new file and propagates.
     """
     image = Path(os.fspath(path))
     parameters = ffi.new("CREATE_VIRTUAL_DISK_PARAMETERS *")
@@ -630,11 +677,44 @@ def create(
         flags |= CreateFlag.SPARSE_FILE
     handle = ffi.new("HANDLE *")
     kind = _storage_type_for(image, storage_type)
+    if source is not None:
+        return _create_copying(image, kind, flags, parameters, handle, progress)
     code = lib.CreateVirtualDisk(
         _storage_type(kind), str(image), Access.NONE, ffi.NULL, flags, 0, parameters, ffi.NULL, handle
     )
     check(code, "CreateVirtualDisk", str(image))
     return VirtualDisk(handle[0], image, Access.ALL & ~Access.CREATE)
+
+
+def _create_copying(
+    image: Path, kind: StorageType, flags: int, parameters: Any, handle: Any, progress: ProgressCallback | None
+) -> VirtualDisk:
+    """CreateVirtualDisk with a SourcePath, asynchronously, waiting for the copy."""
+
+    def start(overlapped: Any) -> int:
+        return int(
+            lib.CreateVirtualDisk(
+                _storage_type(kind), str(image), Access.NONE, ffi.NULL, flags, 0, parameters, overlapped, handle
+            )
+        )
+
+    operation = Operation(lambda: handle[0], start, "CreateVirtualDisk", str(image))
+    disk = VirtualDisk(handle[0], image, Access.ALL & ~Access.CREATE)
+    try:
+        operation.wait(progress)
+    except BaseException:
+        disk.close()
+        raise
+    return disk
+
+
+def merge(path: StrPath, depth: int = 1, *, progress: ProgressCallback | None = None) -> None:
+    """Merge the differencing disk at ``path`` into its ancestor ``depth`` levels
+    up (Merge-VHD): opens it with METAOPS access and the RWDepth that needs,
+    merges (:meth:`VirtualDisk.merge`) and closes.  The merged disks are left in
+    place, no longer valid; nothing is deleted."""
+    with open(path, Access.METAOPS | Access.GET_INFO, rw_depth=depth + 1) as disk:
+        disk.merge(depth, progress=progress)
 
 
 def detach(path: StrPath) -> None:

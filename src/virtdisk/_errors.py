@@ -40,6 +40,9 @@ class WinError(enum.IntEnum):
     ERROR_ALREADY_EXISTS = 183
     ERROR_FILE_SYSTEM_LIMITATION = 665
     ERROR_ELEVATION_REQUIRED = 740
+    ERROR_OPERATION_ABORTED = 995
+    ERROR_IO_PENDING = 997
+    ERROR_NOT_FOUND = 1168
     ERROR_PRIVILEGE_NOT_HELD = 1314
     ERROR_FILE_CORRUPT = 1392
     ERROR_DEVICE_IN_USE = 2404
@@ -153,6 +156,10 @@ class InvalidStateError(VirtualDiskError):
     VHDX whose log must be replayed first."""
 
 
+class OperationCancelledError(VirtualDiskError):
+    """A long operation was cancelled (ERROR_OPERATION_ABORTED); its images are consistent."""
+
+
 class NotSupportedError(VirtualDiskError):
     """The operation or option is not supported by this platform's provider."""
 
@@ -177,6 +184,7 @@ _TABLE: dict[int, tuple[type[VirtualDiskError], int]] = {
     _E.ERROR_CALL_NOT_IMPLEMENTED: (NotSupportedError, errno.ENOSYS),
     _E.ERROR_VIRTDISK_PROVIDER_NOT_FOUND: (NotSupportedError, errno.EOPNOTSUPP),
     _E.ERROR_INVALID_PARAMETER: (VirtualDiskError, errno.EINVAL),
+    _E.ERROR_OPERATION_ABORTED: (OperationCancelledError, errno.ECANCELED),
     _E.ERROR_INVALID_HANDLE: (VirtualDiskError, errno.EBADF),
     _E.ERROR_INVALID_NAME: (VirtualDiskError, errno.EINVAL),
     _E.ERROR_OUTOFMEMORY: (VirtualDiskError, errno.ENOMEM),
