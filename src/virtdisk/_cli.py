@@ -1,4 +1,4 @@
-"""The ``virtdisk`` command line: create, info, attach, detach, list, demo."""
+"""The ``virtdisk`` command line: create, info, attach, detach, list, merge, convert, demo."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from . import _disk
 from ._disk import DiskInfo
 from ._enums import StorageType
 from ._errors import VirtualDiskError
+from ._progress import ProgressBar
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -190,7 +191,97 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="create, attach and detach a small temporary VHD")
     demo.add_argument("--size", type=parse_size, default=16 << 20)
     demo.set_defaults(run=_demo)
+    _add_long_operations(commands)
     return parser
+
+
+# ---- long operations: merge, convert ------------------------------------
+
+
+def _merge(args: argparse.Namespace) -> int:
+    # Named before the merge: afterwards a VHDX child no longer opens.
+    target = _ancestor(Path(args.path), args.depth)
+    bar = ProgressBar(f"merging {args.path}", quiet=args.quiet or args.json)
+    copied = [0]
+
+    def progress(current: int, total: int) -> None:
+        copied[0] = current
+        bar(current, total)
+
+    try:
+        _disk.merge(args.path, args.depth, progress=progress)
+    finally:
+        bar.finish()
+    result = {"path": str(Path(args.path)), "depth": args.depth, "target": str(target), "bytes_copied": copied[0]}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"merged {args.path} into {target} ({_human(copied[0])} copied)")
+    return 0
+
+
+def _ancestor(path: Path, depth: int) -> Path:
+    """The disk ``depth`` levels above ``path`` in its chain, as the chain names it."""
+    current = path
+    for _ in range(depth):
+        with _disk.open(current, read_only=True) as disk:
+            parent = disk.info.parent_path
+        if parent is None:
+            raise SystemExit(
+                f"virtdisk: error: {current} has no parent: the chain of {path} is shorter than {depth}"
+            )
+        current = Path(parent)
+    return current
+
+
+def _convert(args: argparse.Namespace) -> int:
+    destination = Path(args.destination)
+    kind = args.format
+    if kind is None and destination.suffix.lower() not in (".vhd", ".vhdx"):
+        kind = StorageType.VHD
+    bar = ProgressBar(f"converting {args.source}", quiet=args.quiet or args.json)
+    try:
+        with _disk.create(
+            destination, 0, storage_type=kind, fixed=args.type == "fixed", source=args.source, progress=bar
+        ) as disk:
+            info = disk.info
+    finally:
+        bar.finish()
+    if args.json:
+        print(json.dumps({"source": args.source, **info.to_dict()}, indent=2, default=str))
+    else:
+        print(f"converted {args.source} to {destination} ({_kind(info)}, {_human(info.virtual_size)})")
+    return 0
+
+
+def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    merge = commands.add_parser(
+        "merge", help="merge a differencing disk into its parent (Merge-VHD); nothing is deleted"
+    )
+    merge.add_argument("path", help="the differencing disk (the child)")
+    merge.add_argument(
+        "--depth", type=int, default=1, help="how many disks to merge: 1 into the parent, 2 into the grandparent"
+    )
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument("--json", action="store_true")
+    merge.set_defaults(run=_merge)
+
+    convert = commands.add_parser(
+        "convert", help="copy any image, raw file or block device into a new VHD or VHDX (Convert-VHD)"
+    )
+    convert.add_argument("source")
+    convert.add_argument("destination")
+    convert.add_argument(
+        "--format",
+        type=_format,
+        choices=[StorageType.VHD, StorageType.VHDX],
+        metavar="{vhd,vhdx}",
+        help="default: from the destination's suffix, else vhd",
+    )
+    convert.add_argument("--type", choices=["fixed", "dynamic"], default="dynamic")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.add_argument("--json", action="store_true")
+    convert.set_defaults(run=_convert)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ class Operation:
         self._overlapped = ffi.new("OVERLAPPED *")
         self._progress = ffi.new("VIRTUAL_DISK_PROGRESS *")
         self._status: int | None = None
+        self._error: Exception | None = None
         self._event = lib.CreateEventW(ffi.NULL, 1, 0, ffi.NULL)
         if self._event == ffi.NULL:
             release()
@@ -64,8 +65,9 @@ class Operation:
         if code == WinError.ERROR_SUCCESS:
             self._status = code  # finished at once (Windows may do that)
         elif code != WinError.ERROR_IO_PENDING:
+            error = error_for(code, function, filename)  # before CloseHandle clears the detail
             self._close()
-            check(code, function, filename)
+            raise error
 
     def _close(self) -> None:
         if self._event is not None:
@@ -89,6 +91,8 @@ class Operation:
         check(code, "GetVirtualDiskOperationProgress", self._filename)
         if self._progress.OperationStatus != WinError.ERROR_IO_PENDING:
             self._status = self._progress.OperationStatus
+            if self._status != WinError.ERROR_SUCCESS:
+                self._error = error_for(self._status, self._function, self._filename)
             self._close()
             return True
         return False
@@ -120,4 +124,5 @@ class Operation:
             raise
         if progress is not None:
             progress(self._progress.CurrentValue, self._progress.CompletionValue)
-        check(self._status or 0, self._function, self._filename)
+        if self._error is not None:
+            raise self._error

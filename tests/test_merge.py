@@ -1,0 +1,271 @@
+"""MergeVirtualDisk, asynchronous calls and progress, on real chains.
+
+Data goes into each disk of a chain through an attached disk (the kernel's
+loop device over the provider's FUSE server), each disk written before its
+child is made (a VHDX child names its parent's DataWriteGuid, which a write
+changes).  What the leaf shows is read back the same way before the merge;
+afterwards qemu-img (which reads dynamic VHD and VHDX, not differencing
+ones) compares it with the merged base, and our own reader with a merged
+differencing parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import virtdisk
+from virtdisk import Access, WinError
+from virtdisk._native import ffi, lib
+
+from .conftest import require_tool
+
+MiB = 1 << 20
+QEMU_FORMAT = {"vhd": "vpc", "vhdx": "vhdx"}
+
+
+def _write(path: Path, writes: list[tuple[int, bytes]]) -> None:
+    with virtdisk.open(path) as disk:
+        disk.attach()
+        try:
+            fd = os.open(disk.physical_path, os.O_RDWR)
+            try:
+                for offset, data in writes:
+                    os.pwrite(fd, data, offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            disk.detach()
+
+
+def _view(path: Path) -> bytes:
+    """The disk's bytes as our reader shows them attached."""
+    with virtdisk.open(path, read_only=True) as disk:
+        disk.attach(read_only=True)
+        try:
+            with open(disk.physical_path, "rb") as device:
+                return device.read()
+        finally:
+            disk.detach()
+
+
+def _pattern(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def _chain(folder: Path, suffix: str, size: int = 64 * MiB, child_data: int = 0) -> list[Path]:
+    """base <- mid <- leaf, each with data of its own, some overlapping."""
+    base, mid, leaf = (folder / f"{name}.{suffix}" for name in ("base", "mid", "leaf"))
+    virtdisk.create(base, size).close()
+    _write(base, [(0, _pattern(1, 8 * MiB)), (30 * MiB, _pattern(2, 512))])
+    virtdisk.create(mid, parent=base).close()
+    _write(mid, [(4 * MiB, _pattern(3, MiB)), (20 * MiB + 4096, _pattern(4, 4096))])
+    virtdisk.create(leaf, parent=mid).close()
+    writes = [(4 * MiB + 512, _pattern(5, 512)), (40 * MiB, _pattern(6, 3 * MiB + 512))]
+    if child_data:
+        writes.append((size - child_data, _pattern(7, child_data)))
+    _write(leaf, writes)
+    return [leaf, mid, base]
+
+
+def _qemu_compare(expected: bytes, image: Path, folder: Path, suffix: str) -> None:
+    qemu_img = require_tool("qemu-img")
+    raw = folder / "expected.raw"
+    raw.write_bytes(expected)
+    result = subprocess.run(
+        [qemu_img, "compare", "-f", "raw", "-F", QEMU_FORMAT[suffix], str(raw), str(image)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_merge_into_the_base_reads_as_the_leaf_did_and_progress_rises_to_the_total(
+    images: Path, suffix: str
+) -> None:
+    leaf, mid, base = _chain(images, suffix)
+    expected = _view(leaf)
+    seen: list[tuple[int, int]] = []
+    virtdisk.merge(leaf, 2, progress=lambda current, total: seen.append((current, total)))
+    _qemu_compare(expected, base, images, suffix)
+    assert _view(base) == expected
+    currents = [current for current, _ in seen]
+    assert currents == sorted(currents)
+    total = seen[-1][1]
+    assert seen[-1] == (total, total)
+    # Only what leaf and mid hold was copied: their writes, rounded to the
+    # formats' blocks, far less than the disk.
+    assert 4 * MiB < total < 32 * MiB
+    assert leaf.exists() and mid.exists()  # nothing deleted
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_merge_into_a_differencing_parent_keeps_the_leaf_view(images: Path, suffix: str) -> None:
+    leaf, mid, base = _chain(images, suffix)
+    expected = _view(leaf)
+    base_before = _view(base)
+    virtdisk.merge(leaf, 1)
+    if suffix == "vhdx":
+        # The merged child names the parent's old DataWriteGuid: invalid now.
+        with pytest.raises(virtdisk.InvalidImageError):
+            virtdisk.open(leaf, read_only=True).close()
+    assert _view(mid) == expected
+    assert _view(base) == base_before
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_version_2_merges_a_middle_disk_and_repoints_the_leaf(images: Path, suffix: str) -> None:
+    leaf, mid, base = _chain(images, suffix)
+    expected = _view(leaf)
+    with virtdisk.open(leaf, Access.METAOPS | Access.GET_INFO, rw_depth=3) as disk:
+        disk.merge(1, source_depth=2)
+    with virtdisk.open(leaf, read_only=True) as disk:
+        assert Path(disk.info.parent_path or "").resolve() == base.resolve()
+    assert _view(leaf) == expected
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_a_cancelled_merge_leaves_a_consistent_chain_that_merges_again(images: Path, suffix: str) -> None:
+    leaf, mid, base = _chain(images, suffix, size=256 * MiB, child_data=160 * MiB)
+    expected = _view(leaf)
+    with virtdisk.open(leaf, Access.METAOPS | Access.GET_INFO, rw_depth=3) as disk:
+        operation = disk.begin_merge(2)
+        while not operation.done and operation.progress()[0] == 0:
+            pass
+        current, total = operation.progress()
+        assert operation.cancel(), "the merge ended before it could be cancelled"
+        with pytest.raises(virtdisk.OperationCancelledError):
+            operation.wait()
+        after, _ = operation.progress()
+        assert 0 < current and after < total
+    if suffix == "vhdx":
+        subprocess.run([require_tool("qemu-img"), "check", "-f", "vhdx", str(base)], check=True, capture_output=True)
+    # The chain still opens (the base's DataWriteGuid is back) and reads the same.
+    assert _view(leaf) == expected
+    virtdisk.merge(leaf, 2)
+    _qemu_compare(expected, base, images, suffix)
+
+
+def test_merge_refuses_what_the_documentation_refuses(images: Path) -> None:
+    leaf, mid, base = _chain(images, "vhd")
+    with virtdisk.open(leaf) as disk, pytest.raises(virtdisk.VirtualDiskPermissionError) as caught:
+        disk.merge(1)  # no METAOPS
+    assert caught.value.winerror == WinError.ERROR_ACCESS_DENIED
+    with virtdisk.open(leaf, Access.METAOPS, rw_depth=2) as disk:
+        with pytest.raises(virtdisk.VirtualDiskError) as caught:
+            disk.merge(2)  # RWDepth must exceed MergeDepth
+        assert caught.value.winerror == WinError.ERROR_INVALID_PARAMETER
+        assert "RWDepth" in caught.value.detail
+    with virtdisk.open(leaf, Access.METAOPS, rw_depth=9) as disk, pytest.raises(virtdisk.VirtualDiskError) as caught:
+        disk.merge(3)  # the chain has only two disks above the leaf
+    assert caught.value.winerror == WinError.ERROR_INVALID_PARAMETER
+    with virtdisk.open(base, Access.METAOPS, rw_depth=2) as disk, pytest.raises(virtdisk.NotSupportedError) as caught:
+        disk.merge(1)  # not a differencing disk
+    assert caught.value.winerror == WinError.ERROR_VHD_INVALID_TYPE
+    with virtdisk.open(leaf, Access.METAOPS, rw_depth=2) as disk, virtdisk.open(leaf, read_only=True):
+        with pytest.raises(virtdisk.DiskInUseError):
+            disk.merge(1)
+    with virtdisk.open(leaf) as attached:
+        attached.attach(read_only=True)
+        try:
+            with virtdisk.open(leaf, Access.METAOPS, rw_depth=2) as disk, pytest.raises(virtdisk.InvalidStateError):
+                disk.merge(1)
+        finally:
+            attached.detach()
+    with virtdisk.open(leaf, Access.METAOPS, rw_depth=2) as disk:
+        parameters = ffi.new("MERGE_VIRTUAL_DISK_PARAMETERS *", {"Version": 3})
+        assert lib.MergeVirtualDisk(disk._handle, 0, parameters, ffi.NULL) == WinError.ERROR_INVALID_PARAMETER
+        parameters = ffi.new("MERGE_VIRTUAL_DISK_PARAMETERS *", {"Version": 1})
+        parameters.Version1.MergeDepth = 1
+        assert lib.MergeVirtualDisk(disk._handle, 1, parameters, ffi.NULL) == WinError.ERROR_INVALID_PARAMETER
+
+
+def test_raw_asynchronous_merge_signals_its_eventfd_and_reports_progress(images: Path) -> None:
+    leaf, mid, base = _chain(images, "vhdx")
+    handle = ffi.new("HANDLE *")
+    storage = ffi.new("VIRTUAL_STORAGE_TYPE *")
+    open_parameters = ffi.new("OPEN_VIRTUAL_DISK_PARAMETERS *", {"Version": 1})
+    open_parameters.Version1.RWDepth = 2
+    code = lib.OpenVirtualDisk(storage, str(leaf), Access.METAOPS, 0, open_parameters, handle)
+    assert code == 0
+    event = lib.CreateEventW(ffi.NULL, 1, 0, ffi.NULL)
+    try:
+        overlapped = ffi.new("OVERLAPPED *")
+        progress = ffi.new("VIRTUAL_DISK_PROGRESS *")
+        assert lib.GetVirtualDiskOperationProgress(handle[0], overlapped, progress) == WinError.ERROR_INVALID_PARAMETER
+        assert not lib.CancelIoEx(handle[0], overlapped)
+        assert lib.GetLastError() == WinError.ERROR_NOT_FOUND
+        read_end, write_end = os.pipe()
+        try:
+            overlapped.hEvent = ffi.cast("HANDLE", read_end)  # not an eventfd
+            parameters = ffi.new("MERGE_VIRTUAL_DISK_PARAMETERS *", {"Version": 1})
+            parameters.Version1.MergeDepth = 1
+            assert lib.MergeVirtualDisk(handle[0], 0, parameters, overlapped) == WinError.ERROR_INVALID_HANDLE
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        overlapped.hEvent = event
+        assert lib.WaitForSingleObject(event, 0) == lib.WAIT_TIMEOUT
+        assert lib.MergeVirtualDisk(handle[0], 0, parameters, overlapped) == WinError.ERROR_IO_PENDING
+        assert lib.WaitForSingleObject(event, 60_000) == 0
+        assert lib.GetVirtualDiskOperationProgress(handle[0], overlapped, progress) == 0
+        assert progress.OperationStatus == 0
+        assert progress.CurrentValue == progress.CompletionValue > 0
+        assert overlapped.Internal == 0
+        # The event is an eventfd, usable with select/poll: it is readable.
+        fd = int(ffi.cast("intptr_t", event))
+        assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    finally:
+        lib.CloseHandle(event)
+        lib.CloseHandle(handle[0])
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_create_with_a_source_reports_progress_and_a_cancelled_copy_leaves_no_file(
+    images: Path, suffix: str
+) -> None:
+    source = images / "source.raw"
+    data = _pattern(9, 48 * MiB)
+    source.write_bytes(data)
+    seen: list[tuple[int, int]] = []
+    target = images / f"copy.{suffix}"
+    virtdisk.create(target, source=source, progress=lambda c, t: seen.append((c, t))).close()
+    _qemu_compare(data, target, images, suffix)
+    assert seen[-1] == (len(data), len(data))
+    assert [c for c, _ in seen] == sorted(c for c, _ in seen)
+
+    class Stop(Exception):
+        pass
+
+    def stop(current: int, total: int) -> None:
+        raise Stop
+
+    cancelled = images / f"cancelled.{suffix}"
+    with pytest.raises(Stop):
+        virtdisk.create(cancelled, source=source, progress=stop)
+    assert not cancelled.exists()
+
+
+def test_cli_merge_and_convert_print_json_and_no_bar_without_a_terminal(images: Path) -> None:
+    leaf, mid, base = _chain(images, "vhdx")
+    expected = _view(leaf)
+    run = [sys.executable, "-m", "virtdisk"]
+    result = subprocess.run([*run, "merge", str(leaf), "--depth", "2", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    answer = json.loads(result.stdout)
+    assert Path(answer["target"]).resolve() == base.resolve() and answer["bytes_copied"] > 0
+    converted = images / "converted.vhd"
+    result = subprocess.run([*run, "convert", str(base), str(converted), "--type", "fixed"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "VHD fixed" in result.stdout
+    _qemu_compare(expected, converted, images, "vhd")
