@@ -101,8 +101,10 @@ def _strip_comments(text: str) -> str:
     return re.sub(r"/\*.*?\*/", "", text, flags=re.S)
 
 
-# kernel32 functions the cdef declares next to VirtDisk's.
-KERNEL32 = {"CloseHandle", "GetLastError"}
+# kernel32 functions the cdef declares next to VirtDisk's (the last three for
+# asynchronous calls), and kernel32's constants, with winerror.h's values.
+KERNEL32 = {"CloseHandle", "GetLastError", "CreateEventW", "WaitForSingleObject", "CancelIoEx"}
+KERNEL32_DEFINES = {"WAIT_TIMEOUT": 258}
 
 
 def _cdef_functions(header: str) -> dict[str, str]:
@@ -215,6 +217,8 @@ int vd_call_everything(void)
     status |= vd_last_error_detail()[0];
     status |= vd_manage_volume_privilege_state(0) + vd_enable_manage_volume_privilege();
     status |= (DWORD)CloseHandle(0) + GetLastError();
+    status |= (DWORD)(CreateEventW(0, 0, 0, 0) != 0) + WaitForSingleObject(0, WAIT_TIMEOUT);
+    status |= (DWORD)CancelIoEx(0, 0);
     return VIRTUAL_STORAGE_TYPE_VENDOR_MICROSOFT.Data1 + VIRTUAL_STORAGE_TYPE_VENDOR_UNKNOWN.Data1
            + (int)status;
 }}
@@ -440,6 +444,8 @@ def test_late_bound_thunks_call_through_once_looked_up_and_report_missing_functi
 
 def test_every_define_equals_the_sdk_value() -> None:
     defines = _cdef_defines(_api_header())
+    kernel32 = {name: defines.pop(name) for name in KERNEL32_DEFINES}
+    assert kernel32 == KERNEL32_DEFINES
     assert defines == API["defines"]
     assert {name: getattr(lib, name) for name in defines} == API["defines"]
 
