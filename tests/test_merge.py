@@ -123,7 +123,7 @@ def test_merge_into_a_differencing_parent_keeps_the_leaf_view(images: Path, suff
 
 @pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
 def test_version_2_merges_a_middle_disk_and_repoints_the_leaf(images: Path, suffix: str) -> None:
-    leaf, mid, base = _chain(images, suffix)
+    leaf, _mid, base = _chain(images, suffix)
     expected = _view(leaf)
     with virtdisk.open(leaf, Access.METAOPS | Access.GET_INFO, rw_depth=3) as disk:
         disk.merge(1, source_depth=2)
@@ -134,7 +134,7 @@ def test_version_2_merges_a_middle_disk_and_repoints_the_leaf(images: Path, suff
 
 @pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
 def test_a_cancelled_merge_leaves_a_consistent_chain_that_merges_again(images: Path, suffix: str) -> None:
-    leaf, mid, base = _chain(images, suffix, size=256 * MiB, child_data=160 * MiB)
+    leaf, _mid, base = _chain(images, suffix, size=256 * MiB, child_data=160 * MiB)
     expected = _view(leaf)
     with virtdisk.open(leaf, Access.METAOPS | Access.GET_INFO, rw_depth=3) as disk:
         operation = disk.begin_merge(2)
@@ -145,9 +145,11 @@ def test_a_cancelled_merge_leaves_a_consistent_chain_that_merges_again(images: P
         with pytest.raises(virtdisk.OperationCancelledError):
             operation.wait()
         after, _ = operation.progress()
-        assert 0 < current and after < total
+        assert current > 0 and after < total
     if suffix == "vhdx":
-        subprocess.run([require_tool("qemu-img"), "check", "-f", "vhdx", str(base)], check=True, capture_output=True)
+        subprocess.run(
+            [require_tool("qemu-img"), "check", "-f", "vhdx", str(base)], check=True, capture_output=True
+        )
     # The chain still opens (the base's DataWriteGuid is back) and reads the same.
     assert _view(leaf) == expected
     virtdisk.merge(leaf, 2)
@@ -155,7 +157,7 @@ def test_a_cancelled_merge_leaves_a_consistent_chain_that_merges_again(images: P
 
 
 def test_merge_refuses_what_the_documentation_refuses(images: Path) -> None:
-    leaf, mid, base = _chain(images, "vhd")
+    leaf, _mid, base = _chain(images, "vhd")
     with virtdisk.open(leaf) as disk, pytest.raises(virtdisk.VirtualDiskPermissionError) as caught:
         disk.merge(1)  # no METAOPS
     assert caught.value.winerror == WinError.ERROR_ACCESS_DENIED
@@ -164,19 +166,31 @@ def test_merge_refuses_what_the_documentation_refuses(images: Path) -> None:
             disk.merge(2)  # RWDepth must exceed MergeDepth
         assert caught.value.winerror == WinError.ERROR_INVALID_PARAMETER
         assert "RWDepth" in caught.value.detail
-    with virtdisk.open(leaf, Access.METAOPS, rw_depth=9) as disk, pytest.raises(virtdisk.VirtualDiskError) as caught:
+    with (
+        virtdisk.open(leaf, Access.METAOPS, rw_depth=9) as disk,
+        pytest.raises(virtdisk.VirtualDiskError) as caught,
+    ):
         disk.merge(3)  # the chain has only two disks above the leaf
     assert caught.value.winerror == WinError.ERROR_INVALID_PARAMETER
-    with virtdisk.open(base, Access.METAOPS, rw_depth=2) as disk, pytest.raises(virtdisk.NotSupportedError) as caught:
+    with (
+        virtdisk.open(base, Access.METAOPS, rw_depth=2) as disk,
+        pytest.raises(virtdisk.NotSupportedError) as caught,
+    ):
         disk.merge(1)  # not a differencing disk
     assert caught.value.winerror == WinError.ERROR_VHD_INVALID_TYPE
-    with virtdisk.open(leaf, Access.METAOPS, rw_depth=2) as disk, virtdisk.open(leaf, read_only=True):
-        with pytest.raises(virtdisk.DiskInUseError):
-            disk.merge(1)
+    with (
+        virtdisk.open(leaf, Access.METAOPS, rw_depth=2) as disk,
+        virtdisk.open(leaf, read_only=True),
+        pytest.raises(virtdisk.DiskInUseError),
+    ):
+        disk.merge(1)
     with virtdisk.open(leaf) as attached:
         attached.attach(read_only=True)
         try:
-            with virtdisk.open(leaf, Access.METAOPS, rw_depth=2) as disk, pytest.raises(virtdisk.InvalidStateError):
+            with (
+                virtdisk.open(leaf, Access.METAOPS, rw_depth=2) as disk,
+                pytest.raises(virtdisk.InvalidStateError),
+            ):
                 disk.merge(1)
         finally:
             attached.detach()
@@ -189,7 +203,7 @@ def test_merge_refuses_what_the_documentation_refuses(images: Path) -> None:
 
 
 def test_raw_asynchronous_merge_signals_its_eventfd_and_reports_progress(images: Path) -> None:
-    leaf, mid, base = _chain(images, "vhdx")
+    leaf, _mid, _base = _chain(images, "vhdx")
     handle = ffi.new("HANDLE *")
     storage = ffi.new("VIRTUAL_STORAGE_TYPE *")
     open_parameters = ffi.new("OPEN_VIRTUAL_DISK_PARAMETERS *", {"Version": 1})
@@ -200,7 +214,10 @@ def test_raw_asynchronous_merge_signals_its_eventfd_and_reports_progress(images:
     try:
         overlapped = ffi.new("OVERLAPPED *")
         progress = ffi.new("VIRTUAL_DISK_PROGRESS *")
-        assert lib.GetVirtualDiskOperationProgress(handle[0], overlapped, progress) == WinError.ERROR_INVALID_PARAMETER
+        assert (
+            lib.GetVirtualDiskOperationProgress(handle[0], overlapped, progress)
+            == WinError.ERROR_INVALID_PARAMETER
+        )
         assert not lib.CancelIoEx(handle[0], overlapped)
         assert lib.GetLastError() == WinError.ERROR_NOT_FOUND
         read_end, write_end = os.pipe()
@@ -255,16 +272,20 @@ def test_create_with_a_source_reports_progress_and_a_cancelled_copy_leaves_no_fi
 
 
 def test_cli_merge_and_convert_print_json_and_no_bar_without_a_terminal(images: Path) -> None:
-    leaf, mid, base = _chain(images, "vhdx")
+    leaf, _mid, base = _chain(images, "vhdx")
     expected = _view(leaf)
     run = [sys.executable, "-m", "virtdisk"]
-    result = subprocess.run([*run, "merge", str(leaf), "--depth", "2", "--json"], capture_output=True, text=True)
+    result = subprocess.run(
+        [*run, "merge", str(leaf), "--depth", "2", "--json"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     answer = json.loads(result.stdout)
     assert Path(answer["target"]).resolve() == base.resolve() and answer["bytes_copied"] > 0
     converted = images / "converted.vhd"
-    result = subprocess.run([*run, "convert", str(base), str(converted), "--type", "fixed"], capture_output=True, text=True)
+    result = subprocess.run(
+        [*run, "convert", str(base), str(converted), "--type", "fixed"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert "VHD fixed" in result.stdout

@@ -7,7 +7,6 @@ devices).  The raw API is ``virtdisk._native.ffi`` / ``.lib``.
 
 from ._disk import AttachedDisk, DiskInfo, VirtualDisk, attached_disks, create, detach, merge, open
 from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageType
-from ._operation import Operation
 from ._errors import (
     DiskInUseError,
     InvalidImageError,
@@ -22,6 +21,7 @@ from ._errors import (
     VirtualDiskPermissionError,
     WinError,
 )
+from ._operation import Operation
 
 __version__ = "0.1.0"
 

@@ -212,7 +212,12 @@ def _merge(args: argparse.Namespace) -> int:
         _disk.merge(args.path, args.depth, progress=progress)
     finally:
         bar.finish()
-    result = {"path": str(Path(args.path)), "depth": args.depth, "target": str(target), "bytes_copied": copied[0]}
+    result = {
+        "path": str(Path(args.path)),
+        "depth": args.depth,
+        "target": str(target),
+        "bytes_copied": copied[0],
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -260,7 +265,10 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
     )
     merge.add_argument("path", help="the differencing disk (the child)")
     merge.add_argument(
-        "--depth", type=int, default=1, help="how many disks to merge: 1 into the parent, 2 into the grandparent"
+        "--depth",
+        type=int,
+        default=1,
+        help="how many disks to merge: 1 into the parent, 2 into the grandparent",
     )
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.add_argument("--json", action="store_true")

@@ -687,14 +687,27 @@ def create(
 
 
 def _create_copying(
-    image: Path, kind: StorageType, flags: int, parameters: Any, handle: Any, progress: ProgressCallback | None
+    image: Path,
+    kind: StorageType,
+    flags: int,
+    parameters: Any,
+    handle: Any,
+    progress: ProgressCallback | None,
 ) -> VirtualDisk:
     """CreateVirtualDisk with a SourcePath, asynchronously, waiting for the copy."""
 
     def start(overlapped: Any) -> int:
         return int(
             lib.CreateVirtualDisk(
-                _storage_type(kind), str(image), Access.NONE, ffi.NULL, flags, 0, parameters, overlapped, handle
+                _storage_type(kind),
+                str(image),
+                Access.NONE,
+                ffi.NULL,
+                flags,
+                0,
+                parameters,
+                overlapped,
+                handle,
             )
         )
 
