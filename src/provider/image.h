@@ -85,6 +85,11 @@ struct vd_create_request {
     struct vd_image *parent;       /* differencing: the opened parent, else NULL */
 };
 
+/* A byte range of a virtual disk. */
+struct vd_extent {
+    uint64_t offset, length;
+};
+
 /* What one layer of a chain holds at a place (block_status()). */
 enum vd_block_state {
     VD_BLOCK_ABSENT, /* not this file's: its parent's, or zeros without one */
@@ -147,6 +152,14 @@ struct vd_format {
        now what write() would do before the first write of a session (VHDX:
        new FileWriteGuid/DataWriteGuid).  NULL when there is nothing to do. */
     DWORD (*prepare_direct_write)(struct vd_image *image);
+
+    /* About to write count extents ({offset, length} of the virtual disk)
+       in one go (a merge): the format may reserve what they need at once
+       and defer the metadata that makes new data part of the disk to the
+       next flush(), which then writes it after the data is durable.  Until
+       that flush an interruption leaves the image as it was wherever new
+       space was allocated.  NULL: nothing to prepare. */
+    DWORD (*prepare_bulk_write)(struct vd_image *image, const struct vd_extent *extents, size_t count);
 
     /* Makes everything write() has returned durable in the file (the FUSE
        server's fsync, and before a detach reports success).  NULL: an

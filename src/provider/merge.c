@@ -11,7 +11,9 @@
  * including) the target holds data (the formats' block_status()), the
  * source's view is read and written to the target through the target
  * format's own write path, which orders data before the metadata that
- * points at it.  A flush ends the copy.  The chain's view never changes on
+ * points at it.  The format is told the whole list first
+ * (prepare_bulk_write: a VHD reserves its new blocks at once and writes
+ * their BAT entries at the flush that ends the copy, after the data).  The chain's view never changes on
  * the way (the target only ever receives what the source disk shows
  * there), so an interrupted merge leaves every disk readable and the merge
  * can simply run again.
@@ -48,10 +50,6 @@
 typedef unsigned long long ull;
 
 enum { VD_MERGE_CHUNK = 1 << 20, VD_MERGE_MAX_DEPTH = 256 };
-
-struct vd_extent {
-    uint64_t offset, length;
-};
 
 struct vd_merge {
     struct vd_handle *handle;
@@ -203,8 +201,10 @@ static DWORD vd_merge_copy(struct vd_job *job, struct vd_merge *m)
     if (status != ERROR_SUCCESS)
         return status;
     vd_job_set_total(job, total);
+    if (m->target->format->prepare_bulk_write)
+        status = m->target->format->prepare_bulk_write(m->target, extents, count);
     uint8_t *buffer = malloc(VD_MERGE_CHUNK);
-    if (!buffer)
+    if (!buffer && status == ERROR_SUCCESS)
         status = vd_fail(ERROR_OUTOFMEMORY, "merge buffer");
     for (size_t i = 0; i < count && status == ERROR_SUCCESS; i++) {
         for (uint64_t done = 0; done < extents[i].length && status == ERROR_SUCCESS;) {

@@ -128,6 +128,13 @@ struct vhd_state {
     uint64_t table_offset;
     uint32_t *bat;        /* block_count entries, host order */
     uint8_t *bitmap;      /* bitmap_size bytes */
+    /* Bulk writing (prepare_bulk_write): blocks reserved in one footer move,
+       [reserve_next, reserve_end) bytes of the file, and the BAT entries of
+       blocks written since, committed by flush() after their data. */
+    bool bulk;
+    uint64_t reserve_next, reserve_end;
+    uint32_t *pending;    /* block numbers whose BAT entry is not yet written */
+    size_t pending_count, pending_capacity;
 };
 
 typedef unsigned long long ull;
@@ -787,6 +794,7 @@ static DWORD vhd_open_parent(struct vd_image *image, const struct vhd_candidates
 
 static void vhd_free_state(struct vhd_state *state)
 {
+    free(state->pending);
     free(state->bat);
     free(state->bitmap);
     free(state);
@@ -1048,6 +1056,12 @@ static DWORD vhd_block_status(struct vd_image *image, uint64_t offset, uint64_t 
 static DWORD vhd_allocate_block(struct vd_image *image, uint32_t *entry)
 {
     struct vhd_state *state = image->state;
+    if (state->reserve_next < state->reserve_end) {
+        /* Footer moved and bitmap written already (vhd_prepare_bulk_write). */
+        *entry = (uint32_t)(state->reserve_next / VHD_SECTOR);
+        state->reserve_next += state->bitmap_size + state->block_size;
+        return ERROR_SUCCESS;
+    }
     uint64_t block_offset = vhd_round_up(state->footer_offset, VHD_SECTOR);
     uint64_t footer_offset = block_offset + state->bitmap_size + state->block_size;
     if (block_offset / VHD_SECTOR >= VHD_BAT_UNUSED)
@@ -1104,6 +1118,25 @@ static DWORD vhd_mark_present(struct vd_image *image, uint64_t block_offset, uin
                  : ERROR_SUCCESS;
 }
 
+/* Bulk writing: the BAT entry of a block just written waits for flush();
+   until then the block is this session's alone (the file on disk does not
+   reference it, so an interruption leaves the image as it was there). */
+static DWORD vhd_defer_bat_entry(struct vd_image *image, uint32_t block, uint32_t entry)
+{
+    struct vhd_state *state = image->state;
+    if (state->pending_count == state->pending_capacity) {
+        size_t capacity = state->pending_capacity ? state->pending_capacity * 2 : 256;
+        uint32_t *grown = realloc(state->pending, capacity * sizeof *grown);
+        if (!grown)
+            return vd_fail(ERROR_OUTOFMEMORY, "%s: pending BAT entries", image->path);
+        state->pending = grown;
+        state->pending_capacity = capacity;
+    }
+    state->pending[state->pending_count++] = block;
+    state->bat[block] = entry;
+    return ERROR_SUCCESS;
+}
+
 /* Whole sectors [first, first + count) of one block. */
 static DWORD vhd_write_sectors(struct vd_image *image, uint32_t block, uint32_t first, const uint8_t *data,
                                uint32_t count)
@@ -1127,6 +1160,8 @@ static DWORD vhd_write_sectors(struct vd_image *image, uint32_t block, uint32_t 
     }
     if (!fresh)
         return ERROR_SUCCESS;
+    if (state->bulk)
+        return vhd_defer_bat_entry(image, block, entry);
 
     uint8_t raw[4];
     vd_put_be32(raw, entry);
@@ -1217,9 +1252,88 @@ static DWORD vhd_write(struct vd_image *image, const void *buffer, uint64_t offs
 
 /* Block allocation orders itself with barriers; this makes the data of
    writes into existing blocks (and a fixed disk's) durable too. */
+/* Reserves, with one footer move and one flush, every block the extents
+   will need, and defers BAT entries to flush(): data first, one flush, then
+   the entries, another flush, instead of two flushes per block. */
+static DWORD vhd_prepare_bulk_write(struct vd_image *image, const struct vd_extent *extents, size_t count)
+{
+    struct vhd_state *state = image->state;
+    if (state->disk_type == VHD_TYPE_FIXED || !image->writable)
+        return ERROR_SUCCESS;
+    pthread_mutex_lock(&state->lock);
+    uint64_t blocks = 0, last = UINT64_MAX;
+    for (size_t i = 0; i < count; i++) {
+        uint64_t offset = extents[i].offset, length = extents[i].length;
+        if (!length || !vhd_in_range(image, offset, length))
+            continue;
+        for (uint64_t b = offset / state->block_size; b <= (offset + length - 1) / state->block_size; b++) {
+            if (b != last && state->bat[b] == VHD_BAT_UNUSED)
+                blocks++;
+            last = b;
+        }
+    }
+    uint64_t block_bytes = (uint64_t)state->bitmap_size + state->block_size;
+    uint64_t first = vhd_round_up(state->footer_offset, VHD_SECTOR);
+    uint64_t footer_offset = first + blocks * block_bytes;
+    DWORD status = ERROR_SUCCESS;
+    if (blocks && footer_offset / VHD_SECTOR >= VHD_BAT_UNUSED)
+        status = vd_fail(ERROR_VHD_BLOCK_ALLOCATION_FAILURE, "%s: %llu new blocks would lie beyond what a BAT "
+                         "entry can address", image->path, (ull)blocks);
+    int error = 0;
+    if (status == ERROR_SUCCESS && blocks) {
+        /* The order of vhd_allocate_block, once for all the blocks. */
+        uint64_t old_size = image->file_size;
+        error = vd_pwrite_full(image->fd, &state->footer, sizeof state->footer, footer_offset);
+        if (!error)
+            error = fdatasync(image->fd) < 0 ? errno : 0;
+        if (error) {
+            if (ftruncate(image->fd, (off_t)old_size) < 0) {
+                /* The original error is the one to report. */
+            }
+            status = vd_fail_errno(error, "%s: moving the footer to offset %llu for %llu new blocks", image->path,
+                                   (ull)footer_offset, (ull)blocks);
+        }
+    }
+    if (status == ERROR_SUCCESS && blocks) {
+        state->footer_offset = footer_offset;
+        image->file_size = footer_offset + VHD_FOOTER_SIZE;
+        memset(state->bitmap, state->disk_type == VHD_TYPE_DYNAMIC ? 0xFF : 0x00, state->bitmap_size);
+        for (uint64_t b = 0; b < blocks && !error; b++)
+            error = vd_pwrite_full(image->fd, state->bitmap, state->bitmap_size, first + b * block_bytes);
+        if (error)
+            status = vd_fail_errno(error, "%s: writing the sector bitmaps of new blocks", image->path);
+        state->reserve_next = first;
+        state->reserve_end = status == ERROR_SUCCESS ? footer_offset : first;
+    }
+    if (status == ERROR_SUCCESS)
+        state->bulk = true;
+    pthread_mutex_unlock(&state->lock);
+    return status;
+}
+
 static DWORD vhd_flush(struct vd_image *image)
 {
-    return fdatasync(image->fd) < 0 ? vd_fail_errno(errno, "%s: flushing", image->path) : ERROR_SUCCESS;
+    struct vhd_state *state = image->state;
+    if (fdatasync(image->fd) < 0)
+        return vd_fail_errno(errno, "%s: flushing", image->path);
+    if (!state || !state->bulk)
+        return ERROR_SUCCESS;
+    /* The data is durable: now the entries that make it part of the disk. */
+    pthread_mutex_lock(&state->lock);
+    int error = 0;
+    for (size_t i = 0; i < state->pending_count && !error; i++) {
+        uint32_t block = state->pending[i];
+        uint8_t raw[4];
+        vd_put_be32(raw, state->bat[block]);
+        error = vd_pwrite_full(image->fd, raw, sizeof raw, state->table_offset + 4 * (uint64_t)block);
+    }
+    if (!error && fdatasync(image->fd) < 0)
+        error = errno;
+    state->pending_count = 0;
+    state->bulk = false;
+    state->reserve_next = state->reserve_end = 0;
+    pthread_mutex_unlock(&state->lock);
+    return error ? vd_fail_errno(error, "%s: writing the BAT entries of new blocks", image->path) : ERROR_SUCCESS;
 }
 
 /* ---- creating ------------------------------------------------------------ */
@@ -1777,5 +1891,6 @@ const struct vd_format vd_format_vhd = {
     .set_physical_sector_size = vhd_set_physical_sector_size,
     .resize = vhd_resize,
     .close = vhd_close,
+    .prepare_bulk_write = vhd_prepare_bulk_write,
     .flush = vhd_flush,
 };
