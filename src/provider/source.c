@@ -102,6 +102,27 @@ static bool vd_all_zero(const uint8_t *data, size_t length)
     return true;
 }
 
+/* A raw file's holes read as zeros (SEEK_DATA/SEEK_HOLE; a file system or
+   device without them answers "all data", which is always right). */
+static DWORD vd_raw_zeros(const struct vd_source *source, uint64_t offset, uint64_t length, bool *zeros,
+                          uint64_t *run)
+{
+    off_t data = lseek(source->fd, (off_t)offset, SEEK_DATA);
+    if (data < 0) {
+        *zeros = errno == ENXIO; /* no data from here to the end */
+        return ERROR_SUCCESS;
+    }
+    if ((uint64_t)data > offset) {
+        *zeros = true;
+        *run = (uint64_t)data - offset < length ? (uint64_t)data - offset : length;
+        return ERROR_SUCCESS;
+    }
+    off_t hole = lseek(source->fd, (off_t)offset, SEEK_HOLE);
+    if (hole > (off_t)offset && (uint64_t)hole - offset < length)
+        *run = (uint64_t)hole - offset;
+    return ERROR_SUCCESS;
+}
+
 /* Whether [offset, offset + *run) of the source surely reads as zeros
    without reading it: no layer of its chain holds data there. */
 static DWORD vd_source_zeros(const struct vd_source *source, uint64_t offset, uint64_t length, bool *zeros,
@@ -110,7 +131,7 @@ static DWORD vd_source_zeros(const struct vd_source *source, uint64_t offset, ui
     *zeros = false;
     *run = length;
     if (!source->image)
-        return ERROR_SUCCESS;
+        return vd_raw_zeros(source, offset, length, zeros, run);
     for (struct vd_image *layer = source->image; layer; layer = layer->parent) {
         enum vd_block_state state;
         uint64_t n;
