@@ -314,3 +314,27 @@ def test_cli_merge_and_convert_print_json_and_no_bar_without_a_terminal(images: 
     assert result.stderr == ""
     assert "VHD fixed" in result.stdout
     _qemu_compare(expected, converted, images, "vhd")
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_a_merge_killed_at_any_moment_leaves_a_chain_that_reads_the_same_and_merges_again(
+    images: Path, suffix: str
+) -> None:
+    leaf, _mid, base = _chain(images, suffix, size=256 * MiB, child_data=160 * MiB)
+    expected = _view(leaf)
+    script = "import sys, virtdisk; virtdisk.merge(sys.argv[1], 2)"
+    rng = random.Random(11)
+    for _ in range(3):
+        merging = subprocess.Popen([sys.executable, "-c", script, str(leaf)])
+        time.sleep(rng.uniform(0.05, 0.4))
+        merging.kill()
+        merging.wait(timeout=30)
+        # Whether the kill came before, during or after the copy, the leaf
+        # still opens and shows what it showed.
+        assert _view(leaf) == expected
+    virtdisk.merge(leaf, 2)
+    _qemu_compare(expected, base, images, suffix)
+    if suffix == "vhdx":
+        subprocess.run(
+            [require_tool("qemu-img"), "check", "-f", "vhdx", str(base)], check=True, capture_output=True
+        )

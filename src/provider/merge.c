@@ -18,11 +18,12 @@
  * there), so an interrupted merge leaves every disk readable and the merge
  * can simply run again.
  *
- * Children are invalidated as the formats link them: writing a VHDX changes
- * its DataWriteGuid, which every child names in its parent_linkage, so the
- * merged disks (and any other child of the target) no longer open against
- * it; a merge that fails or is cancelled puts the target's DataWriteGuid
- * back, so the chain still opens and the merge can be run again.  A VHD
+ * Children are invalidated as the formats link them: a VHDX target gets a
+ * new DataWriteGuid once the copy is complete (vd_merge_work), which every
+ * child names in its parent_linkage, so the merged disks (and any other
+ * child of the target) no longer open against it; a merge that fails, is
+ * cancelled or killed leaves it as it was, so the chain still opens and the
+ * merge can be run again.  A VHD
  * child names its parent's unique id, which a merge leaves alone: such
  * children still open (the merged ones still read the same data, any other
  * child of the target reads changed data).  With version 2 and a source
@@ -230,27 +231,30 @@ static DWORD vd_merge_copy(struct vd_job *job, struct vd_merge *m)
     return status != ERROR_SUCCESS ? status : flushed;
 }
 
+/* A VHDX target keeps the DataWriteGuid its children name until the copy is
+   complete: its write path would change it before the first write (the
+   spec's rule, so children notice a changed parent), which would cut the
+   merged children off from a merge that stops half way.  The merge pins it
+   (set_identifier with the same value starts the session) and changes it at
+   the end, which invalidates the children then, as Windows documents. */
 static DWORD vd_merge_work(struct vd_job *job, void *context)
 {
     struct vd_merge *m = context;
-    GUID identity = m->target->identifier;
-    bool restore = m->target->format->device_id == VIRTUAL_STORAGE_TYPE_DEVICE_VHDX;
-    DWORD status = vd_merge_copy(job, m);
-    if (status != ERROR_SUCCESS && restore && !vd_guid_equal(&m->target->identifier, &identity) &&
-        m->target->format->set_identifier) {
-        /* The copy left the chain's view as it was: let the children link
-           to the target again, so the merge can be run once more. */
-        char detail[400];
-        snprintf(detail, sizeof detail, "%s", vd_last_error_detail());
-        DWORD restored = m->target->format->set_identifier(m->target, &identity);
-        if (restored != ERROR_SUCCESS)
-            return restored;
-        vd_fail(status, "%s", detail);
+    struct vd_image *target = m->target;
+    bool pin = target->format->device_id == VIRTUAL_STORAGE_TYPE_DEVICE_VHDX && target->format->set_identifier;
+    DWORD status = pin ? target->format->set_identifier(target, &target->identifier) : ERROR_SUCCESS;
+    if (status == ERROR_SUCCESS)
+        status = vd_merge_copy(job, m);
+    if (status == ERROR_SUCCESS && pin) {
+        GUID changed;
+        int error = vd_guid_generate(&changed);
+        status = error ? vd_fail_errno(error, "generating a DataWriteGuid")
+                       : target->format->set_identifier(target, &changed);
     }
     if (status == ERROR_SUCCESS && m->relink) {
         /* set_parent takes the parent it is given. */
         struct vd_image *parent = NULL;
-        status = vd_image_open(m->target->path, m->target->format->device_id, false, 0, &parent);
+        status = vd_image_open(target->path, target->format->device_id, false, 0, &parent);
         if (status == ERROR_SUCCESS)
             status = m->relink->format->set_parent(m->relink, parent);
     }
