@@ -338,3 +338,35 @@ def test_a_merge_killed_at_any_moment_leaves_a_chain_that_reads_the_same_and_mer
         subprocess.run(
             [require_tool("qemu-img"), "check", "-f", "vhdx", str(base)], check=True, capture_output=True
         )
+
+
+def test_a_running_merge_keeps_its_overlapped_and_handle_busy_and_closing_the_handle_cancels_it(
+    images: Path,
+) -> None:
+    leaf, _mid, base = _chain(images, "vhd", size=256 * MiB, child_data=160 * MiB)
+    expected = _view(leaf)
+    handle = ffi.new("HANDLE *")
+    storage = ffi.new("VIRTUAL_STORAGE_TYPE *")
+    open_parameters = ffi.new("OPEN_VIRTUAL_DISK_PARAMETERS *", {"Version": 1})
+    open_parameters.Version1.RWDepth = 3
+    access = Access.METAOPS | Access.ATTACH_RO | Access.GET_INFO
+    assert lib.OpenVirtualDisk(storage, str(leaf), access, 0, open_parameters, handle) == 0
+    event = lib.CreateEventW(ffi.NULL, 1, 0, ffi.NULL)
+    try:
+        overlapped = ffi.new("OVERLAPPED *", {"hEvent": event})
+        parameters = ffi.new("MERGE_VIRTUAL_DISK_PARAMETERS *", {"Version": 1})
+        parameters.Version1.MergeDepth = 2
+        assert lib.MergeVirtualDisk(handle[0], 0, parameters, overlapped) == WinError.ERROR_IO_PENDING
+        # Both refusals come before the 160 MiB copy can have ended.
+        assert lib.MergeVirtualDisk(handle[0], 0, parameters, overlapped) == WinError.ERROR_BUSY
+        flags = lib.ATTACH_VIRTUAL_DISK_FLAG_READ_ONLY
+        assert lib.AttachVirtualDisk(handle[0], ffi.NULL, flags, 0, ffi.NULL, ffi.NULL) == WinError.ERROR_BUSY
+        assert lib.CloseHandle(handle[0])
+        # The event still comes: the job ends, cancelled, and lets the handle go.
+        assert lib.WaitForSingleObject(event, 60_000) == 0
+        assert overlapped.Internal == WinError.ERROR_OPERATION_ABORTED
+    finally:
+        lib.CloseHandle(event)
+    assert _view(leaf) == expected
+    virtdisk.merge(leaf, 2)
+    _qemu_compare(expected, base, images, "vhd")

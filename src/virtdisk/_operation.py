@@ -15,6 +15,7 @@ leaves its images consistent; one cancelled through :meth:`cancel` raises
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,14 @@ from ._native import ffi, lib
 ProgressCallback = Callable[[int, int], object]
 
 _WAIT_SLICE_MS = 100
+
+
+def _last_error() -> int:
+    """GetLastError of the call just made: on Windows cffi saves it for us
+    (the interpreter may make calls of its own in between)."""
+    if sys.platform == "win32":
+        return int(ffi.getwinerror()[0])
+    return int(lib.GetLastError())
 
 
 class Operation:
@@ -54,8 +63,9 @@ class Operation:
         self._error: Exception | None = None
         self._event = lib.CreateEventW(ffi.NULL, 1, 0, ffi.NULL)
         if self._event == ffi.NULL:
+            code = _last_error()
             release()
-            check(lib.GetLastError(), "CreateEventW")
+            check(code, "CreateEventW")
         self._overlapped.hEvent = self._event
         try:
             code = start(self._overlapped)
@@ -103,7 +113,7 @@ class Operation:
             return False
         if lib.CancelIoEx(self._handle(), self._overlapped):
             return True
-        code = lib.GetLastError()
+        code = _last_error()
         if code == WinError.ERROR_NOT_FOUND:
             return False
         raise error_for(code, "CancelIoEx", self._filename)
