@@ -11,6 +11,7 @@ differencing parent.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -370,3 +371,32 @@ def test_a_running_merge_keeps_its_overlapped_and_handle_busy_and_closing_the_ha
     assert _view(leaf) == expected
     virtdisk.merge(leaf, 2)
     _qemu_compare(expected, base, images, "vhd")
+
+
+class _TerminalDouble(io.StringIO):
+    """A test double for stderr on a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_bar_draws_on_a_terminal_only_and_ends_its_line() -> None:
+    from virtdisk._progress import ProgressBar
+
+    terminal = _TerminalDouble()
+    bar = ProgressBar("merging", stream=terminal)
+    bar(0, 4 * MiB)
+    bar(4 * MiB, 4 * MiB)
+    bar.finish()
+    lines = terminal.getvalue().split("\r")
+    assert lines[-1].startswith("merging [" + "#" * 30 + "] 100.0%") and lines[-1].endswith("\n")
+    assert "  0.0%" in lines[1]
+    pipe = io.StringIO()
+    quiet = ProgressBar("merging", stream=pipe)
+    quiet(1, 2)
+    quiet.finish()
+    silenced = ProgressBar("merging", stream=terminal, quiet=True)
+    before = terminal.getvalue()
+    silenced(1, 2)
+    silenced.finish()
+    assert pipe.getvalue() == "" and terminal.getvalue() == before
