@@ -136,6 +136,13 @@ struct vd_handle *vd_handle_acquire(HANDLE value)
     return found;
 }
 
+void vd_handle_retain(struct vd_handle *handle)
+{
+    pthread_mutex_lock(&vd_registry_mutex);
+    handle->users++;
+    pthread_mutex_unlock(&vd_registry_mutex);
+}
+
 static void vd_disk_forget(struct vd_disk *disk)
 {
     for (struct vd_disk **link = &vd_disks; *link; link = &(*link)->next) {

@@ -57,6 +57,11 @@ DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, 
 struct vd_handle *vd_handle_acquire(HANDLE handle);
 void vd_handle_release(struct vd_handle *handle);
 
+/* One more reference to a handle the caller already holds one to (an
+   operation outliving the call that started it), even if it has been
+   closed meanwhile.  Pair with vd_handle_release(). */
+void vd_handle_retain(struct vd_handle *handle);
+
 /* Serialises attach/detach decisions about disks within this process. */
 void vd_disks_lock(void);
 void vd_disks_unlock(void);

@@ -283,7 +283,7 @@ DWORD vd_job_start(struct vd_handle *handle, OVERLAPPED *overlapped,
     overlapped->InternalHigh = 0;
 
     /* The job's own reference to the handle, dropped by the thread. */
-    vd_handle_acquire(handle);
+    vd_handle_retain(handle);
     pthread_mutex_lock(&vd_jobs_mutex);
     for (struct vd_job **link = &handle->jobs; *link; link = &(*link)->next) {
         if ((*link)->overlapped == overlapped) {

@@ -79,6 +79,17 @@ class Operation:
             self._close()
             raise error
 
+    def __del__(self) -> None:
+        # The provider writes into the OVERLAPPED until the operation ends:
+        # it must not be freed before.  Cancel, and wait for the end.
+        if getattr(self, "_event", None) is not None and self._status is None:
+            try:
+                self.cancel()
+                while not self._poll():
+                    lib.WaitForSingleObject(self._event, _WAIT_SLICE_MS)
+            except Exception:  # nothing to report to in a finalizer
+                pass
+
     def _close(self) -> None:
         if self._event is not None:
             lib.CloseHandle(self._event)
