@@ -407,3 +407,45 @@ def test_the_progress_bar_draws_on_a_terminal_only_and_ends_its_line() -> None:
     silenced(1, 2)
     silenced.finish()
     assert pipe.getvalue() == "" and terminal.getvalue() == before
+
+
+def test_raw_asynchronous_create_returns_a_handle_at_once_and_a_cancelled_copy_removes_the_file(
+    images: Path,
+) -> None:
+    source = images / "source.raw"
+    source.write_bytes(_pattern(12, 96 * MiB))
+    storage = ffi.new("VIRTUAL_STORAGE_TYPE *")
+    event = lib.CreateEventW(ffi.NULL, 1, 0, ffi.NULL)
+    progress = ffi.new("VIRTUAL_DISK_PROGRESS *")
+    try:
+        for name, cancel in (("plain.vhdx", False), ("copied.vhdx", False), ("cancelled.vhdx", True)):
+            parameters = ffi.new("CREATE_VIRTUAL_DISK_PARAMETERS *", {"Version": 2})
+            keep = ffi.new("WCHAR[]", str(source))
+            if name == "plain.vhdx":
+                parameters.Version2.MaximumSize = 64 * MiB
+            else:
+                parameters.Version2.SourcePath = keep
+            overlapped = ffi.new("OVERLAPPED *", {"hEvent": event})
+            handle = ffi.new("HANDLE *")
+            path = images / name
+            code = lib.CreateVirtualDisk(
+                storage, str(path), 0, ffi.NULL, 0, 0, parameters, overlapped, handle
+            )
+            assert code == WinError.ERROR_IO_PENDING
+            if cancel:
+                assert lib.CancelIoEx(handle[0], overlapped)
+            assert lib.WaitForSingleObject(event, 60_000) == 0
+            assert lib.GetVirtualDiskOperationProgress(handle[0], overlapped, progress) == 0
+            lib.CloseHandle(handle[0])
+            if cancel:
+                assert progress.OperationStatus == WinError.ERROR_OPERATION_ABORTED
+                assert progress.CurrentValue < progress.CompletionValue == 96 * MiB
+                assert not path.exists()
+            else:
+                assert progress.OperationStatus == 0
+                assert progress.CurrentValue == progress.CompletionValue
+                with virtdisk.open(path, read_only=True) as disk:
+                    assert disk.info.virtual_size == (64 if name == "plain.vhdx" else 96) * MiB
+    finally:
+        lib.CloseHandle(event)
+    _qemu_compare(source.read_bytes(), images / "copied.vhdx", images, "vhdx")
