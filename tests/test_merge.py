@@ -449,3 +449,16 @@ def test_raw_asynchronous_create_returns_a_handle_at_once_and_a_cancelled_copy_r
     finally:
         lib.CloseHandle(event)
     _qemu_compare(source.read_bytes(), images / "copied.vhdx", images, "vhdx")
+
+
+def test_cli_merge_says_what_is_wrong_with_a_chain_too_short_or_a_disk_not_differencing(images: Path) -> None:
+    base = images / "base.vhd"
+    child = images / "child.vhd"
+    virtdisk.create(base, 16 * MiB).close()
+    virtdisk.create(child, parent=base).close()
+    run = [sys.executable, "-m", "virtdisk", "merge"]
+    result = subprocess.run([*run, str(child), "--depth", "2"], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "ERROR_INVALID_PARAMETER" in result.stderr and "ends at depth 2" in result.stderr
+    result = subprocess.run([*run, str(base)], capture_output=True, text=True)
+    assert result.returncode == 1 and "ERROR_VHD_INVALID_TYPE" in result.stderr

@@ -225,16 +225,15 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ancestor(path: Path, depth: int) -> Path:
-    """The disk ``depth`` levels above ``path`` in its chain, as the chain names it."""
+def _ancestor(path: Path, depth: int) -> Path | None:
+    """The disk ``depth`` levels above ``path`` in its chain, as the chain names
+    it; None when the chain is shorter (the merge then says what is wrong)."""
     current = path
     for _ in range(depth):
         with _disk.open(current, read_only=True) as disk:
             parent = disk.info.parent_path
         if parent is None:
-            raise SystemExit(
-                f"virtdisk: error: {current} has no parent: the chain of {path} is shorter than {depth}"
-            )
+            return None
         current = Path(parent)
     return current
 
