@@ -116,7 +116,7 @@ def _nothing_left_behind(tmp_path_factory: pytest.TempPathFactory):
 def ioctl_fault_double(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/doubles/ioctl_fault_double.c built as a library for LD_PRELOAD in a
     test's subprocess (its top comment says how to choose the failures)."""
-    compiler = require_tool("cc")
+    compiler = require_tool("gcc")
     library = tmp_path_factory.mktemp("doubles") / "ioctl_fault_double.so"
     source = Path(__file__).parent / "doubles" / "ioctl_fault_double.c"
     subprocess.run(
