@@ -110,3 +110,17 @@ def _nothing_left_behind(tmp_path_factory: pytest.TempPathFactory):
     yield
     leaked = loops_backed_under(base)
     assert not leaked, f"loop devices still attached to test images: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def ioctl_fault_double(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/doubles/ioctl_fault_double.c built as a library for LD_PRELOAD in a
+    test's subprocess (its top comment says how to choose the failures)."""
+    compiler = require_tool("gcc")
+    library = tmp_path_factory.mktemp("doubles") / "ioctl_fault_double.so"
+    source = Path(__file__).parent / "doubles" / "ioctl_fault_double.c"
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O1", "-Wall", "-o", str(library), str(source), "-ldl", "-lpthread"],
+        check=True,
+    )
+    return library

@@ -15,6 +15,7 @@
 #include "bytes.h"
 #include "errors.h"
 #include "fuseattach.h"
+#include "fusecheck.h"
 #include "handles.h"
 #include "image.h"
 #include "loopdev.h"
@@ -577,7 +578,13 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
         /* Blocks to translate: a FUSE server shows the disk as a file. */
         struct vd_loop loop;
         struct vd_served *served;
-        status = vd_served_attach(image, read_only, permanent, &loop, &served);
+        /* What is missing is said before anything (a mount, a helper, a
+           record) is made; a missing privilege is said first. */
+        status = vd_loop_require_privilege("attaching a virtual disk");
+        if (status == ERROR_SUCCESS)
+            status = vd_fuse_require(image);
+        if (status == ERROR_SUCCESS)
+            status = vd_served_attach(image, read_only, permanent, &loop, &served);
         if (status == ERROR_SUCCESS && !permanent) {
             handle->disk->loop_number = loop.number;
             handle->disk->loop_fd = loop.fd;

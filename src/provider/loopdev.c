@@ -1,7 +1,7 @@
 /*
- * Loop devices (see loopdev.h).  Kernel facts this relies on, tested on 6.18
- * (shared/linux-provider-notes.md §1): LOOP_CTL_GET_FREE reserves nothing, so
- * LOOP_CONFIGURE can lose a race with EBUSY; the capacity is
+ * Loop devices: lookups and detach (see loopdev.h; attaching is
+ * loopattach.c).  Kernel facts this relies on, tested on 6.18
+ * (shared/linux-provider-notes.md §1): the capacity is
  * min(file - offset, sizelimit); LOOP_CLR_FD returns 0 even when another
  * opener keeps the device bound (it only sets autoclear), so "detached" has
  * to be checked, and "in use" has to be checked before.
@@ -23,13 +23,7 @@
 
 #include "errors.h"
 
-/* Attempts before giving up on a free device: each failure means another
-   process took the device between LOOP_CTL_GET_FREE and LOOP_CONFIGURE (or it
-   was still being torn down), which a handful of concurrent attaches cause
-   a few times at most. */
-enum { VD_LOOP_ATTEMPTS = 64 };
-
-static DWORD vd_loop_fail_errno(int error, const char *what, int number)
+DWORD vd_loop_fail_errno(int error, const char *what, int number)
 {
     if (error == EACCES || error == EPERM)
         return vd_fail(ERROR_PRIVILEGE_NOT_HELD,
@@ -50,78 +44,6 @@ DWORD vd_loop_require_privilege(const char *what)
 static void vd_loop_path(int number, char *path, size_t size)
 {
     snprintf(path, size, "/dev/loop%d", number);
-}
-
-DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out)
-{
-    /* The kernel lets anyone who can open /dev/loop-control attach; the
-       provider asks for the capability Windows' rule corresponds to, so that
-       the answer does not depend on device node permissions. */
-    DWORD status = vd_loop_require_privilege("attaching a virtual disk");
-    if (status != ERROR_SUCCESS)
-        return status;
-    int control = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
-    if (control < 0) {
-        int error = errno;
-        if (error == EACCES || error == EPERM)
-            return vd_fail(ERROR_PRIVILEGE_NOT_HELD,
-                           "opening /dev/loop-control: attaching needs root (CAP_SYS_ADMIN): %s",
-                           strerror(error));
-        return vd_fail_errno(error, "opening /dev/loop-control (is the loop driver available?)");
-    }
-
-    struct loop_config config;
-    memset(&config, 0, sizeof config);
-    config.fd = (uint32_t)request->backing_fd;
-    config.block_size = request->block_size;
-    config.info.lo_offset = request->offset;
-    config.info.lo_sizelimit = request->size;
-    config.info.lo_flags = LO_FLAGS_PARTSCAN;
-    if (request->read_only)
-        config.info.lo_flags |= LO_FLAGS_READ_ONLY;
-    if (request->autoclear)
-        config.info.lo_flags |= LO_FLAGS_AUTOCLEAR;
-    if (request->direct_io)
-        config.info.lo_flags |= LO_FLAGS_DIRECT_IO;
-    snprintf((char *)config.info.lo_file_name, LO_NAME_SIZE, "%s%s", VD_LOOP_NAME_PREFIX,
-             request->name ? request->name : "");
-
-    status = vd_fail(ERROR_NO_SYSTEM_RESOURCES, "no free loop device after %d attempts",
-                           VD_LOOP_ATTEMPTS);
-    for (int attempt = 0; attempt < VD_LOOP_ATTEMPTS; attempt++) {
-        int number = ioctl(control, LOOP_CTL_GET_FREE);
-        if (number < 0) {
-            status = vd_fail_errno(errno, "asking /dev/loop-control for a free loop device");
-            break;
-        }
-        char path[32];
-        vd_loop_path(number, path, sizeof path);
-        /* The device node must be opened read-write for a writable disk: the
-           kernel makes the device read-only when it is opened O_RDONLY. */
-        int fd = open(path, (request->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
-        if (fd < 0) {
-            /* ENOENT/ENXIO: the node is not there yet or the device is being
-               torn down; ask for another. */
-            if (errno == ENOENT || errno == ENXIO)
-                continue;
-            status = vd_loop_fail_errno(errno, "opening", number);
-            break;
-        }
-        if (ioctl(fd, LOOP_CONFIGURE, &config) == 0) {
-            out->number = number;
-            out->fd = fd;
-            close(control);
-            return ERROR_SUCCESS;
-        }
-        int error = errno;
-        close(fd);
-        if (error == EBUSY)
-            continue; /* another process won this device */
-        status = vd_loop_fail_errno(error, "configuring", number);
-        break;
-    }
-    close(control);
-    return status;
 }
 
 static bool vd_read_sysfs(const char *path, char *buffer, size_t size)

@@ -2,9 +2,21 @@
  * Kernel loop devices: the Linux provider's attached disks.
  *
  * Promises:
- *   - vd_loop_attach() never shows a half-configured device: one
- *     LOOP_CONFIGURE call sets file, offset, size limit, block size and flags,
- *     and a lost allocation race (EBUSY) is retried with a new device.
+ *   - vd_loop_attach() gives a device exactly as requested (file, offset,
+ *     size limit, block size, read-only, autoclear, name) or none at all: on
+ *     kernels with LOOP_CONFIGURE (5.8) one call sets everything; before
+ *     that LOOP_SET_FD is followed by LOOP_SET_BLOCK_SIZE and
+ *     LOOP_SET_STATUS64, the result is read back, and any failure unbinds
+ *     the device again.  A lost allocation race (EBUSY: another attacher
+ *     bound the device first) is retried with another device.  Direct I/O
+ *     is a wish on both paths: where the kernel cannot do it, buffered I/O.
+ *   - Without /dev/loop-control (a container given only /dev/loopN nodes),
+ *     vd_loop_attach() takes a free pre-created /dev/loopN, with the same
+ *     race handling.
+ *   - Only on kernels before 5.8, and only if the process is killed between
+ *     LOOP_SET_FD and LOOP_SET_STATUS64 (two ioctls apart), a device can stay
+ *     bound without its size limit and autoclear: the kernel offers no way
+ *     to close that window.
  *   - vd_loop_detach() either detaches synchronously or refuses: it never
  *     leaves the kernel's lazy "detach on last close" behind.
  *   - Lookups go through sysfs and need no privilege; attach and detach need
@@ -44,7 +56,16 @@ struct vd_loop {
    else ERROR_PRIVILEGE_NOT_HELD with the detail naming what needed it. */
 DWORD vd_loop_require_privilege(const char *what);
 
+/* Test-only: with VIRTDISK_TEST_NO_LOOP_CONFIGURE=1 in the environment (read
+   once per process) vd_loop_attach() acts as if LOOP_CONFIGURE answered
+   ENOTTY, as kernels before 5.8 do, so the tests can run that path here. */
+#define VD_LOOP_TEST_NO_CONFIGURE "VIRTDISK_TEST_NO_LOOP_CONFIGURE"
+
 DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out);
+
+/* The failure of a loop-device call on /dev/loopN ("<what> /dev/loopN: ..."),
+   as ERROR_PRIVILEGE_NOT_HELD for EACCES and EPERM. */
+DWORD vd_loop_fail_errno(int error, const char *what, int number);
 
 /* Detaches /dev/loopN.  held_fd points to a descriptor of the device that
    the caller holds (a non-permanent attachment's), or is NULL.  On success
