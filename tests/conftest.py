@@ -72,17 +72,30 @@ def served_under(folder: Path) -> dict[str, Path]:
     return found
 
 
+def backing_file(device: str) -> str | None:
+    """The file a loop device is bound to, or None when it is free."""
+    try:
+        text = Path("/sys/block", Path(device).name, "loop", "backing_file").read_text().strip()
+    except OSError:
+        return None
+    return text.removesuffix(" (deleted)")
+
+
+def bound_to(device: str, image: Path) -> bool:
+    """Whether device is still bound to image itself (a direct attachment).
+    Asking only "is it bound" would count another process that got the
+    same, freed, device number a moment later."""
+    return backing_file(device) == str(image.resolve())
+
+
 def loops_backed_under(folder: Path) -> list[str]:
     """Loop devices whose backing file lies under folder, directly or served."""
     found = []
     for loop_dir in Path("/sys/block").glob("loop*/loop"):
-        try:
-            backing = (loop_dir / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        backing = backing.removesuffix(" (deleted)")
-        if Path(backing).is_relative_to(folder):
-            found.append("/dev/" + loop_dir.parent.name)
+        device = "/dev/" + loop_dir.parent.name
+        backing = backing_file(device)
+        if backing is not None and Path(backing).is_relative_to(folder):
+            found.append(device)
     return found + [device for device in served_under(folder) if device not in found]
 
 

@@ -17,7 +17,7 @@ import virtdisk
 from virtdisk import Access, WinError
 from virtdisk._native import ffi, lib
 
-from .conftest import require_tool
+from .conftest import bound_to, require_tool
 
 pytestmark = pytest.mark.loop
 
@@ -60,7 +60,7 @@ def test_attach_fixed_vhd_shows_exactly_the_virtual_size(images: Path) -> None:
         assert int((sysfs_loop(device) / "size").read_text()) * 512 == 16 * MiB  # footer hidden
         assert (sysfs_loop(device) / "ro").read_text().strip() == "0"
         assert disk.attached and disk.info.attached
-    assert not is_bound(device)
+    assert not bound_to(device, path)
 
 
 def test_attach_read_only_makes_a_read_only_device(images: Path) -> None:
@@ -167,10 +167,10 @@ def test_non_permanent_disk_detaches_when_the_last_handle_closes(images: Path) -
     first.attach()
     device = first.physical_path
     first.close()
-    assert is_bound(device), "another handle is still open: the disk must stay"
+    assert bound_to(device, path), "another handle is still open: the disk must stay"
     assert second.physical_path == device
     second.close()
-    assert not is_bound(device)
+    assert not bound_to(device, path)
 
 
 def test_non_permanent_disk_detaches_when_the_process_dies(images: Path) -> None:
@@ -192,11 +192,11 @@ def test_non_permanent_disk_detaches_when_the_process_dies(images: Path) -> None
     )
     try:
         device = child.stdout.readline().strip()
-        assert device.startswith("/dev/loop") and is_bound(device)
+        assert device.startswith("/dev/loop") and bound_to(device, path)
         child.send_signal(signal.SIGKILL)
     finally:
         child.wait()
-    assert not is_bound(device)
+    assert not bound_to(device, path)
 
 
 def test_permanent_disk_outlives_its_process_and_a_later_process_detaches_it(images: Path) -> None:
@@ -208,11 +208,11 @@ def test_permanent_disk_outlives_its_process_and_a_later_process_detaches_it(ima
             print(disk.physical_path)
     """)
     device = result.stdout.strip()
-    assert is_bound(device)
+    assert bound_to(device, path)
     with virtdisk.open(path, Access.GET_INFO) as disk:
         assert disk.physical_path == device
     run_python(f"import virtdisk; virtdisk.detach({str(path)!r})")
-    assert not is_bound(device)
+    assert not bound_to(device, path)
 
 
 def test_permanent_disk_stays_after_its_handles_close(images: Path) -> None:
@@ -220,9 +220,9 @@ def test_permanent_disk_stays_after_its_handles_close(images: Path) -> None:
     with virtdisk.open(path) as disk:
         disk.attach(permanent=True)
         device = disk.physical_path
-    assert is_bound(device)
+    assert bound_to(device, path)
     virtdisk.detach(path)
-    assert not is_bound(device)
+    assert not bound_to(device, path)
 
 
 # ---- detach: success and every documented refusal ------------------------
@@ -234,7 +234,7 @@ def test_detach_detaches_and_the_handle_stays_usable(images: Path) -> None:
         disk.attach()
         device = disk.physical_path
         disk.detach()
-        assert not is_bound(device)
+        assert not bound_to(device, path)
         assert not disk.attached
         with pytest.raises(virtdisk.NotAttachedError):
             disk.physical_path  # noqa: B018
@@ -258,9 +258,9 @@ def test_detach_needs_a_handle_opened_with_detach_access(images: Path) -> None:
         with pytest.raises(virtdisk.VirtualDiskPermissionError) as raised:
             disk.detach()
         assert raised.value.winerror == WinError.ERROR_ACCESS_DENIED
-    assert is_bound(device)
+    assert bound_to(device, path)
     virtdisk.detach(path)
-    assert not is_bound(device)
+    assert not bound_to(device, path)
 
 
 def test_detach_flags_other_than_none_are_invalid(images: Path) -> None:
@@ -271,9 +271,9 @@ def test_detach_flags_other_than_none_are_invalid(images: Path) -> None:
         with disk._using() as handle:
             for flags in (1, 2, 0x80000000):
                 assert lib.DetachVirtualDisk(handle, flags, 0) == WinError.ERROR_INVALID_PARAMETER
-        assert is_bound(device)
+        assert bound_to(device, path)
         disk.detach()
-        assert not is_bound(device)
+        assert not bound_to(device, path)
 
 
 def test_detach_of_a_handle_openvirtualdisk_did_not_make_is_invalid() -> None:
@@ -292,10 +292,10 @@ def test_detach_is_refused_while_other_handles_are_open(images: Path) -> None:
         with pytest.raises(virtdisk.DiskInUseError) as raised:
             disk.detach()
         assert raised.value.winerror == WinError.ERROR_SHARING_VIOLATION
-        assert is_bound(device)
+        assert bound_to(device, path)
         other.close()
         disk.detach()
-    assert not is_bound(device)
+    assert not bound_to(device, path)
 
 
 def test_detach_is_refused_while_another_process_holds_a_handle(images: Path) -> None:
@@ -318,12 +318,12 @@ def test_detach_is_refused_while_another_process_holds_a_handle(images: Path) ->
         assert holder.stdout.readline().strip() == "open"
         with pytest.raises(virtdisk.DiskInUseError):
             virtdisk.detach(path)
-        assert is_bound(device)
+        assert bound_to(device, path)
     finally:
         holder.stdin.close()
         holder.wait()
     virtdisk.detach(path)
-    assert not is_bound(device)
+    assert not bound_to(device, path)
 
 
 def test_detach_is_refused_while_the_device_is_open_elsewhere(images: Path) -> None:
@@ -336,11 +336,11 @@ def test_detach_is_refused_while_the_device_is_open_elsewhere(images: Path) -> N
             with pytest.raises(virtdisk.DiskInUseError) as raised:
                 disk.detach()
             assert raised.value.winerror == WinError.ERROR_DEVICE_IN_USE
-            assert is_bound(device), "a refused detach must not detach lazily"
+            assert bound_to(device, path), "a refused detach must not detach lazily"
         finally:
             os.close(fd)
         disk.detach()
-        assert not is_bound(device)
+        assert not bound_to(device, path)
 
 
 @pytest.fixture
@@ -362,10 +362,10 @@ def test_detach_is_refused_while_mounted_and_succeeds_after_unmount(images: Path
         with pytest.raises(virtdisk.DiskInUseError) as raised:
             disk.detach()
         assert raised.value.winerror == WinError.ERROR_DEVICE_IN_USE
-        assert is_bound(device)
+        assert bound_to(device, path)
         subprocess.run(["umount", str(mount_point)], check=True)
         disk.detach()
-        assert not is_bound(device)
+        assert not bound_to(device, path)
 
 
 def _drop_cap_sys_admin() -> None:
@@ -411,9 +411,9 @@ def test_detach_without_the_privilege_fails_and_leaves_the_disk(images: Path) ->
         preexec_fn=_drop_cap_sys_admin,
     )
     assert int(result.stdout) == WinError.ERROR_PRIVILEGE_NOT_HELD
-    assert is_bound(device)
+    assert bound_to(device, path)
     virtdisk.detach(path)
-    assert not is_bound(device)
+    assert not bound_to(device, path)
 
 
 # ---- data ---------------------------------------------------------------
