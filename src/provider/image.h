@@ -1,6 +1,6 @@
 /*
  * A virtual disk image as the provider sees it, whatever its format, and the
- * interface each format module (vhd.c, vhdx.c, iso.c) implements.
+ * interface each format module (vhd.c, vhdx*.c, iso.c) implements.
  *
  * Promises of every format module:
  *   - open() trusts nothing in the file: every offset and length is checked
