@@ -33,7 +33,9 @@ static DWORD read_parent(struct vd_image *image, uint8_t *buffer, uint64_t offse
 
 DWORD vhdx_read_file(struct vd_image *image, void *buffer, size_t length, uint64_t file_offset)
 {
-    int error = vd_pread_full(image->fd, buffer, length, file_offset);
+    const struct vhdx_state *s = image->state;
+    int error = s->log ? vhdx_log_pread(s->log, image->fd, buffer, length, file_offset)
+                       : vd_pread_full(image->fd, buffer, length, file_offset);
     if (error)
         return vd_fail_errno(error, "%s: reading %zu bytes at file offset %llu", image->path,
                              length, ull(file_offset));

@@ -107,7 +107,9 @@ DWORD vhdx_read_at(struct vd_image *image, void *buffer, size_t length, uint64_t
         return vd_fail(ERROR_VHD_INVALID_FILE_SIZE,
                        "%s at offset %llu (%llu bytes) extends past the end of the file (%llu bytes)",
                        what, ull(offset), ull(length), ull(image->file_size));
-    int error = vd_pread_full(image->fd, buffer, length, offset);
+    const struct vhdx_state *s = image->state;
+    int error = s && s->log ? vhdx_log_pread(s->log, image->fd, buffer, length, offset)
+                            : vd_pread_full(image->fd, buffer, length, offset);
     if (error)
         return vd_fail_errno(error, "reading %s at offset %llu", what, ull(offset));
     return ERROR_SUCCESS;

@@ -421,6 +421,11 @@ static DWORD read_bat(struct vd_image *image, struct vhdx_state *s, const struct
    in order and back to back. */
 void vhdx_find_flat_mapping(struct vd_image *image, const struct vhdx_state *s)
 {
+    /* A loop device would read the file around the in-memory replay. */
+    if (s->log) {
+        image->flat = false;
+        return;
+    }
     uint64_t base = vhdx_bat_file_offset(s->bat[vhdx_payload_entry(s, 0)]);
     image->flat = false;
     for (uint64_t b = 0; b < s->payload_blocks; b++) {
@@ -670,6 +675,100 @@ static DWORD open_parent(struct vd_image *image, const struct vhdx_state *s,
                    tried_length ? tried : "no usable parent locator");
 }
 
+/* ---- open: every structure in its own place ---- */
+
+const char *vhdx_extent_name(const struct vd_image *image, const struct vhdx_state *s,
+                             const struct vhdx_extent *x, char *buffer, size_t size)
+{
+    static const char *const names[] = {
+        [VHDX_EXTENT_HEADERS] = "the header section", [VHDX_EXTENT_REGION_TABLES] = "the region tables",
+        [VHDX_EXTENT_LOG] = "the log", [VHDX_EXTENT_METADATA] = "the metadata region",
+        [VHDX_EXTENT_BAT] = "the BAT", [VHDX_EXTENT_PAYLOAD] = "the payload block",
+        [VHDX_EXTENT_BITMAP] = "the sector bitmap block",
+    };
+    int n = snprintf(buffer, size, "%s", names[x->kind]);
+    /* Blocks are named by their BAT entry, found again only for a message. */
+    for (uint64_t i = 0; (x->kind == VHDX_EXTENT_PAYLOAD || x->kind == VHDX_EXTENT_BITMAP)
+                         && i < s->bat_entries && n > 0 && (size_t)n < size; i++) {
+        bool is_bitmap = i % (s->chunk_ratio + 1ull) == s->chunk_ratio;
+        uint32_t state = vhdx_bat_state(s->bat[i]);
+        if (vhdx_bat_file_offset(s->bat[i]) == x->start && is_bitmap == (x->kind == VHDX_EXTENT_BITMAP)
+            && state != PAYLOAD_BLOCK_NOT_PRESENT && state > PAYLOAD_BLOCK_UNMAPPED) {
+            n += snprintf(buffer + n, size - (size_t)n, " of BAT entry %llu", ull(i));
+            break;
+        }
+    }
+    if (n > 0 && (size_t)n < size)
+        snprintf(buffer + n, size - (size_t)n, " at %llu..%llu", ull(x->start), ull(x->start + x->length));
+    (void)image;
+    return buffer;
+}
+
+static int compare_extents(const void *a, const void *b)
+{
+    const struct vhdx_extent *x = a, *y = b;
+    return x->start < y->start ? -1 : x->start > y->start;
+}
+
+/* Every region and every allocated block, sorted by file offset, refused
+   unless pairwise disjoint: otherwise a write to one block would destroy
+   another or the file's own metadata.  Reads nothing (the BAT is in memory);
+   blocks are usually allocated in BAT order, so the sort is mostly a check.
+   *out (sorted) is the caller's to free. */
+static DWORD check_overlaps(struct vd_image *image, struct vhdx_state *s, const struct vhdx_regions *r,
+                            struct vhdx_extent **out, size_t *count)
+{
+    const struct vhdx_header *h = (const void *)s->header;
+    uint64_t log_offset = vd_le64(h->LogOffset), log_length = vd_le32(h->LogLength);
+    size_t n = 0, allocated = 0;
+    for (uint64_t i = 0; i < s->bat_entries; i++)
+        allocated += vhdx_bat_state(s->bat[i]) > PAYLOAD_BLOCK_UNMAPPED;
+    struct vhdx_extent *x = malloc((allocated + 5) * sizeof *x);
+    if (!x)
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating the VHDX extent list (%zu blocks)", allocated);
+
+    x[n++] = (struct vhdx_extent){0, VHDX_REGION_TABLE1_OFFSET, VHDX_EXTENT_HEADERS};
+    x[n++] = (struct vhdx_extent){VHDX_REGION_TABLE1_OFFSET, 2 * VHDX_REGION_TABLE_SIZE,
+                                  VHDX_EXTENT_REGION_TABLES};
+    /* A log outside the file is only an error when it must be read
+       (vhdx_log_load); it then owns nothing here. */
+    if (log_length && log_offset <= image->file_size && log_length <= image->file_size - log_offset)
+        x[n++] = (struct vhdx_extent){log_offset, (uint32_t)log_length, VHDX_EXTENT_LOG};
+    x[n++] = (struct vhdx_extent){r->metadata_offset, r->metadata_length, VHDX_EXTENT_METADATA};
+    x[n++] = (struct vhdx_extent){r->bat_offset, r->bat_length, VHDX_EXTENT_BAT};
+    qsort(x, n, sizeof *x, compare_extents); /* the few regions */
+    bool sorted = true;
+    for (uint64_t i = 0; i < s->bat_entries; i++) {
+        uint64_t entry = s->bat[i];
+        if (vhdx_bat_state(entry) <= PAYLOAD_BLOCK_UNMAPPED)
+            continue;
+        bool is_bitmap = i % (s->chunk_ratio + 1ull) == s->chunk_ratio;
+        uint64_t block = i - i / (s->chunk_ratio + 1ull);
+        x[n] = (struct vhdx_extent){vhdx_bat_file_offset(entry),
+                                    is_bitmap ? (uint32_t)MiB : (uint32_t)vhdx_block_bytes_used(image, s, block),
+                                    is_bitmap ? VHDX_EXTENT_BITMAP : VHDX_EXTENT_PAYLOAD};
+        sorted = sorted && x[n].start >= x[n - 1].start;
+        n++;
+    }
+    if (!sorted)
+        qsort(x, n, sizeof *x, compare_extents);
+
+    for (size_t i = 1; i < n; i++) {
+        if (x[i].start >= x[i - 1].start + x[i - 1].length)
+            continue;
+        char a[160], b[160];
+        bool blocks = x[i - 1].kind >= VHDX_EXTENT_PAYLOAD || x[i].kind >= VHDX_EXTENT_PAYLOAD;
+        DWORD code = blocks ? ERROR_VHD_BLOCK_ALLOCATION_TABLE_CORRUPT : ERROR_VHD_SPARSE_HEADER_CORRUPT;
+        vd_fail(code, "%s: %s overlaps %s", image->path, vhdx_extent_name(image, s, &x[i - 1], a, sizeof a),
+                vhdx_extent_name(image, s, &x[i], b, sizeof b));
+        free(x);
+        return code;
+    }
+    *out = x;
+    *count = n;
+    return ERROR_SUCCESS;
+}
+
 /* ---- open ---- */
 
 DWORD vhdx_open(struct vd_image *image)
@@ -690,7 +789,7 @@ DWORD vhdx_open(struct vd_image *image)
 
     struct vhdx_regions regions = {0};
     struct vhdx_metadata md = {0};
-    if ((status = read_headers(image, s)) || (status = vhdx_check_log(image, s))
+    if ((status = read_headers(image, s)) || (status = vhdx_log_load(image, s))
         || (status = vhdx_read_region_table(image, &regions)) || (status = read_metadata(image, &regions, &md)))
         return status;
 
@@ -717,7 +816,17 @@ DWORD vhdx_open(struct vd_image *image)
     image->has_virtual_disk_id = true;
     image->virtual_disk_id = md.page83;
 
-    if ((status = read_bat(image, s, &regions)))
+    struct vhdx_extent *extents = NULL;
+    size_t extent_count = 0;
+    if ((status = read_bat(image, s, &regions)) || (status = check_overlaps(image, s, &regions, &extents, &extent_count)))
+        return status;
+    /* Everything the replay would write is known to be in its place now:
+       put it on disk (writable) or keep serving it from memory. */
+    status = vhdx_log_check_targets(image, s, extents, extent_count);
+    free(extents);
+    if (status == ERROR_SUCCESS && image->writable)
+        status = vhdx_log_apply(image, s);
+    if (status != ERROR_SUCCESS)
         return status;
     vhdx_find_flat_mapping(image, s);
 
@@ -741,6 +850,7 @@ void vhdx_close(struct vd_image *image)
     struct vhdx_state *s = image->state;
     pthread_mutex_destroy(&s->lock);
     free(s->bat);
+    vhdx_log_free(s->log);
     free(s);
     image->state = NULL;
 }

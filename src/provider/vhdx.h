@@ -194,6 +194,9 @@ struct vhdx_state {
 
     pthread_mutex_t lock;          /* serialises header updates and allocation */
     bool session_guids_written;
+    /* A dirty log's replay, read but not yet on disk: reads of the file go
+       through it (vhdx_log_pread).  NULL when the log is clean. */
+    struct vhdx_log *log;
     uint64_t file_end;             /* where the next block goes, 1 MiB aligned */
 };
 
@@ -258,9 +261,49 @@ void vhdx_set_crc(uint8_t *buffer, size_t length, size_t checksum_offset);
 DWORD vhdx_read_at(struct vd_image *image, void *buffer, size_t length, uint64_t offset,
                    const char *what);
 
+/* ---- vhdx-open.c: the file's extents ---- */
+
+/* A byte range of the file that one structure owns. */
+enum vhdx_extent_kind {
+    VHDX_EXTENT_HEADERS,               /* file identifier and both headers: [0, 192 KiB) */
+    VHDX_EXTENT_REGION_TABLES,         /* both copies: [192 KiB, 320 KiB) */
+    VHDX_EXTENT_LOG,
+    VHDX_EXTENT_METADATA,
+    VHDX_EXTENT_BAT,
+    VHDX_EXTENT_PAYLOAD,
+    VHDX_EXTENT_BITMAP,
+};
+struct vhdx_extent {
+    uint64_t start;
+    uint32_t length;
+    uint32_t kind;                     /* enum vhdx_extent_kind */
+};
+
+/* "the BAT (3145728..4194304)", "payload block of BAT entry 7 (...)". */
+const char *vhdx_extent_name(const struct vd_image *image, const struct vhdx_state *s,
+                             const struct vhdx_extent *x, char *buffer, size_t size);
+
 /* ---- vhdx-log.c ---- */
 
-DWORD vhdx_check_log(struct vd_image *image, struct vhdx_state *s);
+struct vhdx_log;
+
+/* Reads the log the current header names and, when it holds an active
+   sequence, checks all of it and sets s->log to its replay (and
+   image->file_size to the size the file has after replay).  Writes nothing.
+   A corrupt active sequence is refused, naming the entry and descriptor. */
+DWORD vhdx_log_load(struct vd_image *image, struct vhdx_state *s);
+/* Refuses a replay that would write anything but the region tables, the
+   metadata region, the BAT and blocks the (replayed) BAT allocates.  sorted:
+   the file's extents, sorted and disjoint. */
+DWORD vhdx_log_check_targets(const struct vd_image *image, const struct vhdx_state *s,
+                             const struct vhdx_extent *sorted, size_t n);
+/* Writable open: replays s->log on disk, flushes, then writes new headers
+   without LogGuid, and frees s->log.  Nothing to do when s->log is NULL. */
+DWORD vhdx_log_apply(struct vd_image *image, struct vhdx_state *s);
+/* pread of the replayed file: the bytes on disk with the log's writes laid
+   over them, zeros past the real end.  0 or an errno. */
+int vhdx_log_pread(const struct vhdx_log *log, int fd, void *buffer, size_t length, uint64_t offset);
+void vhdx_log_free(struct vhdx_log *log);
 
 /* ---- vhdx-open.c ---- */
 
