@@ -462,7 +462,7 @@ DWORD vhdx_log_check_targets(const struct vd_image *image, const struct vhdx_sta
                 return vd_fail(ERROR_VHD_SPARSE_HEADER_CORRUPT,
                                "VHDX log entry at offset %llu: its write of %llu bytes at file offset "
                                "%llu would overwrite %s", ull(w->entry), ull(w->length), ull(w->offset),
-                               vhdx_extent_name(image, s, x, name, sizeof name));
+                               vhdx_extent_name(x, name, sizeof name));
             at = x->start + x->length;
         }
     }

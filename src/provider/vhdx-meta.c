@@ -141,7 +141,7 @@ DWORD vhdx_set_parent(struct vd_image *image, struct vd_image *parent)
     struct vhdx_state *s = image->state;
     struct vhdx_regions regions;
     uint64_t entry_offset, item_offset;
-    uint32_t item_length, used_end, length = 0;
+    uint32_t item_length = 0, used_end = 0, length = 0;
     uint8_t *item = calloc(1, VHDX_MAX_METADATA_ITEM);
     if (!item) {
         vd_image_close(parent);

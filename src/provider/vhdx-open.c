@@ -677,8 +677,7 @@ static DWORD open_parent(struct vd_image *image, const struct vhdx_state *s,
 
 /* ---- open: every structure in its own place ---- */
 
-const char *vhdx_extent_name(const struct vd_image *image, const struct vhdx_state *s,
-                             const struct vhdx_extent *x, char *buffer, size_t size)
+const char *vhdx_extent_name(const struct vhdx_extent *x, char *buffer, size_t size)
 {
     static const char *const names[] = {
         [VHDX_EXTENT_HEADERS] = "the header section", [VHDX_EXTENT_REGION_TABLES] = "the region tables",
@@ -686,21 +685,11 @@ const char *vhdx_extent_name(const struct vd_image *image, const struct vhdx_sta
         [VHDX_EXTENT_BAT] = "the BAT", [VHDX_EXTENT_PAYLOAD] = "the payload block",
         [VHDX_EXTENT_BITMAP] = "the sector bitmap block",
     };
-    int n = snprintf(buffer, size, "%s", names[x->kind]);
-    /* Blocks are named by their BAT entry, found again only for a message. */
-    for (uint64_t i = 0; (x->kind == VHDX_EXTENT_PAYLOAD || x->kind == VHDX_EXTENT_BITMAP)
-                         && i < s->bat_entries && n > 0 && (size_t)n < size; i++) {
-        bool is_bitmap = i % (s->chunk_ratio + 1ull) == s->chunk_ratio;
-        uint32_t state = vhdx_bat_state(s->bat[i]);
-        if (vhdx_bat_file_offset(s->bat[i]) == x->start && is_bitmap == (x->kind == VHDX_EXTENT_BITMAP)
-            && state != PAYLOAD_BLOCK_NOT_PRESENT && state > PAYLOAD_BLOCK_UNMAPPED) {
-            n += snprintf(buffer + n, size - (size_t)n, " of BAT entry %llu", ull(i));
-            break;
-        }
-    }
-    if (n > 0 && (size_t)n < size)
-        snprintf(buffer + n, size - (size_t)n, " at %llu..%llu", ull(x->start), ull(x->start + x->length));
-    (void)image;
+    if (x->kind == VHDX_EXTENT_PAYLOAD || x->kind == VHDX_EXTENT_BITMAP)
+        snprintf(buffer, size, "%s of BAT entry %llu at %llu..%llu", names[x->kind], ull(x->bat_index),
+                 ull(x->start), ull(x->start + x->length));
+    else
+        snprintf(buffer, size, "%s at %llu..%llu", names[x->kind], ull(x->start), ull(x->start + x->length));
     return buffer;
 }
 
@@ -727,15 +716,15 @@ static DWORD check_overlaps(struct vd_image *image, struct vhdx_state *s, const 
     if (!x)
         return vd_fail(ERROR_OUTOFMEMORY, "allocating the VHDX extent list (%zu blocks)", allocated);
 
-    x[n++] = (struct vhdx_extent){0, VHDX_REGION_TABLE1_OFFSET, VHDX_EXTENT_HEADERS};
+    x[n++] = (struct vhdx_extent){0, VHDX_REGION_TABLE1_OFFSET, VHDX_EXTENT_HEADERS, 0};
     x[n++] = (struct vhdx_extent){VHDX_REGION_TABLE1_OFFSET, 2 * VHDX_REGION_TABLE_SIZE,
-                                  VHDX_EXTENT_REGION_TABLES};
+                                  VHDX_EXTENT_REGION_TABLES, 0};
     /* A log outside the file is only an error when it must be read
        (vhdx_log_load); it then owns nothing here. */
     if (log_length && log_offset <= image->file_size && log_length <= image->file_size - log_offset)
-        x[n++] = (struct vhdx_extent){log_offset, (uint32_t)log_length, VHDX_EXTENT_LOG};
-    x[n++] = (struct vhdx_extent){r->metadata_offset, r->metadata_length, VHDX_EXTENT_METADATA};
-    x[n++] = (struct vhdx_extent){r->bat_offset, r->bat_length, VHDX_EXTENT_BAT};
+        x[n++] = (struct vhdx_extent){log_offset, (uint32_t)log_length, VHDX_EXTENT_LOG, 0};
+    x[n++] = (struct vhdx_extent){r->metadata_offset, r->metadata_length, VHDX_EXTENT_METADATA, 0};
+    x[n++] = (struct vhdx_extent){r->bat_offset, r->bat_length, VHDX_EXTENT_BAT, 0};
     qsort(x, n, sizeof *x, compare_extents); /* the few regions */
     bool sorted = true;
     for (uint64_t i = 0; i < s->bat_entries; i++) {
@@ -746,7 +735,7 @@ static DWORD check_overlaps(struct vd_image *image, struct vhdx_state *s, const 
         uint64_t block = i - i / (s->chunk_ratio + 1ull);
         x[n] = (struct vhdx_extent){vhdx_bat_file_offset(entry),
                                     is_bitmap ? (uint32_t)MiB : (uint32_t)vhdx_block_bytes_used(image, s, block),
-                                    is_bitmap ? VHDX_EXTENT_BITMAP : VHDX_EXTENT_PAYLOAD};
+                                    is_bitmap ? VHDX_EXTENT_BITMAP : VHDX_EXTENT_PAYLOAD, i};
         sorted = sorted && x[n].start >= x[n - 1].start;
         n++;
     }
@@ -759,8 +748,8 @@ static DWORD check_overlaps(struct vd_image *image, struct vhdx_state *s, const 
         char a[160], b[160];
         bool blocks = x[i - 1].kind >= VHDX_EXTENT_PAYLOAD || x[i].kind >= VHDX_EXTENT_PAYLOAD;
         DWORD code = blocks ? ERROR_VHD_BLOCK_ALLOCATION_TABLE_CORRUPT : ERROR_VHD_SPARSE_HEADER_CORRUPT;
-        vd_fail(code, "%s: %s overlaps %s", image->path, vhdx_extent_name(image, s, &x[i - 1], a, sizeof a),
-                vhdx_extent_name(image, s, &x[i], b, sizeof b));
+        vd_fail(code, "%s: %s overlaps %s", image->path, vhdx_extent_name(&x[i - 1], a, sizeof a),
+                vhdx_extent_name(&x[i], b, sizeof b));
         free(x);
         return code;
     }

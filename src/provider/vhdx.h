@@ -277,11 +277,11 @@ struct vhdx_extent {
     uint64_t start;
     uint32_t length;
     uint32_t kind;                     /* enum vhdx_extent_kind */
+    uint64_t bat_index;                /* blocks: their BAT entry, for messages */
 };
 
 /* "the BAT (3145728..4194304)", "payload block of BAT entry 7 (...)". */
-const char *vhdx_extent_name(const struct vd_image *image, const struct vhdx_state *s,
-                             const struct vhdx_extent *x, char *buffer, size_t size);
+const char *vhdx_extent_name(const struct vhdx_extent *x, char *buffer, size_t size);
 
 /* ---- vhdx-log.c ---- */
 
