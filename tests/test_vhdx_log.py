@@ -155,7 +155,7 @@ def _allocating_log(data: bytearray, *, guid: bytes, first_position: int) -> lis
     ], flushed=end, last=end + MiB)  # fmt: skip
     second = log_entry(8, first_position, guid, [
         Write(end + 8 * KiB, _pattern(4)),
-        Write(end + 16 * KiB, zero_length=4 * KiB),
+        Write(end + 12 * KiB, zero_length=8 * KiB),  # later, lower: still wins over the first entry
         Write(end + 12 * KiB, _pattern(5)),
     ], flushed=end, last=end + MiB)  # fmt: skip
     return [first, second]
