@@ -151,6 +151,24 @@ static void vd_fuzz_reseal_all(int fd)
         if (tables[i] + 65536 <= size)
             vd_fuzz_reseal(fd, tables[i], "regi", 65536, 4, false);
     }
+    /* Log entries (VHDX §2.3.1.1) of the log the first header names, so that
+       mutations inside an entry reach the descriptor and target checks; only
+       entries that neither wrap nor exceed the reseal buffer. */
+    uint8_t header[80];
+    if (pread(fd, header, sizeof header, 64 * 1024) != (ssize_t)sizeof header || memcmp(header, "head", 4) != 0)
+        return;
+    uint64_t log_offset = vd_fuzz_le(header + 72, 8), log_length = vd_fuzz_le(header + 68, 4);
+    if (log_offset >= size || log_length > size - log_offset || log_length > VD_FUZZ_MAX_FILE)
+        return;
+    for (uint64_t at = 0; at + 4096 <= log_length; at += 4096) {
+        uint8_t entry[16];
+        if (pread(fd, entry, sizeof entry, (off_t)(log_offset + at)) != (ssize_t)sizeof entry ||
+            memcmp(entry, "loge", 4) != 0)
+            continue;
+        uint64_t length = vd_fuzz_le(entry + 8, 4);
+        if (length >= 4096 && length <= 64 * 1024 && length <= log_length - at)
+            vd_fuzz_reseal(fd, log_offset + at, "loge", (size_t)length, 4, false);
+    }
 }
 
 static void vd_fuzz_write_image(const uint8_t *data, size_t size)

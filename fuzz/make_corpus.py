@@ -127,6 +127,54 @@ def _vhdx_with_log_entry(path: Path) -> None:
     path.write_bytes(data)
 
 
+def _vhdx_with_dirty_log(path: Path) -> None:
+    """A VHDX whose log holds two entries to replay (§2.3): the first zeroes a new
+    block past the end of the file and points BAT entry 0 at it, the second writes
+    a data sector into it.  Seeds the log parser, the replay and its target checks."""
+    data = bytearray(path.read_bytes())
+    headers = [64 * 1024, 128 * 1024]
+    current = max(headers, key=lambda at: struct.unpack_from("<Q", data, at + 8)[0])
+    log_guid = uuid.UUID(int=0x1D1).bytes_le
+    log_offset = struct.unpack_from("<Q", data, current + 72)[0]
+    bat, _ = _vhdx_bat_offset(data)
+    end = len(data)
+    bat_sector = bytearray(data[bat : bat + 4096])
+    struct.pack_into("<Q", bat_sector, 0, end | 6)  # PAYLOAD_BLOCK_FULLY_PRESENT
+    payload = bytes(range(256)) * 16
+
+    Zero = list[tuple[int, int]]
+    Sectors = list[tuple[int, bytes]]
+
+    def entry(sequence: int, position: int, zero: Zero, sectors: Sectors) -> bytes:
+        count = len(zero) + len(sectors)
+        raw = bytearray(4096 * (1 + len(sectors)))
+        struct.pack_into("<4sIIIQII16sQQ", raw, 0, b"loge", 0, len(raw), 0, sequence, count, 0, log_guid,
+                         end, end + MiB)  # fmt: skip
+        at = 64
+        for offset, length in zero:
+            struct.pack_into("<4sIQQQ", raw, at, b"zero", 0, length, offset, sequence)
+            at += 32
+        for i, (offset, sector) in enumerate(sectors):
+            struct.pack_into("<4s4s8sQQ", raw, at, b"desc", sector[4092:], sector[:8], offset, sequence)
+            data_at = 4096 * (1 + i)
+            struct.pack_into("<4sI", raw, data_at, b"data", sequence >> 32)
+            raw[data_at + 8 : data_at + 4092] = sector[8:4092]
+            struct.pack_into("<I", raw, data_at + 4092, sequence & 0xFFFFFFFF)
+            at += 32
+        struct.pack_into("<I", raw, 4, _crc32c(bytes(raw)))
+        data[log_offset + position : log_offset + position + len(raw)] = raw
+        return raw
+
+    first = entry(1, 0, [(end, MiB)], [(bat, bytes(bat_sector))])
+    entry(2, len(first), [], [(end + 4096, payload)])
+    header = bytearray(data[current : current + 4096])
+    header[48:64] = log_guid
+    header[4:8] = bytes(4)
+    struct.pack_into("<I", header, 4, _crc32c(bytes(header)))
+    data[current : current + 4096] = header
+    path.write_bytes(data)
+
+
 def make(out: Path) -> dict[str, list[Path]]:
     parents = out / "parents"
     for sub in ("vhd", "vhdx", "iso", "probe", "parents"):
@@ -165,7 +213,10 @@ def make(out: Path) -> dict[str, list[Path]]:
         virtdisk.create(scratch / "dynamic-4k.vhdx", 8 * MiB, block_size=MiB, sector_size=4096).close()
         virtdisk.create(scratch / "log.vhdx", 4 * MiB, block_size=MiB).close()
         _vhdx_with_log_entry(scratch / "log.vhdx")
-        seeds["vhdx"] += [scratch / n for n in ("fixed.vhdx", "dynamic.vhdx", "dynamic-4k.vhdx", "log.vhdx")]
+        virtdisk.create(scratch / "dirty-log.vhdx", 4 * MiB, block_size=MiB).close()
+        _vhdx_with_dirty_log(scratch / "dirty-log.vhdx")
+        names = ("fixed.vhdx", "dynamic.vhdx", "dynamic-4k.vhdx", "log.vhdx", "dirty-log.vhdx")
+        seeds["vhdx"] += [scratch / n for n in names]
 
         raw = _raw_with_data(scratch / "data.raw", 6 * MiB)
         qemu = [
