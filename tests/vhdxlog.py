@@ -21,17 +21,22 @@ PROVIDER = ROOT / "src" / "provider"
 READER_SOURCES = ["image.c", "vhd.c", "iso.c", "crc32c.c", "bytes.c", "utf16.c", "errors.c"]
 
 
-def build_vdread(out: Path) -> Path:
+def build_tool(out: Path, name: str) -> Path:
+    """tests/tools/NAME.c linked with the provider's format code."""
     cc = require_tool("gcc")
-    sources = [PROVIDER / name for name in READER_SOURCES] + sorted(PROVIDER.glob("vhdx*.c"))
-    binary = out / "vdread"
+    sources = [PROVIDER / source for source in READER_SOURCES] + sorted(PROVIDER.glob("vhdx*.c"))
+    binary = out / name
     subprocess.run(
         [cc, "-std=gnu11", "-O2", "-Wall", "-Werror", "-Wno-unused-parameter", f"-I{PROVIDER}",
-         f"-I{ROOT / 'src' / '_cffi_src'}", "-o", str(binary), str(ROOT / "tests" / "tools" / "vdread.c"),
+         f"-I{ROOT / 'src' / '_cffi_src'}", "-o", str(binary), str(ROOT / "tests" / "tools" / f"{name}.c"),
          str(ROOT / "src" / "_cffi_src" / "messages.c"), *map(str, sources), "-lpthread"],
         check=True,
     )  # fmt: skip
     return binary
+
+
+def build_vdread(out: Path) -> Path:
+    return build_tool(out, "vdread")
 
 
 @dataclass
@@ -41,8 +46,12 @@ class ReadResult:
     error: str  # "0xCODE detail" when not ok
 
 
-def vdread(reader: Path, image: Path, *, writable: bool = False) -> ReadResult:
-    args = [str(reader), *(["-w"] if writable else []), str(image)]
+def vdread(
+    reader: Path, image: Path, *, writable: bool = False, ranges: list[str] | None = None
+) -> ReadResult:
+    """The whole disk; with ranges ("OFFSET:LENGTH"), its size (8 bytes, little-endian)
+    then those ranges that lie inside it."""
+    args = [str(reader), *(["-w"] if writable else []), str(image), *(ranges or [])]
     out = subprocess.run(args, capture_output=True, check=False)
     assert out.returncode in (0, 2), out.stderr
     return ReadResult(out.returncode == 0, out.stdout, out.stderr.decode().strip())

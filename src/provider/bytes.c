@@ -1,9 +1,11 @@
 /*
  * GUID conversions and whole-buffer file I/O (see bytes.h).
  */
+#define _GNU_SOURCE /* fallocate() */
 #include "bytes.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <sys/random.h>
 #include <unistd.h>
 
@@ -93,9 +95,13 @@ int vd_pread_full(int fd, void *buffer, size_t length, uint64_t offset)
     return 0;
 }
 
+void (*vd_io_observer)(int fd, enum vd_io_op op, uint64_t offset, const void *data, uint64_t length, int mode);
+
 int vd_pwrite_full(int fd, const void *buffer, size_t length, uint64_t offset)
 {
     const uint8_t *p = buffer;
+    if (vd_io_observer)
+        vd_io_observer(fd, VD_IO_WRITE, offset, buffer, length, 0);
     while (length > 0) {
         ssize_t n = pwrite(fd, p, length, (off_t)offset);
         if (n < 0) {
@@ -108,4 +114,28 @@ int vd_pwrite_full(int fd, const void *buffer, size_t length, uint64_t offset)
         offset += (uint64_t)n;
     }
     return 0;
+}
+
+int vd_fdatasync(int fd)
+{
+    int result = fdatasync(fd);
+    if (result == 0 && vd_io_observer)
+        vd_io_observer(fd, VD_IO_FLUSH, 0, NULL, 0, 0);
+    return result;
+}
+
+int vd_ftruncate(int fd, uint64_t size)
+{
+    int result = ftruncate(fd, (off_t)size);
+    if (result == 0 && vd_io_observer)
+        vd_io_observer(fd, VD_IO_TRUNCATE, size, NULL, 0, 0);
+    return result;
+}
+
+int vd_fallocate(int fd, int mode, uint64_t offset, uint64_t length)
+{
+    int result = fallocate(fd, mode, (off_t)offset, (off_t)length);
+    if (result == 0 && vd_io_observer)
+        vd_io_observer(fd, VD_IO_ALLOCATE, offset, NULL, length, mode);
+    return result;
 }

@@ -56,4 +56,18 @@ int vd_guid_generate(GUID *guid);
 int vd_pread_full(int fd, void *buffer, size_t length, uint64_t offset);
 int vd_pwrite_full(int fd, const void *buffer, size_t length, uint64_t offset);
 
+/* fdatasync, ftruncate and fallocate as libc has them (0, or -1 and errno),
+   for image files: the formats change their files only through these and
+   vd_pwrite_full, so that the test seam below sees every change. */
+int vd_fdatasync(int fd);
+int vd_ftruncate(int fd, uint64_t size);
+int vd_fallocate(int fd, int mode, uint64_t offset, uint64_t length);
+
+/* Test seam for the crash-consistency harness (tests/tools/vdwork.c): when
+   set, called after every successful write, flush, truncate and allocate
+   above, in the order they happened.  Nothing in the provider sets it. */
+enum vd_io_op { VD_IO_WRITE = 'W', VD_IO_FLUSH = 'S', VD_IO_TRUNCATE = 'T', VD_IO_ALLOCATE = 'A' };
+extern void (*vd_io_observer)(int fd, enum vd_io_op op, uint64_t offset, const void *data, uint64_t length,
+                              int mode);
+
 #endif

@@ -186,7 +186,7 @@ static int vhd_barrier(const struct vd_image *image)
 {
     if (image->open_flags & OPEN_VIRTUAL_DISK_FLAG_NO_WRITE_HARDENING)
         return 0;
-    return fdatasync(image->fd) < 0 ? errno : 0;
+    return vd_fdatasync(image->fd) < 0 ? errno : 0;
 }
 
 /* ---- UTF-16 text in headers and locators -------------------------------- */
@@ -1077,7 +1077,7 @@ static DWORD vhd_allocate_block(struct vd_image *image, uint32_t *entry)
         error = vhd_barrier(image);
     if (error) {
         /* A partly written footer must not become the end of the file. */
-        if (ftruncate(image->fd, (off_t)old_size) < 0) {
+        if (vd_ftruncate(image->fd, (uint64_t)old_size) < 0) {
             /* Nothing more can be done; the original error is the one to report. */
         }
         return vd_fail_errno(error, "%s: moving the footer to offset %llu for a new block", image->path,
@@ -1285,9 +1285,9 @@ static DWORD vhd_prepare_bulk_write(struct vd_image *image, const struct vd_exte
         uint64_t old_size = image->file_size;
         error = vd_pwrite_full(image->fd, &state->footer, sizeof state->footer, footer_offset);
         if (!error)
-            error = fdatasync(image->fd) < 0 ? errno : 0;
+            error = vd_fdatasync(image->fd) < 0 ? errno : 0;
         if (error) {
-            if (ftruncate(image->fd, (off_t)old_size) < 0) {
+            if (vd_ftruncate(image->fd, (uint64_t)old_size) < 0) {
                 /* The original error is the one to report. */
             }
             status = vd_fail_errno(error, "%s: moving the footer to offset %llu for %llu new blocks", image->path,
@@ -1314,7 +1314,7 @@ static DWORD vhd_prepare_bulk_write(struct vd_image *image, const struct vd_exte
 static DWORD vhd_flush(struct vd_image *image)
 {
     struct vhd_state *state = image->state;
-    if (fdatasync(image->fd) < 0)
+    if (vd_fdatasync(image->fd) < 0)
         return vd_fail_errno(errno, "%s: flushing", image->path);
     if (!state || !state->bulk)
         return ERROR_SUCCESS;
@@ -1327,7 +1327,7 @@ static DWORD vhd_flush(struct vd_image *image)
         vd_put_be32(raw, state->bat[block]);
         error = vd_pwrite_full(image->fd, raw, sizeof raw, state->table_offset + 4 * (uint64_t)block);
     }
-    if (!error && fdatasync(image->fd) < 0)
+    if (!error && vd_fdatasync(image->fd) < 0)
         error = errno;
     state->pending_count = 0;
     state->bulk = false;
@@ -1406,13 +1406,13 @@ static DWORD vhd_preallocate(int fd, uint64_t size)
 {
     int result;
     do
-        result = fallocate(fd, 0, 0, (off_t)size);
+        result = vd_fallocate(fd, 0, 0, size);
     while (result < 0 && errno == EINTR);
     if (result == 0)
         return ERROR_SUCCESS;
     if (errno != EOPNOTSUPP)
         return vd_fail_errno(errno, "allocating %llu bytes for a fixed VHD", (ull)size);
-    if (ftruncate(fd, (off_t)size) < 0)
+    if (vd_ftruncate(fd, (uint64_t)size) < 0)
         return vd_fail_errno(errno, "extending a fixed VHD to %llu bytes", (ull)size);
     enum { CHUNK = 1 << 20 };
     uint8_t *zeros = calloc(1, CHUNK);
@@ -1547,7 +1547,7 @@ static DWORD vhd_create_sparse(int fd, const struct vd_create_request *request, 
     vhd_build_footer(&footer, disk_type, size, VHD_FOOTER_SIZE, &request->unique_id);
     /* Padding between the pieces must read as zeros: the file starts empty
        and ftruncate() makes it so. */
-    if (ftruncate(fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0) {
+    if (vd_ftruncate(fd, end + VHD_FOOTER_SIZE) < 0) {
         status = vd_fail_errno(errno, "extending a new VHD to %llu bytes", (ull)(end + VHD_FOOTER_SIZE));
         goto done;
     }
@@ -1763,7 +1763,7 @@ static DWORD vhd_grow_fixed(struct vd_image *image, uint64_t size)
     state->footer_offset = size;
     image->file_size = size + VHD_FOOTER_SIZE;
     image->virtual_size = size;
-    if (fallocate(image->fd, FALLOC_FL_KEEP_SIZE, (off_t)old_size, (off_t)(size - old_size)) < 0 &&
+    if (vd_fallocate(image->fd, FALLOC_FL_KEEP_SIZE, (uint64_t)old_size, (uint64_t)(size - old_size)) < 0 &&
         errno != EOPNOTSUPP)
         return vd_fail_errno(errno, "%s: allocating %llu bytes for the larger disk", image->path,
                              (ull)(size - old_size));

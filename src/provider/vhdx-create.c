@@ -226,7 +226,7 @@ static DWORD create_bat(int fd, uint64_t entries, uint32_t chunk_ratio, bool fix
    zeros written, so that "fixed" still means fully provisioned. */
 static DWORD create_payload(int fd, uint64_t offset, uint64_t length)
 {
-    if (fallocate(fd, 0, (off_t)offset, (off_t)length) == 0)
+    if (vd_fallocate(fd, 0, (uint64_t)offset, (uint64_t)length) == 0)
         return ERROR_SUCCESS;
     if (errno != EOPNOTSUPP && errno != ENOSYS)
         return vd_fail_errno(errno, "allocating %llu bytes for the fixed VHDX payload", ull(length));
@@ -299,10 +299,10 @@ DWORD vhdx_create(int fd, const struct vd_create_request *r)
 
     /* Everything up to the payload, zero-filled; the structures below are
        written over it. */
-    if (ftruncate(fd, (off_t)data_start) < 0)
+    if (vd_ftruncate(fd, (uint64_t)data_start) < 0)
         return vd_fail_errno(errno, "sizing the new VHDX file to %llu bytes", ull(data_start));
     DWORD status = ERROR_SUCCESS;
-    if (r->fixed && r->sparse && ftruncate(fd, (off_t)(data_start + payload_blocks * block_size)) < 0)
+    if (r->fixed && r->sparse && vd_ftruncate(fd, (uint64_t)(data_start + payload_blocks * block_size)) < 0)
         status = vd_fail_errno(errno, "sizing the new VHDX file for its sparse payload");
     else if (r->fixed && !r->sparse)
         status = create_payload(fd, data_start, payload_blocks * block_size);

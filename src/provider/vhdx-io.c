@@ -164,27 +164,29 @@ DWORD vhdx_write_file(struct vd_image *image, const void *buffer, size_t length,
 /* The barrier of the write ordering described at the top of this file. */
 DWORD vhdx_sync_file(struct vd_image *image, const char *before)
 {
-    if (fdatasync(image->fd) < 0)
+    if (vd_fdatasync(image->fd) < 0)
         return vd_fail_errno(errno, "%s: flushing before %s", image->path, before);
     return ERROR_SUCCESS;
 }
 
+/* One BAT entry, through the log; the in-memory copy follows once it is
+   certain to survive. */
 static DWORD write_bat_entry(struct vd_image *image, struct vhdx_state *s, uint64_t index, uint64_t entry)
 {
     uint8_t raw[8];
     vd_put_le64(raw, entry);
-    DWORD status = vhdx_write_file(image, raw, 8, s->bat_offset + index * 8);
-    if (status == ERROR_SUCCESS)
-        status = vhdx_sync_file(image, "using the new BAT entry");
+    struct vhdx_meta_change change = {s->bat_offset + index * 8, raw, 8};
+    DWORD status = vhdx_meta_write(image, s, &change, 1);
     if (status == ERROR_SUCCESS)
         __atomic_store_n(&s->bat[index], entry, __ATOMIC_RELEASE);
     return status;
 }
 
-/* Both header copies with a new FileWriteGuid and the given DataWriteGuid:
-   the non-current copy first, each with the next sequence number and
-   flushed, so a torn write leaves the old current header in charge.  The
-   log is known to be empty (vhdx_check_log), so LogGuid is cleared as well. */
+/* Both header copies with a new FileWriteGuid, the given DataWriteGuid and
+   the session's LogGuid (zero when no log is in use): the non-current copy
+   first, each with the next sequence number and flushed, so a torn write
+   leaves the old current header in charge.  Headers are never logged
+   (§2.2.2: the two copies are their own protection). */
 DWORD vhdx_write_headers(struct vd_image *image, struct vhdx_state *s, const GUID *data_write)
 {
     uint8_t h[VHDX_HEADER_SIZE];
@@ -197,7 +199,7 @@ DWORD vhdx_write_headers(struct vd_image *image, struct vhdx_state *s, const GUI
     memcpy(h, s->header, sizeof h);
     vd_guid_to_le_bytes(&file_write, header->FileWriteGuid);
     vd_guid_to_le_bytes(data_write, header->DataWriteGuid);
-    memset(header->LogGuid, 0, sizeof header->LogGuid);
+    vd_guid_to_le_bytes(&s->log_guid, header->LogGuid);
     for (int i = 1; i <= 2; i++) {
         int slot = (s->current_header + i) % 2;
         uint64_t offset = slot ? VHDX_HEADER2_OFFSET : VHDX_HEADER1_OFFSET;
@@ -227,7 +229,11 @@ static DWORD update_headers(struct vd_image *image, struct vhdx_state *s)
     int error = vd_guid_generate(&data_write);
     if (error)
         return vd_fail_errno(error, "generating a VHDX DataWriteGuid");
-    return vhdx_write_headers(image, s, &data_write);
+    /* A disk served through write() changes metadata as it allocates: the
+       same header write names the session's log.  A directly mapped (flat)
+       disk never does, and keeps LogGuid clear. */
+    DWORD status = image->flat ? ERROR_SUCCESS : vhdx_log_start(s);
+    return status == ERROR_SUCCESS ? vhdx_write_headers(image, s, &data_write) : status;
 }
 
 /* size bytes of zeros past the end of the file, 1 MiB aligned.  fallocate
@@ -235,11 +241,11 @@ static DWORD update_headers(struct vd_image *image, struct vhdx_state *s)
 DWORD vhdx_allocate(struct vd_image *image, struct vhdx_state *s, uint64_t size, uint64_t *offset)
 {
     uint64_t at = s->file_end;
-    if (fallocate(image->fd, 0, (off_t)at, (off_t)size) < 0) {
+    if (vd_fallocate(image->fd, 0, (uint64_t)at, (uint64_t)size) < 0) {
         if (errno != EOPNOTSUPP && errno != ENOSYS)
             return vd_fail_errno(errno, "%s: allocating a %llu-byte VHDX block at %llu",
                                  image->path, ull(size), ull(at));
-        if (ftruncate(image->fd, (off_t)(at + size)) < 0)
+        if (vd_ftruncate(image->fd, (uint64_t)(at + size)) < 0)
             return vd_fail_errno(errno, "%s: extending the file to %llu bytes", image->path,
                                  ull(at + size));
     }
@@ -284,36 +290,44 @@ static DWORD align_to_sectors(struct vd_image *image, const struct vhdx_state *s
     return ERROR_SUCCESS;
 }
 
-/* Sets (or, with exact, sets exactly) the bitmap bits of the sectors
-   [offset, offset + length) of block `block`.  With exact the whole slice of
-   the block is written, which also clears bits a crashed earlier allocation
-   of the same block may have left behind. */
-static DWORD set_bitmap_bits(struct vd_image *image, struct vhdx_state *s, uint64_t block,
-                             uint64_t offset, uint64_t length, bool exact)
+/* The block's slice of its chunk's sector bitmap (at sb, the bitmap block)
+   with the bits of the sectors [offset, offset + length) set.  fresh: from
+   all clear, for a new block, which also clears bits a crashed earlier
+   allocation of the same block may have left.  *full: every sector of the
+   block inside the disk is now present. */
+static DWORD bitmap_slice(struct vd_image *image, const struct vhdx_state *s, uint64_t block, uint64_t sb,
+                          uint64_t offset, uint64_t length, bool fresh, uint8_t **bits_out,
+                          struct vhdx_meta_change *change, bool *full)
 {
     uint64_t ss = s->logical_sector_size;
     uint64_t sectors_per_block = s->block_size / ss; /* ≥ 256: whole bytes */
-    uint64_t sb = vhdx_bat_file_offset(vhdx_bat_load(s, vhdx_bitmap_entry(s, block / s->chunk_ratio)));
     uint64_t slice = sb + (block % s->chunk_ratio) * sectors_per_block / 8;
     uint64_t first = offset / ss - block * sectors_per_block, count = length / ss;
-    uint64_t from = exact ? 0 : first / 8;
-    uint64_t to = exact ? sectors_per_block / 8 : (first + count - 1) / 8 + 1;
-    uint8_t *bits = calloc(1, to - from);
+    uint8_t *bits = calloc(1, sectors_per_block / 8);
     if (!bits)
         return vd_fail(ERROR_OUTOFMEMORY, "allocating a sector bitmap buffer");
-    DWORD status = exact ? ERROR_SUCCESS : vhdx_read_file(image, bits, to - from, slice + from);
-    for (uint64_t i = first; i < first + count && status == ERROR_SUCCESS; i++)
-        bits[i / 8 - from] |= (uint8_t)(1u << (i % 8));
-    if (status == ERROR_SUCCESS)
-        status = vhdx_write_file(image, bits, to - from, slice + from);
-    free(bits);
-    return status;
+    DWORD status = fresh ? ERROR_SUCCESS : vhdx_read_file(image, bits, sectors_per_block / 8, slice);
+    for (uint64_t i = first; i < first + count; i++)
+        bits[i / 8] |= (uint8_t)(1u << (i % 8));
+    uint64_t used = vhdx_block_bytes_used(image, s, block) / ss;
+    *full = true;
+    for (uint64_t i = 0; i < used && *full; i++)
+        *full = bits[i / 8] >> (i % 8) & 1;
+    if (status != ERROR_SUCCESS) {
+        free(bits);
+        return status;
+    }
+    *bits_out = bits;
+    *change = (struct vhdx_meta_change){slice, bits, sectors_per_block / 8};
+    return ERROR_SUCCESS;
 }
 
 /* A differencing block that is not yet in the file receives less than a
    whole block: only the written sectors go into it, the rest stays with the
    parent through the sector bitmap (copying the parent's whole block would
-   cost up to 256 MiB per small write). */
+   cost up to 256 MiB per small write).  The data first, then one log entry
+   with the bitmap block's BAT entry (when it is new), the bits and the
+   block's BAT entry: a crash leaves all of them or none. */
 static DWORD write_new_partial(struct vd_image *image, struct vhdx_state *s, uint64_t block,
                                const uint8_t *data, uint64_t offset, size_t length)
 {
@@ -325,28 +339,43 @@ static DWORD write_new_partial(struct vd_image *image, struct vhdx_state *s, uin
     if (status != ERROR_SUCCESS)
         return status;
 
-    uint64_t sb_index = vhdx_bitmap_entry(s, block / s->chunk_ratio), at;
-    if (vhdx_bat_state(vhdx_bat_load(s, sb_index)) != SB_BLOCK_PRESENT) {
-        status = vhdx_allocate(image, s, MiB, &at);
-        if (status == ERROR_SUCCESS)
-            status = vhdx_sync_file(image, "using a new sector bitmap block");
-        if (status == ERROR_SUCCESS)
-            status = write_bat_entry(image, s, sb_index, at | SB_BLOCK_PRESENT);
+    struct vhdx_meta_change changes[3];
+    size_t n = 0;
+    uint8_t sb_raw[8], block_raw[8], *bits = NULL;
+    bool full = false;
+    uint64_t sb_index = vhdx_bitmap_entry(s, block / s->chunk_ratio), at = 0;
+    uint64_t sb_entry = vhdx_bat_load(s, sb_index);
+    if (vhdx_bat_state(sb_entry) != SB_BLOCK_PRESENT) {
+        uint64_t sb;
+        status = vhdx_allocate(image, s, MiB, &sb); /* zeros: every sector with the parent */
+        sb_entry = sb | SB_BLOCK_PRESENT;
+        vd_put_le64(sb_raw, sb_entry);
+        changes[n++] = (struct vhdx_meta_change){s->bat_offset + sb_index * 8, sb_raw, 8};
     }
     if (status == ERROR_SUCCESS)
         status = vhdx_allocate(image, s, s->block_size, &at);
     if (status == ERROR_SUCCESS)
         status = vhdx_write_file(image, aligned, alen, at + (aoff - block * s->block_size));
     if (status == ERROR_SUCCESS)
-        status = set_bitmap_bits(image, s, block, aoff, alen, true);
+        status = bitmap_slice(image, s, block, vhdx_bat_file_offset(sb_entry), aoff, alen, true, &bits,
+                              &changes[n++], &full);
+    uint64_t entry = at | (full ? PAYLOAD_BLOCK_FULLY_PRESENT : PAYLOAD_BLOCK_PARTIALLY_PRESENT);
+    vd_put_le64(block_raw, entry);
+    changes[n++] = (struct vhdx_meta_change){s->bat_offset + vhdx_payload_entry(s, block) * 8, block_raw, 8};
     if (status == ERROR_SUCCESS)
-        status = vhdx_sync_file(image, "using the new block");
-    if (status == ERROR_SUCCESS)
-        status = write_bat_entry(image, s, vhdx_payload_entry(s, block), at | PAYLOAD_BLOCK_PARTIALLY_PRESENT);
+        status = vhdx_meta_write(image, s, changes, n);
+    if (status == ERROR_SUCCESS) {
+        __atomic_store_n(&s->bat[sb_index], sb_entry, __ATOMIC_RELEASE);
+        __atomic_store_n(&s->bat[vhdx_payload_entry(s, block)], entry, __ATOMIC_RELEASE);
+    }
+    free(bits);
     free(owned);
     return status;
 }
 
+/* The data in place, then its bits through the log; once every sector of
+   the block is in this file the block becomes fully present, in the same
+   entry, and reads stop consulting the bitmap and the parent. */
 static DWORD write_existing_partial(struct vd_image *image, struct vhdx_state *s, uint64_t block,
                                     uint64_t data_offset, const uint8_t *data, uint64_t offset,
                                     size_t length)
@@ -354,20 +383,30 @@ static DWORD write_existing_partial(struct vd_image *image, struct vhdx_state *s
     const uint8_t *aligned;
     uint64_t aoff;
     size_t alen;
-    uint8_t *owned;
+    uint8_t *owned, *bits = NULL, raw[8];
+    bool full = false;
+    struct vhdx_meta_change changes[2];
+    uint64_t sb = vhdx_bat_file_offset(vhdx_bat_load(s, vhdx_bitmap_entry(s, block / s->chunk_ratio)));
+    uint64_t index = vhdx_payload_entry(s, block), entry = data_offset | PAYLOAD_BLOCK_FULLY_PRESENT;
     DWORD status = align_to_sectors(image, s, data, offset, length, &aligned, &aoff, &alen, &owned);
     if (status == ERROR_SUCCESS)
         status = vhdx_write_file(image, aligned, alen, data_offset + (aoff - block * s->block_size));
     if (status == ERROR_SUCCESS)
-        status = vhdx_sync_file(image, "marking the sectors present");
+        status = bitmap_slice(image, s, block, sb, aoff, alen, false, &bits, &changes[0], &full);
+    vd_put_le64(raw, entry);
+    changes[1] = (struct vhdx_meta_change){s->bat_offset + index * 8, raw, 8};
     if (status == ERROR_SUCCESS)
-        status = set_bitmap_bits(image, s, block, aoff, alen, false);
+        status = vhdx_meta_write(image, s, changes, full ? 2 : 1);
+    if (status == ERROR_SUCCESS && full)
+        __atomic_store_n(&s->bat[index], entry, __ATOMIC_RELEASE);
+    free(bits);
     free(owned);
     return status;
 }
 
 /* Everything but a present block: a new block that is complete by itself,
-   because what it replaces reads as zeros (or the write covers all of it). */
+   because what it replaces reads as zeros (or the write covers all of it).
+   The log's leading flush puts the data on disk before the BAT entry. */
 static DWORD write_new_full(struct vd_image *image, struct vhdx_state *s, uint64_t block,
                             const uint8_t *data, uint64_t in_block, size_t length)
 {
@@ -375,8 +414,6 @@ static DWORD write_new_full(struct vd_image *image, struct vhdx_state *s, uint64
     DWORD status = vhdx_allocate(image, s, s->block_size, &at);
     if (status == ERROR_SUCCESS)
         status = vhdx_write_file(image, data, length, at + in_block);
-    if (status == ERROR_SUCCESS)
-        status = vhdx_sync_file(image, "using the new block");
     if (status == ERROR_SUCCESS)
         status = write_bat_entry(image, s, vhdx_payload_entry(s, block), at | PAYLOAD_BLOCK_FULLY_PRESENT);
     return status;

@@ -477,7 +477,7 @@ DWORD vhdx_log_apply(struct vd_image *image, struct vhdx_state *s)
     if (!log)
         return ERROR_SUCCESS;
     /* Growing the file only adds zeros past its end: harmless if we stop. */
-    if (log->size > log->real_size && ftruncate(image->fd, (off_t)log->size) < 0)
+    if (log->size > log->real_size && vd_ftruncate(image->fd, (uint64_t)log->size) < 0)
         return vd_fail_errno(errno, "%s: extending the file to %llu bytes for the VHDX log replay",
                              image->path, ull(log->size));
     static const uint8_t zeros[LOG_SECTOR];
@@ -493,6 +493,7 @@ DWORD vhdx_log_apply(struct vd_image *image, struct vhdx_state *s)
         return status;
     /* The log is replayed and durable: a new header without LogGuid. */
     s->log = NULL;
+    memset(&s->log_guid, 0, sizeof s->log_guid);
     const struct vhdx_header *h = (const void *)s->header;
     GUID data_write = vd_guid_from_le_bytes(h->DataWriteGuid);
     status = vhdx_write_headers(image, s, &data_write);
@@ -500,5 +501,227 @@ DWORD vhdx_log_apply(struct vd_image *image, struct vhdx_state *s)
        still gets its new DataWriteGuid. */
     s->session_guids_written = false;
     vhdx_log_free(log);
+    return status;
+}
+
+/* ---- metadata changes through the log ---- */
+
+DWORD vhdx_log_start(struct vhdx_state *s)
+{
+    if (!vd_guid_is_zero(&s->log_guid))
+        return ERROR_SUCCESS;
+    /* A new LogGuid per session: entries an earlier session left in the log
+       can never be taken for this one's. */
+    int error = vd_guid_generate(&s->log_guid);
+    if (error)
+        return vd_fail_errno(error, "generating a VHDX LogGuid");
+    s->log_position = 0;
+    s->log_sequence = 0;
+    return ERROR_SUCCESS;
+}
+
+DWORD vhdx_log_finish(struct vd_image *image, struct vhdx_state *s)
+{
+    if (!image->writable || vd_guid_is_zero(&s->log_guid))
+        return ERROR_SUCCESS;
+    /* Every entry's in-place writes durable, then a header without LogGuid:
+       the file needs no replay, and QEMU opens it read-only again. */
+    DWORD status = vhdx_sync_file(image, "closing the VHDX log");
+    if (status != ERROR_SUCCESS)
+        return status;
+    const struct vhdx_header *h = (const void *)s->header;
+    GUID data_write = vd_guid_from_le_bytes(h->DataWriteGuid);
+    bool session = s->session_guids_written;
+    memset(&s->log_guid, 0, sizeof s->log_guid);
+    status = vhdx_write_headers(image, s, &data_write);
+    s->session_guids_written = session;
+    return status;
+}
+
+static int compare_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The 4 KiB sectors the changes touch, sorted and unique, each with its new
+   content: what is in the file now with the changes laid over it in order. */
+static DWORD gather_sectors(struct vd_image *image, const struct vhdx_meta_change *changes, size_t n,
+                            uint64_t **offsets_out, uint8_t **sectors_out, size_t *count_out)
+{
+    size_t count = 0;
+    for (size_t i = 0; i < n; i++)
+        count += (size_t)((changes[i].offset + changes[i].length + LOG_SECTOR - 1) / LOG_SECTOR
+                          - changes[i].offset / LOG_SECTOR);
+    uint64_t *offsets = malloc((count ? count : 1) * sizeof *offsets);
+    if (!offsets)
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating the sectors of a VHDX metadata change");
+    count = 0;
+    for (size_t i = 0; i < n; i++)
+        for (uint64_t at = changes[i].offset / LOG_SECTOR * LOG_SECTOR; at < changes[i].offset + changes[i].length;
+             at += LOG_SECTOR)
+            offsets[count++] = at;
+    qsort(offsets, count, sizeof *offsets, compare_u64);
+    size_t unique = 0;
+    for (size_t i = 0; i < count; i++)
+        if (unique == 0 || offsets[unique - 1] != offsets[i])
+            offsets[unique++] = offsets[i];
+    uint8_t *sectors = calloc(unique ? unique : 1, LOG_SECTOR);
+    if (!sectors) {
+        free(offsets);
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating the sectors of a VHDX metadata change");
+    }
+    DWORD status = ERROR_SUCCESS;
+    for (size_t i = 0; i < unique && status == ERROR_SUCCESS; i++) {
+        /* Beyond the end of the file a sector is zeros (space allocated since). */
+        uint64_t have = offsets[i] >= image->file_size ? 0
+                        : image->file_size - offsets[i] < LOG_SECTOR ? image->file_size - offsets[i] : LOG_SECTOR;
+        if (have)
+            status = vhdx_read_file(image, sectors + i * LOG_SECTOR, (size_t)have, offsets[i]);
+    }
+    for (size_t c = 0; c < n && status == ERROR_SUCCESS; c++) {
+        const uint8_t *data = changes[c].data;
+        for (uint64_t at = changes[c].offset; at < changes[c].offset + changes[c].length;) {
+            uint64_t sector = at / LOG_SECTOR * LOG_SECTOR;
+            uint64_t *found = bsearch(&sector, offsets, unique, sizeof *offsets, compare_u64);
+            uint64_t take = sector + LOG_SECTOR - at;
+            if (take > changes[c].offset + changes[c].length - at)
+                take = changes[c].offset + changes[c].length - at;
+            memcpy(sectors + (size_t)(found - offsets) * LOG_SECTOR + (at - sector), data + (at - changes[c].offset),
+                   (size_t)take);
+            at += take;
+        }
+    }
+    if (status != ERROR_SUCCESS) {
+        free(offsets);
+        free(sectors);
+        return status;
+    }
+    *offsets_out = offsets;
+    *sectors_out = sectors;
+    *count_out = unique;
+    return ERROR_SUCCESS;
+}
+
+/* Where this session writes its entries: the log the current header names,
+   when it is a usable one (1 MiB aligned, inside the file, ours alone). */
+static bool log_usable(const struct vd_image *image, const struct vhdx_state *s, uint64_t *offset, uint64_t *length)
+{
+    const struct vhdx_header *h = (const void *)s->header;
+    *offset = vd_le64(h->LogOffset);
+    *length = vd_le32(h->LogLength);
+    return *offset >= VHDX_ALIGN && *offset % VHDX_ALIGN == 0 && *length >= VHDX_ALIGN && *length % VHDX_ALIGN == 0
+           && *offset <= image->file_size && *length <= image->file_size - *offset && *length <= VHDX_MAX_LOG_LENGTH;
+}
+
+/* One entry (header, descriptors, data sectors) for sectors[0 .. count). */
+static uint8_t *build_entry(const struct vhdx_state *s, const uint64_t *offsets, const uint8_t *sectors,
+                            size_t count, uint64_t position, uint64_t sequence, uint64_t file_size, size_t *length)
+{
+    size_t descriptor_sectors = (count + 2 + 127) / 128;
+    *length = (descriptor_sectors + count) * LOG_SECTOR;
+    uint8_t *entry = calloc(1, *length);
+    if (!entry)
+        return NULL;
+    struct vhdx_log_entry_header *h = (void *)entry;
+    memcpy(h->Signature, "loge", 4);
+    vd_put_le32(h->EntryLength, (uint32_t)*length);
+    /* Every earlier entry is applied and flushed before this one is written:
+       replay starts here. */
+    vd_put_le32(h->Tail, (uint32_t)position);
+    vd_put_le64(h->SequenceNumber, sequence);
+    vd_put_le32(h->DescriptorCount, (uint32_t)count);
+    memcpy(h->LogGuid, ((const struct vhdx_header *)s->header)->LogGuid, 16);
+    vd_put_le64(h->FlushedFileOffset, file_size);
+    vd_put_le64(h->LastFileOffset, file_size);
+    for (size_t i = 0; i < count; i++) {
+        struct vhdx_log_descriptor *d = (void *)(entry + 64 + i * DESCRIPTOR_SIZE);
+        struct vhdx_log_data_sector *data = (void *)(entry + (descriptor_sectors + i) * LOG_SECTOR);
+        const uint8_t *sector = sectors + i * LOG_SECTOR;
+        memcpy(d->Signature, "desc", 4);
+        memcpy(d->TrailingBytes, sector + 8 + DATA_PAYLOAD, 4);
+        memcpy(d->LeadingBytes, sector, 8);
+        vd_put_le64(d->FileOffset, offsets[i]);
+        vd_put_le64(d->SequenceNumber, sequence);
+        memcpy(data->DataSignature, "data", 4);
+        vd_put_le32(data->SequenceHigh, (uint32_t)(sequence >> 32));
+        memcpy(data->Data, sector + 8, DATA_PAYLOAD);
+        vd_put_le32(data->SequenceLow, (uint32_t)sequence);
+    }
+    vd_put_le32(h->Checksum, vd_crc32c(0, entry, *length));
+    return entry;
+}
+
+DWORD vhdx_meta_write(struct vd_image *image, struct vhdx_state *s, const struct vhdx_meta_change *changes,
+                      size_t n)
+{
+    uint64_t *offsets = NULL;
+    uint8_t *sectors = NULL;
+    size_t count = 0;
+    DWORD status = gather_sectors(image, changes, n, &offsets, &sectors, &count);
+    if (status != ERROR_SUCCESS)
+        return status;
+
+    uint64_t log_offset, log_length;
+    if (!log_usable(image, s, &log_offset, &log_length)) {
+        /* No log to write to (a file we did not make): in place, flushed,
+           as before logging - each sector write is as atomic as the disk. */
+        for (size_t i = 0; i < count && status == ERROR_SUCCESS; i++)
+            status = vhdx_write_file(image, sectors + i * LOG_SECTOR, LOG_SECTOR, offsets[i]);
+        if (status == ERROR_SUCCESS)
+            status = vhdx_sync_file(image, "using the new metadata");
+        free(offsets);
+        free(sectors);
+        return status;
+    }
+
+    /* The header must name the log before an entry of it can count. */
+    const struct vhdx_header *h = (const void *)s->header;
+    GUID guid = vd_guid_from_le_bytes(h->LogGuid);
+    if (vd_guid_is_zero(&guid)) {
+        bool session = s->session_guids_written;
+        GUID data_write = vd_guid_from_le_bytes(h->DataWriteGuid);
+        status = vhdx_log_start(s);
+        if (status == ERROR_SUCCESS)
+            status = vhdx_write_headers(image, s, &data_write);
+        s->session_guids_written = session;
+    }
+
+    /* As many sectors per entry as the log holds; each entry is one atomic
+       step, so callers put what must change together in one call. */
+    size_t log_sectors = (size_t)(log_length / LOG_SECTOR);
+    size_t per_entry = log_sectors - (log_sectors + 2 + 127) / 128;
+    for (size_t first = 0; first < count && status == ERROR_SUCCESS; first += per_entry) {
+        size_t k = count - first < per_entry ? count - first : per_entry;
+        size_t length = ((k + 2 + 127) / 128 + k) * LOG_SECTOR;
+        /* An entry that would run past the end starts again at the front. */
+        uint64_t position = s->log_position + length > log_length ? 0 : s->log_position;
+        /* Durable before the entry: the caller's data writes (a BAT entry
+           must never point at unwritten data) and the previous entry's
+           in-place writes (after this entry it is no longer replayed). */
+        status = vhdx_sync_file(image, "writing a VHDX log entry");
+        uint8_t *entry = NULL;
+        if (status == ERROR_SUCCESS) {
+            entry = build_entry(s, offsets + first, sectors + first * LOG_SECTOR, k, position,
+                                s->log_sequence + 1, image->file_size, &length);
+            if (!entry)
+                status = vd_fail(ERROR_OUTOFMEMORY, "allocating a VHDX log entry");
+        }
+        if (status == ERROR_SUCCESS)
+            status = vhdx_write_file(image, entry, length, log_offset + position);
+        free(entry);
+        if (status == ERROR_SUCCESS)
+            status = vhdx_sync_file(image, "applying a VHDX log entry");
+        if (status == ERROR_SUCCESS) {
+            s->log_sequence++;
+            s->log_position = (position + length) % log_length;
+        }
+        /* In place; flushed by the next entry, vhdx_flush or close.  A crash
+           before then replays this entry: the same bytes again. */
+        for (size_t i = first; i < first + k && status == ERROR_SUCCESS; i++)
+            status = vhdx_write_file(image, sectors + i * LOG_SECTOR, LOG_SECTOR, offsets[i]);
+    }
+    free(offsets);
+    free(sectors);
     return status;
 }

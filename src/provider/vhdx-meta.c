@@ -72,7 +72,14 @@ static DWORD find_item(struct vd_image *image, const GUID *id, struct vhdx_regio
 
 static DWORD begin_change(struct vd_image *image, struct vhdx_state *s, bool data_changes)
 {
-    if (s->session_guids_written && !data_changes)
+    /* Every change here goes through the log: the header that starts the
+       session names it too. */
+    DWORD status = vhdx_log_start(s);
+    if (status != ERROR_SUCCESS)
+        return status;
+    const struct vhdx_header *current = (const void *)s->header;
+    GUID named = vd_guid_from_le_bytes(current->LogGuid);
+    if (s->session_guids_written && !data_changes && vd_guid_equal(&named, &s->log_guid))
         return ERROR_SUCCESS;
     const struct vhdx_header *h = (const void *)s->header;
     GUID data_write = vd_guid_from_le_bytes(h->DataWriteGuid);
@@ -84,7 +91,7 @@ static DWORD begin_change(struct vd_image *image, struct vhdx_state *s, bool dat
     return vhdx_write_headers(image, s, &data_write);
 }
 
-/* A fixed-size item (at most 16 bytes) rewritten in place. */
+/* A fixed-size item (at most 16 bytes) rewritten through the log. */
 static DWORD write_item(struct vd_image *image, const GUID *id, const char *name, const void *data,
                         uint32_t length)
 {
@@ -97,10 +104,9 @@ static DWORD write_item(struct vd_image *image, const GUID *id, const char *name
                          ull(item_offset), item_length, length);
     if (status == ERROR_SUCCESS)
         status = begin_change(image, image->state, false);
+    struct vhdx_meta_change change = {item_offset, data, length};
     if (status == ERROR_SUCCESS)
-        status = vhdx_write_file(image, data, length, item_offset);
-    if (status == ERROR_SUCCESS)
-        status = vhdx_sync_file(image, "reporting the metadata changed");
+        status = vhdx_meta_write(image, image->state, &change, 1);
     return status;
 }
 
@@ -158,22 +164,21 @@ DWORD vhdx_set_parent(struct vd_image *image, struct vd_image *parent)
                          "%s: the VHDX metadata region at offset %llu (%u bytes) has no room for a %u-byte "
                          "parent locator", image->path, ull(regions.metadata_offset), regions.metadata_length,
                          length);
-    pthread_mutex_lock(&s->lock);
-    if (status == ERROR_SUCCESS)
-        status = begin_change(image, s, false);
-    pthread_mutex_unlock(&s->lock);
-    if (status == ERROR_SUCCESS)
-        status = vhdx_write_file(image, item, length, regions.metadata_offset + at);
-    if (status == ERROR_SUCCESS)
-        status = vhdx_sync_file(image, "using the new parent locator");
+    /* The new item in free space and the table entry pointing at it, in
+       one log entry: the old locator stays in charge until both are there. */
     uint8_t entry[8];
     vd_put_le32(entry, at);
     vd_put_le32(entry + 4, length);
+    struct vhdx_meta_change changes[2] = {
+        {regions.metadata_offset + at, item, length},
+        {entry_offset + offsetof(struct vhdx_metadata_table_entry, Offset), entry, sizeof entry},
+    };
+    pthread_mutex_lock(&s->lock);
     if (status == ERROR_SUCCESS)
-        status = vhdx_write_file(image, entry, sizeof entry,
-                            entry_offset + offsetof(struct vhdx_metadata_table_entry, Offset));
+        status = begin_change(image, s, false);
     if (status == ERROR_SUCCESS)
-        status = vhdx_sync_file(image, "reporting the parent changed");
+        status = vhdx_meta_write(image, s, changes, 2);
+    pthread_mutex_unlock(&s->lock);
     free(item);
     if (status != ERROR_SUCCESS) {
         vd_image_close(parent);
@@ -195,8 +200,8 @@ DWORD vhdx_set_parent(struct vd_image *image, struct vd_image *parent)
     return status;
 }
 
-/* A copy of the region table with the BAT region moved, written to both
-   copies in turn, each flushed: a reader takes the first valid copy. */
+/* A copy of the region table with the BAT region moved, both copies in one
+   log entry. */
 static DWORD move_bat_region(struct vd_image *image, uint64_t offset, uint64_t length)
 {
     static const uint64_t copies[2] = {VHDX_REGION_TABLE1_OFFSET, VHDX_REGION_TABLE2_OFFSET};
@@ -226,11 +231,12 @@ static DWORD move_bat_region(struct vd_image *image, uint64_t offset, uint64_t l
     if (status == ERROR_SUCCESS && !moved)
         status = vd_fail(ERROR_VHD_SPARSE_HEADER_CORRUPT, "VHDX region table has no BAT region");
     vhdx_set_crc(table, VHDX_REGION_TABLE_SIZE, offsetof(struct vhdx_region_table_header, Checksum));
-    for (int i = 0; i < 2 && status == ERROR_SUCCESS; i++) {
-        status = vhdx_write_file(image, table, VHDX_REGION_TABLE_SIZE, copies[i]);
-        if (status == ERROR_SUCCESS)
-            status = vhdx_sync_file(image, "writing the other region table copy");
-    }
+    struct vhdx_meta_change changes[2] = {
+        {copies[0], table, VHDX_REGION_TABLE_SIZE},
+        {copies[1], table, VHDX_REGION_TABLE_SIZE},
+    };
+    if (status == ERROR_SUCCESS)
+        status = vhdx_meta_write(image, image->state, changes, 2);
     free(table);
     return status;
 }
@@ -246,10 +252,9 @@ static DWORD write_bat_range(struct vd_image *image, uint64_t bat_offset, const 
         return vd_fail(ERROR_OUTOFMEMORY, "allocating %llu BAT entries", ull(count));
     for (uint64_t i = 0; i < count; i++)
         vd_put_le64(raw + i * 8, entries[i]);
-    DWORD status = vhdx_write_file(image, raw, count * 8, bat_offset + first * 8);
+    struct vhdx_meta_change change = {bat_offset + first * 8, raw, count * 8};
+    DWORD status = vhdx_meta_write(image, image->state, &change, 1);
     free(raw);
-    if (status == ERROR_SUCCESS)
-        status = vhdx_sync_file(image, "using the new BAT entries");
     return status;
 }
 

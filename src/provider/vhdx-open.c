@@ -837,6 +837,9 @@ DWORD vhdx_open(struct vd_image *image)
 void vhdx_close(struct vd_image *image)
 {
     struct vhdx_state *s = image->state;
+    /* Nobody hears a failure here; the log then still replays at the next
+       open (to the same bytes). */
+    (void)vhdx_log_finish(image, s);
     pthread_mutex_destroy(&s->lock);
     free(s->bat);
     vhdx_log_free(s->log);

@@ -197,6 +197,10 @@ struct vhdx_state {
     /* A dirty log's replay, read but not yet on disk: reads of the file go
        through it (vhdx_log_pread).  NULL when the log is clean. */
     struct vhdx_log *log;
+    /* This session's log (vhdx_meta_write): the LogGuid the headers carry
+       (zero: none in use), where the next entry goes, the last sequence. */
+    GUID log_guid;
+    uint64_t log_position, log_sequence;
     uint64_t file_end;             /* where the next block goes, 1 MiB aligned */
 };
 
@@ -304,6 +308,27 @@ DWORD vhdx_log_apply(struct vd_image *image, struct vhdx_state *s);
    over them, zeros past the real end.  0 or an errno. */
 int vhdx_log_pread(const struct vhdx_log *log, int fd, void *buffer, size_t length, uint64_t offset);
 void vhdx_log_free(struct vhdx_log *log);
+
+/* A metadata change: length bytes of data at file offset. */
+struct vhdx_meta_change {
+    uint64_t offset;
+    const void *data;
+    uint64_t length;
+};
+/* THE way metadata changes reach a writable VHDX (BAT entries, sector
+   bitmaps, metadata items, region tables): the changes, widened to 4 KiB
+   sectors with the file's current bytes, go into one log entry (§2.3) -
+   flush (the caller's data and the previous entry's in-place writes), write
+   the entry, flush, write in place.  A crash at any point leaves a file that
+   replays to all of the changes or none.  More sectors than the log holds
+   are split over several entries, each atomic.  Call with s->lock held (or
+   the image otherwise exclusive). */
+DWORD vhdx_meta_write(struct vd_image *image, struct vhdx_state *s, const struct vhdx_meta_change *changes,
+                      size_t n);
+/* Picks this session's LogGuid (once), for the next header write to carry. */
+DWORD vhdx_log_start(struct vhdx_state *s);
+/* Writable close: flush, then headers without LogGuid. */
+DWORD vhdx_log_finish(struct vd_image *image, struct vhdx_state *s);
 
 /* ---- vhdx-open.c ---- */
 

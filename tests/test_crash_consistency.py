@@ -1,0 +1,150 @@
+"""Crash consistency: a workload runs through the provider's format operations
+with every write, flush and size change on the image recorded (the provider's
+I/O seam, tests/tools/vdwork.c); then every image a crash could have left -
+each prefix of that stream, and torn variants of each write - must open
+(replaying a VHDX log), pass `qemu-img check` (sampled: it is slow), and read
+back every write acknowledged before the last acknowledged flush.  Our own
+reader checks every point; the count per format is printed (pytest -s)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import virtdisk
+from tests.conftest import require_tool
+from tests.crashsim import crash_points, expectation, read_trace
+from tests.vhdxlog import build_tool, vdread
+
+KiB = 1024
+MiB = 1024 * KiB
+CHECK_EVERY = 25  # replay on disk and qemu-img check: one crash point in this many
+MIN_POINTS = 1000  # per format, over its workloads
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("tools")
+    return build_tool(out, "vdwork"), build_tool(out, "vdread")
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    """Crash images are written hundreds of times: in memory where there is /dev/shm."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="vd-crash-", dir=shm))
+        yield folder
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+    else:
+        yield tmp_path
+
+
+def _writes(seed: int, count: int, size: int, length: int) -> list[str]:
+    """count writes of length bytes at offsets spread over the disk, overwriting
+    some earlier ones (a fixed recipe, so a failure reproduces)."""
+    steps, x = [], seed
+    for i in range(count):
+        x = (x * 1103515245 + 12345) % (1 << 31)
+        offset = x % (size // length) * length
+        steps.append(f"w:{offset}:{length}:{seed * 100 + i}")
+        if i % 7 == 6:
+            steps.append("f")
+    return steps
+
+
+def _run(tools, scratch: Path, image: Path, steps: list[str], qemu_check: bool) -> int:
+    """Runs the workload on image, then checks every crash point; returns their number."""
+    vdwork, reader = tools
+    start = image.read_bytes()
+    trace = scratch / "trace"
+    run = subprocess.run(
+        [str(vdwork), str(trace), str(image), *steps], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    ops = read_trace(trace)
+    trace.unlink()
+    for sibling in image.parent.iterdir():  # a differencing image finds its parent beside it
+        if sibling.suffix == image.suffix and sibling != image and not (scratch / sibling.name).exists():
+            (scratch / sibling.name).write_bytes(sibling.read_bytes())
+    crash, copy = scratch / image.name, scratch / f"replayed-{image.name}"
+    crash.write_bytes(start)
+    initial = int.from_bytes(vdread(reader, crash, ranges=["0:0"]).data[:8], "little")
+    qemu_img = require_tool("qemu-img")
+    fmt = "vpc" if image.suffix == ".vhd" else "vhdx"
+    count = 0
+    for count, point in enumerate(crash_points(crash, start, ops), 1):
+        where = (f"{image.name}: crash point {count} (after {point.prefix} operations, torn {point.torn}, "
+                 f"{point.dropped} unflushed writes lost)")  # fmt: skip
+        expected = expectation(ops, point, initial)
+        ranges = ["0:0", *(f"{offset}:{len(data)}" for offset, data in expected.ranges)]
+        result = vdread(reader, crash, ranges=ranges)
+        assert result.ok, f"{where}: {result.error}"
+        size = int.from_bytes(result.data[:8], "little")
+        assert size in expected.sizes, f"{where}: disk of {size} bytes, expected one of {expected.sizes}"
+        at = 8
+        for offset, data in expected.ranges:
+            if offset + len(data) > size:
+                continue
+            got = result.data[at : at + len(data)]
+            at += len(data)
+            assert got == data, f"{where}: acknowledged data at disk offset {offset} lost"
+        if count % CHECK_EVERY == 0:
+            # Replayed on disk (a copy), the image reads the same; qemu-img finds it sound.
+            copy.write_bytes(crash.read_bytes())
+            replayed = vdread(reader, copy, writable=True)
+            assert replayed.ok, f"{where}: {replayed.error}"
+            assert replayed.data == vdread(reader, crash).data, where
+            if qemu_check:
+                check = subprocess.run(
+                    [qemu_img, "check", "-f", fmt, str(copy)], capture_output=True, text=True
+                )
+                assert check.returncode == 0, f"{where}: {check.stdout}{check.stderr}"
+    crash.unlink()
+    copy.unlink(missing_ok=True)
+    return count
+
+
+def test_vhdx_survives_a_crash_at_every_point(tools, scratch: Path, tmp_path: Path) -> None:
+    points = 0
+    dynamic = tmp_path / "dynamic.vhdx"
+    virtdisk.create(dynamic, 16 * MiB, block_size=MiB).close()
+    steps = [*_writes(1, 50, 16 * MiB, 4 * KiB), "f", "r:25165824", *_writes(2, 20, 24 * MiB, 8 * KiB), "f"]
+    points += _run(tools, scratch, dynamic, steps, True)
+    spread = tmp_path / "spread.vhdx"
+    virtdisk.create(spread, 64 * MiB, block_size=MiB).close()
+    # Grown, written in the new space, shrunk.
+    steps = [
+        *_writes(7, 40, 64 * MiB, 16 * KiB),
+        "r:83886080",
+        *_writes(8, 10, 80 * MiB, 16 * KiB),
+        "r:41943040",
+        "f",
+    ]
+    points += _run(tools, scratch, spread, steps, True)
+    sectors_4k = tmp_path / "sectors-4k.vhdx"
+    virtdisk.create(sectors_4k, 16 * MiB, block_size=MiB, sector_size=4096).close()
+    # qemu-img opens no VHDX with 4 KiB logical sectors ("Operation not supported").
+    points += _run(tools, scratch, sectors_4k, [*_writes(3, 40, 16 * MiB, 4 * KiB), "f"], False)
+    parent = tmp_path / "parent.vhdx"
+    virtdisk.create(parent, 16 * MiB, block_size=MiB).close()
+    steps = [str(tools[0]), str(tmp_path / "p.trace"), str(parent), *_writes(4, 20, 16 * MiB, 64 * KiB)]
+    run = subprocess.run(steps, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    child = tmp_path / "child.vhdx"
+    virtdisk.create(child, parent=parent).close()
+    # Partial blocks, then the rest of block 3 in pieces: it becomes fully present.
+    steps = [*_writes(5, 36, 16 * MiB, 4 * KiB), "f"]
+    steps += [f"w:{3 * MiB + i * 128 * KiB}:{128 * KiB}:{600 + i}" for i in range(8)]
+    steps += ["f", f"p:{parent}", *_writes(6, 6, 16 * MiB, 2 * KiB), "f"]
+    # qemu-img opens no differencing VHDX either.
+    points += _run(tools, scratch, child, steps, False)
+    print(f"VHDX: {points} crash points, all consistent")
+    assert points >= MIN_POINTS
