@@ -139,7 +139,7 @@ def test_vhdx_survives_a_crash_at_every_point(tools, scratch: Path, tmp_path: Pa
     run = subprocess.run(steps, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     child = tmp_path / "child.vhdx"
-    virtdisk.create(child, parent=parent).close()
+    virtdisk.create(child, parent=parent, block_size=MiB).close()
     # Partial blocks, then the rest of block 3 in pieces: it becomes fully present.
     steps = [*_writes(5, 36, 16 * MiB, 4 * KiB), "f"]
     steps += [f"w:{3 * MiB + i * 128 * KiB}:{128 * KiB}:{600 + i}" for i in range(8)]

@@ -346,3 +346,71 @@ def test_disjoint_blocks_in_any_order_open(tmp_path: Path, reader: Path) -> None
     result = vdread(reader, image)
     assert result.ok, result.error
     assert result.data == qemu_replayed_raw(image, tmp_path)
+
+
+# ---- our own metadata changes go through the log ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.vhdxlog import build_tool
+
+    return build_tool(tmp_path_factory.mktemp("vdwork"), "vdwork")
+
+
+def _work(worker: Path, image: Path, *steps: str) -> list:
+    from tests.crashsim import read_trace
+
+    trace = image.with_suffix(".trace")
+    run = subprocess.run(
+        [str(worker), str(trace), str(image), *steps], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    return read_trace(trace)
+
+
+def test_allocations_go_through_the_log_and_close_leaves_it_clear(
+    tmp_path: Path, reader: Path, worker
+) -> None:
+    image, data = _base(tmp_path)
+    log_offset, log_length = log_region(data)
+    bat = bat_offset(data)
+    ops = _work(worker, image, "w:0:4096:1", "w:3145728:65536:2", "f")
+    writes = [op for op in ops if op.kind == "W"]
+    entries = [op for op in writes if log_offset <= op.offset < log_offset + log_length]
+    assert len(entries) == 2 and all(op.data[:4] == b"loge" for op in entries)
+    # Each BAT change reaches the BAT only after its entry (and a flush) is on disk.
+    for entry in entries:
+        later = writes[writes.index(entry) + 1 :]
+        assert any(op.offset // (4 * KiB) == bat // (4 * KiB) for op in later)
+        assert ops[ops.index(entry) + 1].kind == "S"
+    final = image.read_bytes()
+    assert log_guid(final) == bytes(16)
+    assert qemu_check(image).returncode == 0
+    raw = qemu_replayed_raw(image, tmp_path)
+    assert vdread(reader, image).data == raw
+    assert raw[3 * MiB : 3 * MiB + 4] != bytes(4)
+
+
+def test_a_partially_present_block_becomes_fully_present_when_completely_written(
+    tmp_path: Path, reader: Path, worker
+) -> None:
+    parent = tmp_path / "parent.vhdx"
+    virtdisk.create(parent, 8 * MiB, block_size=MiB).close()
+    _work(worker, parent, f"w:0:{8 * MiB}:7")
+    child = tmp_path / "child.vhdx"
+    virtdisk.create(child, parent=parent, block_size=MiB).close()
+    pieces = [f"w:{2 * MiB + i * 128 * KiB}:{128 * KiB}:{20 + i}" for i in range(8)]
+    _work(worker, child, *pieces[:7], "f")
+    bat = bat_offset(child.read_bytes())
+    assert struct.unpack_from("<Q", child.read_bytes(), bat + 2 * 8)[0] & 7 == 7  # PARTIALLY_PRESENT
+    _work(worker, child, pieces[7], "f")
+    assert struct.unpack_from("<Q", child.read_bytes(), bat + 2 * 8)[0] & 7 == FULLY_PRESENT
+    disk = vdread(reader, child)
+    assert disk.ok, disk.error
+    from tests.crashsim import sector_pattern
+
+    for i in range(8):
+        at = 2 * MiB + i * 128 * KiB
+        assert disk.data[at : at + 512] == sector_pattern(at // 512, 20 + i)
+    assert disk.data[MiB : MiB + 512] == sector_pattern(MiB // 512, 7)  # still the parent's
