@@ -155,3 +155,24 @@ def expectation(ops: list[Op], point: CrashPoint, initial_size: int) -> Expectat
         else:
             ranges.append((sector * SECTOR, data))
     return Expectation(sizes, ranges)
+
+
+def written_sectors(ops: list[Op], point: CrashPoint) -> set[int]:
+    """Sectors any write may have reached at this crash point (those before it
+    and the one in flight): on a disk that started empty, every other sector
+    must read as zeros."""
+    touched = [op for op in ops[: point.prefix] if op.kind == "V"]
+    following = next((op for op in ops[point.prefix :] if op.kind in "VFM"), None)
+    if following is not None and following.kind == "V":
+        touched.append(following)
+    return {
+        s
+        for op in touched
+        for s in range(op.offset // SECTOR, (op.offset + op.length + SECTOR - 1) // SECTOR)
+    }
+
+
+def resizing(ops: list[Op], point: CrashPoint) -> bool:
+    """Is this crash point inside a resize (its acknowledgement still to come)?"""
+    following = next((op for op in ops[point.prefix :] if op.kind in "VFM"), None)
+    return following is not None and following.kind == "M"

@@ -135,7 +135,17 @@ struct vhd_state {
     uint64_t reserve_next, reserve_end;
     uint32_t *pending;    /* block numbers whose BAT entry is not yet written */
     size_t pending_count, pending_capacity;
+    /* Fixed disk, read-only, its grow interrupted (vhd_grow_fixed): the disk
+       offset of the old footer, which reads as zeros.  0: none. */
+    uint64_t stale_footer;
 };
+
+/* In the reserved bytes of a fixed disk's footer while a grow is under way
+   (vhd_grow_fixed): this mark, then the old size (big-endian) - where the
+   old footer may still lie inside the disk.  Reserved bytes are zero in
+   every footer written otherwise, and other readers ignore them. */
+#define VHD_GROW_MARK "virtdisk grow"
+#define VHD_GROW_MARK_SIZE 16
 
 typedef unsigned long long ull;
 
@@ -826,6 +836,9 @@ static DWORD vhd_open_sparse(struct vd_image *image, struct vhd_state *state)
     return status;
 }
 
+static uint64_t vhd_grow_pending(const struct vd_image *image, const struct vhd_footer *footer);
+static int vhd_finish_grow(struct vd_image *image, uint64_t stale);
+
 static DWORD vhd_open(struct vd_image *image)
 {
     struct vhd_state *state = calloc(1, sizeof *state);
@@ -852,6 +865,20 @@ static DWORD vhd_open(struct vd_image *image)
         image->block_size = 0;
         image->flat = true;
         image->flat_offset = 0;
+        uint64_t stale = vhd_grow_pending(image, &state->footer);
+        if (stale && image->writable) {
+            int error = vhd_finish_grow(image, stale);
+            if (error) {
+                status = vd_fail_errno(error, "%s: finishing an interrupted grow (old footer at %llu)",
+                                       image->path, (ull)stale);
+                goto fail;
+            }
+        } else if (stale) {
+            /* Read-only: the stale footer reads as zeros, which a loop
+               device mapping the file directly would not do. */
+            state->stale_footer = stale;
+            image->flat = false;
+        }
     } else {
         status = vhd_open_sparse(image, state);
         if (status != ERROR_SUCCESS)
@@ -984,8 +1011,15 @@ static DWORD vhd_read(struct vd_image *image, void *buffer, uint64_t offset, siz
                        image->path, length, (ull)offset, (ull)image->virtual_size);
     if (state->disk_type == VHD_TYPE_FIXED) {
         int error = vd_pread_full(image->fd, buffer, length, offset);
-        return error ? vd_fail_errno(error, "%s: reading %zu bytes at offset %llu", image->path, length, (ull)offset)
-                     : ERROR_SUCCESS;
+        if (error)
+            return vd_fail_errno(error, "%s: reading %zu bytes at offset %llu", image->path, length, (ull)offset);
+        uint64_t stale = state->stale_footer;
+        if (stale && stale < offset + length && offset < stale + VHD_FOOTER_SIZE) {
+            uint64_t from = stale > offset ? stale : offset;
+            uint64_t to = stale + VHD_FOOTER_SIZE < offset + length ? stale + VHD_FOOTER_SIZE : offset + length;
+            memset((uint8_t *)buffer + (from - offset), 0, to - from);
+        }
+        return ERROR_SUCCESS;
     }
     pthread_mutex_lock(&state->lock);
     DWORD status = vhd_read_locked(image, buffer, offset, length);
@@ -1741,25 +1775,62 @@ static DWORD vhd_set_parent(struct vd_image *image, struct vd_image *parent)
     return status;
 }
 
-/* A larger fixed disk: the new footer is written at the new end first (the
-   file then ends with it, the gap reading as zeros), then the gap is
-   allocated and the old footer, now inside the disk, overwritten with
-   zeros.  Interrupted after the first step, the disk has its new size and
-   shows the old footer's bytes at its old end. */
-static DWORD vhd_grow_fixed(struct vd_image *image, uint64_t size)
+/* Where an interrupted grow left the old footer (VHD_GROW_MARK), or 0. */
+static uint64_t vhd_grow_pending(const struct vd_image *image, const struct vhd_footer *footer)
+{
+    if (memcmp(footer->reserved, VHD_GROW_MARK, sizeof VHD_GROW_MARK) != 0)
+        return 0;
+    uint64_t old = vd_be64(footer->reserved + VHD_GROW_MARK_SIZE);
+    return old && old % VHD_SECTOR == 0 && old < image->virtual_size ? old : 0;
+}
+
+/* The footer at the end of the file, rewritten with or without the mark. */
+static int vhd_write_fixed_footer(struct vd_image *image, uint64_t size, uint64_t stale)
 {
     struct vhd_state *state = image->state;
-    uint64_t old_size = image->virtual_size;
     struct vhd_footer footer = state->footer;
     vd_put_be64(footer.current_size, size);
     vd_put_be32(footer.disk_geometry, vhd_geometry(size));
+    memset(footer.reserved, 0, sizeof footer.reserved);
+    if (stale) {
+        memcpy(footer.reserved, VHD_GROW_MARK, sizeof VHD_GROW_MARK);
+        vd_put_be64(footer.reserved + VHD_GROW_MARK_SIZE, stale);
+    }
     vhd_seal_footer(&footer);
     int error = vd_pwrite_full(image->fd, &footer, sizeof footer, size);
     if (!error)
         error = vhd_barrier(image);
+    if (!error)
+        state->footer = footer;
+    return error;
+}
+
+/* Zeros over the old footer (now inside the disk), then the footer without
+   the mark.  Idempotent: open repeats it after a crash. */
+static int vhd_finish_grow(struct vd_image *image, uint64_t stale)
+{
+    static const uint8_t zeros[VHD_FOOTER_SIZE];
+    int error = vd_pwrite_full(image->fd, zeros, sizeof zeros, stale);
+    if (!error)
+        error = vhd_barrier(image);
+    if (!error)
+        error = vhd_write_fixed_footer(image, image->virtual_size, 0);
+    return error;
+}
+
+/* A larger fixed disk.  The old footer becomes part of the disk and must
+   never show there, but it is the disk's only footer until the new one is
+   written at the new end.  So the new footer carries a mark naming the old
+   footer's place (VHD_GROW_MARK): until the old footer is overwritten with
+   zeros and the mark cleared, every open reads zeros there (and a writable
+   one finishes the job).  Each step is flushed before the next. */
+static DWORD vhd_grow_fixed(struct vd_image *image, uint64_t size)
+{
+    struct vhd_state *state = image->state;
+    uint64_t old_size = image->virtual_size;
+    int error = vhd_write_fixed_footer(image, size, old_size);
     if (error)
         return vd_fail_errno(error, "%s: writing the footer at offset %llu", image->path, (ull)size);
-    state->footer = footer;
     state->footer_offset = size;
     image->file_size = size + VHD_FOOTER_SIZE;
     image->virtual_size = size;
@@ -1767,10 +1838,7 @@ static DWORD vhd_grow_fixed(struct vd_image *image, uint64_t size)
         errno != EOPNOTSUPP)
         return vd_fail_errno(errno, "%s: allocating %llu bytes for the larger disk", image->path,
                              (ull)(size - old_size));
-    static const uint8_t zeros[VHD_FOOTER_SIZE];
-    error = vd_pwrite_full(image->fd, zeros, sizeof zeros, old_size);
-    if (!error)
-        error = vhd_barrier(image);
+    error = vhd_finish_grow(image, old_size);
     return error ? vd_fail_errno(error, "%s: clearing the old footer at offset %llu", image->path, (ull)old_size)
                  : ERROR_SUCCESS;
 }
