@@ -8,7 +8,7 @@
  *   0        file type identifier "vhdxfile" + creator (never rewritten)
  *   64 KiB   header 1        128 KiB  header 2       (4 KiB each, CRC-32C)
  *   192 KiB  region table 1  256 KiB  region table 2 (64 KiB each, CRC-32C)
- *   1 MiB    log (1 MiB, always empty in files made here)
+ *   1 MiB    log (1 MiB; written by vhdx_meta_write, empty whenever a file is closed)
  *   2 MiB    metadata region (1 MiB: table, then the items at +64 KiB)
  *   3 MiB    BAT (rounded up to 1 MiB), then payload blocks, 1 MiB aligned
  *
@@ -25,23 +25,25 @@
  *   - a region or metadata item we do not know but must understand:
  *     ERROR_VHD_FORMAT_UNKNOWN; a header version other than 1:
  *     ERROR_VHD_FORMAT_UNSUPPORTED_VERSION;
- *   - a log that would have to be replayed: ERROR_VHD_INVALID_STATE.
+ *   - a corrupt log entry, or one that would write outside the region tables,
+ *     the metadata region, the BAT and allocated blocks: also
+ *     ERROR_VHD_SPARSE_HEADER_CORRUPT; regions or blocks that overlap:
+ *     ERROR_VHD_BLOCK_ALLOCATION_TABLE_CORRUPT when a block is one of them.
  * Every failure's detail names the structure and its file offset.
  *
- * Write ordering.  This module never writes the log, so every update is
- * ordered so that a crash at any point leaves a file that reads either the old
- * or the new data, never garbage:
- *   1. before the first data write of a session, both headers are rewritten
- *      (non-current copy first, each with the next sequence number) with new
- *      FileWriteGuid/DataWriteGuid and an empty log, and synced: differencing
- *      children linked to the old DataWriteGuid then notice that their parent
- *      changed, as the spec requires;
- *   2. a new block is allocated past the end of the file and its data written
- *      and synced before the BAT entry that points to it is written: a crash
- *      in between only leaks space past the end;
- *   3. in a differencing file, a partially written block's data is synced
- *      before its sector-bitmap bits are set, and a new sector-bitmap block
- *      is zeroed and synced before its BAT entry is written.
+ * Write ordering.  A crash at any point leaves a file that reads either the
+ * old or the new data, never garbage:
+ *   1. before the first change of a session, both headers are rewritten
+ *      (non-current copy first, each with the next sequence number and
+ *      synced) with new FileWriteGuid/DataWriteGuid and the session's
+ *      LogGuid: differencing children linked to the old DataWriteGuid then
+ *      notice that their parent changed, as the spec requires;
+ *   2. data goes to its place first (a new block past the end of the file,
+ *      where nothing points yet), then every metadata change - BAT entries,
+ *      sector bitmaps, metadata items, region tables - goes through the log
+ *      (vhdx_meta_write: flush, entry, flush, in place), so a crash replays
+ *      to all of one change or none of it;
+ *   3. closing flushes and writes headers without LogGuid.
  */
 #include "vhdx.h"
 
