@@ -116,6 +116,20 @@ def test_a_writable_open_replays_a_qemu_dirty_log_on_disk(tmp_path: Path, reader
     assert vdread(reader, image).data == expected
 
 
+def test_a_dirty_image_attached_read_only_shows_the_replayed_disk(images: Path) -> None:
+    """Served from the in-memory replay (a loop device on the file itself would
+    show the unreplayed bytes), and the file stays as it was."""
+    image = _qemu_dirty(images, "after-clean-writes")
+    expected = qemu_replayed_raw(image, images)
+    before = _digest(image)
+    with virtdisk.open(image, read_only=True) as disk:
+        disk.attach(read_only=True)
+        with open(disk.physical_path, "rb") as device:
+            assert device.read() == expected
+        disk.detach()
+    assert _digest(image) == before
+
+
 def test_the_public_writable_open_replays_too(tmp_path: Path) -> None:
     image = _qemu_dirty(tmp_path, "first-block")
     expected = qemu_replayed_raw(image, tmp_path)
