@@ -192,10 +192,13 @@ def test_vhd_survives_a_crash_at_every_point(tools, scratch: Path, tmp_path: Pat
     virtdisk.create(parent, 16 * MiB).close()
     child = tmp_path / "child.vhd"
     virtdisk.create(child, parent=parent).close()
-    # No set parent here: a VHD's 1 KiB dynamic header has no second copy and a
-    # byte-sum checksum, so a write of it torn between its sectors can be
-    # neither told from nor repaired to either version (VHDX logs it).
-    steps = [*_writes(15, 40, 16 * MiB, 4 * KiB), "f", *_writes(16, 10, 16 * MiB, 2 * KiB), "f"]
+    steps = [
+        *_writes(15, 40, 16 * MiB, 4 * KiB),
+        "f",
+        f"p:{parent}",
+        *_writes(16, 10, 16 * MiB, 2 * KiB),
+        "f",
+    ]
     # qemu-img reads no differencing VHD.
     points += _run(tools, scratch, child, steps, False, empty=False)
     print(f"VHD: {points} crash points, all consistent")

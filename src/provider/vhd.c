@@ -1720,10 +1720,14 @@ static DWORD vhd_set_physical_sector_size(struct vd_image *image, ULONG size)
     return ERROR_SUCCESS;
 }
 
-/* New parent locators (W2ku, W2ru), parent name and time stamp.  The new
-   locator data goes past the old end of the file and is flushed before the
-   one write of the dynamic header that points to it, so an interruption
-   leaves the old locators in force; the old locator data is left unused. */
+/* New parent locators (W2ku, W2ru), parent name and time stamp.  The 1 KiB
+   dynamic header has no second copy and a byte-sum checksum, so rewriting
+   it in place could be torn between its two sectors into something neither
+   old nor new.  Instead a whole new header goes past the old end of the
+   file with the new locator data, is flushed, and then the footers (one
+   sector each, the copy at 0 first, the one at the end in charge) switch
+   their data offset to it.  An interruption leaves the old header and
+   locators in force; the old ones are left unused. */
 static DWORD vhd_set_parent(struct vd_image *image, struct vd_image *parent)
 {
     struct vhd_state *state = image->state;
@@ -1737,9 +1741,11 @@ static DWORD vhd_set_parent(struct vd_image *image, struct vd_image *parent)
     if (status == ERROR_SUCCESS && fstat(parent->fd, &st) < 0)
         status = vd_fail_errno(errno, "examining parent %s", parent->path);
     uint64_t absolute_space = vhd_round_up(info.absolute_length, VHD_SECTOR);
-    uint64_t start = 0;
+    uint64_t new_header = 0, start = 0;
     if (status == ERROR_SUCCESS)
-        status = vhd_make_room(image, absolute_space + vhd_round_up(info.relative_length, VHD_SECTOR), &start);
+        status = vhd_make_room(image, sizeof header + absolute_space + vhd_round_up(info.relative_length, VHD_SECTOR),
+                               &new_header);
+    start = new_header + sizeof header;
     if (status == ERROR_SUCCESS) {
         int error = vd_pwrite_full(image->fd, info.absolute, info.absolute_length, start);
         if (!error)
@@ -1758,7 +1764,13 @@ static DWORD vhd_set_parent(struct vd_image *image, struct vd_image *parent)
         memset(header.parent_locator, 0, sizeof header.parent_locator);
         vhd_set_locator(&header.parent_locator[0], VHD_PLATFORM_W2KU, info.absolute_length, start);
         vhd_set_locator(&header.parent_locator[1], VHD_PLATFORM_W2RU, info.relative_length, start + absolute_space);
-        status = vhd_write_header(image, &header, header_offset);
+        status = vhd_write_header(image, &header, new_header);
+    }
+    if (status == ERROR_SUCCESS) {
+        struct vhd_footer footer = state->footer;
+        vd_put_be64(footer.data_offset, new_header);
+        status = vhd_write_footers(image, &footer);
+        header_offset = new_header;
     }
     vhd_parent_info_free(&info);
     if (status != ERROR_SUCCESS) {
