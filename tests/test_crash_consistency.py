@@ -163,6 +163,12 @@ def test_vhdx_survives_a_crash_at_every_point(tools, scratch: Path, tmp_path: Pa
     steps += ["f", f"p:{parent}", *_writes(6, 6, 16 * MiB, 2 * KiB), "f"]
     # qemu-img opens no differencing VHDX either.
     points += _run(tools, scratch, child, steps, False, empty=False)
+    # Each write into a partially present block is one log entry (its bitmap
+    # bits): 170 of them wrap the 1 MiB log (8 KiB an entry) past its end.
+    wrapping = tmp_path / "wrapping.vhdx"
+    virtdisk.create(wrapping, parent=parent, block_size=MiB).close()
+    steps = [f"w:{5 * MiB + i * 4 * KiB}:512:{700 + i}" for i in range(170)]
+    points += _run(tools, scratch, wrapping, [*steps[:100], "f", *steps[100:], "f"], False, empty=False)
     print(f"VHDX: {points} crash points, all consistent")
     assert points >= MIN_POINTS
 
