@@ -133,11 +133,19 @@ static bool entry_at(const struct log_view *v, uint64_t pos, struct entry_info *
     return crc == vd_le32(h->Checksum);
 }
 
+/* entry_at() of log sector i, computed once: known[i] is 0 (not yet), 1 (no
+   entry) or 2 (infos[i] holds it). */
+static bool entry_known(const struct log_view *v, size_t i, uint8_t *known, struct entry_info *infos)
+{
+    if (!known[i])
+        known[i] = entry_at(v, (uint64_t)i * LOG_SECTOR, &infos[i]) ? 2 : 1;
+    return known[i] == 2;
+}
+
 /* The active sequence: its entries' positions, in order (*count of them). */
 static DWORD find_active_sequence(const struct log_view *v, struct entry_info **out, size_t *count)
 {
     size_t sectors = (size_t)(v->length / LOG_SECTOR);
-    /* Entry validity is computed once per position: 0 unknown, 1 no, 2 yes. */
     uint8_t *known = calloc(sectors, 1);
     struct entry_info *infos = calloc(sectors, sizeof *infos);
     struct entry_info *run = calloc(sectors, sizeof *run);
@@ -149,15 +157,14 @@ static DWORD find_active_sequence(const struct log_view *v, struct entry_info **
         free(known), free(infos), free(run), free(best), free(covered);
         return vd_fail(ERROR_OUTOFMEMORY, "allocating the VHDX log search");
     }
-#define VALID(i) (known[i] ? known[i] == 2 : (known[i] = entry_at(v, (uint64_t)(i) * LOG_SECTOR, &infos[i]) ? 2 : 1) == 2)
     for (size_t start = 0; start < sectors; start++) {
-        if (covered[start] || !VALID(start))
+        if (covered[start] || !entry_known(v, start, known, infos))
             continue;
         size_t n = 0;
         uint64_t total = 0;
         size_t i = start;
         /* Follow the chain; a sequence never holds more than the log. */
-        while (VALID(i) && total + infos[i].length <= v->length
+        while (entry_known(v, i, known, infos) && total + infos[i].length <= v->length
                && (n == 0 || infos[i].sequence == run[n - 1].sequence + 1)) {
             run[n++] = infos[i];
             covered[i] = true;
@@ -176,7 +183,6 @@ static DWORD find_active_sequence(const struct log_view *v, struct entry_info **
         best_head = run[n - 1].sequence;
         memcpy(best, run + from, best_count * sizeof *best);
     }
-#undef VALID
     free(known), free(infos), free(run), free(covered);
     *out = best;
     *count = best_count;
