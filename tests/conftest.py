@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# The provider's run directory (src/provider/rundir.h), as the tests' processes see it.
+RUN_DIR = Path(os.environ.get("VIRTDISK_RUN_DIR") or "/run/virtdisk")
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -59,7 +62,7 @@ def served_under(folder: Path) -> dict[str, Path]:
     """Live FUSE-served attachments of images under folder (device: image), from
     the provider's records: their loop devices' backing file is the FUSE file."""
     found = {}
-    for record in Path("/run/virtdisk").glob("*.json"):
+    for record in RUN_DIR.glob("*.json"):
         try:
             entry = json.loads(record.read_text())
         except (OSError, ValueError):

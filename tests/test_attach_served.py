@@ -22,12 +22,11 @@ import pytest
 import virtdisk
 from virtdisk import Access, WinError
 
-from .conftest import require_tool
+from .conftest import RUN_DIR, require_tool
 
 pytestmark = pytest.mark.loop
 
 MiB = 1 << 20
-RUN_DIR = Path("/run/virtdisk")
 
 
 def sha256(path: Path) -> str:

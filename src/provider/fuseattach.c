@@ -40,6 +40,7 @@
 #include "errors.h"
 #include "fuseserve.h"
 #include "handles.h"
+#include "rundir.h"
 
 /* How long a detach waits for a server whose loop device is gone to flush
    and end; it only has the final flush left to do. */
@@ -48,7 +49,7 @@ enum { VD_SERVER_END_MS = 60000 };
 struct vd_served {
     struct vd_fuse_server *server;
     int fuse_dup;             /* /dev/fuse above the loop descriptor (see top) */
-    char base[96];            /* VD_RUN_DIR/<dev>-<ino>, without suffix */
+    char base[64];            /* <dev>-<ino>: its names in the run directory */
 };
 
 /* Descriptors a helper keeps: the report pipe and a differencing chain. */
@@ -63,7 +64,7 @@ struct vd_helper_report {
 
 static void vd_record_base(const struct vd_image *image, char *base, size_t size)
 {
-    snprintf(base, size, VD_RUN_DIR "/%" PRIx64 "-%" PRIx64, (uint64_t)image->file_dev,
+    snprintf(base, size, "%" PRIx64 "-%" PRIx64, (uint64_t)image->file_dev,
              (uint64_t)image->file_ino);
 }
 
@@ -100,15 +101,24 @@ static void vd_json_string(FILE *file, const char *text)
    parsing the path; written aside and renamed into place. */
 static DWORD vd_record_write(const char *base, const struct vd_record *record, const char *image_path)
 {
-    char path[128], temporary[160];
+    char path[96], temporary[128];
     vd_path_with(base, ".json", path, sizeof path);
     snprintf(temporary, sizeof temporary, "%s.%ld", path, (long)getpid());
-    int fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int dir, fd = -1;
+    DWORD status = vd_run_dir(&dir);
+    if (status != ERROR_SUCCESS)
+        return status;
+    /* A temporary of a dead process that had this pid. */
+    unlinkat(dir, temporary, 0);
+    status = vd_run_create(dir, temporary, O_WRONLY, 0600, &fd);
     FILE *file = fd >= 0 ? fdopen(fd, "w") : NULL;
     if (!file) {
-        DWORD status = vd_fail_errno(errno, "writing %s", temporary);
-        if (fd >= 0)
+        if (fd >= 0) {
+            status = vd_fail_errno(errno, "writing %s/%s", vd_run_dir_path(), temporary);
             close(fd);
+            unlinkat(dir, temporary, 0);
+        }
+        close(dir);
         return status;
     }
     fprintf(file,
@@ -118,19 +128,23 @@ static DWORD vd_record_write(const char *base, const struct vd_record *record, c
             record->backing_ino, record->loop);
     vd_json_string(file, image_path);
     fprintf(file, "}\n");
-    if (fclose(file) != 0 || rename(temporary, path) < 0) {
-        DWORD status = vd_fail_errno(errno, "writing %s", path);
-        unlink(temporary);
-        return status;
+    if (fclose(file) != 0 || renameat(dir, temporary, dir, path) < 0) {
+        status = vd_fail_errno(errno, "writing %s/%s", vd_run_dir_path(), path);
+        unlinkat(dir, temporary, 0);
     }
-    return ERROR_SUCCESS;
+    close(dir);
+    return status;
 }
 
 static bool vd_record_read(const char *base, struct vd_record *record)
 {
-    char path[128], text[512];
+    char path[96], text[512];
     vd_path_with(base, ".json", path, sizeof path);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int dir;
+    if (vd_run_dir(&dir) != ERROR_SUCCESS)
+        return false;
+    int fd = vd_run_open_existing(dir, path);
+    close(dir);
     if (fd < 0)
         return false;
     ssize_t n = read(fd, text, sizeof text - 1);
@@ -146,42 +160,73 @@ static bool vd_record_read(const char *base, struct vd_record *record)
            (record->permanent = strcmp(permanent, "true") == 0, record->loop >= 0);
 }
 
+/* Removes base+suffix from the run directory. */
+static void vd_run_remove(const char *base, const char *suffix)
+{
+    char path[96];
+    int dir;
+    vd_path_with(base, suffix, path, sizeof path);
+    if (vd_run_dir(&dir) != ERROR_SUCCESS)
+        return;
+    unlinkat(dir, path, 0);
+    close(dir);
+}
+
 static void vd_record_remove(const char *base)
 {
-    char path[128];
-    vd_path_with(base, ".json", path, sizeof path);
-    unlink(path);
+    vd_run_remove(base, ".json");
+}
+
+/* The helper's socket address: by name, as bind() and connect() need, in the
+   checked run directory. */
+static DWORD vd_socket_address(const char *base, struct sockaddr_un *address)
+{
+    memset(address, 0, sizeof *address);
+    address->sun_family = AF_UNIX;
+    int length = snprintf(address->sun_path, sizeof address->sun_path, "%s/%s.sock", vd_run_dir_path(), base);
+    if (length < 0 || (size_t)length >= sizeof address->sun_path)
+        return vd_fail(ERROR_FILENAME_EXCED_RANGE, "the run directory %s is too long for a socket path",
+                       vd_run_dir_path());
+    return ERROR_SUCCESS;
 }
 
 /* Removes the records (and sockets) of servers that were killed: a record
    whose process is gone.  Logs stay. */
 static void vd_records_collect_garbage(void)
 {
-    DIR *dir = opendir(VD_RUN_DIR);
-    if (!dir)
+    int dir_fd;
+    if (vd_run_dir(&dir_fd) != ERROR_SUCCESS)
         return;
+    DIR *dir = fdopendir(dir_fd);
+    if (!dir) {
+        close(dir_fd);
+        return;
+    }
     struct dirent *entry;
     while ((entry = readdir(dir)) != NULL) {
         size_t length = strlen(entry->d_name);
         if (length < 6 || strcmp(entry->d_name + length - 5, ".json") != 0 || length - 5 >= 80)
             continue;
-        char base[96];
+        char base[64];
         struct vd_record record;
-        snprintf(base, sizeof base, VD_RUN_DIR "/%.*s", (int)(length - 5), entry->d_name);
+        if (length - 5 >= sizeof base)
+            continue;
+        snprintf(base, sizeof base, "%.*s", (int)(length - 5), entry->d_name);
         if (!vd_record_read(base, &record) || record.pid <= 0 || kill((pid_t)record.pid, 0) == 0 ||
             errno != ESRCH)
             continue;
-        char path[128];
-        vd_record_remove(base);
+        char path[96];
+        vd_path_with(base, ".json", path, sizeof path);
+        unlinkat(dir_fd, path, 0);
         vd_path_with(base, ".sock", path, sizeof path);
-        unlink(path);
+        unlinkat(dir_fd, path, 0);
     }
     closedir(dir);
 }
 
 int vd_served_find(const struct vd_image *image, bool *helper)
 {
-    char base[96];
+    char base[64];
     struct vd_record record;
     vd_record_base(image, base, sizeof base);
     if (!vd_record_read(base, &record))
@@ -405,9 +450,7 @@ static void vd_helper_serve(int listener, struct vd_served *served, struct vd_lo
             close(client);
             continue;
         }
-        char socket_path[128];
-        vd_path_with(served->base, ".sock", socket_path, sizeof socket_path);
-        unlink(socket_path);
+        vd_run_remove(served->base, ".sock");
         status = vd_served_end(served, number);
         vd_log("detached /dev/loop%d from %s; final flush 0x%08X", number, image_path, (unsigned)status);
         vd_helper_reply(client, status, vd_last_error_detail());
@@ -429,11 +472,17 @@ static void vd_helper_main(struct vd_image *image, bool read_only, int report_fd
     vd_close_all_but(keep, count);
     prctl(PR_SET_NAME, "virtdisk-serve");
 
-    char base[96];
+    char base[64];
     vd_record_base(image, base, sizeof base);
-    char log_path[128];
-    vd_path_with(base, ".log", log_path, sizeof log_path);
-    int log_fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    char log_name[96];
+    vd_path_with(base, ".log", log_name, sizeof log_name);
+    int log_fd = -1, run_dir;
+    if (vd_run_dir(&run_dir) == ERROR_SUCCESS) {
+        /* A new log per attachment: the last one's tale is over. */
+        unlinkat(run_dir, log_name, 0);
+        vd_run_create(run_dir, log_name, O_WRONLY | O_APPEND, 0600, &log_fd);
+        close(run_dir);
+    }
     int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
     if (null_fd >= 0)
         dup2(null_fd, STDIN_FILENO);
@@ -471,10 +520,11 @@ static void vd_helper_main(struct vd_image *image, bool read_only, int report_fd
     }
 
     int listener = -1;
+    struct sockaddr_un address;
+    if (report.status == ERROR_SUCCESS)
+        report.status = vd_socket_address(base, &address);
     if (report.status == ERROR_SUCCESS) {
-        struct sockaddr_un address = {.sun_family = AF_UNIX};
-        vd_path_with(base, ".sock", address.sun_path, sizeof address.sun_path);
-        unlink(address.sun_path);
+        vd_run_remove(base, ".sock");
         listener = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
         if (listener < 0 || bind(listener, (struct sockaddr *)&address, sizeof address) < 0 ||
             listen(listener, 8) < 0)
@@ -547,11 +597,10 @@ static DWORD vd_served_attach_helper(const struct vd_image *image, bool read_onl
     }
     close(report_pipe[0]);
     if (got != sizeof report) {
-        char log_path[128], base[96];
+        char base[64];
         vd_record_base(image, base, sizeof base);
-        vd_path_with(base, ".log", log_path, sizeof log_path);
-        return vd_fail(ERROR_GEN_FAILURE, "the helper serving %s ended before attaching (see %s)", image->path,
-                       log_path);
+        return vd_fail(ERROR_GEN_FAILURE, "the helper serving %s ended before attaching (see %s/%s.log)",
+                       image->path, vd_run_dir_path(), base);
     }
     if (report.status != ERROR_SUCCESS) {
         report.detail[sizeof report.detail - 1] = '\0';
@@ -583,10 +632,12 @@ DWORD vd_served_detach(const struct vd_image *image)
     DWORD privilege = vd_loop_require_privilege("detaching a virtual disk");
     if (privilege != ERROR_SUCCESS)
         return privilege;
-    char base[96];
-    struct sockaddr_un address = {.sun_family = AF_UNIX};
+    char base[64];
+    struct sockaddr_un address;
     vd_record_base(image, base, sizeof base);
-    vd_path_with(base, ".sock", address.sun_path, sizeof address.sun_path);
+    DWORD checked = vd_socket_address(base, &address);
+    if (checked != ERROR_SUCCESS)
+        return checked;
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return vd_fail_errno(errno, "creating a socket");

@@ -11,7 +11,7 @@
  *     caller closes the loop descriptor (then vd_served_end()), or when the
  *     process dies, leaving no loop device and no mount.  With it, a helper
  *     process (forked, C only, never returning into the caller's runtime)
- *     serves and holds the loop device, logs to VD_RUN_DIR/<id>.log, and
+ *     serves and holds the loop device, logs to <run dir>/<id>.log (rundir.h), and
  *     ends only when a DetachVirtualDisk asks it to (vd_served_detach()) or
  *     when it is killed, again leaving no loop device and no mount.
  *   - The server opens the image anew (its own open file descriptions), and
@@ -19,7 +19,7 @@
  *     IS_LOADED and "already attached" answer as for a direct attachment;
  *     differencing parents are opened read-only; a read-only attachment
  *     never writes the image.
- *   - Every attachment is recorded in VD_RUN_DIR/<dev>-<ino>.json (image
+ *   - Every attachment is recorded in <run dir>/<dev>-<ino>.json (image
  *     identity, loop device, serving process), so that any process finds the
  *     loop device of an image (vd_served_find()); a record is trusted only
  *     while its loop device is still bound to its FUSE file.

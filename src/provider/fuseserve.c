@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "errors.h"
+#include "rundir.h"
 
 #define VD_FUSE_ROOT_INO FUSE_ROOT_ID
 #define VD_FUSE_DISK_INO 2
@@ -56,13 +57,6 @@ struct vd_fuse_server {
     bool abandoned;     /* nobody waits: the thread frees the server */
     DWORD flush_status; /* of the final flush */
 };
-
-DWORD vd_run_dir_ensure(void)
-{
-    if (mkdir(VD_RUN_DIR, 0700) < 0 && errno != EEXIST)
-        return vd_fail_errno(errno, "creating %s", VD_RUN_DIR);
-    return ERROR_SUCCESS;
-}
 
 static DWORD vd_fuse_flush_image(struct vd_image *image)
 {
@@ -318,13 +312,18 @@ DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server
     pthread_mutex_init(&server->mutex, NULL);
     pthread_cond_init(&server->ended_cond, NULL);
 
-    DWORD status = vd_run_dir_ensure();
+    int run_dir;
+    DWORD status = vd_run_dir(&run_dir);
     if (status == ERROR_SUCCESS) {
-        server->mount_dir = strdup(VD_RUN_DIR "/mnt.XXXXXX");
-        if (!server->mount_dir)
+        char name[32];
+        status = vd_run_make_dir(run_dir, "mnt.", name, sizeof name);
+        close(run_dir);
+        /* By name from here: mount(2) takes a path.  The directory was
+           checked to be root's own, so the name cannot be redirected. */
+        if (status == ERROR_SUCCESS && asprintf(&server->mount_dir, "%s/%s", vd_run_dir_path(), name) < 0) {
+            server->mount_dir = NULL;
             status = vd_fail(ERROR_OUTOFMEMORY, "allocating a mount path");
-        else if (!mkdtemp(server->mount_dir))
-            status = vd_fail_errno(errno, "creating a mount directory under %s", VD_RUN_DIR);
+        }
     }
     if (status == ERROR_SUCCESS) {
         char *argv[] = {"virtdisk", "-o", "fsname=virtdisk,subtype=virtdisk", NULL};

@@ -13,7 +13,7 @@
  *     a caller holding one may do I/O on the disk.
  *   - fsync() of the file, and the end of the session, flush the image
  *     (format->flush, else fdatasync); vd_fuse_wait() reports that flush.
- *   - The mount lives in a fresh directory under VD_RUN_DIR.  After
+ *   - The mount lives in a fresh directory in the run directory (rundir.h).  After
  *     vd_fuse_hide() it is gone from the mount namespace, yet lives on as
  *     long as something (the loop device) holds the file; the kernel ends
  *     the session when the last holder lets go, and the server then ends by
@@ -30,13 +30,7 @@
 #include "image.h"
 #include "virtdisk.h"
 
-/* Where the provider keeps its mounts, helper records and logs (root only). */
-#define VD_RUN_DIR "/run/virtdisk"
-
 struct vd_fuse_server;
-
-/* Creates VD_RUN_DIR (0700) when missing. */
-DWORD vd_run_dir_ensure(void);
 
 /* Mounts a server for image and starts serving.  The server owns image from
    here on, also when this fails.  writable: whether the file may be opened

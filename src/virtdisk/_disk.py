@@ -787,10 +787,15 @@ def _backing_image(device: str) -> Path | None:
     return _served_image(device)
 
 
+def _run_dir() -> Path:
+    """The Linux provider's run directory: $VIRTDISK_RUN_DIR, else /run/virtdisk."""
+    return Path(os.environ.get("VIRTDISK_RUN_DIR") or "/run/virtdisk")
+
+
 def _served_image(device: str) -> Path | None:
     """The image of a FUSE-served attachment on device, from the records the
-    Linux provider keeps in /run/virtdisk (see src/provider/fuseattach.h)."""
-    for record in Path("/run/virtdisk").glob("*.json"):
+    Linux provider keeps in its run directory (see src/provider/rundir.h)."""
+    for record in _run_dir().glob("*.json"):
         try:
             entry = json.loads(record.read_text())
         except (OSError, ValueError):

@@ -1,0 +1,53 @@
+/*
+ * The provider's run directory: where FUSE mounts, serving records, helper
+ * sockets and logs live.  Everything in it is made by root and trusted by
+ * root, so the directory itself is checked before anything is made in it.
+ *
+ * Promises:
+ *   - The path is $VIRTDISK_RUN_DIR when set (an absolute path), else
+ *     /run/virtdisk; it is read once per process, so a serving process and
+ *     the process that started it agree (the variable is inherited).
+ *   - An absent directory is created with mode 0700; an existing one is used
+ *     only if it is a real directory (not a symbolic link), owned by root,
+ *     with mode exactly 0700.  Anything else is refused with a detail that
+ *     names the path and what is wrong; so is a directory that cannot be
+ *     created (read-only /run, no permission).
+ *   - vd_run_dir() returns a fresh descriptor each call (the caller closes
+ *     it): the check is made anew every time, a forked child shares nothing
+ *     with its parent's use, and no descriptor leaks into exec'd programs.
+ *   - Files are only ever created with vd_run_create(): openat on that
+ *     descriptor with O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, so no name in
+ *     the directory can redirect a write elsewhere.
+ */
+#ifndef VD_PROVIDER_RUNDIR_H
+#define VD_PROVIDER_RUNDIR_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+#include "virtdisk.h"
+
+#define VD_RUN_DIR_ENV "VIRTDISK_RUN_DIR"
+#define VD_RUN_DIR_DEFAULT "/run/virtdisk"
+
+/* The run directory's path (static storage; never NULL). */
+const char *vd_run_dir_path(void);
+
+/* Opens (creating when absent) and checks the run directory: *dirfd is an
+   O_DIRECTORY|O_CLOEXEC descriptor the caller closes. */
+DWORD vd_run_dir(int *dirfd);
+
+/* Creates name (one path component) in the run directory dirfd, exclusively:
+   flags are O_WRONLY/O_RDWR plus extras such as O_APPEND; O_CREAT, O_EXCL,
+   O_NOFOLLOW and O_CLOEXEC are always added.  *fd is the new descriptor. */
+DWORD vd_run_create(int dirfd, const char *name, int flags, mode_t mode, int *fd);
+
+/* Opens an existing name in the run directory for reading, never following a
+   symbolic link and never blocking (a regular file only), or returns -1. */
+int vd_run_open_existing(int dirfd, const char *name);
+
+/* Makes a fresh directory prefix<random> (mode 0700) in the run directory;
+   its name is stored in name. */
+DWORD vd_run_make_dir(int dirfd, const char *prefix, char *name, size_t size);
+
+#endif
