@@ -307,7 +307,7 @@ def test_detach_is_refused_while_another_process_holds_a_handle(images: Path) ->
         [
             sys.executable,
             "-c",
-            f"import sys, virtdisk; d = virtdisk.open({str(path)!r}); "
+            f"import sys, virtdisk; d = virtdisk.open({str(path)!r}, virtdisk.Access.GET_INFO); "
             "print('open', flush=True); sys.stdin.read()",
         ],
         stdin=subprocess.PIPE,

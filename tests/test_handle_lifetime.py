@@ -61,7 +61,7 @@ def test_a_leaked_handle_is_closed_with_a_resource_warning(image: Path) -> None:
 
 
 def test_paths_may_be_str_or_pathlike(image: Path) -> None:
-    with virtdisk.open(str(image)) as by_str, virtdisk.open(image) as by_path:
+    with virtdisk.open(str(image)) as by_str, virtdisk.open(image, read_only=True) as by_path:
         assert by_str.path == by_path.path == image
         assert by_str.info.identifier == by_path.info.identifier
 

@@ -12,15 +12,18 @@ from pathlib import Path
 
 import pytest
 
+import virtdisk
+
 pytestmark = pytest.mark.loop
 
 # A dynamic VHD needs the FUSE server, which needs the run directory for its
 # mount and record; the child prints the record names it saw, or the error.
+# Opening for writing needs it too (the sharing claims live there), so the
+# image is made beforehand, with the default run directory.
 CHILD = textwrap.dedent(
     """
     import os, sys, virtdisk
     image, run_dir = sys.argv[1], sys.argv[2]
-    virtdisk.create(image, 8 << 20).close()
     try:
         with virtdisk.open(image) as disk:
             disk.attach()
@@ -33,6 +36,7 @@ CHILD = textwrap.dedent(
 
 
 def run_with(run_dir: Path, tmp_path: Path) -> str:
+    virtdisk.create(tmp_path / "disk.vhd", 8 << 20).close()
     env = {**os.environ, "VIRTDISK_RUN_DIR": str(run_dir)}
     result = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path / "disk.vhd"), str(run_dir)],

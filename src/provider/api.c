@@ -19,6 +19,7 @@
 #include "handles.h"
 #include "image.h"
 #include "loopdev.h"
+#include "share.h"
 #include "source.h"
 #include "utf16.h"
 
@@ -369,6 +370,22 @@ static DWORD vd_create_async(char *path, ULONG device_id, const GUID *unique_id,
     return status;
 }
 
+/* A differencing disk shows its parent's sectors and, as on Windows, takes
+   its parent's block size unless the caller names one. */
+static DWORD vd_inherit_geometry(const struct vd_create_arguments *args, const struct vd_image *parent,
+                                 struct vd_create_request *request)
+{
+    if (args->sector_size && args->sector_size != parent->logical_sector_size)
+        return vd_fail(ERROR_INVALID_PARAMETER, "sector size %u differs from the parent's %u (%s)",
+                       (unsigned)args->sector_size, (unsigned)parent->logical_sector_size, parent->path);
+    request->logical_sector_size = parent->logical_sector_size;
+    if (!args->physical_sector_size)
+        request->physical_sector_size = parent->physical_sector_size;
+    if (!args->block_size && parent->block_size)
+        request->block_size = parent->block_size;
+    return ERROR_SUCCESS;
+}
+
 DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const WCHAR *Path,
                                VIRTUAL_DISK_ACCESS_MASK VirtualDiskAccessMask,
                                PSECURITY_DESCRIPTOR SecurityDescriptor, CREATE_VIRTUAL_DISK_FLAG Flags,
@@ -430,6 +447,16 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
                              parent->path, parent->format->name,
                              request.device_id == VIRTUAL_STORAGE_TYPE_DEVICE_VHD ? "VHD" : "VHDX",
                              request.device_id == VIRTUAL_STORAGE_TYPE_DEVICE_VHD ? "VHD" : "VHDX");
+        /* The parent is read through the child from now on: refused while
+           it has a writer, and kept read-only until the child's own handle
+           holds it (share.h). */
+        if (status == ERROR_SUCCESS)
+            status = vd_share_claim(parent, 0, VD_SHARE_WRITE, -1, "creating a differencing disk over it",
+                                    &parent->share_fd);
+        if (status == ERROR_SUCCESS)
+            status = vd_share_open_chain(parent, -1);
+        if (status == ERROR_SUCCESS)
+            status = vd_inherit_geometry(&args, parent, &request);
         if (status == ERROR_SUCCESS) {
             request.virtual_size = parent->virtual_size;
             request.parent = parent;
@@ -466,10 +493,12 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
     if (status == ERROR_SUCCESS && fsync(fd) < 0)
         status = vd_fail_errno(errno, "flushing %s", path);
     close(fd);
-    vd_image_close(parent);
     free(absolute);
-    if (status == ERROR_SUCCESS && Overlapped)
-        return vd_create_async(path, request.device_id, &request.unique_id, &source, access, Overlapped, Handle);
+    if (status == ERROR_SUCCESS && Overlapped) {
+        status = vd_create_async(path, request.device_id, &request.unique_id, &source, access, Overlapped, Handle);
+        vd_image_close(parent); /* the new handle holds the chain now */
+        return status;
+    }
     if (status == ERROR_SUCCESS && args.source_path) {
         struct vd_job job;
         vd_job_init_sync(&job);
@@ -477,6 +506,7 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
     }
     vd_source_close(&source);
     if (status != ERROR_SUCCESS) {
+        vd_image_close(parent);
         unlink(path);
         free(path);
         return status;
@@ -489,11 +519,14 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
            for a bug report rather than hiding it, but say so. */
         char detail[256];
         snprintf(detail, sizeof detail, "%s", vd_last_error_detail());
+        vd_image_close(parent);
         free(path);
         return vd_fail(status, "the new image does not reopen: %s", detail);
     }
     free(path);
-    return vd_handle_create(image, access, Handle);
+    status = vd_handle_create(image, access, Handle);
+    vd_image_close(parent); /* the new handle holds the chain now */
+    return status;
 }
 
 /* ---- attach and detach --------------------------------------------------- */
@@ -505,23 +538,6 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
     (ATTACH_VIRTUAL_DISK_FLAG_READ_ONLY | ATTACH_VIRTUAL_DISK_FLAG_NO_DRIVE_LETTER |           \
      ATTACH_VIRTUAL_DISK_FLAG_PERMANENT_LIFETIME | ATTACH_VIRTUAL_DISK_FLAG_NO_SECURITY_DESCRIPTOR | \
      ATTACH_VIRTUAL_DISK_FLAG_BYPASS_DEFAULT_ENCRYPTION_POLICY | ATTACH_VIRTUAL_DISK_FLAG_NON_PNP)
-
-/* The loop device showing this handle's disk: this process's own
-   non-permanent attachment, or one found by the image's identity: a FUSE
-   server's record (*helper: a permanent one's), or the loop device backed by
-   the image itself. */
-static int vd_attached_loop(const struct vd_handle *handle, bool *helper)
-{
-    *helper = false;
-    if (handle->disk->loop_number >= 0)
-        return handle->disk->loop_number;
-    if (!vd_image_is_attached(handle->image))
-        return -1; /* the cheap, exact answer for the common case */
-    int number = vd_served_find(handle->image, helper);
-    if (number >= 0)
-        return number;
-    return vd_loop_find(handle->image->file_dev, handle->image->file_ino);
-}
 
 static DWORD vd_attach_checks(struct vd_handle *handle, ATTACH_VIRTUAL_DISK_FLAG flags,
                               const ATTACH_VIRTUAL_DISK_PARAMETERS *parameters)
@@ -571,8 +587,24 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
     struct vd_image *image = handle->image;
     vd_disks_lock();
     bool helper;
-    if (handle->disk->loop_number >= 0 || vd_image_is_attached(image)) {
-        int existing = vd_attached_loop(handle, &helper);
+    int existing = vd_handle_attached_loop(handle, &helper);
+    int claim = -1;
+    if (existing < 0) {
+        /* One attach at a time, and none while another holds the image
+           against it: a read-write attach comes from the image's writer (whose
+           handle already denies other writers), a read-only one keeps the
+           image read-only.  The claim is made before looking for an
+           existing attachment, so an attach that finishes meanwhile is
+           seen (its marker is in place before its claim ends). */
+        status = vd_share_claim(image, VD_SHARE_ATTACH, VD_SHARE_ATTACH | (read_only ? VD_SHARE_WRITE : 0),
+                                image->share_fd,
+                                read_only ? "attaching read-only" : "attaching read-write", &claim);
+        if (status == ERROR_SUCCESS)
+            existing = vd_share_attached_loop(image, &helper);
+    }
+    if (status != ERROR_SUCCESS) {
+        /* the claim's failure says what conflicts */
+    } else if (existing >= 0) {
         status = vd_fail(ERROR_SHARING_VIOLATION, "%s is already attached as /dev/loop%d", image->path, existing);
     } else if (!image->flat) {
         /* Blocks to translate: a FUSE server shows the disk as a file. */
@@ -612,7 +644,7 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
         else if (!read_only && image->format->prepare_direct_write)
             status = image->format->prepare_direct_write(image);
         if (status == ERROR_SUCCESS && backing_fd >= 0)
-            status = vd_mark_attached(backing_fd);
+            status = vd_share_mark_attached(backing_fd);
         if (status == ERROR_SUCCESS)
             status = vd_loop_attach(&request, &loop);
         if (backing_fd >= 0)
@@ -626,6 +658,14 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
                 handle->disk->loop_fd = loop.fd;
             }
         }
+    }
+    if (status == ERROR_SUCCESS && !permanent) {
+        /* This process holds the attachment: its claim lives as long. */
+        handle->disk->attach_claim = claim;
+    } else if (claim >= 0) {
+        /* A permanent attachment outlives this process: from here on its
+           marker (and a served one's server claims) speak for it. */
+        close(claim);
     }
     vd_disks_unlock();
     vd_handle_release(handle);
@@ -651,7 +691,7 @@ DWORD WINAPI DetachVirtualDisk(HANDLE VirtualDiskHandle, DETACH_VIRTUAL_DISK_FLA
     int number = -1;
     bool helper = false;
     if (status == ERROR_SUCCESS) {
-        number = vd_attached_loop(handle, &helper);
+        number = vd_handle_attached_loop(handle, &helper);
         if (number < 0)
             status = vd_fail(ERROR_NOT_READY, "%s is not attached", handle->image->path);
     }
@@ -663,6 +703,9 @@ DWORD WINAPI DetachVirtualDisk(HANDLE VirtualDiskHandle, DETACH_VIRTUAL_DISK_FLA
         status = vd_loop_detach(number, own ? &disk->loop_fd : NULL);
         if (own && status == ERROR_SUCCESS) {
             disk->loop_number = -1;
+            if (disk->attach_claim >= 0)
+                close(disk->attach_claim);
+            disk->attach_claim = -1;
             if (disk->served) {
                 /* Success means the server is gone and the image flushed. */
                 status = vd_served_end(disk->served, number);
@@ -688,7 +731,7 @@ DWORD WINAPI GetVirtualDiskPhysicalPath(HANDLE VirtualDiskHandle, ULONG *DiskPat
         status = vd_fail(ERROR_ACCESS_DENIED, "the handle was opened without VIRTUAL_DISK_ACCESS_GET_INFO");
     } else {
         bool helper;
-        int number = vd_attached_loop(handle, &helper);
+        int number = vd_handle_attached_loop(handle, &helper);
         if (number < 0) {
             status = vd_fail(ERROR_DEV_NOT_EXIST, "%s is not attached", handle->image->path);
         } else {

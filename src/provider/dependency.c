@@ -218,10 +218,8 @@ DWORD WINAPI GetStorageDependencyInformation(HANDLE ObjectHandle, GET_STORAGE_DE
     DWORD status;
     struct vd_handle *handle = vd_handle_acquire(ObjectHandle);
     if (handle) {
-        int loop = handle->disk->loop_number >= 0 ? handle->disk->loop_number
-                   : vd_image_is_attached(handle->image)
-                       ? vd_loop_find(handle->image->file_dev, handle->image->file_ino)
-                       : -1;
+        bool helper;
+        int loop = vd_handle_attached_loop(handle, &helper);
         status = vd_describe(handle->image, loop, StorageDependencyInfo, StorageDependencyInfoSize, &used);
         vd_handle_release(handle);
     } else {

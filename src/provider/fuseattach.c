@@ -39,8 +39,8 @@
 
 #include "errors.h"
 #include "fuseserve.h"
-#include "handles.h"
 #include "rundir.h"
+#include "share.h"
 
 /* How long a detach waits for a server whose loop device is gone to flush
    and end; it only has the final flush left to do. */
@@ -52,8 +52,9 @@ struct vd_served {
     char base[64];            /* <dev>-<ino>: its names in the run directory */
 };
 
-/* Descriptors a helper keeps: the report pipe and a differencing chain. */
-enum { VD_MAX_KEEP_FDS = 1 + 300 };
+/* Descriptors a helper keeps: the report pipe and a differencing chain's
+   files and sharing claims. */
+enum { VD_MAX_KEEP_FDS = 1 + 2 * 300 };
 
 /* What the helper tells the attaching process. */
 struct vd_helper_report {
@@ -249,10 +250,19 @@ static DWORD vd_served_open_image(const struct vd_image *image, bool read_only, 
     char self[64];
     snprintf(self, sizeof self, "/proc/self/fd/%d", image->fd);
     DWORD status = vd_image_open(self, image->format->device_id, !read_only, image->open_flags, out);
-    if (status == ERROR_SUCCESS && ((*out)->file_dev != image->file_dev || (*out)->file_ino != image->file_ino)) {
-        vd_image_close(*out);
+    if (status == ERROR_SUCCESS && ((*out)->file_dev != image->file_dev || (*out)->file_ino != image->file_ino))
         status = vd_fail(ERROR_FILE_NOT_FOUND, "%s changed while being attached", image->path);
-    }
+    /* The server's own claims (share.h), for as long as it serves: a
+       read-only attachment keeps the image read-only, a read-write one is
+       its writer, and the parents are held read-only.  The attaching
+       handle's claim does not count against them. */
+    if (status == ERROR_SUCCESS && read_only)
+        status = vd_share_claim(*out, 0, VD_SHARE_WRITE, image->share_fd, "attaching read-only",
+                                &(*out)->share_fd);
+    if (status == ERROR_SUCCESS)
+        status = vd_share_open_chain(*out, image->share_fd);
+    if (status != ERROR_SUCCESS)
+        vd_image_close(*out);
     return status;
 }
 
@@ -276,7 +286,7 @@ static DWORD vd_served_start(struct vd_image *image, bool read_only, struct vd_s
         free(name_copy);
         return status;
     }
-    status = vd_mark_attached(vd_fuse_image(served->server)->fd);
+    status = vd_share_mark_attached(vd_fuse_image(served->server)->fd);
     int disk_fd = -1;
     if (status == ERROR_SUCCESS)
         disk_fd = vd_fuse_open_disk(served->server, !read_only, &status);
@@ -467,8 +477,11 @@ static void vd_helper_main(struct vd_image *image, bool read_only, int report_fd
     int keep[VD_MAX_KEEP_FDS];
     size_t count = 0;
     keep[count++] = report_fd;
-    for (struct vd_image *i = image; i && count < VD_MAX_KEEP_FDS; i = i->parent)
+    for (struct vd_image *i = image; i && count + 2 <= VD_MAX_KEEP_FDS; i = i->parent) {
         keep[count++] = i->fd;
+        if (i->share_fd >= 0)
+            keep[count++] = i->share_fd;
+    }
     vd_close_all_but(keep, count);
     prctl(PR_SET_NAME, "virtdisk-serve");
 

@@ -12,11 +12,8 @@
 #include <unistd.h>
 
 #include "errors.h"
-
-/* The lock bytes sit at the largest offsets a lock can name, where no image
-   data and no other program's locks (qemu locks bytes 100-299) can be. */
-#define VD_HANDLE_LOCK_OFFSET (INT64_MAX - 1)
-#define VD_ATTACHED_LOCK_OFFSET (INT64_MAX - 2)
+#include "loopdev.h"
+#include "share.h"
 
 static pthread_mutex_t vd_registry_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t vd_disk_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -33,41 +30,28 @@ void vd_disks_unlock(void)
     pthread_mutex_unlock(&vd_disk_mutex);
 }
 
-/* Read-locks one byte for this open file description. */
-static int vd_lock_byte(int fd, off_t offset)
+int vd_handle_attached_loop(const struct vd_handle *handle, bool *helper)
 {
-    struct flock lock = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = offset, .l_len = 1};
-    return fcntl(fd, F_OFD_SETLK, &lock);
-}
-
-/* Whether another open file description, in any process, holds a lock on the
-   byte (F_OFD_GETLK ignores the caller's own). */
-static bool vd_byte_locked_elsewhere(int fd, off_t offset)
-{
-    struct flock lock = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = offset, .l_len = 1};
-    return fcntl(fd, F_OFD_GETLK, &lock) == 0 && lock.l_type != F_UNLCK;
-}
-
-DWORD vd_mark_attached(int backing_fd)
-{
-    if (vd_lock_byte(backing_fd, VD_ATTACHED_LOCK_OFFSET) < 0)
-        return vd_fail_errno(errno, "marking the image as attached");
-    return ERROR_SUCCESS;
-}
-
-bool vd_image_is_attached(const struct vd_image *image)
-{
-    return vd_byte_locked_elsewhere(image->fd, VD_ATTACHED_LOCK_OFFSET);
+    *helper = false;
+    if (handle->disk->loop_number >= 0)
+        return handle->disk->loop_number;
+    return vd_share_attached_loop(handle->image, helper);
 }
 
 bool vd_handle_has_others(const struct vd_handle *handle)
 {
-    return vd_byte_locked_elsewhere(handle->image->fd, VD_HANDLE_LOCK_OFFSET);
+    return vd_share_held_elsewhere(handle->share_fd, VD_SHARE_HANDLE);
 }
 
 bool vd_image_has_handles(const struct vd_image *image)
 {
-    return vd_byte_locked_elsewhere(image->fd, VD_HANDLE_LOCK_OFFSET);
+    /* image->share_fd is this process's claim on it as a parent, which is
+       not counted; another handle, or another child holding it as parent,
+       is. */
+    if (image->share_fd < 0)
+        return false;
+    return vd_share_held_elsewhere(image->share_fd, VD_SHARE_HANDLE) ||
+           vd_share_denied_elsewhere(image->share_fd, VD_SHARE_WRITE);
 }
 
 /* Called with vd_registry_mutex held. */
@@ -83,6 +67,7 @@ static struct vd_disk *vd_disk_for(dev_t dev, ino_t ino)
     disk->ino = ino;
     disk->loop_number = -1;
     disk->loop_fd = -1;
+    disk->attach_claim = -1;
     disk->next = vd_disks;
     vd_disks = disk;
     return disk;
@@ -90,16 +75,34 @@ static struct vd_disk *vd_disk_for(dev_t dev, ino_t ino)
 
 DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, HANDLE *out)
 {
-    if (vd_lock_byte(image->fd, VD_HANDLE_LOCK_OFFSET) < 0) {
-        DWORD status = vd_fail_errno(errno, "registering a handle lock on %s", image->path);
+    int share_fd = -1;
+    DWORD status = vd_share_open_chain(image, -1);
+    if (status == ERROR_SUCCESS)
+        status = vd_share_claim(image, VD_SHARE_HANDLE, 0, -1, "opening a handle", &share_fd);
+    if (status == ERROR_SUCCESS && image->writable) {
+        /* After the WRITE claim, no attach can start; one that finished
+           before has its marker in place (share.h). */
+        bool helper;
+        int number = vd_share_attached_loop(image, &helper);
+        if (number >= 0)
+            status = vd_fail(ERROR_SHARING_VIOLATION,
+                             "%s is attached as /dev/loop%d: it cannot be opened for writing as well (open it "
+                             "with DETACH and GET_INFO access to detach it)",
+                             image->path, number);
+    }
+    struct vd_handle *handle = NULL;
+    if (status == ERROR_SUCCESS) {
+        handle = calloc(1, sizeof *handle);
+        if (!handle)
+            status = vd_fail(ERROR_OUTOFMEMORY, "allocating a handle");
+    }
+    if (status != ERROR_SUCCESS) {
+        if (share_fd >= 0)
+            close(share_fd);
         vd_image_close(image);
         return status;
     }
-    struct vd_handle *handle = calloc(1, sizeof *handle);
-    if (!handle) {
-        vd_image_close(image);
-        return vd_fail(ERROR_OUTOFMEMORY, "allocating a handle");
-    }
+    handle->share_fd = share_fd;
     handle->access = access;
     handle->image = image;
     handle->users = 1;
@@ -109,6 +112,7 @@ DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, 
     handle->disk = vd_disk_for(image->file_dev, image->file_ino);
     if (!handle->disk) {
         pthread_mutex_unlock(&vd_registry_mutex);
+        close(share_fd);
         free(handle);
         vd_image_close(image);
         return vd_fail(ERROR_OUTOFMEMORY, "allocating a disk record");
@@ -160,23 +164,35 @@ static void vd_disk_forget(struct vd_disk *disk)
 static void vd_handle_free(struct vd_handle *handle)
 {
     struct vd_disk *disk = handle->disk;
-    int loop_fd = -1, loop_number = -1;
+    int loop_fd = -1, loop_number = -1, attach_claim = -1;
     struct vd_served *served = NULL;
     vd_disks_lock();
     pthread_mutex_lock(&vd_registry_mutex);
     if (--disk->handle_count == 0) {
         loop_fd = disk->loop_fd;
         loop_number = disk->loop_number;
+        attach_claim = disk->attach_claim;
         served = disk->served;
         vd_disk_forget(disk);
     }
     pthread_mutex_unlock(&vd_registry_mutex);
-    if (loop_fd >= 0)
+    if (loop_fd >= 0) {
         close(loop_fd);
+        /* A short-lived opener elsewhere (blkid, a lookup, an attach racing
+           for a free device) delays the kernel's autoclear until it closes:
+           wait for that, so that the disk is gone when CloseHandle returns
+           and attaching the image again does not find it still attached.
+           A disk held open for longer detaches when that holder lets go. */
+        vd_loop_wait_unbound(loop_number, VD_LOOP_TRANSIENT_MS);
+    }
     if (served)
         vd_served_end(served, loop_number);
+    if (attach_claim >= 0)
+        close(attach_claim);
     vd_disks_unlock();
-    vd_image_close(handle->image); /* closing the fd drops the handle lock */
+    if (handle->share_fd >= 0)
+        close(handle->share_fd); /* ends the HANDLE claim */
+    vd_image_close(handle->image); /* and the image's own claims */
     vd_job_free_all(handle);
     free(handle);
 }

@@ -7,9 +7,10 @@
  *     else is refused without being dereferenced.
  *   - A handle stays valid for a call that acquired it even if another thread
  *     closes it meanwhile (the last release frees it).
- *   - Every open handle holds an open-file-description read lock on a byte
- *     far beyond any image's end, so any process can ask "are there other
- *     handles to this image?" with F_OFD_GETLK.
+ *   - Every open handle holds a HANDLE claim (share.h), so any privileged
+ *     process can ask "are there other handles to this image?"; a handle
+ *     opened for writing also holds its image's WRITE claim, and every
+ *     handle holds its parents read-only, for as long as it is open.
  *   - A disk attached without PERMANENT_LIFETIME by this process is detached
  *     when its last handle in this process closes, and by the kernel when the
  *     process dies (the attachment is an autoclear loop device held open);
@@ -34,6 +35,7 @@ struct vd_disk {
     int loop_number;        /* a non-permanent attachment made here, else -1 */
     int loop_fd;            /* held open to keep that attachment alive, else -1 */
     struct vd_served *served; /* its FUSE server when the image is not flat */
+    int attach_claim;       /* that attachment's ATTACH claim (share.h), else -1 */
     struct vd_disk *next;
 };
 
@@ -41,6 +43,7 @@ struct vd_handle {
     VIRTUAL_DISK_ACCESS_MASK access;
     struct vd_image *image;
     struct vd_disk *disk;
+    int share_fd;           /* the handle's HANDLE claim (share.h), else -1 */
     unsigned users;         /* calls in progress plus one while open */
     struct vd_job *jobs;    /* asynchronous operations started on it (job.h) */
     ULONG rw_depth;         /* OPEN_VIRTUAL_DISK_PARAMETERS' RWDepth: how many
@@ -49,7 +52,9 @@ struct vd_handle {
     struct vd_handle *next;
 };
 
-/* Registers an opened image as a new handle (taking ownership of image). */
+/* Registers an opened image as a new handle (taking ownership of image,
+   also on failure): claims its handle and the image's chain (share.h), and
+   refuses write access to an attached image (ERROR_SHARING_VIOLATION). */
 DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, HANDLE *out);
 
 /* Looks up handle for the duration of a call: NULL when it is not a live
@@ -66,20 +71,18 @@ void vd_handle_retain(struct vd_handle *handle);
 void vd_disks_lock(void);
 void vd_disks_unlock(void);
 
-/* Attachments are marked the same way: the loop device's own open file
-   description of the image carries a lock on a second byte, which lives
-   exactly as long as the kernel holds the file, in whatever process
-   attached it.  vd_mark_attached() sets it on the descriptor about to be
-   given to the loop device; vd_image_is_attached() asks, in O(1). */
-DWORD vd_mark_attached(int backing_fd);
-bool vd_image_is_attached(const struct vd_image *image);
+/* The loop device showing this handle's disk: this process's own
+   non-permanent attachment, or one made by any process (share.h), else -1;
+   *helper tells whether a helper process serves it. */
+int vd_handle_attached_loop(const struct vd_handle *handle, bool *helper);
 
 /* Whether a handle other than this one (in any process) is open on the same
    image file. */
 bool vd_handle_has_others(const struct vd_handle *handle);
 
-/* Whether any handle (in any process) is open on the image file, which is
-   not itself opened as a handle (a parent in a chain). */
+/* Whether image, a parent in this process's chain of a handle, is used
+   elsewhere: open as a handle, or held as a parent by another chain or
+   attachment (share.h), in any process. */
 bool vd_image_has_handles(const struct vd_image *image);
 
 #endif

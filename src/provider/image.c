@@ -64,6 +64,7 @@ DWORD vd_image_open(const char *path, ULONG device_id, bool writable,
     if (!image)
         return vd_fail(ERROR_OUTOFMEMORY, "allocating an image");
     image->fd = -1;
+    image->share_fd = -1;
     image->writable = writable;
     image->open_flags = open_flags;
 
@@ -119,6 +120,8 @@ void vd_image_close(struct vd_image *image)
     vd_image_close(image->parent);
     if (image->fd >= 0)
         close(image->fd);
+    if (image->share_fd >= 0)
+        close(image->share_fd);
     free(image->parent_locations);
     free(image->path);
     free(image);

@@ -41,6 +41,7 @@ struct vd_image {
     dev_t file_dev;      /* identity of the file, for finding its loop device */
     ino_t file_ino;
     OPEN_VIRTUAL_DISK_FLAG open_flags;
+    int share_fd;        /* this open's sharing claim (share.h), else -1; closed with the image */
 
     /* Filled by format->open(). */
     const struct vd_format *format;

@@ -198,9 +198,11 @@ static DWORD vd_get_info(struct vd_handle *handle, ULONG size, GET_VIRTUAL_DISK_
     case GET_VIRTUAL_DISK_INFO_VHD_PHYSICAL_SECTOR_SIZE:
         info->VhdPhysicalSectorSize = image->physical_sector_size;
         return ERROR_SUCCESS;
-    case GET_VIRTUAL_DISK_INFO_IS_LOADED:
-        info->IsLoaded = handle->disk->loop_number >= 0 || vd_image_is_attached(image);
+    case GET_VIRTUAL_DISK_INFO_IS_LOADED: {
+        bool helper;
+        info->IsLoaded = vd_handle_attached_loop(handle, &helper) >= 0;
         return ERROR_SUCCESS;
+    }
     case GET_VIRTUAL_DISK_INFO_VIRTUAL_DISK_ID:
         if (!image->has_virtual_disk_id)
             return vd_not_applicable(image, "VIRTUAL_DISK_ID");

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "errors.h"
@@ -67,6 +68,23 @@ bool vd_loop_is_bound(int number)
     struct stat st;
     snprintf(path, sizeof path, "/sys/block/loop%d/loop", number);
     return stat(path, &st) == 0;
+}
+
+bool vd_loop_wait_unbound(int number, int ms)
+{
+    /* sysfs, not the device node: opening /dev/loopN would itself be one of
+       the openers being waited for. */
+    long waited_us = 0, step_us = 1000;
+    while (vd_loop_is_bound(number)) {
+        if (waited_us >= ms * 1000L)
+            return false;
+        struct timespec pause = {0, step_us * 1000};
+        nanosleep(&pause, NULL);
+        waited_us += step_us;
+        if (step_us < 20000)
+            step_us *= 2;
+    }
+    return true;
 }
 
 /* Calls visit for each /sys/block/loopN that is bound; stops when visit
@@ -276,22 +294,29 @@ DWORD vd_loop_detach(int number, int *held_fd)
             close(probe);
         return status;
     }
-    if (vd_loop_is_bound(number)) {
-        int check = open(path, O_RDONLY | O_CLOEXEC);
-        if (check >= 0) {
-            /* Others hold the device: refuse, and put everything back. */
-            vd_loop_restore_autoclear(check, autoclear);
-            close(probe);
-            if (held_fd)
-                *held_fd = check;
-            else
-                close(check);
-            return vd_fail(ERROR_DEVICE_IN_USE,
-                           "%s is open elsewhere; close it first (fuser -v %s shows who)", path, path);
-        }
-    }
-    close(probe); /* the last opener: the teardown happens here */
-    if (vd_loop_is_bound(number))
+    /* Either the device is in rundown and this close tears it down, or
+       others hold it and LOOP_CLR_FD set autoclear: then it goes when they
+       close.  Short-lived openers (blkid, udev, a lookup, another attach
+       trying this device) close within moments, so wait for them; only a
+       disk that stays open is refused. */
+    close(probe);
+    if (vd_loop_wait_unbound(number, VD_LOOP_TRANSIENT_MS))
+        return ERROR_SUCCESS;
+    int check = open(path, O_RDONLY | O_CLOEXEC);
+    if (check < 0 || !vd_loop_is_bound(number)) {
+        if (check >= 0)
+            close(check);
+        if (!vd_loop_is_bound(number))
+            return ERROR_SUCCESS; /* the last holder let go just now */
         return vd_fail(ERROR_DEVICE_IN_USE, "%s is still attached after detaching", path);
+    }
+    /* Held open: refuse, and put everything back. */
+    vd_loop_restore_autoclear(check, autoclear);
+    if (held_fd)
+        *held_fd = check;
+    else
+        close(check);
+    return vd_fail(ERROR_DEVICE_IN_USE, "%s is open elsewhere; close it first (fuser -v %s shows who)", path,
+                   path);
     return ERROR_SUCCESS;
 }

@@ -71,8 +71,8 @@ DWORD vd_loop_fail_errno(int error, const char *what, int number);
    the caller holds (a non-permanent attachment's), or is NULL.  On success
    it is closed and set to -1; on refusal it is (or is replaced by) an open
    descriptor again, so a refusal leaves the attachment as it was.
-   Refuses with ERROR_DEVICE_IN_USE while the device is mounted, claimed or
-   open anywhere else. */
+   Refuses with ERROR_DEVICE_IN_USE while the device is mounted or claimed,
+   or stays open elsewhere for VD_LOOP_TRANSIENT_MS. */
 DWORD vd_loop_detach(int number, int *held_fd);
 
 /* The loop device whose backing file is (dev, ino), or -1 when none. */
@@ -80,6 +80,14 @@ int vd_loop_find(dev_t dev, ino_t ino);
 
 /* Whether /dev/loopN is bound to a file. */
 bool vd_loop_is_bound(int number);
+
+/* How long a detach, or the close of a non-permanent attachment, waits for
+   other openers of the device that are only passing through (blkid, udev,
+   lookups, attaches probing for a free device). */
+enum { VD_LOOP_TRANSIENT_MS = 1000 };
+
+/* Waits up to ms for /dev/loopN to be unbound; whether it is. */
+bool vd_loop_wait_unbound(int number, int ms);
 
 /* Whether /dev/loopN is bound to the file (dev, ino), asked of the device
    itself (LOOP_GET_STATUS64): exact also for a backing file that has no name

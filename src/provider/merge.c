@@ -47,6 +47,7 @@
 #include "handles.h"
 #include "image.h"
 #include "job.h"
+#include "share.h"
 
 typedef unsigned long long ull;
 
@@ -93,14 +94,17 @@ static DWORD vd_merge_access(struct vd_handle *handle, ULONG source_depth, ULONG
                            "the chain of %s ends at depth %u (%s), above the merge target at depth %u%s", leaf->path,
                            (unsigned)depth, image->path, (unsigned)target_depth,
                            image->subtype == VD_SUBTYPE_DIFFERENCING ? " (opened without its parents)" : "");
-        if ((image == leaf && handle->disk->loop_number >= 0) || vd_image_is_attached(image))
+        bool helper;
+        if ((image == leaf && handle->disk->loop_number >= 0) || vd_share_attached_loop(image, &helper) >= 0)
             return vd_fail(ERROR_VHD_INVALID_STATE, "%s is attached; detach it before merging", image->path);
     }
     if (vd_handle_has_others(handle))
         return vd_fail(ERROR_SHARING_VIOLATION, "other handles to %s are open; close them first", leaf->path);
     struct vd_image *target = vd_chain_at(leaf, target_depth);
     if (vd_image_has_handles(target))
-        return vd_fail(ERROR_SHARING_VIOLATION, "the merge target %s is open elsewhere; close it first",
+        return vd_fail(ERROR_SHARING_VIOLATION,
+                       "the merge target %s is open elsewhere, or the parent of another open or attached disk; "
+                       "close those first",
                        target->path);
     if (vd_job_running(handle))
         return vd_fail(ERROR_BUSY, "an operation is still running on this handle");

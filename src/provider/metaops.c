@@ -33,11 +33,12 @@ static struct vd_handle *vd_metaops_handle(HANDLE value, DWORD *status)
         return NULL;
     }
     struct vd_image *image = handle->image;
+    bool helper;
     if (!(handle->access & VIRTUAL_DISK_ACCESS_METAOPS))
         *status = vd_fail(ERROR_ACCESS_DENIED, "the handle was opened without VIRTUAL_DISK_ACCESS_METAOPS");
     else if (!image->writable || image->subtype == VD_SUBTYPE_NONE)
         *status = vd_fail(ERROR_VHD_INVALID_TYPE, "%s images cannot be changed", image->format->name);
-    else if (handle->disk->loop_number >= 0 || vd_image_is_attached(image))
+    else if (vd_handle_attached_loop(handle, &helper) >= 0)
         *status = vd_fail(ERROR_VHD_INVALID_STATE, "%s is attached; detach it before changing it", image->path);
     else if (vd_handle_has_others(handle))
         *status = vd_fail(ERROR_SHARING_VIOLATION, "other handles to %s are open; close them first", image->path);
