@@ -1,0 +1,509 @@
+"""Sharing rules across processes (src/provider/share.h, README "Sharing"):
+one writer per image, read-only attachments and differencing parents kept
+read-only, claims nobody without the privilege can take or fake, and
+short-lived openers of the loop device tolerated.
+
+The races use real processes released together by a barrier, many rounds,
+and read every winner's checksummed data back after it detached."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import multiprocessing
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import virtdisk
+from virtdisk import Access
+
+from .conftest import require_tool
+
+pytestmark = pytest.mark.loop
+
+MiB = 1 << 20
+SHARING = virtdisk.WinError.ERROR_SHARING_VIOLATION
+ROUNDS = 50
+WORKERS = 4
+
+
+def _is_bound(device: str) -> bool:
+    return Path("/sys/block", Path(device).name, "loop").exists()
+
+
+def _stamp(worker: int, round_: int, length: int) -> bytes:
+    """Data only this worker writes in this round: a checksum chain."""
+    seed = f"{worker}:{round_}".encode()
+    out = bytearray()
+    while len(out) < length:
+        seed = hashlib.sha256(seed).digest()
+        out += seed
+    return bytes(out[:length])
+
+
+# ---- the racing harness ----------------------------------------------------
+
+# contend(index, round, settled) tries once; a winner calls settled() while
+# it still holds what it won, and lets go only after it returns: settled()
+# returns when every contender has tried, so a winner cannot be done before
+# another one starts.
+Contender = Callable[[int, int, Callable[[], None]], "tuple[bool, int]"]
+
+
+def _race_worker(contend: Contender, index: int, rounds: int, barrier, results) -> None:
+    for round_ in range(rounds):
+        barrier.wait(timeout=60)
+        waited: list[bool] = []
+
+        def settled(waited: list[bool] = waited) -> None:
+            if not waited:
+                waited.append(True)
+                barrier.wait(timeout=60)
+
+        try:
+            won, code = contend(index, round_, settled)
+        except Exception as error:  # reported, never swallowed
+            won, code = False, repr(error)
+        settled()
+        results.put((round_, index, won, code))
+        barrier.wait(timeout=60)
+
+
+def race(contenders: list[Contender], rounds: int = ROUNDS) -> list[list[tuple[int, bool, object]]]:
+    """Runs each contender in its own process, all released together each
+    round; returns, per round, (index, won, code) of every contender."""
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(len(contenders))
+    results = context.Queue()
+    processes = [
+        context.Process(target=_race_worker, args=(contend, index, rounds, barrier, results))
+        for index, contend in enumerate(contenders)
+    ]
+    for process in processes:
+        process.start()
+    table: list[list[tuple[int, bool, object]]] = [[] for _ in range(rounds)]
+    try:
+        for _ in range(rounds * len(contenders)):
+            round_, index, won, code = results.get(timeout=120)
+            table[round_].append((index, won, code))
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    return table
+
+
+def assert_exactly_one_winner(table: list[list[tuple[int, bool, object]]]) -> None:
+    for round_, outcomes in enumerate(table):
+        winners = [index for index, won, _ in outcomes if won]
+        losers = {code for _, won, code in outcomes if not won}
+        assert len(winners) == 1, f"round {round_}: winners {winners}, outcomes {outcomes}"
+        assert losers <= {SHARING}, f"round {round_}: losers answered {losers}"
+
+
+# ---- one writer per image ------------------------------------------------------
+
+
+def _writer(path: Path, block: int, read_only: bool = False) -> Contender:
+    """Opens for writing (or read-only), attaches, writes its stamp at its own
+    block (read-only: reads), closes: the attachment ends with the handle."""
+
+    def contend(index: int, round_: int, settled: Callable[[], None]) -> tuple[bool, int]:
+        try:
+            disk = virtdisk.open(path, read_only=read_only)
+        except virtdisk.VirtualDiskError as error:
+            return False, error.winerror
+        with disk:
+            try:
+                disk.attach(read_only=read_only)
+            except virtdisk.VirtualDiskError as error:
+                return False, error.winerror
+            settled()
+            if not read_only:
+                offset = (round_ * WORKERS + index) * block
+                fd = os.open(disk.physical_path, os.O_RDWR)
+                try:
+                    os.pwrite(fd, _stamp(index, round_, 64 * 1024), offset)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        return True, 0
+
+    return contend
+
+
+def _check_stamps(path: Path, table, block: int) -> None:
+    """Every winner's stamp is where it wrote it, and nothing else was
+    written: read back through a fresh read-only attachment."""
+    with virtdisk.open(path, read_only=True) as disk:
+        disk.attach(read_only=True)
+        fd = os.open(disk.physical_path, os.O_RDONLY)
+        try:
+            for round_, outcomes in enumerate(table):
+                for index, won, _ in outcomes:
+                    offset = (round_ * WORKERS + index) * block
+                    expected = _stamp(index, round_, 64 * 1024) if won else bytes(64 * 1024)
+                    got = os.pread(fd, 64 * 1024, offset)
+                    assert got == expected, (
+                        f"round {round_} worker {index} (won: {won}): data lost or cross-written"
+                    )
+        finally:
+            os.close(fd)
+        disk.detach()
+
+
+@pytest.mark.parametrize(("name", "block"), [("race.vhdx", 1 * MiB), ("race.vhd", 2 * MiB), ("fixed.vhd", 0)])
+def test_of_processes_racing_to_write_one_image_exactly_one_wins_and_no_data_is_lost(
+    images: Path, name: str, block: int
+) -> None:
+    path = images / name
+    fixed = block == 0
+    step = block or 64 * 1024
+    size = ROUNDS * WORKERS * step
+    virtdisk.create(path, max(size, 3 * MiB), fixed=fixed, block_size=block).close()
+    table = race([_writer(path, step) for _ in range(WORKERS)])
+    assert_exactly_one_winner(table)
+    # Each round's winner allocated a new block; two writers at once would
+    # have placed theirs at the same file offset.
+    _check_stamps(path, table, step)
+    if name.endswith(".vhdx"):
+        check = subprocess.run([require_tool("qemu-img"), "check", str(path)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_read_only_attaches_and_writers_exclude_each_other(images: Path) -> None:
+    """Two processes attach read-only and two open for writing, all at once:
+    one attachment per image, and an image attached read-only is not opened
+    for writing elsewhere (nor the reverse)."""
+    path = images / "mixed.vhdx"
+    block = 1 * MiB
+    virtdisk.create(path, ROUNDS * WORKERS * block, block_size=block).close()
+    contenders = [
+        _writer(path, block),
+        _writer(path, block),
+        _writer(path, block, True),
+        _writer(path, block, True),
+    ]
+    table = race(contenders)
+    assert_exactly_one_winner(table)
+    # Only the writers (0 and 1) wrote; the readers' blocks stay empty.
+    _check_stamps(path, [[(i, won and i < 2, code) for i, won, code in r] for r in table], block)
+
+
+# ---- differencing chains -----------------------------------------------------------
+
+
+def _parent_writer(parent: Path) -> Contender:
+    """Opens the parent for changes (a writer) and holds it a moment."""
+
+    def contend(index: int, round_: int, settled: Callable[[], None]) -> tuple[bool, int]:
+        try:
+            disk = virtdisk.open(parent, Access.METAOPS | Access.GET_INFO)
+        except virtdisk.VirtualDiskError as error:
+            return False, error.winerror
+        with disk:
+            settled()
+        return True, 0
+
+    return contend
+
+
+def _child_user(child: Path, block: int, attach: bool) -> Contender:
+    """Uses the child, so its parent must stay read-only: opens it (any access
+    holds the chain), or attaches it and writes its stamp into it."""
+
+    def contend(index: int, round_: int, settled: Callable[[], None]) -> tuple[bool, int]:
+        try:
+            disk = virtdisk.open(child, None if attach else Access.GET_INFO)
+        except virtdisk.VirtualDiskError as error:
+            return False, error.winerror
+        with disk:
+            if not attach:
+                settled()
+                return True, 0
+            try:
+                disk.attach()
+            except virtdisk.VirtualDiskError as error:
+                return False, error.winerror
+            settled()
+            fd = os.open(disk.physical_path, os.O_RDWR)
+            try:
+                os.pwrite(fd, _stamp(index, round_, 64 * 1024), (round_ * WORKERS + index) * block)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return True, 0
+
+    return contend
+
+
+@pytest.mark.parametrize("suffix", [".vhdx", ".vhd"])
+@pytest.mark.parametrize("attach", [False, True], ids=["open", "attach"])
+def test_a_used_child_and_a_writer_of_its_parent_exclude_each_other(
+    images: Path, suffix: str, attach: bool
+) -> None:
+    parent = images / f"parent{suffix}"
+    block = 2 * MiB
+    virtdisk.create(parent, ROUNDS * WORKERS * block, block_size=block).close()
+    child = images / f"child{suffix}"
+    virtdisk.create(child, parent=parent).close()
+    before = hashlib.sha256(parent.read_bytes()).hexdigest()
+    # Worker 0 opens the parent for changes, worker 1 uses the child.
+    table = race([_parent_writer(parent), _child_user(child, block, attach)])
+    assert_exactly_one_winner(table)
+    assert hashlib.sha256(parent.read_bytes()).hexdigest() == before
+    if attach:
+        # The child is intact (its parent unchanged) and holds every stamp.
+        _check_stamps(child, [[(i, won and i == 1, code) for i, won, code in r] for r in table], block)
+
+
+@pytest.mark.parametrize("suffix", [".vhdx", ".vhd"])
+def test_a_parent_cannot_be_written_while_a_child_is_open(images: Path, suffix: str) -> None:
+    parent = images / f"parent{suffix}"
+    virtdisk.create(parent, 8 * MiB).close()
+    child = images / f"child{suffix}"
+    grandchild = images / f"grandchild{suffix}"
+    virtdisk.create(child, parent=parent).close()
+    with virtdisk.create(grandchild, parent=child):
+        for ancestor in (parent, child):
+            with pytest.raises(virtdisk.VirtualDiskError) as refused:
+                virtdisk.open(ancestor)
+            assert refused.value.winerror == SHARING
+            assert "parent" in refused.value.detail
+            # Reading it is fine, as on Windows.
+            with virtdisk.open(ancestor, Access.GET_INFO) as reader:
+                assert reader.info.virtual_size == 8 * MiB
+    with virtdisk.open(parent):
+        # ... and the reverse: no child over a parent being written, and
+        # no child opened while its parent is.
+        with pytest.raises(virtdisk.VirtualDiskError) as refused:
+            virtdisk.create(images / f"other{suffix}", parent=parent)
+        assert refused.value.winerror == SHARING
+        assert not (images / f"other{suffix}").exists()
+        with pytest.raises(virtdisk.VirtualDiskError) as refused:
+            virtdisk.open(child, Access.GET_INFO)
+        assert refused.value.winerror == SHARING
+
+
+def test_a_parent_cannot_be_changed_while_a_child_is_attached_permanently(images: Path) -> None:
+    parent = images / "parent.vhdx"
+    virtdisk.create(parent, 8 * MiB).close()
+    child = images / "child.vhdx"
+    virtdisk.create(child, parent=parent).close()
+    with virtdisk.open(child) as disk:
+        disk.attach(permanent=True)
+    try:
+        for access in (Access.METAOPS, Access.ATTACH_RW):
+            with pytest.raises(virtdisk.VirtualDiskError) as refused:
+                virtdisk.open(parent, access | Access.GET_INFO)
+            assert refused.value.winerror == SHARING
+    finally:
+        virtdisk.detach(child)
+    with virtdisk.open(parent, Access.METAOPS | Access.GET_INFO) as disk:
+        disk.resize(16 * MiB)
+
+
+# ---- a user without the privilege cannot take, fake or block claims ---------------
+
+NOBODY = 65534
+
+
+def _block_as_nobody(image: str, ready, release) -> None:
+    """In a forked child that has become `nobody` (no exec: the interpreter
+    and the provider are already loaded): takes every lock an ordinary
+    reader can, and holds a handle, then reports what it was refused."""
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)
+    refused = []
+    fd = os.open(image, os.O_RDONLY)
+    # The old markers' bytes (the largest offsets) and qemu's, read-locked.
+    for offset in (2**63 - 2, 2**63 - 3, 100, 101, 200, 201):
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, offset, 1, 0))
+    held = virtdisk.open(image, Access.GET_INFO)
+    try:
+        os.listdir("/run/virtdisk")
+    except PermissionError:
+        refused.append("run-dir")
+    try:
+        with virtdisk.open(image, read_only=True) as disk:
+            disk.attach(read_only=True)
+    except virtdisk.VirtualDiskError as error:
+        refused.append(f"attach {error.winerror}")
+    ready.put(refused)
+    release.wait(60)
+    held.close()
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def nobody_blocking(image: Path) -> Iterator[list[str]]:
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Queue(), context.Event()
+    blocker = context.Process(target=_block_as_nobody, args=(str(image), ready, release))
+    blocker.start()
+    try:
+        yield ready.get(timeout=60)
+    finally:
+        release.set()
+        blocker.join(30)
+        if blocker.is_alive():
+            blocker.kill()
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder `nobody` can reach (pytest's own are root's, mode 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="virtdisk-share-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_user_without_the_privilege_cannot_block_root(shared_folder: Path) -> None:
+    image = shared_folder / "disk.vhdx"
+    virtdisk.create(image, 8 * MiB).close()
+    image.chmod(0o644)
+    with nobody_blocking(image) as refused:
+        assert "run-dir" in refused, "the run directory must be closed to other users"
+        assert f"attach {virtdisk.WinError.ERROR_PRIVILEGE_NOT_HELD}" in refused
+        # Its handle and locks hold nothing against root: attach, detach a
+        # permanent disk, open for changes.
+        with virtdisk.open(image) as disk:
+            disk.attach(permanent=True)
+            device = disk.physical_path
+        virtdisk.detach(image)
+        assert not _is_bound(device)
+        with virtdisk.open(image, Access.METAOPS | Access.GET_INFO) as disk:
+            disk.resize(16 * MiB)
+        # Nor can it see root's handles as its own claims would: root's
+        # writer is still alone.
+        with virtdisk.open(image):
+            with pytest.raises(virtdisk.VirtualDiskError) as second:
+                virtdisk.open(image)
+            assert second.value.winerror == SHARING
+
+
+def test_racing_root_writers_stay_exclusive_while_nobody_holds_locks(shared_folder: Path) -> None:
+    """The rule still holds with an unprivileged user's locks in place."""
+    image = shared_folder / "race.vhdx"
+    block = 1 * MiB
+    virtdisk.create(image, ROUNDS * WORKERS * block, block_size=block).close()
+    image.chmod(0o644)
+    with nobody_blocking(image):
+        table = race([_writer(image, block) for _ in range(WORKERS)])
+    assert_exactly_one_winner(table)
+    _check_stamps(image, table, block)
+
+
+# ---- transient openers of the loop device -----------------------------------------
+
+
+def _flicker(device: str, stop: threading.Event, hold: float) -> None:
+    """Opens and closes the device over and over, as blkid or udev would."""
+    while not stop.is_set():
+        try:
+            fd = os.open(device, os.O_RDONLY)
+        except OSError:
+            time.sleep(0.001)
+            continue
+        time.sleep(hold)
+        os.close(fd)
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("name", ["disk.vhd", "disk.vhdx"])
+def test_detach_and_close_wait_out_short_lived_openers(images: Path, name: str) -> None:
+    path = images / name
+    virtdisk.create(path, 8 * MiB, fixed=name.endswith(".vhd")).close()
+    for round_ in range(10):
+        disk = virtdisk.open(path)
+        disk.attach(permanent=round_ % 2 == 0)
+        device = disk.physical_path
+        stop = threading.Event()
+        # A thread, not a forked process: a fork would inherit the handle.
+        flicker = threading.Thread(target=_flicker, args=(device, stop, 0.02))
+        flicker.start()
+        try:
+            time.sleep(0.05)
+            if round_ % 2 == 0:
+                disk.close()
+                virtdisk.detach(path)  # refused before: ERROR_DEVICE_IN_USE
+            else:
+                disk.close()  # before: left attached until the opener closed
+            assert not _is_bound(device)
+        finally:
+            stop.set()
+            flicker.join()
+        # ... and so attaching it again is not refused as "already attached".
+        with virtdisk.open(path) as again:
+            again.attach()
+
+
+def test_detach_still_refuses_a_disk_that_stays_open(images: Path) -> None:
+    path = images / "disk.vhd"
+    virtdisk.create(path, 8 * MiB, fixed=True).close()
+    with virtdisk.open(path) as disk:
+        disk.attach(permanent=True)
+        device = disk.physical_path
+    holder = os.open(device, os.O_RDONLY)
+    try:
+        with pytest.raises(virtdisk.DiskInUseError):
+            virtdisk.detach(path)
+        assert _is_bound(device)
+        assert Path("/sys/block", Path(device).name, "loop", "autoclear").read_text().strip() == "0"
+    finally:
+        os.close(holder)
+    virtdisk.detach(path)
+    assert not _is_bound(device)
+
+
+# ---- differencing children take their parent's geometry --------------------------
+
+
+@pytest.mark.parametrize(
+    ("suffix", "options"),
+    [
+        (".vhdx", {"block_size": 8 * MiB}),
+        (".vhdx", {"block_size": 1 * MiB, "sector_size": 4096, "physical_sector_size": 4096}),
+        (".vhd", {"block_size": 512 * 1024}),
+    ],
+)
+def test_a_differencing_child_takes_its_parents_block_and_sector_sizes(
+    images: Path, suffix: str, options: dict
+) -> None:
+    parent = images / f"parent{suffix}"
+    virtdisk.create(parent, 16 * MiB, **options).close()
+    child = images / f"child{suffix}"
+    with virtdisk.create(child, parent=parent) as disk:
+        info = disk.info
+    with virtdisk.open(parent, Access.GET_INFO) as disk:
+        expected = disk.info
+    assert info.block_size == expected.block_size == options["block_size"]
+    assert (info.logical_sector_size, info.physical_sector_size) == (
+        expected.logical_sector_size,
+        expected.physical_sector_size,
+    )
+
+
+def test_attach_refusal_names_the_device_or_none(images: Path) -> None:
+    path = images / "disk.vhd"
+    virtdisk.create(path, 8 * MiB, fixed=True).close()
+    with virtdisk.open(path, read_only=True) as first, virtdisk.open(path, read_only=True) as second:
+        first.attach(read_only=True)
+        with pytest.raises(virtdisk.VirtualDiskError) as refused:
+            second.attach(read_only=True)
+        assert refused.value.winerror == SHARING
+        assert "/dev/loop-1" not in str(refused.value)
+        assert first.physical_path in refused.value.detail
