@@ -623,9 +623,9 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
             handle->disk->served = served;
         }
     } else {
-        /* The loop device gets its own open file description: sharing the
-           handle's would carry the handle's OFD lock into the kernel, where
-           it would outlive the handle and look like another open handle. */
+        /* The loop device gets its own open file description, which carries
+           the attachment's marker for exactly as long as the kernel holds it
+           (share.h), and is read-only for a read-only attach. */
         char self_path[64];
         snprintf(self_path, sizeof self_path, "/proc/self/fd/%d", image->fd);
         int backing_fd = open(self_path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);

@@ -242,9 +242,9 @@ int vd_served_find(const struct vd_image *image, bool *helper)
 
 /* ---- attaching ------------------------------------------------------------ */
 
-/* Opens the image again for its server: new open file descriptions (the
-   handle's carries the handle lock, which must not outlive the handle), the
-   parents read-only, the image itself read-only for a read-only attach. */
+/* Opens the image again for its server: new open file descriptions (its
+   marker must live as long as the server, not as the handle), the parents
+   read-only, the image itself read-only for a read-only attach. */
 static DWORD vd_served_open_image(const struct vd_image *image, bool read_only, struct vd_image **out)
 {
     char self[64];

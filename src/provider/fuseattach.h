@@ -15,10 +15,11 @@
  *     ends only when a DetachVirtualDisk asks it to (vd_served_detach()) or
  *     when it is killed, again leaving no loop device and no mount.
  *   - The server opens the image anew (its own open file descriptions), and
- *     that descriptor carries the "attached" marker (handles.h), so
+ *     that descriptor carries the "attached" marker (share.h), so
  *     IS_LOADED and "already attached" answer as for a direct attachment;
  *     differencing parents are opened read-only; a read-only attachment
- *     never writes the image.
+ *     never writes the image.  The server's image and parents carry its
+ *     sharing claims (share.h) for as long as it serves, in a helper too.
  *   - Every attachment is recorded in <run dir>/<dev>-<ino>.json (image
  *     identity, loop device, serving process), so that any process finds the
  *     loop device of an image (vd_served_find()); a record is trusted only
