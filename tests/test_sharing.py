@@ -507,3 +507,25 @@ def test_attach_refusal_names_the_device_or_none(images: Path) -> None:
         assert refused.value.winerror == SHARING
         assert "/dev/loop-1" not in str(refused.value)
         assert first.physical_path in refused.value.detail
+
+
+@pytest.mark.parametrize("name", ["disk.vhd", "disk.vhdx"])
+def test_the_next_open_waits_for_a_closed_attachment_still_being_held(images: Path, name: str) -> None:
+    """An opener that outlasts close()'s wait delays the teardown; the next
+    writer waits for it rather than finding the image still attached."""
+    path = images / name
+    virtdisk.create(path, 8 * MiB, fixed=name.endswith(".vhd")).close()
+    for _ in range(3):
+        disk = virtdisk.open(path)
+        disk.attach()
+        device = disk.physical_path
+        fd = os.open(device, os.O_RDONLY)
+        release = threading.Timer(1.4, os.close, (fd,))
+        release.start()
+        try:
+            disk.close()  # waits a second, then returns with the device still held
+            with virtdisk.open(path) as again:
+                again.attach()
+                assert again.physical_path
+        finally:
+            release.join()

@@ -596,6 +596,7 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
            image read-only.  The claim is made before looking for an
            existing attachment, so an attach that finishes meanwhile is
            seen (its marker is in place before its claim ends). */
+        vd_share_settle(image);
         status = vd_share_claim(image, VD_SHARE_ATTACH, VD_SHARE_ATTACH | (read_only ? VD_SHARE_WRITE : 0),
                                 image->share_fd,
                                 read_only ? "attaching read-only" : "attaching read-write", &claim);

@@ -371,11 +371,15 @@ static DWORD vd_served_attach_here(const struct vd_image *image, bool read_only,
 
 DWORD vd_served_end(struct vd_served *served, int number)
 {
-    vd_record_remove(served->base);
     DWORD status = ERROR_SUCCESS;
     if (vd_loop_is_bound(number)) {
+        /* The record stays while the device does: it is how the next user
+           of the image finds this attachment on its way out and waits for
+           it (share.h, vd_share_settle()); it stops counting when the
+           device lets go of the FUSE file. */
         vd_fuse_abandon(served->server);
     } else {
+        vd_record_remove(served->base);
         status = vd_fuse_wait(served->server, VD_SERVER_END_MS);
         if (status == ERROR_BUSY)
             vd_fuse_abandon(served->server); /* it ends when the kernel lets go */

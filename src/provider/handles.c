@@ -76,6 +76,8 @@ static struct vd_disk *vd_disk_for(dev_t dev, ino_t ino)
 DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, HANDLE *out)
 {
     int share_fd = -1;
+    if (image->writable)
+        vd_share_settle(image);
     DWORD status = vd_share_open_chain(image, -1);
     if (status == ERROR_SUCCESS)
         status = vd_share_claim(image, VD_SHARE_HANDLE, 0, -1, "opening a handle", &share_fd);

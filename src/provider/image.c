@@ -117,11 +117,13 @@ void vd_image_close(struct vd_image *image)
         return;
     if (image->format && image->state && image->format->close)
         image->format->close(image);
+    /* Claims end before the file closes, and with it an attachment's
+       marker: whoever sees the marker gone finds the claims gone too. */
+    if (image->share_fd >= 0)
+        close(image->share_fd);
     vd_image_close(image->parent);
     if (image->fd >= 0)
         close(image->fd);
-    if (image->share_fd >= 0)
-        close(image->share_fd);
     free(image->parent_locations);
     free(image->path);
     free(image);

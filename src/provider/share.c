@@ -217,3 +217,48 @@ int vd_share_attached_loop(const struct vd_image *image, bool *helper)
         return number;
     return vd_loop_find(image->file_dev, image->file_ino);
 }
+
+/* Whether /dev/loopN detaches by itself when its last opener closes. */
+static bool vd_loop_autoclears(int number)
+{
+    char path[64], value[8] = "";
+    snprintf(path, sizeof path, "/sys/block/loop%d/loop/autoclear", number);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    ssize_t n = read(fd, value, sizeof value - 1);
+    close(fd);
+    return n > 0 && value[0] == '1';
+}
+
+void vd_share_settle(const struct vd_image *image)
+{
+    bool helper;
+    int number = vd_share_attached_loop(image, &helper);
+    /* A permanent disk is held by nobody (flat: not autoclear) or by its
+       helper; a live non-permanent one by its attaching process's ATTACH
+       claim.  What is left is one on its way out. */
+    if (number < 0 || helper || !vd_loop_autoclears(number))
+        return;
+    int probe;
+    if (vd_share_claim(image, 0, 0, -1, "looking", &probe) != ERROR_SUCCESS || probe < 0)
+        return;
+    bool held = vd_share_held_elsewhere(probe, VD_SHARE_ATTACH);
+    close(probe);
+    if (held)
+        return;
+    /* Then its holder's marker, which goes after its claims (image.c). */
+    struct timespec start, now, pause = {0, 2000000};
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    if (!vd_loop_wait_unbound(number, VD_LOOP_TRANSIENT_MS))
+        return;
+    for (;;) {
+        if (!vd_locked_elsewhere(image->fd, VD_ATTACHED_LOCK_OFFSET))
+            return;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long elapsed_ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+        if (elapsed_ms >= VD_LOOP_TRANSIENT_MS)
+            return;
+        nanosleep(&pause, NULL);
+    }
+}
