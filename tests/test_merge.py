@@ -80,7 +80,8 @@ def _pattern(seed: int, size: int) -> bytes:
 def _chain(folder: Path, suffix: str, size: int = 64 * MiB, child_data: int = 0) -> list[Path]:
     """base <- mid <- leaf, each with data of its own, some overlapping."""
     base, mid, leaf = (folder / f"{name}.{suffix}" for name in ("base", "mid", "leaf"))
-    virtdisk.create(base, size).close()
+    # 2 MiB blocks, which the children take from it (VHDX's default is 32 MiB).
+    virtdisk.create(base, size, block_size=2 * MiB).close()
     _write(base, [(0, _pattern(1, 8 * MiB)), (30 * MiB, _pattern(2, 512))])
     virtdisk.create(mid, parent=base).close()
     _write(mid, [(4 * MiB, _pattern(3, MiB)), (20 * MiB + 4096, _pattern(4, 4096))])
@@ -201,9 +202,18 @@ def test_merge_refuses_what_the_documentation_refuses(images: Path) -> None:
         pytest.raises(virtdisk.DiskInUseError),
     ):
         disk.merge(1)
-    with virtdisk.open(leaf) as attached:
+    with virtdisk.open(leaf, read_only=True) as attached:
         attached.attach(read_only=True)
         try:
+            # An attached disk is not opened for changes (README "Sharing") ...
+            with pytest.raises(virtdisk.DiskInUseError):
+                virtdisk.open(leaf, Access.METAOPS, rw_depth=2)
+        finally:
+            _detach(attached)
+    with virtdisk.open(_mid, read_only=True) as attached:
+        attached.attach(read_only=True)
+        try:
+            # ... and a merge does not write into an attached parent.
             with (
                 virtdisk.open(leaf, Access.METAOPS, rw_depth=2) as disk,
                 pytest.raises(virtdisk.InvalidStateError),
