@@ -231,15 +231,18 @@ static void *vd_job_thread(void *argument)
        or freed with the handle: keep what is still needed. */
     struct vd_handle *handle = job->handle;
     int event_fd = job->event_fd;
-    /* The order job.h promises: status, then Internal, then the event. */
+    OVERLAPPED *overlapped = job->overlapped;
+    /* The order job.h promises: status, then Internal, then the event.  The
+       handle is let go of before the event: a caller woken by it that closes
+       the handle ends the handle's sharing claims (share.h) at once. */
     __atomic_store_n(&job->status, status, __ATOMIC_RELEASE);
-    __atomic_store_n(&job->overlapped->Internal, (ULONG_PTR)status, __ATOMIC_RELEASE);
+    __atomic_store_n(&overlapped->Internal, (ULONG_PTR)status, __ATOMIC_RELEASE);
     __atomic_store_n(&job->ended, true, __ATOMIC_RELEASE);
+    vd_handle_release(handle);
     if (event_fd >= 0) {
         vd_event_signal(event_fd);
         close(event_fd);
     }
-    vd_handle_release(handle);
     return NULL;
 }
 
