@@ -515,7 +515,7 @@ def test_the_next_open_waits_for_a_closed_attachment_still_being_held(images: Pa
     writer waits for it rather than finding the image still attached."""
     path = images / name
     virtdisk.create(path, 8 * MiB, fixed=name.endswith(".vhd")).close()
-    for _ in range(3):
+    for _ in range(2):
         disk = virtdisk.open(path)
         disk.attach()
         device = disk.physical_path
@@ -529,3 +529,17 @@ def test_the_next_open_waits_for_a_closed_attachment_still_being_held(images: Pa
                 assert again.physical_path
         finally:
             release.join()
+
+
+def test_a_merge_does_not_write_into_a_parent_another_child_uses(images: Path) -> None:
+    base = images / "base.vhdx"
+    virtdisk.create(base, 8 * MiB).close()
+    leaf, sibling = images / "leaf.vhdx", images / "sibling.vhdx"
+    virtdisk.create(leaf, parent=base).close()
+    virtdisk.create(sibling, parent=base).close()
+    with virtdisk.open(sibling, Access.GET_INFO):
+        with pytest.raises(virtdisk.VirtualDiskError) as refused:
+            virtdisk.merge(leaf, 1)
+        assert refused.value.winerror == SHARING
+        assert "parent of another open or attached disk" in refused.value.detail
+    virtdisk.merge(leaf, 1)
