@@ -520,7 +520,7 @@ def test_the_next_open_waits_for_a_closed_attachment_still_being_held(images: Pa
         disk.attach()
         device = disk.physical_path
         fd = os.open(device, os.O_RDONLY)
-        release = threading.Timer(1.4, os.close, (fd,))
+        release = threading.Timer(1.2, os.close, (fd,))
         release.start()
         try:
             disk.close()  # waits a second, then returns with the device still held

@@ -33,6 +33,11 @@ enum { VD_HOLD_BYTE = 100, VD_DENY_BYTE = 200, VD_PERMISSIONS = 3 };
    hung. */
 enum { VD_MUTEX_WAIT_MS = 3000 };
 
+/* How long a claimant waits for a closed attachment to finish going: the
+   passing opener's second, then the teardown and its server's exit, which
+   a busy machine can stretch. */
+enum { VD_SETTLE_MS = 2 * VD_LOOP_TRANSIENT_MS };
+
 /* The image-file byte the attachment marker locks: the largest offset a lock
    can name, beyond any image's data and other programs' locks (qemu locks
    bytes 100-299 of the image itself). */
@@ -250,14 +255,14 @@ void vd_share_settle(const struct vd_image *image)
     /* Then its holder's marker, which goes after its claims (image.c). */
     struct timespec start, now, pause = {0, 2000000};
     clock_gettime(CLOCK_MONOTONIC, &start);
-    if (!vd_loop_wait_unbound(number, VD_LOOP_TRANSIENT_MS))
+    if (!vd_loop_wait_unbound(number, VD_SETTLE_MS))
         return;
     for (;;) {
         if (!vd_locked_elsewhere(image->fd, VD_ATTACHED_LOCK_OFFSET))
             return;
         clock_gettime(CLOCK_MONOTONIC, &now);
         long elapsed_ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
-        if (elapsed_ms >= VD_LOOP_TRANSIENT_MS)
+        if (elapsed_ms >= VD_SETTLE_MS)
             return;
         nanosleep(&pause, NULL);
     }
