@@ -137,10 +137,10 @@ static DWORD vd_record_write(const char *base, const struct vd_record *record, c
     return status;
 }
 
-static bool vd_record_read(const char *base, struct vd_record *record)
+static bool vd_record_read(const char *base, const char *suffix, struct vd_record *record)
 {
     char path[96], text[512];
-    vd_path_with(base, ".json", path, sizeof path);
+    vd_path_with(base, suffix, path, sizeof path);
     int dir;
     if (vd_run_dir(&dir) != ERROR_SUCCESS)
         return false;
@@ -173,9 +173,28 @@ static void vd_run_remove(const char *base, const char *suffix)
     close(dir);
 }
 
+/* A record of an attachment on its way out: the last handle closed, but
+   something still holds the device.  Out of the way of readers of live
+   records (*.json), still found by vd_served_find(). */
+#define VD_CLOSING_SUFFIX ".closing"
+
 static void vd_record_remove(const char *base)
 {
     vd_run_remove(base, ".json");
+    vd_run_remove(base, VD_CLOSING_SUFFIX);
+}
+
+static void vd_record_mark_closing(const char *base)
+{
+    char from[96], to[96];
+    int dir;
+    vd_path_with(base, ".json", from, sizeof from);
+    vd_path_with(base, VD_CLOSING_SUFFIX, to, sizeof to);
+    if (vd_run_dir(&dir) != ERROR_SUCCESS)
+        return;
+    if (renameat(dir, from, dir, to) < 0)
+        unlinkat(dir, from, 0);
+    close(dir);
 }
 
 /* The helper's socket address: by name, as bind() and connect() need, in the
@@ -213,7 +232,7 @@ static void vd_records_collect_garbage(void)
         if (length - 5 >= sizeof base)
             continue;
         snprintf(base, sizeof base, "%.*s", (int)(length - 5), entry->d_name);
-        if (!vd_record_read(base, &record) || record.pid <= 0 || kill((pid_t)record.pid, 0) == 0 ||
+        if (!vd_record_read(base, ".json", &record) || record.pid <= 0 || kill((pid_t)record.pid, 0) == 0 ||
             errno != ESRCH)
             continue;
         char path[96];
@@ -230,7 +249,7 @@ int vd_served_find(const struct vd_image *image, bool *helper)
     char base[64];
     struct vd_record record;
     vd_record_base(image, base, sizeof base);
-    if (!vd_record_read(base, &record))
+    if (!vd_record_read(base, ".json", &record) && !vd_record_read(base, VD_CLOSING_SUFFIX, &record))
         return -1;
     /* A record outlives a killed server; the device it names may even have
        been reused since.  Only the device's own answer counts. */
@@ -373,10 +392,11 @@ DWORD vd_served_end(struct vd_served *served, int number)
 {
     DWORD status = ERROR_SUCCESS;
     if (vd_loop_is_bound(number)) {
-        /* The record stays while the device does: it is how the next user
-           of the image finds this attachment on its way out and waits for
-           it (share.h, vd_share_settle()); it stops counting when the
-           device lets go of the FUSE file. */
+        /* The record stays while the device does, as closing: it is how
+           the next user of the image finds this attachment on its way out
+           and waits for it (share.h, vd_share_settle()); it stops counting
+           when the device lets go of the FUSE file. */
+        vd_record_mark_closing(served->base);
         vd_fuse_abandon(served->server);
     } else {
         vd_record_remove(served->base);
