@@ -27,7 +27,7 @@ import pytest
 import virtdisk
 from virtdisk import Access
 
-from .conftest import require_tool
+from .conftest import RUN_DIR, require_tool
 
 pytestmark = pytest.mark.loop
 
@@ -543,3 +543,40 @@ def test_a_merge_does_not_write_into_a_parent_another_child_uses(images: Path) -
         assert refused.value.winerror == SHARING
         assert "parent of another open or attached disk" in refused.value.detail
     virtdisk.merge(leaf, 1)
+
+
+# ---- lock files ----------------------------------------------------------
+
+
+def _lock_file(image: Path) -> Path:
+    st = image.stat()
+    return RUN_DIR / f"{st.st_dev:x}-{st.st_ino:x}.lock"
+
+
+def test_the_last_claim_to_go_removes_the_lock_file(images: Path) -> None:
+    """A lock file for every image ever opened would grow the run directory
+    without bound."""
+    path = images / "disk.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    first = virtdisk.open(path)
+    second = virtdisk.open(path, Access.GET_INFO)
+    assert _lock_file(path).exists()
+    first.close()
+    assert _lock_file(path).exists(), "a handle is still open: its claim lives in the file"
+    second.close()
+    assert not _lock_file(path).exists()
+
+
+def test_a_permanent_attachment_keeps_its_lock_file_after_its_handles_close(images: Path) -> None:
+    path = images / "disk.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    with virtdisk.open(path) as disk:
+        disk.attach(permanent=True)
+    try:
+        assert _lock_file(path).exists()
+        with pytest.raises(virtdisk.VirtualDiskError) as refused:
+            virtdisk.open(path).close()
+        assert refused.value.winerror == SHARING
+    finally:
+        virtdisk.detach(path)
+    assert not _lock_file(path).exists()

@@ -192,8 +192,7 @@ static void vd_handle_free(struct vd_handle *handle)
     if (attach_claim >= 0)
         close(attach_claim);
     vd_disks_unlock();
-    if (handle->share_fd >= 0)
-        close(handle->share_fd); /* ends the HANDLE claim */
+    vd_share_release(handle->share_fd, handle->image); /* ends the HANDLE claim */
     vd_image_close(handle->image); /* and the image's own claims */
     vd_job_free_all(handle);
     free(handle);

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -76,6 +77,11 @@ static bool vd_share_may_claim(void)
     return vd_manage_volume_privilege_state(&state) == ERROR_SUCCESS && state == VD_PRIVILEGE_ENABLED;
 }
 
+static void vd_share_lock_name(const struct vd_image *image, char *name, size_t size)
+{
+    snprintf(name, size, "%" PRIx64 "-%" PRIx64 ".lock", (uint64_t)image->file_dev, (uint64_t)image->file_ino);
+}
+
 /* Opens (creating when absent) the lock file of image. */
 static DWORD vd_share_lock_file(const struct vd_image *image, int *fd)
 {
@@ -84,11 +90,7 @@ static DWORD vd_share_lock_file(const struct vd_image *image, int *fd)
     if (status != ERROR_SUCCESS)
         return status;
     char name[64];
-    snprintf(name, sizeof name, "%" PRIx64 "-%" PRIx64 ".lock", (uint64_t)image->file_dev,
-             (uint64_t)image->file_ino);
-    /* Lock files are never removed (a removal could split the processes
-       claiming one image over two files), so losing the creation race to
-       another process happens at most once. */
+    vd_share_lock_name(image, name, sizeof name);
     *fd = vd_run_open_existing(dir, name);
     for (int attempt = 0; *fd < 0 && attempt < 2; attempt++) {
         status = vd_run_create(dir, name, O_RDONLY, 0600, fd);
@@ -142,13 +144,23 @@ DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny,
     if (!vd_share_may_claim())
         return ERROR_SUCCESS;
     int claim;
-    DWORD status = vd_share_lock_file(image, &claim);
-    if (status != ERROR_SUCCESS)
-        return status;
+    DWORD status;
     /* The mutex makes check-and-publish one step: without it two claimants
        could each publish, then each see the other and both give up (or, in
-       the other order, both go ahead). */
-    status = vd_share_lock_mutex(claim, image);
+       the other order, both go ahead).  A lock file is removed, under its
+       mutex, by the last claim to go (vd_share_release()): a claimant that
+       opened it just before must not publish on the removed file, where
+       nobody looks, so it starts again on the new one. */
+    for (int attempt = 0;; attempt++) {
+        status = vd_share_lock_file(image, &claim);
+        if (status != ERROR_SUCCESS)
+            return status;
+        status = vd_share_lock_mutex(claim, image);
+        struct stat st;
+        if (status != ERROR_SUCCESS || fstat(claim, &st) < 0 || st.st_nlink > 0 || attempt == 8)
+            break;
+        close(claim);
+    }
     if (status == ERROR_SUCCESS) {
         status = vd_share_conflict(except_fd >= 0 ? except_fd : claim, hold, deny, image, what);
         for (int p = 0; status == ERROR_SUCCESS && p < VD_PERMISSIONS; p++) {
@@ -164,6 +176,38 @@ DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny,
     }
     *fd = claim;
     return ERROR_SUCCESS;
+}
+
+void vd_share_release(int fd, const struct vd_image *image)
+{
+    if (fd < 0)
+        return;
+    close(fd); /* ends the claim, unless another process shares the description */
+    /* Remove the lock file when no claim is left on it, so that the run
+       directory does not grow by a file for every image ever opened.  Asked
+       through a description of its own: a claim inherited by a helper
+       shares fd's description, whose locks fd itself would not see.  Under
+       the mutex (not waited for: a claimant holding it is about to use the
+       file), and only while the name still means this file. */
+    int dir;
+    if (vd_run_dir(&dir) != ERROR_SUCCESS)
+        return;
+    char name[64];
+    vd_share_lock_name(image, name, sizeof name);
+    int lock = vd_run_open_existing(dir, name);
+    struct flock any = {.l_type = F_WRLCK,
+                        .l_whence = SEEK_SET,
+                        .l_start = VD_HOLD_BYTE,
+                        .l_len = VD_DENY_BYTE + VD_PERMISSIONS - VD_HOLD_BYTE};
+    struct stat mine, named;
+    if (lock >= 0 && flock(lock, LOCK_EX | LOCK_NB) == 0 && fcntl(lock, F_OFD_GETLK, &any) == 0 &&
+        any.l_type == F_UNLCK && fstat(lock, &mine) == 0 &&
+        fstatat(dir, name, &named, AT_SYMLINK_NOFOLLOW) == 0 && mine.st_dev == named.st_dev &&
+        mine.st_ino == named.st_ino)
+        unlinkat(dir, name, 0);
+    if (lock >= 0)
+        close(lock);
+    close(dir);
 }
 
 bool vd_share_held_elsewhere(int fd, unsigned perm)

@@ -53,6 +53,10 @@ enum {
 DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny, int except_fd, const char *what,
                      int *fd);
 
+/* Ends the claim on fd (a descriptor vd_share_claim() gave for image; -1
+   is ignored), removing the image's lock file when it was the last. */
+void vd_share_release(int fd, const struct vd_image *image);
+
 /* Whether a claim other than the one on fd holds (denies) perm; false for
    fd -1. */
 bool vd_share_held_elsewhere(int fd, unsigned perm);
