@@ -77,9 +77,11 @@ if TARGET == "windows":
     )
 else:
     fuse3 = _pkg_config("fuse3", "libfuse3-dev")
+    # The serving helper's entry points (python -I -m virtdisk._serve).
+    ffi.cdef(_cdef("serve_linux.h"))
     ffi.set_source(
         "virtdisk._native",
-        '#include "virtdisk.h"',
+        '#include "virtdisk.h"\n#include "serve_linux.h"',
         sources=[
             str(CFFI_SRC / "messages.c"),
             *sorted(str(path.relative_to(ROOT)) for path in (ROOT / PROVIDER).glob("*.c")),

@@ -17,6 +17,7 @@
 #include "fuseattach.h"
 #include "fusecheck.h"
 #include "handles.h"
+#include "servrecord.h"
 #include "image.h"
 #include "loopdev.h"
 #include "share.h"
@@ -569,7 +570,7 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
     vd_clear_detail();
     struct vd_handle *handle = vd_handle_acquire(VirtualDiskHandle);
     if (!handle)
-        return vd_fail(ERROR_INVALID_PARAMETER, "not a handle from OpenVirtualDisk or CreateVirtualDisk");
+        return vd_handle_refuse(VirtualDiskHandle, ERROR_INVALID_PARAMETER);
     DWORD status = vd_attach_checks(handle, Flags, Parameters);
     if (status == ERROR_SUCCESS && vd_job_running(handle))
         status = vd_fail(ERROR_BUSY, "an operation is still running on this handle");
@@ -609,7 +610,7 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
         status = vd_fail(ERROR_SHARING_VIOLATION, "%s is already attached as /dev/loop%d", image->path, existing);
     } else if (!image->flat) {
         /* Blocks to translate: a FUSE server shows the disk as a file. */
-        struct vd_loop loop;
+        int number;
         struct vd_served *served;
         /* What is missing is said before anything (a mount, a helper, a
            record) is made; a missing privilege is said first. */
@@ -617,11 +618,10 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
         if (status == ERROR_SUCCESS)
             status = vd_fuse_require(image);
         if (status == ERROR_SUCCESS)
-            status = vd_served_attach(image, read_only, permanent, &loop, &served);
+            status = vd_served_attach(image, read_only, permanent, &number, &served);
         if (status == ERROR_SUCCESS && !permanent) {
-            handle->disk->loop_number = loop.number;
-            handle->disk->loop_fd = loop.fd;
-            handle->disk->served = served;
+            handle->disk->loop_number = number;
+            handle->disk->served = served; /* its helper holds the device */
         }
     } else {
         /* The loop device gets its own open file description, which carries
@@ -681,7 +681,7 @@ DWORD WINAPI DetachVirtualDisk(HANDLE VirtualDiskHandle, DETACH_VIRTUAL_DISK_FLA
                        (unsigned)Flags);
     struct vd_handle *handle = vd_handle_acquire(VirtualDiskHandle);
     if (!handle)
-        return vd_fail(ERROR_INVALID_PARAMETER, "not a handle from OpenVirtualDisk or CreateVirtualDisk");
+        return vd_handle_refuse(VirtualDiskHandle, ERROR_INVALID_PARAMETER);
     DWORD status = ERROR_SUCCESS;
     if (!(handle->access & VIRTUAL_DISK_ACCESS_DETACH))
         status = vd_fail(ERROR_ACCESS_DENIED, "the handle was opened without VIRTUAL_DISK_ACCESS_DETACH");
@@ -701,17 +701,19 @@ DWORD WINAPI DetachVirtualDisk(HANDLE VirtualDiskHandle, DETACH_VIRTUAL_DISK_FLA
     } else if (status == ERROR_SUCCESS) {
         struct vd_disk *disk = handle->disk;
         bool own = disk->loop_number == number;
-        status = vd_loop_detach(number, own ? &disk->loop_fd : NULL);
+        if (own && disk->served) {
+            /* Success means the server is gone and the image flushed. */
+            status = vd_served_detach_own(disk->served);
+            if (status == ERROR_SUCCESS)
+                disk->served = NULL;
+        } else {
+            status = vd_loop_detach(number, own ? &disk->loop_fd : NULL);
+        }
         if (own && status == ERROR_SUCCESS) {
             disk->loop_number = -1;
             if (disk->attach_claim >= 0)
                 close(disk->attach_claim);
             disk->attach_claim = -1;
-            if (disk->served) {
-                /* Success means the server is gone and the image flushed. */
-                status = vd_served_end(disk->served, number);
-                disk->served = NULL;
-            }
         }
     }
     vd_disks_unlock();
@@ -726,7 +728,7 @@ DWORD WINAPI GetVirtualDiskPhysicalPath(HANDLE VirtualDiskHandle, ULONG *DiskPat
         return vd_fail(ERROR_INVALID_PARAMETER, "DiskPathSizeInBytes is required");
     struct vd_handle *handle = vd_handle_acquire(VirtualDiskHandle);
     if (!handle)
-        return vd_fail(ERROR_INVALID_PARAMETER, "not a handle from OpenVirtualDisk or CreateVirtualDisk");
+        return vd_handle_refuse(VirtualDiskHandle, ERROR_INVALID_PARAMETER);
     DWORD status = ERROR_SUCCESS;
     if (!(handle->access & VIRTUAL_DISK_ACCESS_GET_INFO)) {
         status = vd_fail(ERROR_ACCESS_DENIED, "the handle was opened without VIRTUAL_DISK_ACCESS_GET_INFO");
@@ -776,6 +778,10 @@ DWORD WINAPI GetAllAttachedVirtualDiskPhysicalPaths(ULONG *PathsBufferSizeInByte
     if (!PathsBufferSizeInBytes)
         return vd_fail(ERROR_INVALID_PARAMETER, "PathsBufferSizeInBytes is required");
     struct vd_path_list list = {PathsBuffer, *PathsBufferSizeInBytes / sizeof(WCHAR), 0};
+    /* What killed helpers left behind goes now (root only: the run
+       directory is root's). */
+    if (geteuid() == 0)
+        vd_run_collect_garbage();
     vd_loop_for_each_virtual_disk(vd_path_list_add, &list);
     /* A MULTI_SZ: every path NUL-terminated, then one more NUL. */
     size_t needed = (list.used + 1) * sizeof(WCHAR);

@@ -1,29 +1,26 @@
 /*
  * Attaching images that cannot be loop-mapped directly (dynamic,
- * differencing, non-contiguous VHDX): a FUSE server (fuseserve.h) shows the
- * virtual disk as one file, and a loop device is attached on that file, so
- * the physical path is still /dev/loopN.
+ * differencing, non-contiguous VHDX): a serving helper (helper.h) shows the
+ * virtual disk as one file through FUSE (fuseserve.h) and attaches a loop
+ * device on that file, so the physical path is still /dev/loopN.  This is
+ * the attacher's side.
  *
  * Promises:
+ *   - No FUSE server runs in the calling process: every served attachment,
+ *     permanent or not, is served by a helper started with fork and exec.
  *   - Same lifetime as a direct attachment.  Without PERMANENT_LIFETIME the
- *     server runs in threads of the attaching process and the loop device
- *     is autoclear and held by that process: the attachment ends when the
- *     caller closes the loop descriptor (then vd_served_end()), or when the
- *     process dies, leaving no loop device and no mount.  With it, a helper
- *     process (forked, C only, never returning into the caller's runtime)
- *     serves and holds the loop device, logs to <run dir>/<id>.log (rundir.h), and
- *     ends only when a DetachVirtualDisk asks it to (vd_served_detach()) or
- *     when it is killed, again leaving no loop device and no mount.
- *   - The server opens the image anew (its own open file descriptions), and
- *     that descriptor carries the "attached" marker (share.h), so
- *     IS_LOADED and "already attached" answer as for a direct attachment;
- *     differencing parents are opened read-only; a read-only attachment
- *     never writes the image.  The server's image and parents carry its
- *     sharing claims (share.h) for as long as it serves, in a helper too.
- *   - Every attachment is recorded in <run dir>/<dev>-<ino>.json (image
- *     identity, loop device, serving process), so that any process finds the
- *     loop device of an image (vd_served_find()); a record is trusted only
- *     while its loop device is still bound to its FUSE file.
+ *     caller holds the helper's control channel (struct vd_served): the
+ *     attachment ends when it closes (vd_served_end(), or the process dying),
+ *     leaving no loop device and no mount.  With it, the helper holds the
+ *     device until a DetachVirtualDisk from any privileged process asks it to
+ *     (vd_served_detach()), or until it is killed.
+ *   - The helper opens the image anew (its own open file descriptions) and
+ *     that descriptor carries the "attached" marker (handles.h), so IS_LOADED
+ *     and "already attached" answer as for a direct attachment; differencing
+ *     parents are opened read-only; a read-only attachment never writes the
+ *     image.
+ *   - Every attachment is recorded in the run directory (servrecord.h), so
+ *     that any process finds the loop device of an image (vd_served_find()).
  *   - A detach reports success only once the loop device is gone, the image
  *     is flushed and closed, and the server has ended.
  */
@@ -33,31 +30,36 @@
 #include <stdbool.h>
 
 #include "image.h"
-#include "loopdev.h"
 #include "virtdisk.h"
 
 struct vd_served;
 
-/* Attaches image (a handle's) through FUSE.  Non-permanent: *out is the
-   in-process server and *loop the held autoclear device.  Permanent: the
-   helper holds the device, *out is NULL and loop->fd is -1. */
-DWORD vd_served_attach(const struct vd_image *image, bool read_only, bool permanent, struct vd_loop *loop,
+/* Attaches image (a handle's) through a helper; *number is the loop
+   device.  Non-permanent: *out is the control channel to hold.  Permanent:
+   *out is NULL. */
+DWORD vd_served_attach(const struct vd_image *image, bool read_only, bool permanent, int *number,
                        struct vd_served **out);
 
-/* Ends an in-process attachment whose loop descriptor the caller has just
-   closed (a detach or the last handle closing): when the device is gone,
-   waits for the server to flush and end, and returns that flush's status;
-   when something else still holds the device, the server keeps serving
-   until it lets go, and ends by itself. */
-DWORD vd_served_end(struct vd_served *served, int number);
+/* The disk's last handle closed: lets go of a non-permanent attachment as
+   closing an autoclear device would, and frees served.  Returns the final
+   flush's status when the device is gone; success when something else still
+   holds it (the helper then serves until it lets go). */
+DWORD vd_served_end(struct vd_served *served);
+
+/* Detaches this process's non-permanent attachment with vd_loop_detach()'s
+   rules: on success served is freed; on refusal it stays as it was. */
+DWORD vd_served_detach_own(struct vd_served *served);
+
+/* In a forked child: drops the inherited channel without a word, so that
+   the child neither keeps nor ends the parent's attachment.  Only
+   async-signal-safe calls; served is not freed. */
+void vd_served_forget(struct vd_served *served);
 
 /* The loop device of a FUSE attachment of image made by any process, or -1.
-   *helper tells whether a helper process serves it (a permanent one). */
+   *helper tells whether the helper takes detach requests (a permanent one). */
 int vd_served_find(const struct vd_image *image, bool *helper);
 
-/* Detaches the image's permanent attachment: the helper detaches its loop
-   device with vd_loop_detach()'s rules (refusal while in use), flushes and
-   closes the image, and exits; returns once it has exited. */
+/* Detaches the image's permanent attachment through its helper's socket. */
 DWORD vd_served_detach(const struct vd_image *image);
 
 #endif

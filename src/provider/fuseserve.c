@@ -28,7 +28,6 @@
 
 #define VD_FUSE_ROOT_INO FUSE_ROOT_ID
 #define VD_FUSE_DISK_INO 2
-#define VD_FUSE_DISK_NAME "disk"
 /* Attributes never change while the server runs. */
 #define VD_FUSE_TIMEOUT 86400.0
 
@@ -315,8 +314,12 @@ DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server
     int run_dir;
     DWORD status = vd_run_dir(&run_dir);
     if (status == ERROR_SUCCESS) {
-        char name[32];
-        status = vd_run_make_dir(run_dir, "mnt.", name, sizeof name);
+        char name[48];
+        /* The server's pid in the name tells a later garbage collection
+           whether the mount's server is gone (servrecord.h). */
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "mnt.%ld.", (long)getpid());
+        status = vd_run_make_dir(run_dir, prefix, name, sizeof name);
         close(run_dir);
         /* By name from here: mount(2) takes a path.  The directory was
            checked to be root's own, so the name cannot be redirected. */
@@ -440,4 +443,21 @@ void vd_fuse_abandon(struct vd_fuse_server *server)
     } else {
         pthread_detach(server->thread);
     }
+}
+
+const char *vd_fuse_mount_dir(const struct vd_fuse_server *server)
+{
+    return server->mount_dir;
+}
+
+DWORD vd_fuse_wait_end(struct vd_fuse_server *server)
+{
+    pthread_mutex_lock(&server->mutex);
+    while (!server->ended)
+        pthread_cond_wait(&server->ended_cond, &server->mutex);
+    DWORD status = server->flush_status;
+    pthread_mutex_unlock(&server->mutex);
+    pthread_join(server->thread, NULL);
+    vd_fuse_free(server);
+    return status;
 }

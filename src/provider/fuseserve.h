@@ -30,6 +30,9 @@
 #include "image.h"
 #include "virtdisk.h"
 
+/* The file that shows the disk, in the mount folder. */
+#define VD_FUSE_DISK_NAME "disk"
+
 struct vd_fuse_server;
 
 /* Mounts a server for image and starts serving.  The server owns image from
@@ -57,6 +60,13 @@ DWORD vd_fuse_hide(struct vd_fuse_server *server);
    returns the final flush's status.  ERROR_BUSY: still serving (the
    server stays valid: wait again, or abandon it). */
 DWORD vd_fuse_wait(struct vd_fuse_server *server, int timeout_ms);
+
+/* Waits for the session to end, however long, then frees the server and
+   returns the final flush's status. */
+DWORD vd_fuse_wait_end(struct vd_fuse_server *server);
+
+/* The mount folder (valid while the server is). */
+const char *vd_fuse_mount_dir(const struct vd_fuse_server *server);
 
 /* Leaves a hidden server to end by itself when the kernel ends its session;
    it frees itself then.  The caller must not use it any more. */

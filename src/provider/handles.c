@@ -109,6 +109,7 @@ DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, 
     handle->image = image;
     handle->users = 1;
     handle->rw_depth = 1;
+    handle->owner = getpid();
 
     pthread_mutex_lock(&vd_registry_mutex);
     handle->disk = vd_disk_for(image->file_dev, image->file_ino);
@@ -131,8 +132,9 @@ struct vd_handle *vd_handle_acquire(HANDLE value)
 {
     pthread_mutex_lock(&vd_registry_mutex);
     struct vd_handle *found = NULL;
+    pid_t self = getpid();
     for (struct vd_handle *handle = vd_handles; handle; handle = handle->next) {
-        if ((HANDLE)handle == value) {
+        if ((HANDLE)handle == value && handle->owner == self) {
             handle->users++;
             found = handle;
             break;
@@ -158,6 +160,71 @@ static void vd_disk_forget(struct vd_disk *disk)
         }
     }
     free(disk);
+}
+
+DWORD vd_handle_refuse(HANDLE value, DWORD code)
+{
+    pid_t owner = 0;
+    pthread_mutex_lock(&vd_registry_mutex);
+    for (struct vd_handle *handle = vd_handles; handle; handle = handle->next)
+        if ((HANDLE)handle == value)
+            owner = handle->owner;
+    pthread_mutex_unlock(&vd_registry_mutex);
+    if (owner)
+        return vd_fail(ERROR_INVALID_HANDLE,
+                       "the handle belongs to process %ld, the parent of this forked process; "
+                       "open the virtual disk again in this process",
+                       (long)owner);
+    return vd_fail(code, "not a handle from OpenVirtualDisk or CreateVirtualDisk");
+}
+
+/* Fork: the registry is copied as it was at the fork (both locks are taken
+   around it, so it is consistent), and the child lets go of every
+   attachment's descriptor without a word: a direct attachment's autoclear
+   loop descriptor, a served one's helper channel.  The parent's copies keep
+   them; the child's disks start afresh. */
+static void vd_fork_prepare(void)
+{
+    pthread_mutex_lock(&vd_disk_mutex);
+    pthread_mutex_lock(&vd_registry_mutex);
+}
+
+static void vd_fork_parent(void)
+{
+    pthread_mutex_unlock(&vd_registry_mutex);
+    pthread_mutex_unlock(&vd_disk_mutex);
+}
+
+static void vd_fork_child(void)
+{
+    for (struct vd_disk *disk = vd_disks; disk; disk = disk->next) {
+        if (disk->loop_fd >= 0)
+            close(disk->loop_fd);
+        disk->loop_fd = -1;
+        if (disk->served)
+            vd_served_forget(disk->served);
+        disk->served = NULL; /* the parent's: not freed here, never used */
+        if (disk->attach_claim >= 0)
+            close(disk->attach_claim);
+        disk->attach_claim = -1;
+        disk->loop_number = -1;
+        /* A handle the child opens must not share the parent's disk. */
+        disk->dev = (dev_t)-1;
+        disk->ino = (ino_t)-1;
+    }
+    /* Nor does an inherited handle's claim outlive the parent's handle. */
+    for (struct vd_handle *handle = vd_handles; handle; handle = handle->next) {
+        if (handle->share_fd >= 0)
+            close(handle->share_fd);
+        handle->share_fd = -1;
+    }
+    pthread_mutex_unlock(&vd_registry_mutex);
+    pthread_mutex_unlock(&vd_disk_mutex);
+}
+
+__attribute__((constructor)) static void vd_handles_init(void)
+{
+    pthread_atfork(vd_fork_prepare, vd_fork_parent, vd_fork_child);
 }
 
 /* Frees a handle nobody uses any more.  When it was the disk's last handle,
@@ -188,7 +255,7 @@ static void vd_handle_free(struct vd_handle *handle)
         vd_loop_wait_unbound(loop_number, VD_LOOP_TRANSIENT_MS);
     }
     if (served)
-        vd_served_end(served, loop_number);
+        vd_served_end(served);
     if (attach_claim >= 0)
         close(attach_claim);
     vd_disks_unlock();

@@ -13,8 +13,14 @@
  *     handle holds its parents read-only, for as long as it is open.
  *   - A disk attached without PERMANENT_LIFETIME by this process is detached
  *     when its last handle in this process closes, and by the kernel when the
- *     process dies (the attachment is an autoclear loop device held open);
- *     a FUSE server of such a disk then ends with it (fuseattach.h).
+ *     process dies (the attachment is an autoclear loop device held open, or
+ *     a serving helper's channel: fuseattach.h).
+ *   - Handles are per process, as on Windows: in a forked child every
+ *     inherited handle is refused with ERROR_INVALID_HANDLE and a detail that
+ *     says so, and the child holds none of the parent's attachments (their
+ *     descriptors are closed at fork), so it neither keeps them alive nor
+ *     ends them.  CloseHandle of an inherited handle frees the child's copy
+ *     and touches nothing else.
  */
 #ifndef VD_PROVIDER_HANDLES_H
 #define VD_PROVIDER_HANDLES_H
@@ -33,8 +39,8 @@ struct vd_disk {
     ino_t ino;
     unsigned handle_count;
     int loop_number;        /* a non-permanent attachment made here, else -1 */
-    int loop_fd;            /* held open to keep that attachment alive, else -1 */
-    struct vd_served *served; /* its FUSE server when the image is not flat */
+    int loop_fd;            /* held open to keep a direct attachment alive, else -1 */
+    struct vd_served *served; /* the helper's channel when the image is served */
     int attach_claim;       /* that attachment's ATTACH claim (share.h), else -1 */
     struct vd_disk *next;
 };
@@ -49,6 +55,7 @@ struct vd_handle {
     ULONG rw_depth;         /* OPEN_VIRTUAL_DISK_PARAMETERS' RWDepth: how many
                                disks of the chain, from the leaf, the handle
                                may change (1 unless OpenVirtualDisk said) */
+    pid_t owner;            /* the process that opened it */
     struct vd_handle *next;
 };
 
@@ -66,6 +73,10 @@ void vd_handle_release(struct vd_handle *handle);
    operation outliving the call that started it), even if it has been
    closed meanwhile.  Pair with vd_handle_release(). */
 void vd_handle_retain(struct vd_handle *handle);
+/* Records why vd_handle_acquire(value) found nothing: the handle belongs to
+   the parent of this forked process (ERROR_INVALID_HANDLE), or it is no
+   handle at all (code).  Returns the code recorded. */
+DWORD vd_handle_refuse(HANDLE value, DWORD code);
 
 /* Serialises attach/detach decisions about disks within this process. */
 void vd_disks_lock(void);

@@ -70,7 +70,9 @@ DWORD vd_image_open(const char *path, ULONG device_id, bool writable,
     image->open_flags = open_flags;
 
     DWORD status;
-    image->fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOCTTY);
+    /* O_NONBLOCK: a FIFO (or a device) named as an image, or planted as a
+       parent, must not hang the open; only a regular file is read. */
+    image->fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (image->fd < 0) {
         status = vd_fail_errno(errno, "opening %s", path);
         goto fail;
@@ -84,6 +86,7 @@ DWORD vd_image_open(const char *path, ULONG device_id, bool writable,
         status = vd_fail(ERROR_VIRTDISK_NOT_VIRTUAL_DISK, "%s is not a regular file", path);
         goto fail;
     }
+    fcntl(image->fd, F_SETFL, fcntl(image->fd, F_GETFL) & ~O_NONBLOCK);
     image->file_size = (uint64_t)st.st_size;
     image->file_dev = st.st_dev;
     image->file_ino = st.st_ino;

@@ -244,7 +244,7 @@ DWORD WINAPI GetVirtualDiskInformation(HANDLE VirtualDiskHandle, ULONG *VirtualD
     }
     struct vd_handle *handle = vd_handle_acquire(VirtualDiskHandle);
     if (!handle)
-        return vd_fail(ERROR_INVALID_HANDLE, "not a handle from OpenVirtualDisk or CreateVirtualDisk");
+        return vd_handle_refuse(VirtualDiskHandle, ERROR_INVALID_HANDLE);
     DWORD status;
     ULONG used = 0;
     if (!(handle->access & VIRTUAL_DISK_ACCESS_GET_INFO))

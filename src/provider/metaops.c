@@ -29,7 +29,7 @@ static struct vd_handle *vd_metaops_handle(HANDLE value, DWORD *status)
 {
     struct vd_handle *handle = vd_handle_acquire(value);
     if (!handle) {
-        *status = vd_fail(ERROR_INVALID_HANDLE, "not a handle from OpenVirtualDisk or CreateVirtualDisk");
+        *status = vd_handle_refuse(value, ERROR_INVALID_HANDLE);
         return NULL;
     }
     struct vd_image *image = handle->image;

@@ -24,7 +24,8 @@ enum { VD_COPY_CHUNK = 1 << 20 };
 
 static DWORD vd_source_open_raw(struct vd_source *source)
 {
-    source->fd = open(source->path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    /* O_NONBLOCK until the type is known: a FIFO must not hang the open. */
+    source->fd = open(source->path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (source->fd < 0)
         return vd_fail_errno(errno, "opening the source %s", source->path);
     struct stat st;
@@ -41,6 +42,7 @@ static DWORD vd_source_open_raw(struct vd_source *source)
         return vd_fail(ERROR_VIRTDISK_NOT_VIRTUAL_DISK, "the source %s is neither a file nor a block device",
                        source->path);
     }
+    fcntl(source->fd, F_SETFL, fcntl(source->fd, F_GETFL) & ~O_NONBLOCK);
     if (source->size == 0)
         return vd_fail(ERROR_INVALID_PARAMETER, "the source %s is empty", source->path);
     source->logical_sector_size = 512;

@@ -27,6 +27,12 @@ from ._errors import (
 from ._native import ffi, lib
 from ._operation import Operation, ProgressCallback
 
+if sys.platform.startswith("linux") and sys.executable:
+    # FUSE-served attachments are served by `python -I -m virtdisk._serve`
+    # (src/provider/helper.h), run by this interpreter so that it finds this
+    # installation of the package.
+    lib.vd_serve_set_program(os.fsencode(sys.executable))
+
 _T = TypeVar("_T")
 
 StrPath = Union[str, "os.PathLike[str]"]

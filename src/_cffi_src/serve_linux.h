@@ -1,0 +1,13 @@
+/*
+ * Linux only: the provider's serving helper (src/provider/helper.h), which
+ * runs as `python -I -m virtdisk._serve FD`.  Like shim.h this file is both a
+ * cffi cdef and a C header, so it holds prototypes only.
+ */
+
+/* The interpreter that runs the serving helper (the facade passes
+   sys.executable at import); copied. */
+void vd_serve_set_program(const char *python);
+
+/* The serving helper's main, on control channel fd (inherited from the
+   attaching process).  Never returns. */
+void vd_serve_main(int control_fd);

@@ -1,0 +1,749 @@
+/*
+ * The serving helper's two processes (see helper.h).
+ */
+#define _GNU_SOURCE
+#define FUSE_USE_VERSION FUSE_MAKE_VERSION(3, 12)
+#include "helper.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "errors.h"
+#include "fuseserve.h"
+#include "handles.h"
+#include "image.h"
+#include "loopdev.h"
+#include "rundir.h"
+#include "serveproto.h"
+#include "servrecord.h"
+#include "share.h"
+
+enum { VD_MAX_CLIENTS = 16, VD_CAP_SYS_ADMIN = 21 };
+
+static char *vd_serve_python;
+
+void vd_serve_set_program(const char *python)
+{
+    char *copy = python ? strdup(python) : NULL;
+    if (copy || !python)
+        vd_serve_python = copy; /* set once at import; the old copy may be in use */
+}
+
+const char *vd_serve_program(void)
+{
+    return vd_serve_python;
+}
+
+/* ---- the log (stderr of both processes) ---------------------------------- */
+
+static size_t vd_log_bytes;
+static unsigned vd_log_errors;
+
+static void vd_log_write(const char *message)
+{
+    char stamp[32];
+    time_t now = time(NULL);
+    struct tm tm;
+    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", localtime_r(&now, &tm));
+    char line[1200];
+    int length = snprintf(line, sizeof line, "%s virtdisk helper %ld: %s\n", stamp, (long)getpid(), message);
+    if (length < 0)
+        return;
+    if ((size_t)length >= sizeof line)
+        length = sizeof line - 1;
+    if (vd_log_bytes + (size_t)length > VD_LOG_MAX_BYTES) {
+        if (vd_log_bytes <= VD_LOG_MAX_BYTES) {
+            static const char full[] = "log full: further messages dropped\n";
+            if (write(STDERR_FILENO, full, sizeof full - 1) < 0)
+                return;
+        }
+        vd_log_bytes = VD_LOG_MAX_BYTES + 1;
+        return;
+    }
+    vd_log_bytes += (size_t)length;
+    if (write(STDERR_FILENO, line, (size_t)length) < 0)
+        return;
+}
+
+static void vd_log(bool error, const char *format, ...) __attribute__((format(printf, 2, 3)));
+
+static void vd_log(bool error, const char *format, ...)
+{
+    char message[1024];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(message, sizeof message, format, args);
+    va_end(args);
+    if (error)
+        vd_log_errors++;
+    vd_log_write(message);
+}
+
+/* libfuse's messages, through the same bounded log; its errors count. */
+static void vd_fuse_log(enum fuse_log_level level, const char *format, va_list args)
+{
+    char message[1024];
+    vsnprintf(message, sizeof message, format, args);
+    size_t length = strlen(message);
+    if (length && message[length - 1] == '\n')
+        message[length - 1] = '\0';
+    if (level <= FUSE_LOG_ERR)
+        vd_log_errors++;
+    vd_log_write(message);
+}
+
+/* ---- the server process --------------------------------------------------- */
+
+enum vd_report_kind { VD_REPORT_READY = 1, VD_REPORT_ENDED = 2 };
+
+/* server -> supervisor, one write each (< PIPE_BUF: atomic) */
+struct vd_server_report {
+    uint32_t kind;
+    uint32_t status;
+    uint32_t errors;
+    char text[1024]; /* READY: the mount folder; else the detail */
+};
+
+static void vd_report(int fd, enum vd_report_kind kind, DWORD status, const char *text)
+{
+    struct vd_server_report report = {.kind = kind, .status = status, .errors = vd_log_errors};
+    snprintf(report.text, sizeof report.text, "%s", text ? text : "");
+    if (write(fd, &report, sizeof report) < 0) {
+        /* The supervisor is gone: nobody to tell. */
+    }
+}
+
+struct vd_watch {
+    int go_fd;
+    char *mount_dir;
+};
+
+/* Waits for the supervisor to go away; then the mount must not stay
+   visible, whether or not a loop device holds its file. */
+static void *vd_server_watch(void *context)
+{
+    struct vd_watch *watch = context;
+    char byte;
+    while (read(watch->go_fd, &byte, 1) != 0 && errno == EINTR)
+        continue;
+    if (umount2(watch->mount_dir, MNT_DETACH | UMOUNT_NOFOLLOW) == 0)
+        vd_log(false, "the supervisor is gone; unmounted %s", watch->mount_dir);
+    rmdir(watch->mount_dir);
+    return NULL;
+}
+
+static void vd_server_main(struct vd_image *image, bool writable, int report_fd, int go_fd)
+    __attribute__((noreturn));
+
+static void vd_server_main(struct vd_image *image, bool writable, int report_fd, int go_fd)
+{
+    prctl(PR_SET_NAME, "virtdisk-fuse");
+    fuse_set_log_func(vd_fuse_log);
+    vd_clear_detail();
+    struct vd_fuse_server *server;
+    DWORD status = vd_fuse_serve(image, writable, &server);
+    if (status == ERROR_SUCCESS)
+        status = vd_share_mark_attached(vd_fuse_image(server)->fd);
+    if (status != ERROR_SUCCESS) {
+        vd_report(report_fd, VD_REPORT_READY, status, vd_last_error_detail());
+        _exit(1);
+    }
+    static struct vd_watch watch;
+    watch.go_fd = go_fd;
+    watch.mount_dir = strdup(vd_fuse_mount_dir(server));
+    pthread_t watcher;
+    if (!watch.mount_dir || pthread_create(&watcher, NULL, vd_server_watch, &watch) != 0) {
+        vd_fuse_hide(server);
+        vd_report(report_fd, VD_REPORT_READY, ERROR_OUTOFMEMORY, "starting the server's watcher");
+        _exit(1);
+    }
+    vd_report(report_fd, VD_REPORT_READY, ERROR_SUCCESS, watch.mount_dir);
+    /* Serve until the kernel ends the session: the loop device let go of the
+       file, and the mount is gone. */
+    status = vd_fuse_wait_end(server);
+    vd_report(report_fd, VD_REPORT_ENDED, status, vd_last_error_detail());
+    _exit(status == ERROR_SUCCESS ? 0 : 1);
+}
+
+/* ---- the supervisor ------------------------------------------------------- */
+
+struct vd_client {
+    int fd;
+    uint64_t deadline_ms;
+};
+
+struct vd_supervisor {
+    char base[64];
+    char *image_path;
+    bool permanent;
+    int control;        /* the attacher's channel, until it closes (or KEEP) */
+    int listener;       /* permanent only */
+    struct sockaddr_un address;
+    pid_t server;
+    int report_fd;      /* the server's reports; end of file when it died */
+    int go_fd;          /* closed: the server unmounts (the supervisor is gone) */
+    struct vd_loop loop;
+    uint64_t backing_dev;
+    uint64_t backing_ino;
+    struct vd_client clients[VD_MAX_CLIENTS];
+    size_t client_count;
+};
+
+/* Reads one report within timeout_ms: 0, ETIMEDOUT, or EPIPE (the server
+   died without a word). */
+static int vd_read_report(int fd, int timeout_ms, struct vd_server_report *report)
+{
+    uint64_t deadline = vd_msg_now_ms() + (uint64_t)timeout_ms;
+    size_t got = 0;
+    while (got < sizeof *report) {
+        uint64_t now = vd_msg_now_ms();
+        if (now >= deadline)
+            return ETIMEDOUT;
+        struct pollfd ready = {.fd = fd, .events = POLLIN};
+        int n = poll(&ready, 1, (int)(deadline - now));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n == 0 ? ETIMEDOUT : errno;
+        ssize_t r = read(fd, (char *)report + got, sizeof *report - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return EPIPE;
+        got += (size_t)r;
+    }
+    report->text[sizeof report->text - 1] = '\0';
+    return 0;
+}
+
+static void vd_reap(pid_t pid)
+{
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+        continue;
+}
+
+/* Aborts the server's FUSE connection through fusectl, when it is mounted.
+   Its /dev/fuse closing has done the same already; this also covers a
+   descriptor someone else might still hold. */
+static void vd_abort_connection(const struct vd_supervisor *s)
+{
+    dev_t dev = (dev_t)s->backing_dev;
+    char path[96];
+    snprintf(path, sizeof path, "/sys/fs/fuse/connections/%u/abort", (major(dev) << 20) | minor(dev));
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (write(fd, "1", 1) < 0)
+            vd_log(true, "aborting the FUSE connection through %s: %s", path, strerror(errno));
+        close(fd);
+    }
+}
+
+/* Waits up to timeout_ms for the server to end, and returns its final
+   status (ERROR_BUSY: still serving). */
+static DWORD vd_wait_server(struct vd_supervisor *s, int timeout_ms)
+{
+    struct vd_server_report report;
+    int error = vd_read_report(s->report_fd, timeout_ms, &report);
+    if (error == ETIMEDOUT)
+        return vd_fail(ERROR_BUSY, "the server of %s is still serving after %d ms", s->image_path, timeout_ms);
+    vd_reap(s->server);
+    s->server = -1;
+    if (error || report.kind != VD_REPORT_ENDED) {
+        vd_log(true, "the server ended without its final report");
+        return vd_fail(ERROR_GEN_FAILURE, "the server of %s ended without its final report", s->image_path);
+    }
+    if (report.errors)
+        vd_log_errors += report.errors;
+    if (report.status != ERROR_SUCCESS) {
+        vd_log(true, "final flush failed (0x%08X): %s", (unsigned)report.status, report.text);
+        return vd_fail(report.status, "%s", report.text);
+    }
+    return ERROR_SUCCESS;
+}
+
+/* Removes the attachment's files and ends the supervisor. */
+static void vd_finish(struct vd_supervisor *s, DWORD status) __attribute__((noreturn));
+
+static void vd_finish(struct vd_supervisor *s, DWORD status)
+{
+    struct vd_record record;
+    if (vd_record_read(s->base, &record) && record.pid == (long)getpid())
+        vd_run_remove(s->base, ".json");
+    if (s->listener >= 0)
+        unlink(s->address.sun_path);
+    bool clean = status == ERROR_SUCCESS && vd_log_errors == 0;
+    vd_log(!clean, "ended (0x%08X)%s", (unsigned)status, clean ? "" : "; log kept");
+    if (clean)
+        vd_run_remove(s->base, ".log");
+    _exit(clean ? 0 : 1);
+}
+
+static void vd_reply(int fd, DWORD status, int loop)
+{
+    if (fd >= 0)
+        vd_msg_send_result(fd, status, loop, status == ERROR_SUCCESS ? "" : vd_last_error_detail());
+}
+
+/* The server died: abort, let go of the device, go. */
+static void vd_server_died(struct vd_supervisor *s) __attribute__((noreturn));
+
+static void vd_server_died(struct vd_supervisor *s)
+{
+    vd_abort_connection(s);
+    vd_reap(s->server);
+    vd_log(true, "the server of %s died; releasing /dev/loop%d", s->image_path, s->loop.number);
+    if (s->loop.fd >= 0)
+        close(s->loop.fd);
+    vd_finish(s, ERROR_GEN_FAILURE);
+}
+
+/* Lets go of the device, as closing an autoclear device's last descriptor
+   does: when nobody else holds it, it is gone and the server ends; else the
+   server serves on until the last holder lets go.  reply_fd (or -1) learns
+   the outcome as soon as it is known. */
+static void vd_release(struct vd_supervisor *s, int reply_fd) __attribute__((noreturn));
+
+static void vd_release(struct vd_supervisor *s, int reply_fd)
+{
+    vd_clear_detail();
+    close(s->loop.fd);
+    s->loop.fd = -1;
+    DWORD status = vd_loop_is_bound(s->loop.number) ? ERROR_BUSY : vd_wait_server(s, VD_SERVER_END_MS);
+    if (status == ERROR_BUSY) {
+        vd_log(false, "/dev/loop%d is still held elsewhere; serving until it is released", s->loop.number);
+        vd_reply(reply_fd, ERROR_SUCCESS, s->loop.number);
+        for (;;) {
+            status = vd_wait_server(s, 24 * 3600 * 1000);
+            if (status != ERROR_BUSY)
+                break;
+        }
+        vd_finish(s, status);
+    }
+    vd_reply(reply_fd, status, -1);
+    vd_finish(s, status);
+}
+
+/* A DETACH: refused (and the attachment kept) while the device is in use,
+   else done, flushed and answered before the supervisor ends. */
+static void vd_detach(struct vd_supervisor *s, int reply_fd, const struct vd_msg_detach *request)
+{
+    vd_clear_detail();
+    if (vd_msg_now_ms() >= request->start_deadline_ms) {
+        vd_reply(reply_fd, vd_fail(ERROR_BUSY, "the detach request waited past its deadline and was not run"),
+                 -1);
+        return;
+    }
+    DWORD status = vd_loop_detach(s->loop.number, &s->loop.fd);
+    if (status != ERROR_SUCCESS) {
+        vd_log(false, "detach refused (0x%08X): %s", (unsigned)status, vd_last_error_detail());
+        vd_reply(reply_fd, status, s->loop.number);
+        return;
+    }
+    status = vd_wait_server(s, VD_SERVER_END_MS);
+    vd_log(status != ERROR_SUCCESS, "detached /dev/loop%d from %s (0x%08X)", s->loop.number, s->image_path,
+           (unsigned)status);
+    vd_reply(reply_fd, status, -1);
+    vd_finish(s, status);
+}
+
+/* Whether the process on the other end of a connected socket has
+   CAP_SYS_ADMIN in its effective set (what the API itself requires). */
+static bool vd_peer_is_privileged(int fd, long *pid)
+{
+    struct ucred peer;
+    socklen_t size = sizeof peer;
+    *pid = -1;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &size) < 0 || peer.pid <= 0)
+        return false;
+    *pid = peer.pid;
+    char path[64], text[4096];
+    snprintf(path, sizeof path, "/proc/%ld/status", (long)peer.pid);
+    int status_fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (status_fd < 0)
+        return false;
+    ssize_t n = read(status_fd, text, sizeof text - 1);
+    close(status_fd);
+    if (n <= 0)
+        return false;
+    text[n] = '\0';
+    const char *line = strstr(text, "\nCapEff:");
+    if (!line)
+        return false;
+    unsigned long long caps = strtoull(line + 8, NULL, 16);
+    return (caps >> VD_CAP_SYS_ADMIN) & 1;
+}
+
+static void vd_drop_client(struct vd_supervisor *s, size_t index)
+{
+    close(s->clients[index].fd);
+    s->clients[index] = s->clients[--s->client_count];
+}
+
+static void vd_accept(struct vd_supervisor *s)
+{
+    int fd = accept4(s->listener, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0)
+        return;
+    long pid;
+    if (!vd_peer_is_privileged(fd, &pid)) {
+        vd_log(false, "refused a request from pid %ld: no CAP_SYS_ADMIN in its effective set", pid);
+        vd_msg_send_result(fd, ERROR_PRIVILEGE_NOT_HELD, -1,
+                           "detaching a virtual disk needs CAP_SYS_ADMIN in the effective set");
+        close(fd);
+        return;
+    }
+    if (s->client_count == VD_MAX_CLIENTS) {
+        vd_msg_send_result(fd, ERROR_BUSY, -1, "the helper has too many clients; try again");
+        close(fd);
+        return;
+    }
+    s->clients[s->client_count++] = (struct vd_client){.fd = fd, .deadline_ms = vd_msg_now_ms() + VD_CLIENT_REQUEST_MS};
+}
+
+static void vd_serve_client(struct vd_supervisor *s, size_t index)
+{
+    int fd = s->clients[index].fd;
+    uint16_t type;
+    char payload[VD_MSG_MAX_PAYLOAD];
+    size_t length;
+    int error = vd_msg_recv(fd, 0, &type, payload, sizeof payload, &length, NULL);
+    if (error == ETIMEDOUT)
+        return;
+    if (error == 0 && type == VD_MSG_DETACH && length == sizeof(struct vd_msg_detach)) {
+        struct vd_msg_detach request;
+        memcpy(&request, payload, sizeof request);
+        vd_detach(s, fd, &request);
+    } else if (error == 0 || error == EPROTO) {
+        vd_msg_send_result(fd, ERROR_INVALID_PARAMETER, -1, "not a request this helper takes");
+    }
+    vd_drop_client(s, index);
+}
+
+static void vd_serve_control(struct vd_supervisor *s)
+{
+    uint16_t type;
+    char payload[VD_MSG_MAX_PAYLOAD];
+    size_t length;
+    int error = vd_msg_recv(s->control, 0, &type, payload, sizeof payload, &length, NULL);
+    if (error == ETIMEDOUT)
+        return;
+    if (error == EPIPE || error == ECONNRESET) {
+        /* The attacher's last handle closed, or it died. */
+        vd_release(s, -1);
+    }
+    if (error == 0 && type == VD_MSG_RELEASE)
+        vd_release(s, s->control);
+    if (error == 0 && type == VD_MSG_DETACH && length == sizeof(struct vd_msg_detach)) {
+        struct vd_msg_detach request;
+        memcpy(&request, payload, sizeof request);
+        vd_detach(s, s->control, &request);
+        return;
+    }
+    vd_msg_send_result(s->control, ERROR_INVALID_PARAMETER, -1, "not a request this helper takes");
+}
+
+static void vd_supervise(struct vd_supervisor *s) __attribute__((noreturn));
+
+static void vd_supervise(struct vd_supervisor *s)
+{
+    for (;;) {
+        struct pollfd fds[3 + VD_MAX_CLIENTS];
+        size_t count = 0;
+        fds[count++] = (struct pollfd){.fd = s->report_fd, .events = POLLIN};
+        fds[count++] = (struct pollfd){.fd = s->control, .events = POLLIN};
+        fds[count++] = (struct pollfd){.fd = s->listener, .events = POLLIN};
+        uint64_t now = vd_msg_now_ms(), next = UINT64_MAX;
+        for (size_t i = 0; i < s->client_count; i++) {
+            fds[count++] = (struct pollfd){.fd = s->clients[i].fd, .events = POLLIN};
+            if (s->clients[i].deadline_ms < next)
+                next = s->clients[i].deadline_ms;
+        }
+        int timeout = next == UINT64_MAX ? -1 : next <= now ? 0 : (int)(next - now);
+        int n = poll(fds, count, timeout);
+        if (n < 0 && errno != EINTR) {
+            vd_log(true, "poll: %s", strerror(errno));
+            sleep(1);
+            continue;
+        }
+        if (fds[0].revents) {
+            /* A report now means the server ended: the device let go of its
+               file behind our back (an administrator's losetup -d), or it
+               died. */
+            struct vd_server_report report;
+            if (vd_read_report(s->report_fd, 1000, &report) == 0 && report.kind == VD_REPORT_ENDED) {
+                vd_reap(s->server);
+                if (s->loop.fd >= 0)
+                    close(s->loop.fd);
+                vd_log(report.status != ERROR_SUCCESS, "the server ended by itself (0x%08X)",
+                       (unsigned)report.status);
+                vd_finish(s, report.status);
+            }
+            vd_server_died(s);
+        }
+        if (s->control >= 0 && fds[1].revents)
+            vd_serve_control(s);
+        if (s->listener >= 0 && fds[2].revents)
+            vd_accept(s);
+        now = vd_msg_now_ms();
+        /* From the last: vd_drop_client moves the last entry into the gap. */
+        for (size_t i = s->client_count; i-- > 0;) {
+            size_t slot = 3 + i;
+            if (slot < count && fds[slot].fd == s->clients[i].fd && fds[slot].revents)
+                vd_serve_client(s, i);
+            else if (s->clients[i].deadline_ms <= now)
+                vd_drop_client(s, i); /* silent: it may not hold up anyone else */
+        }
+    }
+}
+
+/* Starts the server and the loop device; answers nothing. */
+static DWORD vd_start(struct vd_supervisor *s, int image_fd, const struct vd_msg_attach *request)
+{
+    char self[64];
+    snprintf(self, sizeof self, "/proc/self/fd/%d", image_fd);
+    struct vd_image *image;
+    DWORD status = vd_image_open(self, request->device_id, !request->read_only, request->open_flags, &image);
+    if (status != ERROR_SUCCESS)
+        return status;
+    struct stat st;
+    if (fstat(image_fd, &st) < 0 || st.st_dev != image->file_dev || st.st_ino != image->file_ino) {
+        vd_image_close(image);
+        return vd_fail(ERROR_FILE_NOT_FOUND, "%s changed while being attached", s->image_path);
+    }
+    int report[2], go[2];
+    if (pipe2(report, O_CLOEXEC) < 0) {
+        vd_image_close(image);
+        return vd_fail_errno(errno, "creating the server's report pipe");
+    }
+    if (pipe2(go, O_CLOEXEC) < 0) {
+        close(report[0]);
+        close(report[1]);
+        vd_image_close(image);
+        return vd_fail_errno(errno, "creating the server's pipe");
+    }
+    /* This process has one thread: fork is safe here. */
+    s->server = fork();
+    if (s->server == 0) {
+        close(report[0]);
+        close(go[1]);
+        close(s->control);
+        close(image_fd); /* the handle's own: its lock must end with the handle */
+        vd_server_main(image, !request->read_only, report[1], go[0]);
+    }
+    int fork_error = errno;
+    vd_image_close(image); /* the server has its own copies */
+    close(report[1]);
+    close(go[0]);
+    s->report_fd = report[0];
+    s->go_fd = go[1];
+    if (s->server < 0)
+        return vd_fail_errno(fork_error, "starting the server process");
+
+    struct vd_server_report ready;
+    int error = vd_read_report(s->report_fd, VD_ATTACH_REQUEST_MS, &ready);
+    if (error) {
+        kill(s->server, SIGKILL);
+        vd_reap(s->server);
+        return vd_fail(ERROR_GEN_FAILURE, "the server of %s %s before mounting", s->image_path,
+                       error == ETIMEDOUT ? "hung" : "died");
+    }
+    if (ready.status != ERROR_SUCCESS) {
+        vd_reap(s->server);
+        return vd_fail(ready.status, "%s", ready.text);
+    }
+    const char *mount_dir = ready.text;
+    char disk_path[1100];
+    snprintf(disk_path, sizeof disk_path, "%s/%s", mount_dir, VD_FUSE_DISK_NAME);
+    int disk_fd = open(disk_path, (request->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (disk_fd < 0)
+        status = vd_fail_errno(errno, "opening %s, the FUSE view of %s", disk_path, s->image_path);
+    struct stat disk_st;
+    if (status == ERROR_SUCCESS && fstat(disk_fd, &disk_st) < 0)
+        status = vd_fail_errno(errno, "examining the FUSE view of %s", s->image_path);
+    if (status == ERROR_SUCCESS) {
+        s->backing_dev = (uint64_t)disk_st.st_dev;
+        s->backing_ino = (uint64_t)disk_st.st_ino;
+        struct vd_loop_request loop_request = {
+            .backing_fd = disk_fd,
+            .offset = 0,
+            .size = (uint64_t)disk_st.st_size,
+            .block_size = (uint32_t)disk_st.st_blksize,
+            .read_only = request->read_only,
+            .autoclear = true,
+            /* The FUSE file's page cache would only duplicate the loop
+               device's own, and direct I/O keeps many requests in flight
+               (benchmarks/attached_io.py). */
+            .direct_io = true,
+            .name = s->image_path,
+        };
+        status = vd_loop_attach(&loop_request, &s->loop);
+    }
+    if (disk_fd >= 0)
+        close(disk_fd); /* the loop device holds its own reference */
+    /* Hidden from here on: the session lives while the loop device holds the
+       file, and ends when it lets go. */
+    if (umount2(mount_dir, MNT_DETACH | UMOUNT_NOFOLLOW) < 0 && status == ERROR_SUCCESS)
+        status = vd_fail_errno(errno, "detaching the FUSE mount %s", mount_dir);
+    rmdir(mount_dir);
+    if (status != ERROR_SUCCESS) {
+        if (s->loop.fd >= 0) {
+            close(s->loop.fd); /* autoclear: the only holder closing detaches */
+            s->loop.fd = -1;
+        }
+        DWORD ended = vd_wait_server(s, VD_SERVER_END_MS);
+        if (ended == ERROR_BUSY) {
+            kill(s->server, SIGKILL);
+            vd_reap(s->server);
+        }
+        return status;
+    }
+    /* /dev/loopN's descriptor above every other: a dying supervisor closes
+       it last (close_files() walks upwards). */
+    int high = fcntl(s->loop.fd, F_DUPFD_CLOEXEC, 64);
+    if (high >= 0) {
+        close(s->loop.fd);
+        s->loop.fd = high;
+    }
+    struct vd_record record = {.loop = s->loop.number,
+                               .pid = (long)getpid(),
+                               .permanent = request->permanent,
+                               .backing_dev = s->backing_dev,
+                               .backing_ino = s->backing_ino};
+    if (request->permanent) {
+        status = vd_socket_address(s->base, (long)getpid(), &s->address);
+        if (status == ERROR_SUCCESS) {
+            s->listener = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+            if (s->listener < 0 || bind(s->listener, (struct sockaddr *)&s->address, sizeof s->address) < 0 ||
+                listen(s->listener, VD_MAX_CLIENTS) < 0) {
+                status = vd_fail_errno(errno, "listening on %s", s->address.sun_path);
+                if (s->listener >= 0)
+                    close(s->listener);
+                s->listener = -1;
+            }
+        }
+    }
+    if (status == ERROR_SUCCESS)
+        status = vd_record_write(s->base, &record, s->image_path);
+    return status;
+}
+
+/* Sets up stdio (the log on stderr) once the image is known. */
+static void vd_open_log(const char *base)
+{
+    int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+    int log_fd = -1, run_dir;
+    if (vd_run_dir(&run_dir) == ERROR_SUCCESS) {
+        char name[96];
+        snprintf(name, sizeof name, "%s.log", base);
+        /* A new log per attachment: the last one's tale is over. */
+        unlinkat(run_dir, name, 0);
+        vd_run_create(run_dir, name, O_WRONLY | O_APPEND, 0600, &log_fd);
+        close(run_dir);
+    }
+    if (null_fd >= 0) {
+        dup2(null_fd, STDIN_FILENO);
+        dup2(null_fd, STDOUT_FILENO);
+    }
+    dup2(log_fd >= 0 ? log_fd : null_fd, STDERR_FILENO);
+    if (log_fd > STDERR_FILENO)
+        close(log_fd);
+    if (null_fd > STDERR_FILENO)
+        close(null_fd);
+}
+
+static void vd_supervisor_main(int control) __attribute__((noreturn));
+
+static void vd_supervisor_main(int control)
+{
+    struct vd_supervisor s = {.control = control, .listener = -1, .server = -1, .report_fd = -1, .go_fd = -1,
+                              .loop = {.number = -1, .fd = -1}};
+    uint16_t type;
+    char payload[VD_MSG_MAX_PAYLOAD];
+    size_t length;
+    int image_fd;
+    struct vd_msg_attach request;
+    int error = vd_msg_recv(control, VD_ATTACH_REQUEST_MS, &type, payload, sizeof payload, &length, &image_fd);
+    struct stat st;
+    if (error || type != VD_MSG_ATTACH || length <= sizeof request || payload[length - 1] != '\0' ||
+        image_fd < 0 || fstat(image_fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        vd_msg_send_result(control, ERROR_INVALID_PARAMETER, -1, "the helper got no valid attach request");
+        _exit(2);
+    }
+    memcpy(&request, payload, sizeof request);
+    s.image_path = payload + sizeof request;
+    s.permanent = request.permanent;
+    vd_record_base(st.st_dev, st.st_ino, s.base, sizeof s.base);
+    vd_open_log(s.base);
+    vd_run_collect_garbage();
+    vd_clear_detail();
+    DWORD status = vd_start(&s, image_fd, &request);
+    close(image_fd);
+    if (status != ERROR_SUCCESS) {
+        vd_log(true, "attaching %s failed (0x%08X): %s", s.image_path, (unsigned)status, vd_last_error_detail());
+        vd_reply(control, status, -1);
+        vd_finish(&s, status);
+    }
+    vd_log(false, "serving %s (%s, %s) on /dev/loop%d", s.image_path,
+           request.read_only ? "read-only" : "read-write", s.permanent ? "permanent" : "until its handles close",
+           s.loop.number);
+    if (vd_msg_send_result(control, ERROR_SUCCESS, s.loop.number, "") != 0)
+        vd_release(&s, -1); /* the attacher is gone: nobody was told */
+    if (s.permanent) {
+        /* Ours only once the attacher confirms it heard of it; a caller that
+           died or gave up before must not find it attached. */
+        error = vd_msg_recv(control, VD_ATTACH_REQUEST_MS, &type, payload, sizeof payload, &length, NULL);
+        if (error || type != VD_MSG_KEEP) {
+            vd_log(false, "the attacher left before taking the attachment; undoing it");
+            vd_release(&s, -1);
+        }
+        close(control);
+        s.control = -1;
+    }
+    vd_supervise(&s);
+}
+
+void vd_serve_main(int control_fd)
+{
+    /* Nothing of the interpreter's state matters from here on: this never
+       returns into it. */
+    for (int sig = 1; sig < NSIG; sig++)
+        signal(sig, SIG_DFL);
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    umask(077);
+    if (chdir("/") < 0) {
+        /* "/" always exists; nothing depends on the directory anyway. */
+    }
+    if (control_fd > STDERR_FILENO + 1)
+        close_range(STDERR_FILENO + 1, (unsigned)control_fd - 1, 0);
+    close_range((unsigned)control_fd + 1, ~0u, 0);
+    fcntl(control_fd, F_SETFD, FD_CLOEXEC);
+    /* Leave the attacher, which reaps this process: the supervisor goes on
+       as nobody's child (no zombie for the attacher to collect later). */
+    pid_t child = fork();
+    if (child != 0)
+        _exit(child < 0 ? 1 : 0);
+    prctl(PR_SET_NAME, "virtdisk-serve");
+    vd_supervisor_main(control_fd);
+}

@@ -1,0 +1,57 @@
+/*
+ * The serving helper: a program of its own (`python -I -m virtdisk._serve`,
+ * which calls vd_serve_main()), started by the attaching process with fork
+ * and exec (posix_spawn), so that no FUSE server ever runs in a process that
+ * uses the disk, and nothing of the attacher's runtime (locks, threads,
+ * handlers) is inherited.
+ *
+ * One helper per served attachment, two processes:
+ *   - the supervisor ("virtdisk-serve") receives the request on the control
+ *     channel (serveproto.h), opens the loop device on the FUSE file and
+ *     holds it (autoclear), writes the record (servrecord.h), answers
+ *     requests, and ends the attachment;
+ *   - its child, the server ("virtdisk-fuse"), holds /dev/fuse and nothing
+ *     else: it mounts, serves and flushes, and never opens its own mount.
+ *     A process that waits on its own FUSE mount cannot die once its server
+ *     threads are gone (issue 11); split this way, whichever dies, the other
+ *     one is still there to answer or to abort.
+ *
+ * Promises:
+ *   - The server dying for any reason closes the only /dev/fuse descriptor,
+ *     which aborts the connection (and the supervisor also writes fusectl's
+ *     abort when fusectl is mounted): I/O fails with EIO at once; the
+ *     supervisor then closes the loop device (autoclear), removes the record
+ *     and exits.
+ *   - The supervisor dying closes its loop descriptor: the kernel detaches
+ *     the device once nobody else holds it; the server then ends with its
+ *     session (the mount was lazily unmounted; if the supervisor died before
+ *     that, the server unmounts it itself).
+ *   - Non-permanent: the attacher holds the control channel; the channel
+ *     closing (the last handle closed, or the attacher died) ends the
+ *     attachment as closing an autoclear device would.  A forked child of
+ *     the attacher does not hold it (handles.c closes it at fork).
+ *   - Permanent: after the attacher's KEEP, the helper listens on
+ *     <base>.<pid>.sock and obeys DETACH from any peer whose effective
+ *     capabilities hold CAP_SYS_ADMIN; clients are served concurrently, a
+ *     silent one is dropped after VD_CLIENT_REQUEST_MS, and a request is
+ *     not started after the deadline its sender gave (serveproto.h).
+ *   - The log <base>.log is bounded (VD_LOG_MAX_BYTES per process) and
+ *     removed at a clean end; it stays when it recorded an error.
+ */
+#ifndef VD_PROVIDER_HELPER_H
+#define VD_PROVIDER_HELPER_H
+
+#include "virtdisk.h"
+#include "serve_linux.h"
+
+enum {
+    VD_SERVER_END_MS = 60000,      /* a server whose device is gone has only its final flush left */
+    VD_ATTACH_REQUEST_MS = 30000,  /* for the attacher's request, and its KEEP */
+    VD_CLIENT_REQUEST_MS = 5000,   /* for a socket client's request */
+    VD_LOG_MAX_BYTES = 256 << 10,
+};
+
+/* The interpreter set by vd_serve_set_program(), or NULL. */
+const char *vd_serve_program(void);
+
+#endif

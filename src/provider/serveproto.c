@@ -1,0 +1,154 @@
+/*
+ * The serving helper's message format (see serveproto.h).
+ */
+#define _GNU_SOURCE
+#include "serveproto.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdbool.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+uint64_t vd_msg_now_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_BOOTTIME, &now);
+    return (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
+}
+
+int vd_msg_send(int fd, enum vd_msg_type type, const void *payload, size_t length, int pass_fd)
+{
+    if (length > VD_MSG_MAX_PAYLOAD)
+        return EMSGSIZE;
+    struct vd_msg_header header = {
+        .magic = VD_MSG_MAGIC, .version = VD_MSG_VERSION, .type = (uint16_t)type, .length = (uint32_t)length};
+    struct iovec parts[2] = {{&header, sizeof header}, {(void *)payload, length}};
+    union {
+        struct cmsghdr align;
+        char bytes[CMSG_SPACE(sizeof(int))];
+    } control;
+    struct msghdr message = {.msg_iov = parts, .msg_iovlen = length ? 2 : 1};
+    if (pass_fd >= 0) {
+        memset(&control, 0, sizeof control);
+        message.msg_control = control.bytes;
+        message.msg_controllen = sizeof control.bytes;
+        struct cmsghdr *cmsg = CMSG_FIRSTHDR(&message);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cmsg), &pass_fd, sizeof(int));
+    }
+    for (;;) {
+        ssize_t sent = sendmsg(fd, &message, MSG_NOSIGNAL);
+        if (sent < 0 && errno == EINTR)
+            continue;
+        if (sent < 0)
+            return errno;
+        return (size_t)sent == sizeof header + length ? 0 : EPROTO;
+    }
+}
+
+/* Takes the descriptors a message carried: the first into *keep when keep
+   is not NULL, every other one closed. */
+static void vd_msg_take_passed(struct msghdr *message, int *keep)
+{
+    for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(message); cmsg; cmsg = CMSG_NXTHDR(message, cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof fd);
+            if (keep && *keep < 0)
+                *keep = fd;
+            else
+                close(fd);
+        }
+    }
+}
+
+int vd_msg_recv(int fd, int timeout_ms, uint16_t *type, void *payload, size_t capacity, size_t *length,
+                int *passed)
+{
+    if (passed)
+        *passed = -1;
+    uint64_t deadline = timeout_ms < 0 ? 0 : vd_msg_now_ms() + (uint64_t)timeout_ms;
+    for (;;) {
+        int wait = -1;
+        if (timeout_ms >= 0) {
+            uint64_t now = vd_msg_now_ms();
+            wait = now >= deadline ? 0 : (int)(deadline - now);
+        }
+        struct pollfd ready = {.fd = fd, .events = POLLIN};
+        int n = poll(&ready, 1, wait);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return errno;
+        if (n == 0)
+            return ETIMEDOUT;
+        break;
+    }
+    struct vd_msg_header header;
+    char body[VD_MSG_MAX_PAYLOAD + 1];
+    struct iovec parts[2] = {{&header, sizeof header}, {body, sizeof body}};
+    union {
+        struct cmsghdr align;
+        char bytes[CMSG_SPACE(4 * sizeof(int))];
+    } control;
+    struct msghdr message = {.msg_iov = parts, .msg_iovlen = 2, .msg_control = control.bytes,
+                             .msg_controllen = sizeof control.bytes};
+    ssize_t got;
+    do
+        got = recvmsg(fd, &message, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    while (got < 0 && errno == EINTR);
+    if (got < 0)
+        return errno == ECONNRESET ? EPIPE : errno;
+    if (got == 0)
+        return EPIPE;
+    int received = -1;
+    vd_msg_take_passed(&message, passed ? &received : NULL);
+    bool bad = (size_t)got < sizeof header || header.magic != VD_MSG_MAGIC || header.version != VD_MSG_VERSION ||
+               header.length != (size_t)got - sizeof header || header.length > capacity ||
+               (message.msg_flags & (MSG_TRUNC | MSG_CTRUNC));
+    if (bad) {
+        if (received >= 0)
+            close(received);
+        return EPROTO;
+    }
+    memcpy(payload, body, header.length);
+    *type = header.type;
+    *length = header.length;
+    if (passed)
+        *passed = received;
+    return 0;
+}
+
+int vd_msg_send_result(int fd, DWORD status, int loop, const char *detail)
+{
+    char payload[VD_MSG_MAX_PAYLOAD];
+    struct vd_msg_result result = {.status = status, .loop = loop};
+    memcpy(payload, &result, sizeof result);
+    size_t room = sizeof payload - sizeof result;
+    size_t text = strnlen(detail ? detail : "", room - 1);
+    memcpy(payload + sizeof result, detail ? detail : "", text);
+    payload[sizeof result + text] = '\0';
+    return vd_msg_send(fd, VD_MSG_RESULT, payload, sizeof result + text + 1, -1);
+}
+
+int vd_msg_parse_result(const void *payload, size_t length, DWORD *status, int *loop, const char **detail)
+{
+    struct vd_msg_result result;
+    if (length < sizeof result + 1 || ((const char *)payload)[length - 1] != '\0')
+        return EPROTO;
+    memcpy(&result, payload, sizeof result);
+    *status = result.status;
+    *loop = result.loop;
+    *detail = (const char *)payload + sizeof result;
+    return 0;
+}
