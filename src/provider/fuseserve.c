@@ -53,7 +53,6 @@ struct vd_fuse_server {
     pthread_mutex_t mutex;
     pthread_cond_t ended_cond;
     bool ended;         /* the session loop returned and the image is closed */
-    bool abandoned;     /* nobody waits: the thread frees the server */
     DWORD flush_status; /* of the final flush */
 };
 
@@ -287,11 +286,8 @@ static void *vd_fuse_thread(void *context)
     pthread_mutex_lock(&server->mutex);
     server->ended = true;
     server->flush_status = status;
-    bool abandoned = server->abandoned;
     pthread_cond_broadcast(&server->ended_cond);
     pthread_mutex_unlock(&server->mutex);
-    if (abandoned)
-        vd_fuse_free(server);
     return NULL;
 }
 
@@ -379,21 +375,6 @@ struct vd_image *vd_fuse_image(const struct vd_fuse_server *server)
     return server->image;
 }
 
-int vd_fuse_device_fd(const struct vd_fuse_server *server)
-{
-    return fuse_session_fd(server->session);
-}
-
-int vd_fuse_open_disk(struct vd_fuse_server *server, bool writable, DWORD *status)
-{
-    char path[256];
-    snprintf(path, sizeof path, "%s/%s", server->mount_dir, VD_FUSE_DISK_NAME);
-    int fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-    if (fd < 0)
-        *status = vd_fail_errno(errno, "opening %s, the FUSE view of %s", path, server->image->path);
-    return fd;
-}
-
 DWORD vd_fuse_hide(struct vd_fuse_server *server)
 {
     if (server->hidden)
@@ -403,46 +384,6 @@ DWORD vd_fuse_hide(struct vd_fuse_server *server)
     rmdir(server->mount_dir);
     server->hidden = true;
     return ERROR_SUCCESS;
-}
-
-DWORD vd_fuse_wait(struct vd_fuse_server *server, int timeout_ms)
-{
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
-    pthread_mutex_lock(&server->mutex);
-    while (!server->ended) {
-        if (pthread_cond_timedwait(&server->ended_cond, &server->mutex, &deadline) == ETIMEDOUT)
-            break;
-    }
-    bool ended = server->ended;
-    DWORD status = server->flush_status;
-    pthread_mutex_unlock(&server->mutex);
-    if (!ended)
-        return vd_fail(ERROR_BUSY, "the FUSE server of %s is still serving after %d ms",
-                       server->mount_dir, timeout_ms);
-    pthread_join(server->thread, NULL);
-    vd_fuse_free(server);
-    return status;
-}
-
-void vd_fuse_abandon(struct vd_fuse_server *server)
-{
-    pthread_mutex_lock(&server->mutex);
-    bool ended = server->ended;
-    server->abandoned = !ended;
-    pthread_mutex_unlock(&server->mutex);
-    if (ended) {
-        pthread_join(server->thread, NULL);
-        vd_fuse_free(server);
-    } else {
-        pthread_detach(server->thread);
-    }
 }
 
 const char *vd_fuse_mount_dir(const struct vd_fuse_server *server)

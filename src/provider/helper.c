@@ -189,6 +189,8 @@ static void vd_server_main(struct vd_image *image, bool writable, int report_fd,
 struct vd_client {
     int fd;
     uint64_t deadline_ms;
+    long pid;
+    bool refused; /* not privileged: its request gets a refusal, nothing more */
 };
 
 struct vd_supervisor {
@@ -403,20 +405,17 @@ static void vd_accept(struct vd_supervisor *s)
     int fd = accept4(s->listener, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0)
         return;
-    long pid;
-    if (!vd_peer_is_privileged(fd, &pid)) {
-        vd_log(false, "refused a request from pid %ld: no CAP_SYS_ADMIN in its effective set", pid);
-        vd_msg_send_result(fd, ERROR_PRIVILEGE_NOT_HELD, -1,
-                           "detaching a virtual disk needs CAP_SYS_ADMIN in the effective set");
-        close(fd);
-        return;
-    }
     if (s->client_count == VD_MAX_CLIENTS) {
         vd_msg_send_result(fd, ERROR_BUSY, -1, "the helper has too many clients; try again");
         close(fd);
         return;
     }
-    s->clients[s->client_count++] = (struct vd_client){.fd = fd, .deadline_ms = vd_msg_now_ms() + VD_CLIENT_REQUEST_MS};
+    /* Decided now, at connect time (SO_PEERCRED is the connecting process);
+       told when its request arrives, so that it hears the answer. */
+    long pid;
+    bool privileged = vd_peer_is_privileged(fd, &pid);
+    s->clients[s->client_count++] = (struct vd_client){
+        .fd = fd, .deadline_ms = vd_msg_now_ms() + VD_CLIENT_REQUEST_MS, .pid = pid, .refused = !privileged};
 }
 
 static void vd_serve_client(struct vd_supervisor *s, size_t index)
@@ -428,7 +427,11 @@ static void vd_serve_client(struct vd_supervisor *s, size_t index)
     int error = vd_msg_recv(fd, 0, &type, payload, sizeof payload, &length, NULL);
     if (error == ETIMEDOUT)
         return;
-    if (error == 0 && type == VD_MSG_DETACH && length == sizeof(struct vd_msg_detach)) {
+    if ((error == 0 || error == EPROTO) && s->clients[index].refused) {
+        vd_log(false, "refused a request from pid %ld: no CAP_SYS_ADMIN in its effective set", s->clients[index].pid);
+        vd_msg_send_result(fd, ERROR_PRIVILEGE_NOT_HELD, -1,
+                           "detaching a virtual disk needs CAP_SYS_ADMIN in the effective set");
+    } else if (error == 0 && type == VD_MSG_DETACH && length == sizeof(struct vd_msg_detach)) {
         struct vd_msg_detach request;
         memcpy(&request, payload, sizeof request);
         vd_detach(s, fd, &request);

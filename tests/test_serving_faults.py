@@ -1,0 +1,505 @@
+"""Serving that cannot hang (issue 11): kill the attacher, the helper's
+supervisor, its FUSE server, or both at random moments, many times, and find
+no hung process, no mount, no loop device and no stray file; forked children
+that neither keep nor end their parent's attachment; a helper socket that
+only privileged peers command, that no silent client holds up, and that never
+runs a request its caller was told had failed.
+
+Each test uses a private run directory (VIRTDISK_RUN_DIR), so everything in
+it, and every helper process that names it in its environment, is the test's
+own.  The provider reads the variable once per process: the work happens in
+child processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import virtdisk
+
+pytestmark = pytest.mark.loop
+
+MiB = 1 << 20
+# Rounds of each kill loop (the issue asks for 100); bounded in time by the
+# per-round limits below, and by VIRTDISK_KILL_ROUNDS for a quick local run.
+ROUNDS = int(os.environ.get("VIRTDISK_KILL_ROUNDS", "100"))
+# How long a killed process or its helper may take to be gone before the
+# round counts as a hang (D state is reported as such).
+GONE_WITHIN = 30.0
+
+
+# ---- processes of this test ---------------------------------------------------
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def state_of(pid: int) -> str:
+    """The process's state letter (R, S, D, Z, ...), or "" once it is gone."""
+    fields = _read(Path(f"/proc/{pid}/stat")).rpartition(")")[2].split()
+    return fields[0] if fields else ""
+
+
+def helpers_of(run_dir: Path) -> dict[int, str]:
+    """Live helper processes (pid: comm) whose environment names run_dir."""
+    marker = f"VIRTDISK_RUN_DIR={run_dir}".encode()
+    found = {}
+    for comm_path in Path("/proc").glob("[0-9]*/comm"):
+        comm = _read(comm_path).strip()
+        if comm not in ("virtdisk-serve", "virtdisk-fuse"):
+            continue
+        try:
+            environ = (comm_path.parent / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ and state_of(int(comm_path.parent.name)) not in ("", "Z"):
+            found[int(comm_path.parent.name)] = comm
+    return found
+
+
+def wait_gone(pids: list[int], what: str) -> None:
+    """Waits until every pid has ended; a survivor is a hang (D state named)."""
+    deadline = time.monotonic() + GONE_WITHIN
+    while time.monotonic() < deadline:
+        alive = [pid for pid in pids if state_of(pid) not in ("", "Z")]
+        if not alive:
+            return
+        time.sleep(0.02)
+    states = {pid: state_of(pid) for pid in pids if state_of(pid) not in ("", "Z")}
+    pytest.fail(f"{what} still there after {GONE_WITHIN} s (pid: state {states}): hung")
+
+
+def mounts_under(run_dir: Path) -> list[str]:
+    return [line for line in _read(Path("/proc/self/mounts")).splitlines() if f" {run_dir}/" in line]
+
+
+def env_for(run_dir: Path) -> dict[str, str]:
+    return {**os.environ, "VIRTDISK_RUN_DIR": str(run_dir)}
+
+
+def run_python(code: str, run_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=env_for(run_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+LIST = "import virtdisk; virtdisk.attached_disks()"
+
+
+def assert_nothing_left(run_dir: Path, images: Path, devices: set[str]) -> None:
+    """After a list (which collects what dead helpers left): no helper, no
+    mount, no file but bounded logs, and none of the devices still bound to
+    a served file."""
+    run_python(LIST, run_dir)
+    assert not helpers_of(run_dir)
+    assert not mounts_under(run_dir)
+    left = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
+    assert [name for name in left if not name.endswith(".log")] == []
+    assert len(left) <= 32  # VD_RUN_MAX_LOGS
+    for device in devices:
+        backing = Path("/sys/block", Path(device).name, "loop", "backing_file")
+        # Unbound, or bound since by someone else to their own file: not to a
+        # FUSE file of a helper of ours, which are all gone (checked above).
+        assert not backing.exists() or not helpers_of(run_dir)
+
+
+# ---- the kill loops -------------------------------------------------------------------
+
+ATTACHER = """
+import os, sys, virtdisk
+disk = virtdisk.open(sys.argv[1])
+disk.attach()
+print(disk.physical_path, flush=True)
+fd = os.open(disk.physical_path, os.O_RDWR)
+block = os.urandom(1 << 16)
+i = 0
+while True:
+    os.pwrite(fd, block, (i % 128) << 16)
+    if i % 16 == 0:
+        os.fsync(fd)  # through the loop device into the server: where kills hung
+    i += 1
+"""
+
+
+STAT_ALL = "import os, sys; [os.lstat(os.path.join(sys.argv[1], n)) for n in os.listdir(sys.argv[1])]"
+
+
+def make_dynamic(folder: Path, name: str) -> Path:
+    path = folder / name
+    virtdisk.create(path, 16 * MiB).close()
+    return path
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "run"
+    yield path
+    for pid in helpers_of(path):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("victim", ["attacher", "supervisor", "server", "helper", "all"])
+def test_killing_at_any_moment_leaves_nothing_hung_or_behind(
+    victim: str, tmp_path: Path, run_dir: Path
+) -> None:
+    rng = random.Random(f"{victim}-{ROUNDS}")
+    images = tmp_path / "images"
+    images.mkdir()
+    paths = [make_dynamic(images, "disk.vhdx"), make_dynamic(images, "disk.vhd")]
+    devices: set[str] = set()
+    hits = 0
+    for round_number in range(ROUNDS):
+        path = paths[round_number % 2]
+        attacher = subprocess.Popen(
+            [sys.executable, "-c", ATTACHER, str(path)],
+            env=env_for(run_dir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        # Anywhere from interpreter start-up through attach to steady I/O.
+        time.sleep(rng.uniform(0.0, 0.8))
+        helpers = helpers_of(run_dir)
+        targets = {
+            "attacher": [attacher.pid],
+            "supervisor": [pid for pid, comm in helpers.items() if comm == "virtdisk-serve"],
+            "server": [pid for pid, comm in helpers.items() if comm == "virtdisk-fuse"],
+            "helper": list(helpers),
+            "all": [attacher.pid, *helpers],
+        }[victim]
+        hits += bool(targets) and (victim == "attacher" or bool(helpers))
+        for pid in targets:
+            os.kill(pid, signal.SIGKILL)
+        if victim != "attacher":
+            # With its server gone the attacher's I/O fails at once; with only
+            # the supervisor gone it may go on: either way it must be killable.
+            time.sleep(0.05)
+            attacher.kill()
+        wait_gone([attacher.pid, *helpers, *helpers_of(run_dir)], f"round {round_number}: {victim} killed")
+        attacher.wait(timeout=GONE_WITHIN)
+        first = attacher.stdout.readline().strip() if attacher.stdout else ""
+        if first.startswith("/dev/loop"):
+            devices.add(first)
+        attacher.stdout.close()
+        # Nothing may hang on the run directory, dead mount or not.
+        if run_dir.exists():
+            run_python(STAT_ALL, run_dir, str(run_dir))
+    assert_nothing_left(run_dir, images, devices)
+    # Each image is still sound and attaches again.
+    for path in paths:
+        run_python(
+            """
+            import sys, virtdisk
+            with virtdisk.open(sys.argv[1]) as disk:
+                assert not disk.attached
+                disk.attach(read_only=True)
+                with open(disk.physical_path, "rb") as block:
+                    assert len(block.read(1 << 20)) == 1 << 20
+                disk.detach()
+            """,
+            run_dir,
+            str(path),
+        )
+    assert_nothing_left(run_dir, images, devices)
+    print(f"{victim}: {ROUNDS} rounds, {hits} kills hit a live process, {len(devices)} devices seen")
+    assert hits >= ROUNDS // 2, "most kills must find their victim alive"
+
+
+def test_io_fails_promptly_with_eio_when_the_server_dies(tmp_path: Path, run_dir: Path) -> None:
+    path = make_dynamic(tmp_path, "disk.vhdx")
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import mmap, os, sys, virtdisk
+                with virtdisk.open(sys.argv[1]) as disk:
+                    disk.attach()
+                    fd = os.open(disk.physical_path, os.O_RDWR | os.O_DIRECT)
+                    buffer = mmap.mmap(-1, 1 << 16)
+                    os.preadv(fd, [buffer], 0)
+                    print("ready", flush=True)
+                    sys.stdin.readline()  # the test kills the server now
+                    try:
+                        for i in range(1, 256):  # not cached: O_DIRECT, new offsets
+                            os.preadv(fd, [buffer], i << 16)
+                        print("read on", flush=True)
+                    except OSError as error:
+                        print("errno", error.errno, flush=True)
+                    os.close(fd)
+                """
+            ),
+            str(path),
+        ],
+        env=env_for(run_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout and child.stdin
+    assert child.stdout.readline().strip() == "ready"
+    servers = [pid for pid, comm in helpers_of(run_dir).items() if comm == "virtdisk-fuse"]
+    assert len(servers) == 1
+    os.kill(servers[0], signal.SIGKILL)
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    assert child.stdout.readline().split() == ["errno", "5"]  # EIO, not a hang
+    child.stdin.close()
+    child.stdout.close()
+    wait_gone([child.pid], "the process whose server died")
+    child.wait()
+    assert_nothing_left(run_dir, tmp_path, set())
+
+
+# ---- fork ----------------------------------------------------------------------------
+
+FORK = """
+import os, sys, time, virtdisk
+disk = virtdisk.open(sys.argv[1])
+disk.attach()
+device = disk.physical_path
+mode = sys.argv[2]
+pid = os.fork()
+if pid == 0:
+    if mode == "use":
+        try:
+            disk.physical_path
+            print("child used it", flush=True)
+        except virtdisk.VirtualDiskError as error:
+            print("child refused", error.winerror, error.detail, flush=True)
+        os._exit(0)
+    if mode == "close":
+        disk.close()  # the child's copy only
+        os._exit(0)
+    if mode == "exit":
+        sys.exit(0)  # normal interpreter exit, finalizers and all
+    if mode == "daemon":
+        time.sleep(30)
+        os._exit(0)
+os.waitpid(pid, 0) if mode != "daemon" else None
+print(device, pid, flush=True)
+if mode == "daemon":
+    disk.close()  # the parent lets go: the disk must go, the child still lives
+    print("bound" if os.path.exists(f"/sys/block/{device[5:]}/loop") else "unbound", flush=True)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+else:
+    # The parent's attachment is intact: found by others, readable.
+    other = virtdisk.open(sys.argv[1], virtdisk.Access.GET_INFO)
+    assert other.physical_path == device and other.attached, "the child touched the parent's attachment"
+    other.close()
+    with open(device, "rb") as block:
+        assert len(block.read(1 << 20)) == 1 << 20
+    disk.detach()
+    print("detached", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["close", "exit", "use"])
+def test_a_forked_child_does_not_touch_the_parents_attachment(
+    mode: str, tmp_path: Path, run_dir: Path
+) -> None:
+    path = make_dynamic(tmp_path, "disk.vhdx")
+    out = run_python(FORK, run_dir, str(path), mode).stdout.splitlines()
+    if mode == "use":
+        refused = out.pop(0)
+        assert refused.startswith("child refused 6 ")  # ERROR_INVALID_HANDLE
+        assert "forked" in refused and "open the virtual disk again" in refused
+    assert out[-1] == "detached"
+    assert_nothing_left(run_dir, tmp_path, set())
+
+
+def test_a_forked_child_does_not_keep_a_non_permanent_disk_alive(tmp_path: Path, run_dir: Path) -> None:
+    path = make_dynamic(tmp_path, "disk.vhdx")
+    out = run_python(FORK, run_dir, str(path), "daemon").stdout.splitlines()
+    assert out[-1] == "unbound"
+    assert_nothing_left(run_dir, tmp_path, set())
+
+
+# ---- the helper's socket ----------------------------------------------------------------
+
+HEADER = struct.Struct("=IHHI")  # serveproto.h: magic, version, type, length
+MAGIC, VERSION, DETACH, RESULT = 0x50534456, 1, 4, 2
+
+
+def attach_permanent(path: Path, run_dir: Path) -> tuple[str, Path]:
+    device = run_python(
+        "import sys, virtdisk\n"
+        "with virtdisk.open(sys.argv[1]) as d:\n d.attach(permanent=True)\n print(d.physical_path)",
+        run_dir,
+        str(path),
+    ).stdout.strip()
+    sockets = list(run_dir.glob("*.sock"))
+    assert len(sockets) == 1
+    return device, sockets[0]
+
+
+def detach_request(deadline_ms: int) -> bytes:
+    payload = struct.pack("=Q", deadline_ms)
+    return HEADER.pack(MAGIC, VERSION, DETACH, len(payload)) + payload
+
+
+def boottime_ms() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1_000_000
+
+
+def result_of(answer: bytes) -> int:
+    magic, version, kind, length = HEADER.unpack_from(answer)
+    assert (magic, version, kind, length) == (MAGIC, VERSION, RESULT, len(answer) - HEADER.size)
+    return struct.unpack_from("=I", answer, HEADER.size)[0]
+
+
+def test_the_socket_obeys_only_peers_with_cap_sys_admin(tmp_path: Path, run_dir: Path) -> None:
+    path = make_dynamic(tmp_path, "disk.vhdx")
+    device, sock = attach_permanent(path, run_dir)
+    setpriv = subprocess.run(["which", "setpriv"], capture_output=True, text=True).stdout.strip()
+    assert setpriv, "setpriv (util-linux) is needed to drop CAP_SYS_ADMIN"
+    client = f"""
+import socket, struct, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+payload = struct.pack("=Q", time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000000 + 10000)
+s.send(struct.pack("=IHHI", {MAGIC}, {VERSION}, {DETACH}, len(payload)) + payload)
+answer = s.recv(4096)
+print(struct.unpack_from("=I", answer, 12)[0])
+"""
+    # Root, but without CAP_SYS_ADMIN: what the API itself refuses.
+    result = subprocess.run(
+        [
+            setpriv,
+            "--bounding-set=-sys_admin",
+            "--inh-caps=-sys_admin",
+            sys.executable,
+            "-c",
+            client,
+            str(sock),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.strip() == str(virtdisk.WinError.ERROR_PRIVILEGE_NOT_HELD), result.stderr
+    assert Path("/sys/block", Path(device).name, "loop").exists(), "an unprivileged peer detached the disk"
+    # The old text command is refused too.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(str(sock))
+        s.send(b"detach\n")
+        assert result_of(s.recv(4096)) == virtdisk.WinError.ERROR_INVALID_PARAMETER
+    assert Path("/sys/block", Path(device).name, "loop").exists()
+    run_python("import sys, virtdisk; virtdisk.detach(sys.argv[1])", run_dir, str(path))
+    assert_nothing_left(run_dir, tmp_path, {device})
+
+
+def test_a_silent_client_holds_up_no_detach(tmp_path: Path, run_dir: Path) -> None:
+    path = make_dynamic(tmp_path, "disk.vhdx")
+    device, sock = attach_permanent(path, run_dir)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as silent:
+        silent.connect(str(sock))  # and says nothing
+        run_python("import sys, virtdisk; virtdisk.detach(sys.argv[1])", run_dir, str(path))
+        assert not Path("/sys/block", Path(device).name, "loop").exists() or not helpers_of(run_dir)
+    assert_nothing_left(run_dir, tmp_path, {device})
+
+
+def test_a_request_past_its_deadline_is_not_run(tmp_path: Path, run_dir: Path) -> None:
+    path = make_dynamic(tmp_path, "disk.vhdx")
+    device, sock = attach_permanent(path, run_dir)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(str(sock))
+        # A requester that already told its caller "failed" at this deadline.
+        s.send(detach_request(boottime_ms() - 1))
+        assert result_of(s.recv(4096)) == virtdisk.WinError.ERROR_BUSY
+    time.sleep(0.2)
+    assert Path("/sys/block", Path(device).name, "loop").exists(), "a request past its deadline ran"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(str(sock))
+        s.send(detach_request(boottime_ms() + 10_000))
+        assert result_of(s.recv(4096)) == 0
+    assert_nothing_left(run_dir, tmp_path, {device})
+
+
+# ---- never block on a path ------------------------------------------------------------------
+
+
+def test_a_fifo_as_image_or_parent_is_refused_without_blocking(tmp_path: Path, run_dir: Path) -> None:
+    fifo = tmp_path / "fifo.vhd"
+    os.mkfifo(fifo)
+    parent = tmp_path / "parent.vhd"
+    virtdisk.create(parent, 8 * MiB).close()
+    child = tmp_path / "child.vhd"
+    virtdisk.create(child, parent=parent).close()
+    parent.unlink()
+    os.mkfifo(parent)  # the child's parent locator now names a FIFO
+    result = run_python(
+        """
+        import sys, virtdisk
+        for path in sys.argv[1:]:
+            try:
+                virtdisk.open(path).close()
+                print("opened")
+            except virtdisk.VirtualDiskError as error:
+                print(type(error).__name__, error.winerror)
+        """,
+        run_dir,
+        str(fifo),
+        str(child),
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("InvalidImageError"), lines
+    assert lines[1].startswith("ParentNotFoundError") or "opened" not in lines[1], lines
+
+
+# ---- hygiene -------------------------------------------------------------------------------
+
+
+def test_what_a_killed_helper_left_goes_at_the_next_list(tmp_path: Path, run_dir: Path) -> None:
+    path = make_dynamic(tmp_path, "disk.vhdx")
+    device, sock = attach_permanent(path, run_dir)
+    helpers = helpers_of(run_dir)
+    for pid in helpers:
+        os.kill(pid, signal.SIGKILL)
+    wait_gone(list(helpers), "the killed helper")
+    # Leftovers of other dead processes, as a kill at the wrong moment leaves.
+    (run_dir / "fe00-1.json.999999999").write_text("{}")
+    (run_dir / "mnt.999999999.abcdefgh").mkdir()
+    assert sock.exists() and list(run_dir.glob("*.json"))
+    assert_nothing_left(run_dir, tmp_path, {device})
+
+
+def test_a_clean_detach_removes_the_log_and_a_failure_keeps_it(tmp_path: Path, run_dir: Path) -> None:
+    path = make_dynamic(tmp_path, "disk.vhdx")
+    run_python(
+        "import sys, virtdisk\nwith virtdisk.open(sys.argv[1]) as d:\n d.attach()\n d.detach()",
+        run_dir,
+        str(path),
+    )
+    assert not list(run_dir.glob("*.log"))
+    device, _ = attach_permanent(path, run_dir)
+    server = [pid for pid, comm in helpers_of(run_dir).items() if comm == "virtdisk-fuse"]
+    os.kill(server[0], signal.SIGKILL)
+    wait_gone(list(helpers_of(run_dir)), "the helper of a killed server")
+    logs = list(run_dir.glob("*.log"))
+    assert len(logs) == 1 and "died" in logs[0].read_text()
+    assert_nothing_left(run_dir, tmp_path, {device})
