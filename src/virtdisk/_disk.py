@@ -164,8 +164,10 @@ class VirtualDisk:
         self._path = path
         self._access = access
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # _users reached 0, or the handle closed
         self._users = 0  # calls in progress: close waits for them to finish
-        self._closing = False
+        self._closing = False  # no new call may start
+        self._closed = False  # CloseHandle has returned
 
     @property
     def path(self) -> Path:
@@ -193,23 +195,32 @@ class VirtualDisk:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_handle", None) is not None and not self._closing:
-            warnings.warn(
-                f"unclosed virtual disk {str(self._path)!r}", ResourceWarning, stacklevel=2, source=self
-            )
-            self.close()
+        if getattr(self, "_handle", None) is None or getattr(self, "_closing", True):
+            return
+        # Close first: with ResourceWarning turned into an error (-W error),
+        # warning first would leak the handle, and its attachment, until exit.
+        self.close()
+        warnings.warn(
+            f"unclosed virtual disk {str(self._path)!r}", ResourceWarning, stacklevel=2, source=self
+        )
 
     def close(self) -> None:
         """Close the handle (idempotent).  Calls in progress on other threads finish first."""
         with self._lock:
             if self._closing:
+                # Closed, or being closed by another thread: return when it is.
+                self._changed.wait_for(lambda: self._closed)
                 return
             self._closing = True
-            handle = self._handle if self._users == 0 else None
+            self._changed.wait_for(lambda: self._users == 0)
+            handle, self._handle = self._handle, None
+        try:
             if handle is not None:
-                self._handle = None
-        if handle is not None:
-            lib.CloseHandle(handle)
+                lib.CloseHandle(handle)
+        finally:
+            with self._lock:
+                self._closed = True
+                self._changed.notify_all()
 
     def _acquire(self) -> Any:
         """The handle, counted as in use until _release(); ValueError when closed."""
@@ -222,11 +233,8 @@ class VirtualDisk:
     def _release(self) -> None:
         with self._lock:
             self._users -= 1
-            handle = self._handle if self._closing and self._users == 0 else None
-            if handle is not None:
-                self._handle = None
-        if handle is not None:
-            lib.CloseHandle(handle)
+            if self._users == 0:
+                self._changed.notify_all()
 
     @contextmanager
     def _using(self) -> Iterator[Any]:
