@@ -92,13 +92,15 @@ def env_for(run_dir: Path) -> dict[str, str]:
     return {**os.environ, "VIRTDISK_RUN_DIR": str(run_dir)}
 
 
-def run_python(code: str, run_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_python(
+    code: str, run_dir: Path, *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
         env=env_for(run_dir),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     if check:
         assert result.returncode == 0, result.stderr
@@ -465,6 +467,7 @@ def test_a_fifo_as_image_or_parent_is_refused_without_blocking(tmp_path: Path, r
         run_dir,
         str(fifo),
         str(child),
+        timeout=30,  # a blocking open() would wait forever for a writer
     )
     lines = result.stdout.splitlines()
     assert lines[0].startswith("InvalidImageError"), lines
