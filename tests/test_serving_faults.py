@@ -145,7 +145,17 @@ while True:
 """
 
 
-STAT_ALL = "import os, sys; [os.lstat(os.path.join(sys.argv[1], n)) for n in os.listdir(sys.argv[1])]"
+# Every entry of the run directory examined: a dead server's mount that the
+# next attach or list has not collected yet answers ENOTCONN; none may block.
+STAT_ALL = """
+import os, sys
+for name in os.listdir(sys.argv[1]):
+    try:
+        os.lstat(os.path.join(sys.argv[1], name))
+        os.listdir(os.path.join(sys.argv[1], name)) if name.startswith("mnt.") else None
+    except OSError:
+        pass
+"""
 
 
 def make_dynamic(folder: Path, name: str) -> Path:
@@ -181,8 +191,17 @@ def test_killing_at_any_moment_leaves_nothing_hung_or_behind(
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        # Anywhere from interpreter start-up through attach to steady I/O.
-        time.sleep(rng.uniform(0.0, 0.8))
+        if victim in ("attacher", "all"):
+            # Anywhere from interpreter start-up through attach to steady I/O.
+            time.sleep(rng.uniform(0.0, 0.8))
+        else:
+            # Anywhere in the victim's life: from the moment it has its name
+            # (before the mount, the loop device, the record) to steady I/O.
+            wanted = {"supervisor": "virtdisk-serve", "server": "virtdisk-fuse"}.get(victim, "virtdisk-serve")
+            deadline = time.monotonic() + GONE_WITHIN
+            while wanted not in helpers_of(run_dir).values() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.5))
         helpers = helpers_of(run_dir)
         targets = {
             "attacher": [attacher.pid],
@@ -191,7 +210,7 @@ def test_killing_at_any_moment_leaves_nothing_hung_or_behind(
             "helper": list(helpers),
             "all": [attacher.pid, *helpers],
         }[victim]
-        hits += bool(targets) and (victim == "attacher" or bool(helpers))
+        hits += bool(targets) and all(state_of(pid) not in ("", "Z") for pid in targets)
         for pid in targets:
             os.kill(pid, signal.SIGKILL)
         if victim != "attacher":
@@ -226,7 +245,7 @@ def test_killing_at_any_moment_leaves_nothing_hung_or_behind(
         )
     assert_nothing_left(run_dir, images, devices)
     print(f"{victim}: {ROUNDS} rounds, {hits} kills hit a live process, {len(devices)} devices seen")
-    assert hits >= ROUNDS // 2, "most kills must find their victim alive"
+    assert hits >= ROUNDS * 9 // 10, "the kills must find their victims alive"
 
 
 def test_io_fails_promptly_with_eio_when_the_server_dies(tmp_path: Path, run_dir: Path) -> None:
