@@ -451,6 +451,11 @@ def wait_unbound(device: str, seconds: float = 10.0) -> None:
 
 def assert_image_sound(path: Path) -> None:
     with virtdisk.open(path) as disk:
+        # The device is gone; the server may still be closing the image after
+        # its final flush, and until then the image counts as attached.
+        deadline = time.monotonic() + 10
+        while disk.attached and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert not disk.attached
         disk.attach(read_only=True)
         read_device(disk.physical_path)

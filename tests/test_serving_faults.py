@@ -168,8 +168,12 @@ def make_dynamic(folder: Path, name: str) -> Path:
 def run_dir(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "run"
     yield path
+    # A failed test may leave its helpers and a dead server's mount: they are
+    # this test's own, and must not outlive it.
     for pid in helpers_of(path):
         os.kill(pid, signal.SIGKILL)
+    for mount in mounts_under(path):
+        subprocess.run(["umount", "-l", mount.split()[1]], check=False)
 
 
 @pytest.mark.parametrize("victim", ["attacher", "supervisor", "server", "helper", "all"])
