@@ -28,6 +28,8 @@ import pytest
 
 import virtdisk
 
+from .conftest import require_tool
+
 pytestmark = pytest.mark.loop
 
 MiB = 1 << 20
@@ -159,8 +161,11 @@ for name in os.listdir(sys.argv[1]):
 
 
 def make_dynamic(folder: Path, name: str) -> Path:
+    """A dynamic image that stays one to serve: the writers below touch only
+    its first 8 MiB, so its last block is never allocated and it never
+    becomes a contiguous VHDX, which would be attached directly."""
     path = folder / name
-    virtdisk.create(path, 16 * MiB).close()
+    virtdisk.create(path, 128 * MiB).close()
     return path
 
 
@@ -204,7 +209,9 @@ def test_killing_at_any_moment_leaves_nothing_hung_or_behind(
             wanted = {"supervisor": "virtdisk-serve", "server": "virtdisk-fuse"}.get(victim, "virtdisk-serve")
             deadline = time.monotonic() + GONE_WITHIN
             while wanted not in helpers_of(run_dir).values() and time.monotonic() < deadline:
+                assert attacher.poll() is None, f"round {round_number}: the attacher failed before serving"
                 time.sleep(0.002)
+            assert wanted in helpers_of(run_dir).values(), f"round {round_number}: no {wanted} appeared"
             time.sleep(rng.uniform(0.0, 0.5))
         helpers = helpers_of(run_dir)
         targets = {
@@ -415,8 +422,7 @@ def result_of(answer: bytes) -> int:
 def test_the_socket_obeys_only_peers_with_cap_sys_admin(tmp_path: Path, run_dir: Path) -> None:
     path = make_dynamic(tmp_path, "disk.vhdx")
     device, sock = attach_permanent(path, run_dir)
-    setpriv = subprocess.run(["which", "setpriv"], capture_output=True, text=True).stdout.strip()
-    assert setpriv, "setpriv (util-linux) is needed to drop CAP_SYS_ADMIN"
+    setpriv = require_tool("setpriv")  # drops CAP_SYS_ADMIN for the client
     client = f"""
 import socket, struct, sys, time
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
