@@ -282,11 +282,14 @@ static DWORD vd_wait_server(struct vd_supervisor *s, int timeout_ms)
     return ERROR_SUCCESS;
 }
 
-/* Removes the attachment's files and ends the supervisor. */
-static void vd_finish(struct vd_supervisor *s, DWORD status) __attribute__((noreturn));
+/* Removes the attachment's files, then answers reply_fd (or -1), and ends
+   the supervisor: whoever hears the answer finds nothing of it left. */
+static void vd_finish(struct vd_supervisor *s, DWORD status, int reply_fd) __attribute__((noreturn));
 
-static void vd_finish(struct vd_supervisor *s, DWORD status)
+static void vd_finish(struct vd_supervisor *s, DWORD status, int reply_fd)
 {
+    char detail[1024];
+    snprintf(detail, sizeof detail, "%s", status == ERROR_SUCCESS ? "" : vd_last_error_detail());
     struct vd_record record;
     if (vd_record_read(s->base, &record) && record.pid == (long)getpid())
         vd_run_remove(s->base, ".json");
@@ -296,6 +299,8 @@ static void vd_finish(struct vd_supervisor *s, DWORD status)
     vd_log(!clean, "ended (0x%08X)%s", (unsigned)status, clean ? "" : "; log kept");
     if (clean)
         vd_run_remove(s->base, ".log");
+    if (reply_fd >= 0)
+        vd_msg_send_result(reply_fd, status, -1, detail);
     _exit(clean ? 0 : 1);
 }
 
@@ -315,7 +320,7 @@ static void vd_server_died(struct vd_supervisor *s)
     vd_log(true, "the server of %s died; releasing /dev/loop%d", s->image_path, s->loop.number);
     if (s->loop.fd >= 0)
         close(s->loop.fd);
-    vd_finish(s, ERROR_GEN_FAILURE);
+    vd_finish(s, ERROR_GEN_FAILURE, -1);
 }
 
 /* Lets go of the device, as closing an autoclear device's last descriptor
@@ -338,10 +343,9 @@ static void vd_release(struct vd_supervisor *s, int reply_fd)
             if (status != ERROR_BUSY)
                 break;
         }
-        vd_finish(s, status);
+        vd_finish(s, status, -1);
     }
-    vd_reply(reply_fd, status, -1);
-    vd_finish(s, status);
+    vd_finish(s, status, reply_fd);
 }
 
 /* A DETACH: refused (and the attachment kept) while the device is in use,
@@ -363,8 +367,7 @@ static void vd_detach(struct vd_supervisor *s, int reply_fd, const struct vd_msg
     status = vd_wait_server(s, VD_SERVER_END_MS);
     vd_log(status != ERROR_SUCCESS, "detached /dev/loop%d from %s (0x%08X)", s->loop.number, s->image_path,
            (unsigned)status);
-    vd_reply(reply_fd, status, -1);
-    vd_finish(s, status);
+    vd_finish(s, status, reply_fd);
 }
 
 /* Whether the process on the other end of a connected socket has
@@ -498,7 +501,7 @@ static void vd_supervise(struct vd_supervisor *s)
                     close(s->loop.fd);
                 vd_log(report.status != ERROR_SUCCESS, "the server ended by itself (0x%08X)",
                        (unsigned)report.status);
-                vd_finish(s, report.status);
+                vd_finish(s, report.status, -1);
             }
             vd_server_died(s);
         }
@@ -702,8 +705,7 @@ static void vd_supervisor_main(int control)
     close(image_fd);
     if (status != ERROR_SUCCESS) {
         vd_log(true, "attaching %s failed (0x%08X): %s", s.image_path, (unsigned)status, vd_last_error_detail());
-        vd_reply(control, status, -1);
-        vd_finish(&s, status);
+        vd_finish(&s, status, control);
     }
     vd_log(false, "serving %s (%s, %s) on /dev/loop%d", s.image_path,
            request.read_only ? "read-only" : "read-write", s.permanent ? "permanent" : "until its handles close",
