@@ -276,3 +276,31 @@ DWORD vd_served_detach(const struct vd_image *image)
     close(fd);
     return status;
 }
+
+struct vd_image_search {
+    int number;
+    char *path;
+    size_t size;
+    size_t found;
+};
+
+static void vd_image_search_visit(const char *base, void *context)
+{
+    struct vd_image_search *search = context;
+    struct vd_record record;
+    if (search->found || !vd_record_read(base, &record) || record.loop != search->number ||
+        !vd_run_pid_alive(record.pid) ||
+        !vd_loop_is_backed_by(record.loop, (dev_t)record.backing_dev, (ino_t)record.backing_ino))
+        return;
+    if (vd_record_image(base, search->path, search->size))
+        search->found = strlen(search->path);
+}
+
+size_t vd_served_image_of(int number, char *path, size_t size)
+{
+    struct vd_image_search search = {.number = number, .path = path, .size = size};
+    if (size)
+        path[0] = '\0';
+    vd_records_for_each(vd_image_search_visit, &search);
+    return search.found;
+}

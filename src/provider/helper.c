@@ -37,7 +37,7 @@
 #include "servrecord.h"
 #include "share.h"
 
-enum { VD_MAX_CLIENTS = 16, VD_CAP_SYS_ADMIN = 21 };
+enum { VD_MAX_CLIENTS = 16, VD_CAP_SYS_ADMIN = 21, VD_RELEASE_GRACE_MS = 1000 };
 
 static char *vd_serve_python;
 
@@ -334,6 +334,12 @@ static void vd_release(struct vd_supervisor *s, int reply_fd)
     vd_clear_detail();
     close(s->loop.fd);
     s->loop.fd = -1;
+    /* Another opener may hold the device for a moment (a lister reading its
+       status, udev's probe): the autoclear then happens at its close.  Worth
+       a short wait, so that a close followed by a new attach finds the image
+       free; a real holder (a mount) keeps it much longer. */
+    for (int waited_ms = 0; vd_loop_is_bound(s->loop.number) && waited_ms < VD_RELEASE_GRACE_MS; waited_ms += 5)
+        usleep(5 * 1000);
     DWORD status = vd_loop_is_bound(s->loop.number) ? ERROR_BUSY : vd_wait_server(s, VD_SERVER_END_MS);
     if (status == ERROR_BUSY) {
         vd_log(false, "/dev/loop%d is still held elsewhere; serving until it is released", s->loop.number);

@@ -107,6 +107,70 @@ bool vd_record_read(const char *base, struct vd_record *record)
     return found;
 }
 
+bool vd_record_image(const char *base, char *path, size_t size)
+{
+    char name[96], text[8192];
+    snprintf(name, sizeof name, "%s.json", base);
+    int dir;
+    if (size == 0 || vd_run_dir(&dir) != ERROR_SUCCESS)
+        return false;
+    int fd = vd_run_open_existing(dir, name);
+    close(dir);
+    if (fd < 0)
+        return false;
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n <= 0)
+        return false;
+    text[n] = '\0';
+    /* The writer's escapes only: \" \\ and \u00XX (vd_json_string). */
+    const char *p = strstr(text, "\"image\": \"");
+    if (!p)
+        return false;
+    p += strlen("\"image\": \"");
+    size_t used = 0;
+    for (; *p && *p != '"'; p++) {
+        char c = *p;
+        if (c == '\\') {
+            p++;
+            if (*p == 'u' && strlen(p) >= 5) {
+                c = (char)strtol((char[]){p[3], p[4], '\0'}, NULL, 16);
+                p += 4;
+            } else if (*p) {
+                c = *p;
+            } else {
+                return false;
+            }
+        }
+        if (used + 1 < size)
+            path[used++] = c;
+    }
+    path[used] = '\0';
+    return *p == '"';
+}
+
+void vd_records_for_each(void (*visit)(const char *base, void *context), void *context)
+{
+    int dir_fd;
+    if (vd_run_dir(&dir_fd) != ERROR_SUCCESS)
+        return;
+    DIR *dir = fdopendir(dir_fd);
+    if (!dir) {
+        close(dir_fd);
+        return;
+    }
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL) {
+        size_t length = strlen(entry->d_name);
+        if (length > 5 && length - 5 < 64 && strcmp(entry->d_name + length - 5, ".json") == 0) {
+            char base[64];
+            snprintf(base, sizeof base, "%.*s", (int)(length - 5), entry->d_name);
+            visit(base, context);
+        }
+    }
+    closedir(dir);
+}
+
 void vd_run_remove(const char *base, const char *suffix)
 {
     char path[96];

@@ -48,6 +48,12 @@ DWORD vd_record_write(const char *base, const struct vd_record *record, const ch
 
 bool vd_record_read(const char *base, struct vd_record *record);
 
+/* The image path a record names (unescaped), or false. */
+bool vd_record_image(const char *base, char *path, size_t size);
+
+/* Calls visit(base, context) for each record in the run directory. */
+void vd_records_for_each(void (*visit)(const char *base, void *context), void *context);
+
 /* Removes base+suffix from the run directory, if there. */
 void vd_run_remove(const char *base, const char *suffix);
 

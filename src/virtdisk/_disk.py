@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -801,21 +800,14 @@ def _backing_image(device: str) -> Path | None:
     return _served_image(device)
 
 
-def _run_dir() -> Path:
-    """The Linux provider's run directory: $VIRTDISK_RUN_DIR, else /run/virtdisk."""
-    return Path(os.environ.get("VIRTDISK_RUN_DIR") or "/run/virtdisk")
-
-
 def _served_image(device: str) -> Path | None:
-    """The image of a FUSE-served attachment on device, from the records the
-    Linux provider keeps in its run directory (see src/provider/rundir.h)."""
-    for record in _run_dir().glob("*.json"):
-        try:
-            entry = json.loads(record.read_text())
-        except (OSError, ValueError):
-            continue
-        # A record outlives a killed server: only a live server's counts.
-        alive = Path("/proc", str(entry.get("pid"))).exists()
-        if entry.get("device") == device and alive and isinstance(entry.get("image"), str):
-            return Path(entry["image"])
-    return None
+    """The image of a FUSE-served attachment on device: the provider's record
+    of it, trusted only while the device is still bound to the record's FUSE
+    file (src/provider/servrecord.h)."""
+    number = device[len("/dev/loop") :]
+    if not number.isdigit():
+        return None
+    path = ffi.new("char[]", 4096)
+    if lib.vd_served_image_of(int(number), path, len(path)) == 0:
+        return None
+    return Path(os.fsdecode(ffi.string(path)))
