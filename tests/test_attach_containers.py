@@ -21,14 +21,13 @@ import pytest
 import virtdisk
 from virtdisk import WinError
 
-from .conftest import loops_backed_under, require_tool
+from .conftest import RUN_DIR, loops_backed_under, require_tool
 
 pytestmark = pytest.mark.loop
 
 MiB = 1 << 20
 ERROR_NO_SYSTEM_RESOURCES = 0x5AA
 LOOP_CTL_GET_FREE = 0x4C82
-RUN_DIR = Path("/run/virtdisk")
 
 # Runs as root in a new mount namespace: covers /dev with a tmpfs holding
 # copies of the nodes asked for, then runs the test's script.
