@@ -618,7 +618,7 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
         if (status == ERROR_SUCCESS)
             status = vd_fuse_require(image);
         if (status == ERROR_SUCCESS)
-            status = vd_served_attach(image, read_only, permanent, &number, &served);
+            status = vd_served_attach(image, read_only, permanent, claim, &number, &served);
         if (status == ERROR_SUCCESS && !permanent) {
             handle->disk->loop_number = number;
             handle->disk->served = served; /* its helper holds the device */

@@ -37,7 +37,8 @@ struct vd_served;
 /* Attaches image (a handle's) through a helper; *number is the loop
    device.  Non-permanent: *out is the control channel to hold.  Permanent:
    *out is NULL. */
-DWORD vd_served_attach(const struct vd_image *image, bool read_only, bool permanent, int *number,
+DWORD vd_served_attach(const struct vd_image *image, bool read_only, bool permanent, int attach_claim,
+                       int *number,
                        struct vd_served **out);
 
 /* The disk's last handle closed: lets go of a non-permanent attachment as

@@ -38,6 +38,9 @@
 #include "share.h"
 
 enum { VD_MAX_CLIENTS = 16, VD_CAP_SYS_ADMIN = 21, VD_RELEASE_GRACE_MS = 1000 };
+/* The claims of an attachment: its own, the image's, and one for each parent
+   of the deepest chain a format opens (64), with room to spare. */
+enum { VD_MAX_CLAIMS = 80 };
 
 static char *vd_serve_python;
 
@@ -208,6 +211,12 @@ struct vd_supervisor {
     uint64_t backing_ino;
     struct vd_client clients[VD_MAX_CLIENTS];
     size_t client_count;
+    /* The attacher's sharing claims, held (never read) until this process
+       ends, and with it the attachment; the attach claim only until the
+       handles let go (a disk on its way out is waited for, not refused). */
+    int attach_claim;
+    int claims[VD_MAX_CLAIMS];
+    size_t claim_count;
 };
 
 /* Reads one report within timeout_ms: 0, ETIMEDOUT, or EPIPE (the server
@@ -282,8 +291,19 @@ static DWORD vd_wait_server(struct vd_supervisor *s, int timeout_ms)
     return ERROR_SUCCESS;
 }
 
-/* Removes the attachment's files, then answers reply_fd (or -1), and ends
-   the supervisor: whoever hears the answer finds nothing of it left. */
+static void vd_drop_claims(struct vd_supervisor *s)
+{
+    if (s->attach_claim >= 0)
+        close(s->attach_claim);
+    s->attach_claim = -1;
+    for (size_t i = 0; i < s->claim_count; i++)
+        close(s->claims[i]);
+    s->claim_count = 0;
+}
+
+/* Removes the attachment's files and ends its claims, then answers reply_fd
+   (or -1), and ends the supervisor: whoever hears the answer finds nothing
+   of it left, and may open the image for writing at once. */
 static void vd_finish(struct vd_supervisor *s, DWORD status, int reply_fd) __attribute__((noreturn));
 
 static void vd_finish(struct vd_supervisor *s, DWORD status, int reply_fd)
@@ -299,6 +319,7 @@ static void vd_finish(struct vd_supervisor *s, DWORD status, int reply_fd)
     vd_log(!clean, "ended (0x%08X)%s", (unsigned)status, clean ? "" : "; log kept");
     if (clean)
         vd_run_remove(s->base, ".log");
+    vd_drop_claims(s);
     if (reply_fd >= 0)
         vd_msg_send_result(reply_fd, status, -1, detail);
     _exit(clean ? 0 : 1);
@@ -332,6 +353,9 @@ static void vd_release(struct vd_supervisor *s, int reply_fd) __attribute__((nor
 static void vd_release(struct vd_supervisor *s, int reply_fd)
 {
     vd_clear_detail();
+    if (s->attach_claim >= 0)
+        close(s->attach_claim); /* no longer held by a process: on its way out */
+    s->attach_claim = -1;
     close(s->loop.fd);
     s->loop.fd = -1;
     /* Another opener may hold the device for a moment (a lister reading its
@@ -559,6 +583,7 @@ static DWORD vd_start(struct vd_supervisor *s, int image_fd, const struct vd_msg
         close(go[1]);
         close(s->control);
         close(image_fd); /* the handle's own: its lock must end with the handle */
+        vd_drop_claims(s); /* the supervisor's to hold: they end with it */
         vd_server_main(image, !request->read_only, report[1], go[0]);
     }
     int fork_error = errno;
@@ -687,13 +712,21 @@ static void vd_supervisor_main(int control) __attribute__((noreturn));
 static void vd_supervisor_main(int control)
 {
     struct vd_supervisor s = {.control = control, .listener = -1, .server = -1, .report_fd = -1, .go_fd = -1,
-                              .loop = {.number = -1, .fd = -1}};
+                              .loop = {.number = -1, .fd = -1}, .attach_claim = -1};
     uint16_t type;
     char payload[VD_MSG_MAX_PAYLOAD];
     size_t length;
     int image_fd;
     struct vd_msg_attach request;
     int error = vd_msg_recv(control, VD_ATTACH_REQUEST_MS, &type, payload, sizeof payload, &length, &image_fd);
+    while (!error && type == VD_MSG_CLAIM && image_fd >= 0 && s.claim_count < VD_MAX_CLAIMS) {
+        struct vd_msg_claim claim;
+        if (length == sizeof claim && (memcpy(&claim, payload, sizeof claim), claim.attach) && s.attach_claim < 0)
+            s.attach_claim = image_fd;
+        else
+            s.claims[s.claim_count++] = image_fd;
+        error = vd_msg_recv(control, VD_ATTACH_REQUEST_MS, &type, payload, sizeof payload, &length, &image_fd);
+    }
     struct stat st;
     if (error || type != VD_MSG_ATTACH || length <= sizeof request || payload[length - 1] != '\0' ||
         image_fd < 0 || fstat(image_fd, &st) < 0 || !S_ISREG(st.st_mode)) {

@@ -37,6 +37,10 @@ enum vd_msg_type {
     VD_MSG_DETACH = 4,
     /* attacher -> helper: the last handle closed; let go of the device */
     VD_MSG_RELEASE = 5,
+    /* attacher -> helper, before ATTACH, one for each: a descriptor holding
+       a sharing claim (share.h) that must last as long as the attachment
+       (the attach claim, the image's writer claim, each parent's) */
+    VD_MSG_CLAIM = 6,
 };
 
 struct vd_msg_header {
@@ -60,6 +64,11 @@ struct vd_msg_detach {
        requester no longer waits to be told the request started: the helper
        refuses to start it then, so a caller told it failed never sees it run. */
     uint64_t start_deadline_ms;
+};
+
+struct vd_msg_claim {
+    uint8_t attach; /* the attach claim, which ends when the handles let go */
+    uint8_t reserved[7];
 };
 
 struct vd_msg_result {

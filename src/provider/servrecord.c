@@ -19,6 +19,7 @@
 
 #include "errors.h"
 #include "rundir.h"
+#include "share.h"
 
 void vd_record_base(dev_t dev, ino_t ino, char *base, size_t size)
 {
@@ -290,6 +291,8 @@ void vd_run_collect_garbage(void)
             long pid = vd_name_pid(dot + 1, strncmp(dot, ".json.", 6) == 0 ? "json." : "");
             if (pid > 0 && !vd_run_pid_alive(pid))
                 unlinkat(dir_fd, name, 0);
+        } else if (strcmp(dot, ".lock") == 0) {
+            vd_share_remove_if_unclaimed(dir_fd, name);
         } else if (strcmp(dot, ".log") == 0 && length < sizeof logs->name) {
             struct stat st;
             if (fstatat(dir_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)

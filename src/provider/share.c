@@ -178,35 +178,40 @@ DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny,
     return ERROR_SUCCESS;
 }
 
-void vd_share_release(int fd, const struct vd_image *image)
+void vd_share_remove_if_unclaimed(int dir, const char *name)
 {
-    if (fd < 0)
-        return;
-    close(fd); /* ends the claim, unless another process shares the description */
-    /* Remove the lock file when no claim is left on it, so that the run
-       directory does not grow by a file for every image ever opened.  Asked
-       through a description of its own: a claim inherited by a helper
-       shares fd's description, whose locks fd itself would not see.  Under
-       the mutex (not waited for: a claimant holding it is about to use the
-       file), and only while the name still means this file. */
-    int dir;
-    if (vd_run_dir(&dir) != ERROR_SUCCESS)
-        return;
-    char name[64];
-    vd_share_lock_name(image, name, sizeof name);
+    /* Asked through a description of its own: a claim inherited by a helper
+       shares the releaser's description, whose locks that one would not
+       see.  Under the mutex (not waited for: a claimant holding it is about
+       to use the file), and only while the name still means this file. */
     int lock = vd_run_open_existing(dir, name);
+    if (lock < 0)
+        return;
     struct flock any = {.l_type = F_WRLCK,
                         .l_whence = SEEK_SET,
                         .l_start = VD_HOLD_BYTE,
                         .l_len = VD_DENY_BYTE + VD_PERMISSIONS - VD_HOLD_BYTE};
     struct stat mine, named;
-    if (lock >= 0 && flock(lock, LOCK_EX | LOCK_NB) == 0 && fcntl(lock, F_OFD_GETLK, &any) == 0 &&
-        any.l_type == F_UNLCK && fstat(lock, &mine) == 0 &&
-        fstatat(dir, name, &named, AT_SYMLINK_NOFOLLOW) == 0 && mine.st_dev == named.st_dev &&
-        mine.st_ino == named.st_ino)
+    if (flock(lock, LOCK_EX | LOCK_NB) == 0 && fcntl(lock, F_OFD_GETLK, &any) == 0 && any.l_type == F_UNLCK &&
+        fstat(lock, &mine) == 0 && fstatat(dir, name, &named, AT_SYMLINK_NOFOLLOW) == 0 &&
+        mine.st_dev == named.st_dev && mine.st_ino == named.st_ino)
         unlinkat(dir, name, 0);
-    if (lock >= 0)
-        close(lock);
+    close(lock);
+}
+
+void vd_share_release(int fd, const struct vd_image *image)
+{
+    if (fd < 0)
+        return;
+    close(fd); /* ends the claim, unless another process shares the description */
+    /* The last claim to go removes the lock file, so that the run directory
+       does not grow by a file for every image ever opened. */
+    int dir;
+    if (vd_run_dir(&dir) != ERROR_SUCCESS)
+        return;
+    char name[64];
+    vd_share_lock_name(image, name, sizeof name);
+    vd_share_remove_if_unclaimed(dir, name);
     close(dir);
 }
 
@@ -296,14 +301,23 @@ void vd_share_settle(const struct vd_image *image)
     close(probe);
     if (held)
         return;
-    /* Then its holder's marker, which goes after its claims (image.c). */
+    /* Then its holder's marker, which goes after its claims (image.c) or,
+       served, before its helper's. */
     struct timespec start, now, pause = {0, 2000000};
     clock_gettime(CLOCK_MONOTONIC, &start);
     if (!vd_loop_wait_unbound(number, VD_SETTLE_MS))
         return;
     for (;;) {
-        if (!vd_locked_elsewhere(image->fd, VD_ATTACHED_LOCK_OFFSET))
-            return;
+        /* Then its server's writer claims, which its helper gives up just
+           after the server ends. */
+        if (!vd_locked_elsewhere(image->fd, VD_ATTACHED_LOCK_OFFSET)) {
+            if (vd_share_claim(image, 0, 0, -1, "looking", &probe) != ERROR_SUCCESS || probe < 0)
+                return;
+            held = vd_share_held_elsewhere(probe, VD_SHARE_WRITE);
+            close(probe);
+            if (!held)
+                return;
+        }
         clock_gettime(CLOCK_MONOTONIC, &now);
         long elapsed_ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
         if (elapsed_ms >= VD_SETTLE_MS)

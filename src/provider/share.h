@@ -57,6 +57,10 @@ DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny,
    is ignored), removing the image's lock file when it was the last. */
 void vd_share_release(int fd, const struct vd_image *image);
 
+/* Removes the lock file name in the run directory dir when no claim is on
+   it (one a killed process left); for the run directory's clean-up. */
+void vd_share_remove_if_unclaimed(int dir, const char *name);
+
 /* Whether a claim other than the one on fd holds (denies) perm; false for
    fd -1. */
 bool vd_share_held_elsewhere(int fd, unsigned perm);
