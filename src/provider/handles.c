@@ -259,8 +259,20 @@ static void vd_handle_free(struct vd_handle *handle)
     if (attach_claim >= 0)
         close(attach_claim);
     vd_disks_unlock();
-    vd_share_release(handle->share_fd, handle->image); /* ends the HANDLE claim */
-    vd_image_close(handle->image); /* and the image's own claims */
+    if (handle->share_fd >= 0)
+        close(handle->share_fd); /* ends the HANDLE claim */
+    /* The image's own claims end with it; then the chain's lock files go
+       unless something else (a helper, another handle) still claims them. */
+    dev_t devs[VD_SHARE_MAX_CHAIN];
+    ino_t inos[VD_SHARE_MAX_CHAIN];
+    size_t links = 0;
+    for (const struct vd_image *link = handle->image; link && links < VD_SHARE_MAX_CHAIN; link = link->parent) {
+        devs[links] = link->file_dev;
+        inos[links++] = link->file_ino;
+    }
+    vd_image_close(handle->image);
+    for (size_t i = 0; i < links; i++)
+        vd_share_forget(devs[i], inos[i]);
     vd_job_free_all(handle);
     free(handle);
 }

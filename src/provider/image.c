@@ -2,7 +2,6 @@
  * Opening an image file and handing it to the format that recognises it.
  */
 #include "image.h"
-#include "share.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -123,7 +122,8 @@ void vd_image_close(struct vd_image *image)
         image->format->close(image);
     /* Claims end before the file closes, and with it an attachment's
        marker: whoever sees the marker gone finds the claims gone too. */
-    vd_share_release(image->share_fd, image);
+    if (image->share_fd >= 0)
+        close(image->share_fd);
     vd_image_close(image->parent);
     if (image->fd >= 0)
         close(image->fd);

@@ -77,9 +77,9 @@ static bool vd_share_may_claim(void)
     return vd_manage_volume_privilege_state(&state) == ERROR_SUCCESS && state == VD_PRIVILEGE_ENABLED;
 }
 
-static void vd_share_lock_name(const struct vd_image *image, char *name, size_t size)
+static void vd_share_lock_name(dev_t dev, ino_t ino, char *name, size_t size)
 {
-    snprintf(name, size, "%" PRIx64 "-%" PRIx64 ".lock", (uint64_t)image->file_dev, (uint64_t)image->file_ino);
+    snprintf(name, size, "%" PRIx64 "-%" PRIx64 ".lock", (uint64_t)dev, (uint64_t)ino);
 }
 
 /* Opens (creating when absent) the lock file of image. */
@@ -90,7 +90,7 @@ static DWORD vd_share_lock_file(const struct vd_image *image, int *fd)
     if (status != ERROR_SUCCESS)
         return status;
     char name[64];
-    vd_share_lock_name(image, name, sizeof name);
+    vd_share_lock_name(image->file_dev, image->file_ino, name, sizeof name);
     *fd = vd_run_open_existing(dir, name);
     for (int attempt = 0; *fd < 0 && attempt < 2; attempt++) {
         status = vd_run_create(dir, name, O_RDONLY, 0600, fd);
@@ -148,7 +148,7 @@ DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny,
     /* The mutex makes check-and-publish one step: without it two claimants
        could each publish, then each see the other and both give up (or, in
        the other order, both go ahead).  A lock file is removed, under its
-       mutex, by the last claim to go (vd_share_release()): a claimant that
+       mutex, once no claim is left on it (vd_share_forget()): a claimant that
        opened it just before must not publish on the removed file, where
        nobody looks, so it starts again on the new one. */
     for (int attempt = 0;; attempt++) {
@@ -199,18 +199,13 @@ void vd_share_remove_if_unclaimed(int dir, const char *name)
     close(lock);
 }
 
-void vd_share_release(int fd, const struct vd_image *image)
+void vd_share_forget(dev_t dev, ino_t ino)
 {
-    if (fd < 0)
-        return;
-    close(fd); /* ends the claim, unless another process shares the description */
-    /* The last claim to go removes the lock file, so that the run directory
-       does not grow by a file for every image ever opened. */
     int dir;
     if (vd_run_dir(&dir) != ERROR_SUCCESS)
         return;
     char name[64];
-    vd_share_lock_name(image, name, sizeof name);
+    vd_share_lock_name(dev, ino, name, sizeof name);
     vd_share_remove_if_unclaimed(dir, name);
     close(dir);
 }

@@ -33,6 +33,7 @@
 #define VD_PROVIDER_SHARE_H
 
 #include <stdbool.h>
+#include <sys/types.h>
 
 #include "image.h"
 #include "virtdisk.h"
@@ -53,9 +54,15 @@ enum {
 DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny, int except_fd, const char *what,
                      int *fd);
 
-/* Ends the claim on fd (a descriptor vd_share_claim() gave for image; -1
-   is ignored), removing the image's lock file when it was the last. */
-void vd_share_release(int fd, const struct vd_image *image);
+/* Removes the lock file of the image file (dev, ino) when no claim is left
+   on it, so that the run directory does not grow by a file for every image
+   ever opened; for whoever has just ended the last claims it knows of. */
+void vd_share_forget(dev_t dev, ino_t ino);
+
+/* The links of a chain whose lock files a closing handle removes at once
+   (deeper ones go at the run directory's next clean-up); formats open at
+   most 64. */
+enum { VD_SHARE_MAX_CHAIN = 80 };
 
 /* Removes the lock file name in the run directory dir when no claim is on
    it (one a killed process left); for the run directory's clean-up. */
