@@ -56,7 +56,9 @@ static uint32_t crc32c_table_method(uint32_t crc, const uint8_t *p, size_t lengt
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <string.h>
 
-__attribute__((target("sse4.2"))) static uint32_t crc32c_instruction(uint32_t crc, const uint8_t *p,
+/* clang 14 and newer (zig cc too) make the instruction a feature apart from
+   SSE 4.2; GCC takes both names. */
+__attribute__((target("sse4.2,crc32"))) static uint32_t crc32c_instruction(uint32_t crc, const uint8_t *p,
                                                                      size_t length)
 {
     uint64_t state = ~crc;

@@ -30,8 +30,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -433,6 +435,25 @@ static int vd_compare_fd(const void *a, const void *b)
     return *(const int *)a - *(const int *)b;
 }
 
+/* close_range(2) without glibc 2.34's wrapper (manylinux builds target 2.28),
+   and by hand on kernels before 5.9, which lack the call: no descriptor in
+   the range may survive either way. */
+#ifndef SYS_close_range
+#define SYS_close_range 436 /* one number on every architecture (Linux 5.9) */
+#endif
+
+static void vd_close_range(unsigned first, unsigned last)
+{
+    if (syscall(SYS_close_range, first, last, 0) == 0)
+        return;
+    struct rlimit limit;
+    unsigned end = getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY
+                       ? (unsigned)limit.rlim_cur
+                       : 65536;
+    for (unsigned fd = first; fd <= last && fd < end; fd++)
+        close((int)fd);
+}
+
 /* Closes every inherited descriptor but the ones listed: the caller's handle
    descriptors carry locks that must end with the handles, its loop and
    /dev/fuse descriptors must end with the caller. */
@@ -443,11 +464,11 @@ static void vd_close_all_but(int *keep, size_t count)
     for (size_t i = 0; i < count; i++) {
         if ((unsigned)keep[i] >= first) {
             if ((unsigned)keep[i] > first)
-                close_range(first, (unsigned)keep[i] - 1, 0);
+                vd_close_range(first, (unsigned)keep[i] - 1);
             first = (unsigned)keep[i] + 1;
         }
     }
-    close_range(first, ~0u, 0);
+    vd_close_range(first, ~0u);
 }
 
 static void vd_helper_reply(int fd, DWORD status, const char *detail)
