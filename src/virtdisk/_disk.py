@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageType
+from ._errors import _TABLE as _ERROR_TABLE
 from ._errors import (
     NotAttachedError,
     NotSupportedError,
@@ -35,11 +36,13 @@ _T = TypeVar("_T")
 
 StrPath = Union[str, "os.PathLike[str]"]
 
-_UNANSWERABLE = frozenset(
-    {
-        WinError.ERROR_VHD_COULD_NOT_COMPUTE_MINIMUM_VIRTUAL_SIZE,
-        WinError.ERROR_INVALID_PARAMETER,
-    }
+# Answers of an information version that does not apply to the image: not
+# supported for it (NotSupportedError's codes), or asked of an image that
+# cannot answer it (the minimum size of a differencing disk opened without
+# its parent, or a version the running Windows predates).
+_NOT_APPLICABLE = frozenset(
+    {code for code, (cls, _) in _ERROR_TABLE.items() if issubclass(cls, NotSupportedError)}
+    | {WinError.ERROR_VHD_COULD_NOT_COMPUTE_MINIMUM_VIRTUAL_SIZE, WinError.ERROR_INVALID_PARAMETER}
 )
 
 # What open() asks for when the caller does not say: everything a disk can
@@ -56,10 +59,8 @@ _ATTACH_PARAMETERS = ffi.new(
 
 
 def _guid_to_uuid(guid: Any) -> uuid.UUID:
-    node = bytes(guid.Data4)
-    return uuid.UUID(
-        fields=(guid.Data1, guid.Data2, guid.Data3, node[0], node[1], int.from_bytes(node[2:], "big"))
-    )
+    # A GUID in memory is a UUID in the mixed-endian layout uuid calls bytes_le.
+    return uuid.UUID(bytes_le=ffi.buffer(ffi.addressof(guid), 16)[:])
 
 
 def _uuid_to_guid(value: uuid.UUID, guid: Any) -> None:
@@ -73,6 +74,18 @@ def _storage_type(kind: StorageType) -> Any:
     if kind != StorageType.UNKNOWN:
         storage.VendorId = lib.VIRTUAL_STORAGE_TYPE_VENDOR_MICROSOFT
     return storage
+
+
+# OpenVirtualDisk only reads its storage type and version 1 parameters, so
+# one instance of each serves every call (an inventory opens many images).
+_STORAGE_TYPES = {kind: _storage_type(kind) for kind in StorageType}
+_OPEN_PARAMETERS = ffi.new(
+    "OPEN_VIRTUAL_DISK_PARAMETERS *",
+    {
+        "Version": lib.OPEN_VIRTUAL_DISK_VERSION_1,
+        "Version1": {"RWDepth": lib.OPEN_VIRTUAL_DISK_RW_DEPTH_DEFAULT},
+    },
+)
 
 
 def _storage_type_for(path: Path, storage_type: StorageType | None) -> StorageType:
@@ -481,11 +494,12 @@ class VirtualDisk:
             lib.GET_VIRTUAL_DISK_INFO_SIZE,
             lambda i: (i.Size.VirtualSize, i.Size.PhysicalSize, i.Size.BlockSize, i.Size.SectorSize),
         )
-        storage = StorageType(
-            query(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE, lambda i: i.VirtualStorageType.DeviceId)
+        storage = _enum(
+            StorageType,
+            query(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE, lambda i: i.VirtualStorageType.DeviceId),
         )
         subtype = query.optional(lib.GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE, lambda i: i.ProviderSubtype)
-        disk_type = DiskType(subtype) if subtype is not None else None
+        disk_type = _enum(DiskType, subtype) if subtype is not None else None
         identifier = query.optional(
             lib.GET_VIRTUAL_DISK_INFO_IDENTIFIER, lambda i: _guid_to_uuid(i.Identifier)
         )
@@ -569,10 +583,25 @@ def _extra_info(query: _Query) -> dict[str, Any]:
     return out
 
 
+_INSUFFICIENT_BUFFER = int(WinError.ERROR_INSUFFICIENT_BUFFER)
+_E = TypeVar("_E", StorageType, DiskType)
+# Calling an enum class costs more than the rest of reading its value.
+_MEMBERS: dict[type, dict[int, Any]] = {kind: {int(m): m for m in kind} for kind in (StorageType, DiskType)}
+
+
+def _enum(kind: type[_E], value: int) -> _E:
+    member = _MEMBERS[kind].get(value)
+    return member if member is not None else kind(value)
+
+
 class _Query:
     """GetVirtualDiskInformation on one handle, reusing one buffer: each call
     applies ``read`` to the answer while the buffer holds it (a view into the
-    buffer must never outlive the call)."""
+    buffer must never outlive the call).
+
+    An inventory asks a dozen of these per image, so the common path makes no
+    cffi object and no exception: a version that does not apply to the image
+    answers None from :meth:`optional` by its code alone."""
 
     _SIZE = 4096
 
@@ -580,38 +609,44 @@ class _Query:
         self.handle = handle
         self._path = path
         self._buffer = ffi.new("char[]", self._SIZE)
+        self._info = ffi.cast("GET_VIRTUAL_DISK_INFO *", self._buffer)
         self._size = ffi.new("ULONG *")
 
-    def __call__(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T:
-        buffer, size = self._buffer, max(size, self._SIZE)
-        if size > self._SIZE:
-            buffer = ffi.new("char[]", size)
+    def _ask(self, version: int, size: int) -> tuple[int, Any, Any]:
+        """(code, answer, the buffer holding it)."""
+        if size <= self._SIZE:
+            info, size_in_out = self._info, self._size
+            info.Version = version
+            size_in_out[0] = self._SIZE
+            code = lib.GetVirtualDiskInformation(self.handle, size_in_out, info, ffi.NULL)
+            if code != _INSUFFICIENT_BUFFER or size_in_out[0] <= self._SIZE:
+                return code, info, self._buffer
+            size = size_in_out[0]
         while True:
+            buffer = ffi.new("char[]", size)
             info = ffi.cast("GET_VIRTUAL_DISK_INFO *", buffer)
             info.Version = version
             self._size[0] = size
             code = lib.GetVirtualDiskInformation(self.handle, self._size, info, ffi.NULL)
             # A size that does not grow would loop for ever: the error is raised.
             if code != WinError.ERROR_INSUFFICIENT_BUFFER or self._size[0] <= size:
-                break
+                return code, info, buffer
             size = self._size[0]
-            buffer = ffi.new("char[]", size)
-        check(code, "GetVirtualDiskInformation", str(self._path))
+
+    def __call__(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T:
+        code, info, _buffer = self._ask(version, size)
+        if code:
+            raise error_for(code, "GetVirtualDiskInformation", str(self._path))
         return read(info)
 
     def optional(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T | None:
         """The information, or None where it does not apply to this image."""
-        try:
-            return self(version, read, size)
-        except NotSupportedError:
+        code, info, _buffer = self._ask(version, size)
+        if not code:
+            return read(info)
+        if code & 0xFFFFFFFF in _NOT_APPLICABLE:
             return None
-        except VirtualDiskError as error:
-            # Asked of an image that cannot answer it: the minimum size of a
-            # differencing disk opened without its parent, or a version the
-            # running Windows predates.
-            if error.winerror in _UNANSWERABLE:
-                return None
-            raise
+        raise error_for(code, "GetVirtualDiskInformation", str(self._path))
 
 
 def _multi_sz(pointer: Any) -> tuple[str, ...]:
@@ -708,15 +743,24 @@ def open(
         read_only = read_only or image.suffix.lower() == ".iso" or storage_type == StorageType.ISO
         access = _READ_ONLY_ACCESS if read_only else _DEFAULT_ACCESS
     flags = OpenFlag.NO_PARENTS if no_parents else OpenFlag.NONE
-    parameters = ffi.new("OPEN_VIRTUAL_DISK_PARAMETERS *")
-    parameters.Version = lib.OPEN_VIRTUAL_DISK_VERSION_1
-    parameters.Version1.RWDepth = rw_depth
+    # The shared constant for the common depth; a merge asks for more.
+    parameters = _OPEN_PARAMETERS
+    if rw_depth != lib.OPEN_VIRTUAL_DISK_RW_DEPTH_DEFAULT:
+        parameters = ffi.new(
+            "OPEN_VIRTUAL_DISK_PARAMETERS *",
+            {
+                "Version": lib.OPEN_VIRTUAL_DISK_VERSION_1,
+                "Version1": {"RWDepth": _int_argument("rw_depth", rw_depth, _ULONG_MAX)},
+            },
+        )
     handle = ffi.new("HANDLE *")
+    text = str(image)
     code = lib.OpenVirtualDisk(
-        _storage_type(_storage_type_for(image, storage_type)), str(image), access, flags, parameters, handle
+        _STORAGE_TYPES[_storage_type_for(image, storage_type)], text, access, flags, parameters, handle
     )
-    check(code, "OpenVirtualDisk", str(image))
-    return VirtualDisk(handle[0], image, Access(access))
+    if code:
+        raise error_for(code, "OpenVirtualDisk", text)
+    return VirtualDisk(handle[0], image, access)
 
 
 def create(
@@ -1001,8 +1045,8 @@ def _backing_image(device: str) -> Path | None:
         return None
     if Path(backing).is_file():
         return Path(backing)
-    name = _served_name(device)
-    return Path(name) if name is not None else _served_image(device)
+    served = _served_name(device)
+    return Path(served) if served is not None else _served_image(device)
 
 
 def _served_record(device: str) -> tuple[int, int, int, bool] | None:
