@@ -67,10 +67,10 @@ def test_sizes_out_of_range_or_malformed_are_refused(text: str) -> None:
         (["create", "u.img", "--size", "8M"], ["u.img", "--format vhd"]),
         (["create", "x.vhd", "--size", "8M", "--type", "sparse"], ["--type", "invalid choice"]),
         (["create", "x.vhd", "--size", "8M", "--sector-size", "1000"], ["--sector-size"]),
-        (["create", "x.vhd", "--size", "1M"], ["3 MiB minimum", "ERROR_INVALID_PARAMETER"]),
+        (["create", "x.vhd", "--size", "1M"], ["3 MiB minimum", "ERROR_INVALID_PARAMETER", "see --size"]),
         (
             ["create", "x.vhd", "--size", "8M", "--block-size", "3M"],
-            ["block size", "ERROR_INVALID_PARAMETER"],
+            ["block size", "ERROR_INVALID_PARAMETER", "see --block-size"],
         ),
         (["create", "x.vhd", "--size", "8M", "--parent", "p.vhd"], ["--parent"]),
         (["bogus"], ["invalid choice: 'bogus'"]),
@@ -200,6 +200,13 @@ def test_create_arguments_of_the_wrong_type_or_range_name_the_parameter(
     with pytest.raises(error, match=rf"\b{parameter}\b"):
         virtdisk.create(tmp_path / "disk.vhd", **keywords)  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_create_names_the_parameter_not_the_api_field(tmp_path: Path) -> None:
+    with pytest.raises(virtdisk.VirtualDiskError) as raised:
+        virtdisk.create(tmp_path / "disk.vhd", 1 * MiB)
+    assert raised.value.hint == "see the size argument"
+    assert not (tmp_path / "disk.vhd").exists()
 
 
 def test_open_arguments_of_the_wrong_type_name_the_parameter(tmp_path: Path) -> None:

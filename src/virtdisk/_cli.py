@@ -400,6 +400,16 @@ _CLI_HINTS: dict[tuple[str, int], str] = {
 }
 
 
+# The command-line option of each facade parameter that has one.
+_OPTIONS = {
+    "size": "--size",
+    "block_size": "--block-size",
+    "sector_size": "--sector-size",
+    "parent": "--parent",
+    "source": "--source",
+}
+
+
 def _fail(message: str) -> int:
     print(f"virtdisk: error: {message}", file=sys.stderr)
     return 1
@@ -421,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as error:
         return _fail(f"{error} (see 'virtdisk {args.command} --help')")
     except VirtualDiskError as error:
+        parameter = _disk.refused_parameter(error)
+        if parameter in _OPTIONS:
+            error.hint = f"see {_OPTIONS[parameter]}"
         error.hint = _CLI_HINTS.get((error.function, error.winerror), error.hint)
         return _fail(str(error))
     except (OSError, ValueError) as error:

@@ -136,6 +136,34 @@ def _access_argument(access: object) -> Access:
     return Access(access)
 
 
+# The provider names the API's fields; a refused argument is named as the
+# facade's parameter in the hint (the command line names its option).
+_PARAMETERS_IN_DETAIL = (
+    ("MaximumSize", "size"),
+    ("NewSize", "size"),
+    ("physical sector size", "physical_sector_size"),
+    ("sector size", "sector_size"),
+    ("block size", "block_size"),
+    ("ParentPath", "parent"),
+    ("SourcePath", "source"),
+    ("differencing disk takes its size", "size"),
+)
+
+
+def refused_parameter(error: VirtualDiskError) -> str | None:
+    """The create/resize/expand parameter an ERROR_INVALID_PARAMETER refused."""
+    if error.winerror != WinError.ERROR_INVALID_PARAMETER:
+        return None
+    return next((name for phrase, name in _PARAMETERS_IN_DETAIL if phrase in error.detail), None)
+
+
+def _with_parameter_hint(error: VirtualDiskError) -> VirtualDiskError:
+    parameter = refused_parameter(error)
+    if parameter is not None and not error.hint:
+        error.hint = f"see the {parameter} argument"
+    return error
+
+
 # What a user can do about a refused attach or detach, in the facade's terms.
 _PRIVILEGE_HINT = "attaching and detaching need root (Linux) or an elevated process (Windows)"
 
@@ -417,7 +445,8 @@ class VirtualDisk:
         parameters.Version1.NewSize = size
         with self._using() as handle:
             code = lib.ResizeVirtualDisk(handle, flags, parameters, ffi.NULL)
-        check(code, "ResizeVirtualDisk", str(self._path))
+        if code:
+            raise _with_parameter_hint(error_for(code, "ResizeVirtualDisk", str(self._path)))
 
     def expand(self, size: int) -> None:
         """Grow a fixed or dynamic disk to ``size`` bytes (ExpandVirtualDisk); detached only.
@@ -432,7 +461,8 @@ class VirtualDisk:
         parameters.Version1.NewSize = size
         with self._using() as handle:
             code = lib.ExpandVirtualDisk(handle, lib.EXPAND_VIRTUAL_DISK_FLAG_NONE, parameters, ffi.NULL)
-        check(code, "ExpandVirtualDisk", str(self._path))
+        if code:
+            raise _with_parameter_hint(error_for(code, "ExpandVirtualDisk", str(self._path)))
 
     # ---- long operations: merge (see _operation.py) ---------------------
 
@@ -837,7 +867,8 @@ def create(
     code = lib.CreateVirtualDisk(
         _storage_type(kind), str(image), Access.NONE, ffi.NULL, flags, 0, parameters, ffi.NULL, handle
     )
-    check(code, "CreateVirtualDisk", str(image))
+    if code:
+        raise _with_parameter_hint(error_for(code, "CreateVirtualDisk", str(image)))
     return VirtualDisk(handle[0], image, Access.ALL & ~Access.CREATE)
 
 
