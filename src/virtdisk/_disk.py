@@ -384,7 +384,16 @@ class VirtualDisk:
                 _ensure_volume_privilege("DetachVirtualDisk", str(self._path))
                 code = lib.DetachVirtualDisk(handle, lib.DETACH_VIRTUAL_DISK_FLAG_NONE, 0)
         check(
-            code, "DetachVirtualDisk", str(self._path), {WinError.ERROR_PRIVILEGE_NOT_HELD: _PRIVILEGE_HINT}
+            code,
+            "DetachVirtualDisk",
+            str(self._path),
+            {
+                WinError.ERROR_PRIVILEGE_NOT_HELD: _PRIVILEGE_HINT,
+                WinError.ERROR_ACCESS_DENIED: "open the disk with Access.DETACH (as open() does "
+                "by default), or use virtdisk.detach(path)",
+                WinError.ERROR_SHARING_VIOLATION: "close the disk's other handles first",
+                WinError.ERROR_DEVICE_IN_USE: "unmount it and close what has it open first",
+            },
         )
 
     @property
