@@ -128,9 +128,15 @@ def test_info_json_keys_are_the_documented_ones(tmp_path: Path) -> None:
     path = tmp_path / "disk.vhd"
     virtdisk.create(path, 8 * MiB).close()
     data = json.loads(virtdisk_cli("info", str(path), "--json").stdout)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    documented = _documented_keys(readme, "`info --json` prints")
+    documented = _documented_keys(_readme(), "`info --json` prints")
     assert documented == set(data)
+
+
+def _readme() -> str:
+    """The README of the tree under test: the checkout, or the unpacked sdist
+    named by VIRTDISK_SOURCE_DIR (.ci/check-wheel)."""
+    root = Path(os.environ.get("VIRTDISK_SOURCE_DIR", Path(__file__).resolve().parents[1]))
+    return (root / "README.md").read_text(encoding="utf-8")
 
 
 def _documented_keys(readme: str, heading: str) -> set[str]:
@@ -276,8 +282,7 @@ def test_attach_list_detach(images: Path) -> None:
             "served": False,
         }
         assert json.loads(virtdisk_cli("info", str(path), "--json").stdout)["physical_path"] == device
-        readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-        assert _documented_keys(readme, "`list --json` prints") == set(entry)
+        assert _documented_keys(_readme(), "`list --json` prints") == set(entry)
         table = virtdisk_cli("list").stdout.splitlines()
         assert table[0].split() == ["DEVICE", "READ-ONLY", "PERMANENT", "SERVED", "IMAGE"]
         assert [device, "no", "yes", "no", str(path.resolve())] in [row.split() for row in table]
@@ -335,6 +340,37 @@ def test_detach_by_device_also_after_a_rename(images: Path, fixed: bool) -> None
     detached = virtdisk_cli("detach", device)
     assert detached.returncode == 0, detached.stderr
     assert _gone(device)
+
+
+@pytest.mark.loop
+def test_a_served_disk_detaches_by_device_after_its_image_is_deleted(images: Path) -> None:
+    path = images / "disk.vhdx"
+    virtdisk.create(path, 16 * MiB).close()
+    attached = virtdisk_cli("attach", str(path))
+    assert attached.returncode == 0, attached.stderr
+    device = attached.stdout.strip()
+    path.unlink()
+    assert _listed(device)["image_path"] == f"{path} (deleted)"
+    detached = virtdisk_cli("detach", device)
+    assert detached.returncode == 0, detached.stderr
+    assert _gone(device)
+
+
+@pytest.mark.loop
+def test_a_direct_disk_whose_image_is_deleted_is_refused_by_name(images: Path) -> None:
+    """Its image is gone and nothing holds a descriptor of it: the provider
+    cannot open it, and says so (and how else to detach)."""
+    path = images / "disk.vhd"
+    virtdisk.create(path, 8 * MiB, fixed=True).close()
+    attached = virtdisk_cli("attach", str(path))
+    assert attached.returncode == 0, attached.stderr
+    device = attached.stdout.strip()
+    path.unlink()
+    try:
+        assert_one_line_error(virtdisk_cli("detach", device), "deleted", f"losetup -d {device}")
+        assert not _gone(device)  # refused: nothing was half done
+    finally:
+        subprocess.run(["losetup", "-d", device], check=True)
 
 
 @pytest.mark.loop

@@ -62,8 +62,9 @@ static DWORD vd_probe(struct vd_image *image, const struct vd_format **format)
 
 /* The opened file's absolute, resolved name: the kernel's, in one readlink
    of /proc/self/fd (realpath() costs a readlink per path component, a tenth
-   of an open), else realpath()'s.  NULL with errno set when it has none (it
-   was deleted meanwhile). */
+   of an open), else realpath()'s.  A file opened through a descriptor link
+   after it was deleted keeps the kernel's name ("... (deleted)"): that is
+   how a served disk whose image was deleted can still be detached. */
 static char *vd_resolved_path(int fd, const char *path)
 {
     char link[64], name[PATH_MAX];
@@ -72,12 +73,6 @@ static char *vd_resolved_path(int fd, const char *path)
     if (length <= 0 || name[0] != '/' || (size_t)length >= sizeof name - 1)
         return realpath(path, NULL);
     name[length] = '\0';
-    static const char deleted[] = " (deleted)";
-    if ((size_t)length > sizeof deleted - 1 && strcmp(name + length - (sizeof deleted - 1), deleted) == 0 &&
-        access(name, F_OK) != 0) {
-        errno = ENOENT;
-        return NULL;
-    }
     return strdup(name);
 }
 

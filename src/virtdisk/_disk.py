@@ -941,9 +941,10 @@ def detach(path: StrPath) -> None:
         disk.detach()
 
 
-def _served_name(device: str) -> str | None:
-    """The kernel's name of a served image now, from its server's descriptor
-    of it (the record keeps the name it was attached by)."""
+def _served_link(device: str) -> Path | None:
+    """The served image's descriptor in its server, /proc/PID/fd/N: the
+    kernel names the file there as it is now (the record keeps the name it
+    was attached by), and opening it reaches the file even once deleted."""
     served = _served_record(device)
     if served is None:
         return None
@@ -951,10 +952,10 @@ def _served_name(device: str) -> str | None:
     for fd in Path("/proc", str(pid), "fd").glob("*"):
         try:
             st = os.stat(fd)
-            if (st.st_dev, st.st_ino) == (dev, ino):
-                return os.readlink(fd)
         except OSError:
             continue
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            return fd
     return None
 
 
@@ -967,7 +968,7 @@ def _image_named(device: str, name: str) -> Path:
             "DetachVirtualDisk",
             device,
             detail=f"its image {name[: -len(' (deleted)')]} was deleted while attached",
-            hint=f"the Linux provider cannot detach it any more; losetup -d {device} can",
+            hint=f"a disk attached directly cannot be detached without its image; losetup -d {device} can",
         )
     return Path(name)
 
@@ -983,9 +984,11 @@ def _image_of_device(device: str) -> Path:
     """Linux: a path that opens the image attached as ``device`` now: its
     serving helper's descriptor of it (which outlives a rename or an unlink),
     else the loop device's backing file (the kernel follows renames)."""
-    served = _served_name(device)
+    served = _served_link(device)
     if served is not None:
-        return _image_named(device, served)
+        # The server's descriptor opens the image even after it was deleted.
+        name = os.readlink(served)
+        return served if name.endswith(" (deleted)") else Path(name)
     name = Path(device).name
     try:
         backing = Path("/sys/block", name, "loop", "backing_file").read_text().rstrip("\n")
@@ -1085,8 +1088,13 @@ def _backing_image(device: str) -> Path | None:
         return None
     if Path(backing).is_file():
         return Path(backing)
-    served = _served_name(device)
-    return Path(served) if served is not None else _served_image(device)
+    served = _served_link(device)
+    if served is not None:
+        try:
+            return Path(os.readlink(served))
+        except OSError:
+            pass
+    return _served_image(device)
 
 
 def _served_record(device: str) -> tuple[int, int, int, bool] | None:
@@ -1100,7 +1108,12 @@ def _served_record(device: str) -> tuple[int, int, int, bool] | None:
         except (OSError, ValueError):
             continue
         pid = entry.get("pid")
-        if entry.get("device") == device and isinstance(pid, int) and Path("/proc", str(pid)).exists():
+        if (
+            entry.get("device") == device
+            and isinstance(pid, int)
+            and Path("/proc", str(pid)).exists()
+            and _shows_record_file(device, entry)
+        ):
             return pid, dev, ino, entry.get("permanent") is True
     return None
 
@@ -1108,6 +1121,19 @@ def _served_record(device: str) -> tuple[int, int, int, bool] | None:
 def _run_dir() -> Path:
     """The Linux provider's run directory: $VIRTDISK_RUN_DIR, else /run/virtdisk."""
     return Path(os.environ.get("VIRTDISK_RUN_DIR") or "/run/virtdisk")
+
+
+def _shows_record_file(device: str, entry: dict[str, Any]) -> bool:
+    """Whether device is still backed by the record's FUSE file: loop
+    device names are reused, and a record can outlive its attachment.  The
+    FUSE file sits on a hidden mount, so a backing file that can be looked
+    up by its name is some other file (unless it is the record's)."""
+    try:
+        backing = Path("/sys/block", Path(device).name, "loop", "backing_file").read_text().rstrip("\n")
+        st = os.stat(backing)
+    except OSError:
+        return True
+    return (st.st_dev, st.st_ino) == (entry.get("backing_dev"), entry.get("backing_ino"))
 
 
 def _served_image(device: str) -> Path | None:
