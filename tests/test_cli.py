@@ -333,13 +333,16 @@ def test_detach_by_device_also_after_a_rename(images: Path, fixed: bool) -> None
     attached = virtdisk_cli("attach", str(path))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
-    renamed = path.rename(images / "renamed.vhdx")
-    entry = _listed(device)
-    assert entry["served"] is (not fixed) and entry["permanent"] is True
-    assert entry["image_path"] == str(renamed)
-    detached = virtdisk_cli("detach", device)
-    assert detached.returncode == 0, detached.stderr
-    assert _gone(device)
+    try:
+        renamed = path.rename(images / "renamed.vhdx")
+        entry = _listed(device)
+        assert entry["served"] is (not fixed) and entry["permanent"] is True
+        assert entry["image_path"] == str(renamed)
+        detached = virtdisk_cli("detach", device)
+        assert detached.returncode == 0, detached.stderr
+        assert _gone(device)
+    finally:
+        _detach_by_python(device)
 
 
 @pytest.mark.loop
@@ -349,11 +352,21 @@ def test_a_served_disk_detaches_by_device_after_its_image_is_deleted(images: Pat
     attached = virtdisk_cli("attach", str(path))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
-    path.unlink()
-    assert _listed(device)["image_path"] == f"{path} (deleted)"
-    detached = virtdisk_cli("detach", device)
-    assert detached.returncode == 0, detached.stderr
-    assert _gone(device)
+    try:
+        path.unlink()
+        assert _listed(device)["image_path"] == f"{path} (deleted)"
+        detached = virtdisk_cli("detach", device)
+        assert detached.returncode == 0, detached.stderr
+        assert _gone(device)
+    finally:
+        _detach_by_python(device)
+
+
+def _detach_by_python(device: str) -> None:
+    """After a failed test: the images fixture detaches by the image's
+    recorded name, which a renamed or deleted image no longer has."""
+    if not _gone(device):
+        virtdisk.detach(device)
 
 
 @pytest.mark.loop

@@ -8,6 +8,7 @@ import operator
 import os
 import re
 import stat
+import struct
 import sys
 import threading
 import uuid
@@ -1097,6 +1098,10 @@ def _backing_image(device: str) -> Path | None:
     return _served_image(device)
 
 
+_LOOP_GET_STATUS64 = 0x4C05  # <linux/loop.h>
+_LOOP_INFO64_SIZE = 232  # sizeof(struct loop_info64)
+
+
 def _served_record(device: str) -> tuple[int, int, int, bool] | None:
     """(server pid, image st_dev, st_ino, permanent) of a live served
     attachment on device, from the provider's records (named <dev>-<ino>.json
@@ -1124,16 +1129,24 @@ def _run_dir() -> Path:
 
 
 def _shows_record_file(device: str, entry: dict[str, Any]) -> bool:
-    """Whether device is still backed by the record's FUSE file: loop
-    device names are reused, and a record can outlive its attachment.  The
-    FUSE file sits on a hidden mount, so a backing file that can be looked
-    up by its name is some other file (unless it is the record's)."""
+    """Whether device is still backed by the record's FUSE file: loop device
+    names are reused, and a record can outlive its attachment.  The kernel
+    tells the backing file's identity (LOOP_GET_STATUS64: lo_device, lo_inode
+    lead struct loop_info64), which a hidden FUSE mount's name cannot."""
+    import fcntl  # Linux only, as this function
+
     try:
-        backing = Path("/sys/block", Path(device).name, "loop", "backing_file").read_text().rstrip("\n")
-        st = os.stat(backing)
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return True
-    return (st.st_dev, st.st_ino) == (entry.get("backing_dev"), entry.get("backing_ino"))
+        return False
+    try:
+        status = fcntl.ioctl(fd, _LOOP_GET_STATUS64, bytes(_LOOP_INFO64_SIZE))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    backing_dev, backing_ino = struct.unpack_from("=QQ", status)
+    return (backing_dev, backing_ino) == (entry.get("backing_dev"), entry.get("backing_ino"))
 
 
 def _served_image(device: str) -> Path | None:
