@@ -318,6 +318,22 @@ def test_a_read_only_handle_attaches_read_only_by_default(images: Path) -> None:
 
 
 @pytest.mark.loop
+def test_an_image_not_writable_says_to_attach_it_read_only(images: Path) -> None:
+    chattr = require_tool("chattr")
+    path = images / "disk.vhd"
+    virtdisk.create(path, 8 * MiB, fixed=True).close()
+    subprocess.run([chattr, "+i", str(path)], check=True)  # not writable, even for root
+    try:
+        assert_one_line_error(virtdisk_cli("attach", str(path)), "attach it with --read-only")
+        assert loops_backed_under(images) == []
+        attached = virtdisk_cli("attach", "--read-only", str(path))
+        assert attached.returncode == 0, attached.stderr
+        assert virtdisk_cli("detach", attached.stdout.strip()).returncode == 0
+    finally:
+        subprocess.run([chattr, "-i", str(path)], check=True)
+
+
+@pytest.mark.loop
 def test_a_failed_attach_attaches_nothing(images: Path) -> None:
     path = images / "junk.vhd"
     path.write_bytes(b"not a disk" * 1000)

@@ -135,10 +135,23 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+_NOT_WRITABLE = frozenset(
+    {WinError.ERROR_ACCESS_DENIED, WinError.ERROR_WRITE_PROTECT, WinError.ERROR_PRIVILEGE_NOT_HELD}
+)
+
+
 def _attach(args: argparse.Namespace) -> int:
     # An ISO opens read-only and so attaches read-only without --read-only.
     read_only = True if args.read_only else None
-    with _disk.open(args.path, read_only=bool(args.read_only)) as disk:
+    try:
+        disk = _disk.open(args.path, read_only=bool(args.read_only))
+    except VirtualDiskError as error:
+        # Refused for writing: EACCES, EROFS, or EPERM (an immutable file),
+        # which the provider answers with ERROR_PRIVILEGE_NOT_HELD.
+        if error.winerror in _NOT_WRITABLE and not args.read_only:
+            error.hint = "the image is not writable for you: attach it with --read-only"
+        raise
+    with disk:
         disk.attach(read_only=read_only, permanent=True)
         print(disk.physical_path)
     return 0
@@ -435,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         if parameter in _OPTIONS:
             error.hint = f"see {_OPTIONS[parameter]}"
         error.hint = _CLI_HINTS.get((error.function, error.winerror), error.hint)
+        if error.hint.startswith(("attach(", "open the disk")):  # the facade's terms, not the CLI's
+            error.hint = ""
         return _fail(str(error))
     except (OSError, ValueError) as error:
         return _fail(str(error))
