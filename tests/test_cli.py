@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -260,8 +262,28 @@ def _listed(device: str) -> dict[str, object]:
     return next(d for d in data["disks"] if d["physical_path"] == device)
 
 
-def _gone(device: str) -> bool:
-    return not Path("/sys/block", Path(device).name, "loop").exists()
+def _backing(device: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file device shows, from LOOP_GET_STATUS64, or
+    None when it shows none: what tells this test's attachment from the next
+    one on the same device (other tests attach on this machine meanwhile)."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        status = fcntl.ioctl(fd, 0x4C05, bytes(232))  # LOOP_GET_STATUS64, struct loop_info64
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    dev, ino = struct.unpack_from("=QQ", status)
+    return dev, ino
+
+
+def _gone(device: str, mine: tuple[int, int] | None) -> bool:
+    """Whether device no longer shows this test's attachment."""
+    assert mine is not None
+    return _backing(device) != mine
 
 
 @pytest.mark.loop
@@ -271,6 +293,7 @@ def test_attach_list_detach(images: Path) -> None:
     attached = virtdisk_cli("attach", str(path))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
+    mine = _backing(device)
     assert device.startswith("/dev/loop")
     try:
         entry = _listed(device)
@@ -289,7 +312,7 @@ def test_attach_list_detach(images: Path) -> None:
     finally:
         detached = virtdisk_cli("detach", str(path))
     assert detached.returncode == 0, detached.stderr
-    assert _gone(device)
+    assert _gone(device, mine)
 
 
 @pytest.mark.loop
@@ -298,11 +321,12 @@ def test_an_iso_attaches_read_only_without_being_told(images: Path) -> None:
     attached = virtdisk_cli("attach", str(iso))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
+    mine = _backing(device)
     try:
         assert _listed(device)["read_only"] is True
     finally:
         assert virtdisk_cli("detach", device).returncode == 0
-    assert _gone(device)
+    assert _gone(device, mine)
     with virtdisk.open(iso) as disk:
         disk.attach()
         assert Path("/sys/block", Path(disk.physical_path).name, "ro").read_text().strip() == "1"
@@ -349,6 +373,7 @@ def test_detach_by_device_also_after_a_rename(images: Path, fixed: bool) -> None
     attached = virtdisk_cli("attach", str(path))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
+    mine = _backing(device)
     try:
         renamed = path.rename(images / "renamed.vhdx")
         entry = _listed(device)
@@ -356,9 +381,9 @@ def test_detach_by_device_also_after_a_rename(images: Path, fixed: bool) -> None
         assert entry["image_path"] == str(renamed)
         detached = virtdisk_cli("detach", device)
         assert detached.returncode == 0, detached.stderr
-        assert _gone(device)
+        assert _gone(device, mine)
     finally:
-        _detach_by_python(device)
+        _detach_by_python(device, mine)
 
 
 @pytest.mark.loop
@@ -368,20 +393,21 @@ def test_a_served_disk_detaches_by_device_after_its_image_is_deleted(images: Pat
     attached = virtdisk_cli("attach", str(path))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
+    mine = _backing(device)
     try:
         path.unlink()
         assert _listed(device)["image_path"] == f"{path} (deleted)"
         detached = virtdisk_cli("detach", device)
         assert detached.returncode == 0, detached.stderr
-        assert _gone(device)
+        assert _gone(device, mine)
     finally:
-        _detach_by_python(device)
+        _detach_by_python(device, mine)
 
 
-def _detach_by_python(device: str) -> None:
+def _detach_by_python(device: str, mine: tuple[int, int] | None) -> None:
     """After a failed test: the images fixture detaches by the image's
     recorded name, which a renamed or deleted image no longer has."""
-    if not _gone(device):
+    if mine is not None and not _gone(device, mine):
         virtdisk.detach(device)
 
 
@@ -394,12 +420,14 @@ def test_a_direct_disk_whose_image_is_deleted_is_refused_by_name(images: Path) -
     attached = virtdisk_cli("attach", str(path))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
+    mine = _backing(device)
     path.unlink()
     try:
         assert_one_line_error(virtdisk_cli("detach", device), "deleted", f"losetup -d {device}")
-        assert not _gone(device)  # refused: nothing was half done
+        assert not _gone(device, mine)  # refused: nothing was half done
     finally:
-        subprocess.run(["losetup", "-d", device], check=True)
+        if not _gone(device, mine):
+            subprocess.run(["losetup", "-d", device], check=True)
 
 
 @pytest.mark.loop
@@ -409,8 +437,9 @@ def test_detach_by_device_in_python(images: Path) -> None:
     with virtdisk.open(path) as disk:
         disk.attach(permanent=True)
         device = disk.physical_path
+        mine = _backing(device)
     virtdisk.detach(device)
-    assert _gone(device)
+    assert _gone(device, mine)
     with pytest.raises(virtdisk.NotAttachedError):
         virtdisk.detach(path)
 
