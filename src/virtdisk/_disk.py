@@ -8,7 +8,6 @@ import operator
 import os
 import re
 import stat
-import struct
 import sys
 import threading
 import uuid
@@ -1098,10 +1097,6 @@ def _backing_image(device: str) -> Path | None:
     return _served_image(device)
 
 
-_LOOP_GET_STATUS64 = 0x4C05  # <linux/loop.h>
-_LOOP_INFO64_SIZE = 232  # sizeof(struct loop_info64)
-
-
 def _served_record(device: str) -> tuple[int, int, int, bool] | None:
     """(server pid, image st_dev, st_ino, permanent) of a live served
     attachment on device, from the provider's records (named <dev>-<ino>.json
@@ -1117,7 +1112,7 @@ def _served_record(device: str) -> tuple[int, int, int, bool] | None:
             entry.get("device") == device
             and isinstance(pid, int)
             and Path("/proc", str(pid)).exists()
-            and _shows_record_file(device, entry)
+            and _holds_device(pid, device)
         ):
             return pid, dev, ino, entry.get("permanent") is True
     return None
@@ -1128,25 +1123,19 @@ def _run_dir() -> Path:
     return Path(os.environ.get("VIRTDISK_RUN_DIR") or "/run/virtdisk")
 
 
-def _shows_record_file(device: str, entry: dict[str, Any]) -> bool:
-    """Whether device is still backed by the record's FUSE file: loop device
-    names are reused, and a record can outlive its attachment.  The kernel
-    tells the backing file's identity (LOOP_GET_STATUS64: lo_device, lo_inode
-    lead struct loop_info64), which a hidden FUSE mount's name cannot."""
-    import fcntl  # Linux only, as this function
-
-    try:
-        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        status = fcntl.ioctl(fd, _LOOP_GET_STATUS64, bytes(_LOOP_INFO64_SIZE))
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    backing_dev, backing_ino = struct.unpack_from("=QQ", status)
-    return (backing_dev, backing_ino) == (entry.get("backing_dev"), entry.get("backing_ino"))
+def _holds_device(pid: int, device: str) -> bool:
+    """Whether the record's server still holds its loop device open (as it
+    does while it serves): loop device names are reused, and a record can
+    outlive its attachment in a process that lives on.  Asked of the
+    process rather than of the device, because an open of the device, however
+    brief, makes a concurrent detach refuse it as in use."""
+    for fd in Path("/proc", str(pid), "fd").glob("*"):
+        try:
+            if os.readlink(fd) == device:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _served_image(device: str) -> Path | None:
