@@ -11,10 +11,12 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 import virtdisk
+from virtdisk import _disk
 from virtdisk._cli import parse_size
 
 from .conftest import loops_backed_under, require_tool
@@ -264,8 +266,7 @@ def _listed(device: str) -> dict[str, object]:
 
 def _backing(device: str) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the file device shows, from LOOP_GET_STATUS64, or
-    None when it shows none: what tells this test's attachment from the next
-    one on the same device (other tests attach on this machine meanwhile)."""
+    None when it shows none."""
     try:
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -280,10 +281,25 @@ def _backing(device: str) -> tuple[int, int] | None:
     return dev, ino
 
 
-def _gone(device: str, mine: tuple[int, int] | None) -> bool:
+Mine = tuple[Optional[tuple[int, int]], Optional[int]]
+
+
+def _mine(device: str) -> Mine:
+    """What tells this test's attachment from the next one on the same device
+    (other tests attach on this machine meanwhile): a direct one by its
+    image's identity, a served one by its server (every served file is inode
+    2 of a FUSE mount whose device number the next mount may reuse)."""
+    record = _disk._served_record(device)
+    return _backing(device), record[0] if record else None
+
+
+def _gone(device: str, mine: Mine) -> bool:
     """Whether device no longer shows this test's attachment."""
-    assert mine is not None
-    return _backing(device) != mine
+    backing, server = mine
+    if server is not None:
+        return not _disk._holds_device(server, device)
+    assert backing is not None
+    return _backing(device) != backing
 
 
 @pytest.mark.loop
@@ -293,7 +309,7 @@ def test_attach_list_detach(images: Path) -> None:
     attached = virtdisk_cli("attach", str(path))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
-    mine = _backing(device)
+    mine = _mine(device)
     assert device.startswith("/dev/loop")
     try:
         entry = _listed(device)
@@ -321,7 +337,7 @@ def test_an_iso_attaches_read_only_without_being_told(images: Path) -> None:
     attached = virtdisk_cli("attach", str(iso))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
-    mine = _backing(device)
+    mine = _mine(device)
     try:
         assert _listed(device)["read_only"] is True
     finally:
@@ -373,7 +389,7 @@ def test_detach_by_device_also_after_a_rename(images: Path, fixed: bool) -> None
     attached = virtdisk_cli("attach", str(path))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
-    mine = _backing(device)
+    mine = _mine(device)
     try:
         renamed = path.rename(images / "renamed.vhdx")
         entry = _listed(device)
@@ -393,7 +409,7 @@ def test_a_served_disk_detaches_by_device_after_its_image_is_deleted(images: Pat
     attached = virtdisk_cli("attach", str(path))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
-    mine = _backing(device)
+    mine = _mine(device)
     try:
         path.unlink()
         assert _listed(device)["image_path"] == f"{path} (deleted)"
@@ -404,10 +420,10 @@ def test_a_served_disk_detaches_by_device_after_its_image_is_deleted(images: Pat
         _detach_by_python(device, mine)
 
 
-def _detach_by_python(device: str, mine: tuple[int, int] | None) -> None:
+def _detach_by_python(device: str, mine: Mine) -> None:
     """After a failed test: the images fixture detaches by the image's
     recorded name, which a renamed or deleted image no longer has."""
-    if mine is not None and not _gone(device, mine):
+    if not _gone(device, mine):
         virtdisk.detach(device)
 
 
@@ -420,7 +436,7 @@ def test_a_direct_disk_whose_image_is_deleted_is_refused_by_name(images: Path) -
     attached = virtdisk_cli("attach", str(path))
     assert attached.returncode == 0, attached.stderr
     device = attached.stdout.strip()
-    mine = _backing(device)
+    mine = _mine(device)
     path.unlink()
     try:
         assert_one_line_error(virtdisk_cli("detach", device), "deleted", f"losetup -d {device}")
@@ -437,7 +453,7 @@ def test_detach_by_device_in_python(images: Path) -> None:
     with virtdisk.open(path) as disk:
         disk.attach(permanent=True)
         device = disk.physical_path
-        mine = _backing(device)
+        mine = _mine(device)
     virtdisk.detach(device)
     assert _gone(device, mine)
     with pytest.raises(virtdisk.NotAttachedError):
