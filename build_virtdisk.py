@@ -38,12 +38,12 @@ def _cdef(name: str) -> str:
     return re.sub(r"\[0\];", "[];", text)
 
 
-def _pkg_config(package: str, apt_name: str) -> dict[str, list[str]]:
-    """Compiler and linker flags of a pkg-config package, or a build error that
-    says what to install."""
+def _pkg_config_cflags(package: str, apt_name: str) -> dict[str, list[str]]:
+    """Compiler flags of a pkg-config package, or a build error that says what
+    to install."""
     pkg_config = shutil.which("pkg-config")
     result = (
-        subprocess.run([pkg_config, "--cflags", "--libs", package], capture_output=True, text=True)
+        subprocess.run([pkg_config, "--cflags", package], capture_output=True, text=True)
         if pkg_config
         else None
     )
@@ -53,11 +53,10 @@ def _pkg_config(package: str, apt_name: str) -> dict[str, list[str]]:
             f"differencing images): install pkg-config and {apt_name} (Debian/Ubuntu: "
             f"apt-get install pkg-config {apt_name} fuse3)"
         )
-    flags: dict[str, list[str]] = {"include_dirs": [], "library_dirs": [], "libraries": [], "extra": []}
+    flags: dict[str, list[str]] = {"include_dirs": [], "extra": []}
     for flag in result.stdout.split():
-        kind = {"-I": "include_dirs", "-L": "library_dirs", "-l": "libraries"}.get(flag[:2])
-        if kind:
-            flags[kind].append(flag[2:])
+        if flag.startswith("-I"):
+            flags["include_dirs"].append(flag[2:])
         else:
             flags["extra"].append(flag)
     return flags
@@ -76,7 +75,10 @@ if TARGET == "windows":
         libraries=["virtdisk", "advapi32", "kernel32"],
     )
 else:
-    fuse3 = _pkg_config("fuse3", "libfuse3-dev")
+    # libfuse3's headers only: the provider loads the library at run time
+    # (src/provider/fuse3dl.h says why), so the module links nothing but libc
+    # and a manylinux wheel needs no copy of it.
+    fuse3 = _pkg_config_cflags("fuse3", "libfuse3-dev")
     # The serving helper's entry points (python -I -m virtdisk._serve).
     ffi.cdef(_cdef("serve_linux.h"))
     ffi.set_source(
@@ -88,6 +90,6 @@ else:
         ],
         include_dirs=[str(PROVIDER), str(CFFI_SRC), *fuse3["include_dirs"]],
         extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", *fuse3["extra"]],
-        library_dirs=fuse3["library_dirs"],
-        libraries=[*fuse3["libraries"], "pthread"],
+        # dl and pthread: part of libc from glibc 2.34, separate before it.
+        libraries=["dl", "pthread"],
     )

@@ -17,6 +17,12 @@ RUN_DIR = Path(os.environ.get("VIRTDISK_RUN_DIR") or "/run/virtdisk")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Here rather than in pyproject.toml: .ci/check-wheel runs a copy of the
+    # tests outside the source tree.
+    config.addinivalue_line("markers", "loop: attaches real loop devices (needs root and /dev/loop-control)")
+
+
 def loop_devices_unavailable() -> str | None:
     """Why this machine cannot attach loop devices, or None when it can."""
     if not sys.platform.startswith("linux"):

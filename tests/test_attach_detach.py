@@ -81,8 +81,9 @@ def test_read_write_attach_needs_attach_rw_access(images: Path) -> None:
     path = make_fixed_vhd(images)
     with virtdisk.open(path, read_only=True) as disk:
         with pytest.raises(virtdisk.VirtualDiskPermissionError) as raised:
-            disk.attach()
+            disk.attach(read_only=False)
         assert raised.value.winerror == WinError.ERROR_ACCESS_DENIED
+        assert "attach(read_only=True)" in str(raised.value)  # what to do, in the facade's terms
         assert not disk.attached
 
 
@@ -152,7 +153,7 @@ def test_iso_attaches_read_only_with_2048_byte_sectors(iso: Path) -> None:
 def test_iso_refuses_a_read_write_attach(iso: Path) -> None:
     with virtdisk.open(iso) as disk:
         with pytest.raises(virtdisk.VirtualDiskError) as raised:
-            disk.attach()
+            disk.attach(read_only=False)
         assert raised.value.winerror in (WinError.ERROR_INVALID_PARAMETER, WinError.ERROR_ACCESS_DENIED)
         assert not disk.attached
 

@@ -68,7 +68,7 @@ def _zig() -> list[str]:
     # cache of built Windows C libraries (a minute per target when cold).
     python = os.environ.get("VIRTDISK_ZIG_PYTHON", sys.executable)
     if python == sys.executable and importlib.util.find_spec("ziglang") is None:
-        _missing("ziglang is not installed (pip install ziglang)")
+        _missing("ziglang is not installed (pip install -e '.[conformance]')")
     return [python, "-m", "ziglang", "cc"]
 
 

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "errors.h"
+#include "fuse3dl.h"
 #include "rundir.h"
 
 #define VD_FUSE_ROOT_INO FUSE_ROOT_ID
@@ -307,8 +308,10 @@ DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server
     pthread_mutex_init(&server->mutex, NULL);
     pthread_cond_init(&server->ended_cond, NULL);
 
-    int run_dir;
-    DWORD status = vd_run_dir(&run_dir);
+    int run_dir = -1;
+    DWORD status = vd_fuse3_load();
+    if (status == ERROR_SUCCESS)
+        status = vd_run_dir(&run_dir);
     if (status == ERROR_SUCCESS) {
         char name[48];
         /* The server's pid in the name tells a later garbage collection

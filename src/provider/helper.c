@@ -19,8 +19,10 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -765,6 +767,25 @@ static void vd_supervisor_main(int control)
     vd_supervise(&s);
 }
 
+/* close_range(2) without glibc 2.34's wrapper (manylinux builds target 2.28),
+   and by hand on kernels before 5.9, which lack the call: no descriptor in
+   the range may survive either way. */
+#ifndef SYS_close_range
+#define SYS_close_range 436 /* one number on every architecture (Linux 5.9) */
+#endif
+
+static void vd_close_range(unsigned first, unsigned last)
+{
+    if (syscall(SYS_close_range, first, last, 0) == 0)
+        return;
+    struct rlimit limit;
+    unsigned end = getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY
+                       ? (unsigned)limit.rlim_cur
+                       : 65536;
+    for (unsigned fd = first; fd <= last && fd < end; fd++)
+        close((int)fd);
+}
+
 void vd_serve_main(int control_fd)
 {
     /* Nothing of the interpreter's state matters from here on: this never
@@ -780,8 +801,8 @@ void vd_serve_main(int control_fd)
         /* "/" always exists; nothing depends on the directory anyway. */
     }
     if (control_fd > STDERR_FILENO + 1)
-        close_range(STDERR_FILENO + 1, (unsigned)control_fd - 1, 0);
-    close_range((unsigned)control_fd + 1, ~0u, 0);
+        vd_close_range(STDERR_FILENO + 1, (unsigned)control_fd - 1);
+    vd_close_range((unsigned)control_fd + 1, ~0u);
     fcntl(control_fd, F_SETFD, FD_CLOEXEC);
     /* Leave the attacher, which reaps this process: the supervisor goes on
        as nobody's child (no zombie for the attacher to collect later). */

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -18,7 +19,11 @@
    "CD001" at 32 KiB could in principle also sit inside a VHD's data. */
 static const struct vd_format *const vd_formats[] = {&vd_format_vhdx, &vd_format_vhd, &vd_format_iso};
 
-enum { VD_PROBE_HEAD = 64 * 1024, VD_PROBE_TAIL = 512 };
+/* VHDX and VHD are told by their first and last sectors; only ISO needs the
+   volume descriptors from 32 KiB on.  So a short head is read first, and the
+   long one only when no format recognised it: opening a VHD or VHDX then
+   copies 4 KiB instead of 64 KiB (a fifth of the cost of an open). */
+enum { VD_PROBE_SHORT_HEAD = 4096, VD_PROBE_HEAD = 64 * 1024, VD_PROBE_TAIL = 512 };
 
 const struct vd_format *vd_format_for_device(ULONG device_id)
 {
@@ -32,21 +37,42 @@ static DWORD vd_probe(struct vd_image *image, const struct vd_format **format)
 {
     static _Thread_local uint8_t head[VD_PROBE_HEAD];
     uint8_t tail[VD_PROBE_TAIL];
-    size_t head_length = image->file_size < VD_PROBE_HEAD ? (size_t)image->file_size : VD_PROBE_HEAD;
     size_t tail_length = image->file_size < VD_PROBE_TAIL ? (size_t)image->file_size : VD_PROBE_TAIL;
-    int error = vd_pread_full(image->fd, head, head_length, 0);
-    if (!error)
-        error = vd_pread_full(image->fd, tail, tail_length, image->file_size - tail_length);
+    int error = vd_pread_full(image->fd, tail, tail_length, image->file_size - tail_length);
+    size_t head_length = 0;
+    for (size_t want = VD_PROBE_SHORT_HEAD; !error && head_length < image->file_size; want = VD_PROBE_HEAD) {
+        size_t length = image->file_size < want ? (size_t)image->file_size : want;
+        error = vd_pread_full(image->fd, head + head_length, length - head_length, head_length);
+        head_length = length;
+        for (size_t i = 0; !error && i < sizeof vd_formats / sizeof vd_formats[0]; i++) {
+            if (vd_formats[i]->probe(head, head_length, tail, tail_length, image->file_size)) {
+                *format = vd_formats[i];
+                return ERROR_SUCCESS;
+            }
+        }
+        if (want == VD_PROBE_HEAD)
+            break;
+    }
     if (error)
         return vd_fail_errno(error, "reading %s to recognise its format", image->path);
-    for (size_t i = 0; i < sizeof vd_formats / sizeof vd_formats[0]; i++) {
-        if (vd_formats[i]->probe(head, head_length, tail, tail_length, image->file_size)) {
-            *format = vd_formats[i];
-            return ERROR_SUCCESS;
-        }
-    }
     return vd_fail(ERROR_VIRTDISK_PROVIDER_NOT_FOUND,
                    "%s is not a VHD, VHDX or ISO image (no known signature)", image->path);
+}
+
+/* The opened file's absolute, resolved name: the kernel's, in one readlink
+   of /proc/self/fd (realpath() costs a readlink per path component, a tenth
+   of an open), else realpath()'s.  A file opened through a descriptor link
+   after it was deleted keeps the kernel's name ("... (deleted)"): that is
+   how a served disk whose image was deleted can still be detached. */
+static char *vd_resolved_path(int fd, const char *path)
+{
+    char link[64], name[PATH_MAX];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t length = readlink(link, name, sizeof name - 1);
+    if (length <= 0 || name[0] != '/' || (size_t)length >= sizeof name - 1)
+        return realpath(path, NULL);
+    name[length] = '\0';
+    return strdup(name);
 }
 
 DWORD vd_image_open(const char *path, ULONG device_id, bool writable,
@@ -89,7 +115,7 @@ DWORD vd_image_open(const char *path, ULONG device_id, bool writable,
     image->file_size = (uint64_t)st.st_size;
     image->file_dev = st.st_dev;
     image->file_ino = st.st_ino;
-    image->path = realpath(path, NULL);
+    image->path = vd_resolved_path(image->fd, path);
     if (!image->path) {
         status = vd_fail_errno(errno, "resolving %s", path);
         goto fail;

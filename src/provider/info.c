@@ -3,6 +3,8 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,27 +31,58 @@ static DWORD vd_not_applicable(const struct vd_image *image, const char *what)
     return vd_fail(ERROR_VHD_INVALID_TYPE, "%s does not apply to this %s image", what, image->format->name);
 }
 
-/* The host disk's sector sizes, from the block device holding the image. */
-static void vd_host_sectors(const struct vd_image *image, ULONG *logical, ULONG *physical, BOOL *remote)
+/* The sector sizes of the block device holding a file system, read from
+   sysfs once per device and process: two sysfs reads cost ten times the rest
+   of an information query, an inventory of many images on one disk asks the
+   same question each time, and a mounted device's sector sizes do not change. */
+static struct vd_host_cache {
+    pthread_mutex_t mutex;
+    unsigned next;
+    struct {
+        dev_t dev;
+        ULONG logical, physical;
+        bool known;
+    } entries[8];
+} vd_host_cache = {.mutex = PTHREAD_MUTEX_INITIALIZER};
+
+static ULONG vd_sysfs_sector_size(dev_t dev, const char *which)
 {
-    *logical = 512;
-    *physical = 512;
     char path[96], value[32];
-    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/queue/logical_block_size", major(image->file_dev),
-             minor(image->file_dev));
+    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/queue/%s", major(dev), minor(dev), which);
+    ULONG size = 512;
     FILE *file = fopen(path, "re");
     if (file) {
         if (fgets(value, sizeof value, file))
-            *logical = (ULONG)strtoul(value, NULL, 10);
+            size = (ULONG)strtoul(value, NULL, 10);
         fclose(file);
     }
-    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/queue/physical_block_size", major(image->file_dev),
-             minor(image->file_dev));
-    file = fopen(path, "re");
-    if (file) {
-        if (fgets(value, sizeof value, file))
-            *physical = (ULONG)strtoul(value, NULL, 10);
-        fclose(file);
+    return size;
+}
+
+/* The host disk's sector sizes, from the block device holding the image. */
+static void vd_host_sectors(const struct vd_image *image, ULONG *logical, ULONG *physical, BOOL *remote)
+{
+    struct vd_host_cache *cache = &vd_host_cache;
+    bool found = false;
+    pthread_mutex_lock(&cache->mutex);
+    for (unsigned i = 0; i < sizeof cache->entries / sizeof cache->entries[0] && !found; i++) {
+        if (cache->entries[i].known && cache->entries[i].dev == image->file_dev) {
+            *logical = cache->entries[i].logical;
+            *physical = cache->entries[i].physical;
+            found = true;
+        }
+    }
+    pthread_mutex_unlock(&cache->mutex);
+    if (!found) {
+        *logical = vd_sysfs_sector_size(image->file_dev, "logical_block_size");
+        *physical = vd_sysfs_sector_size(image->file_dev, "physical_block_size");
+        pthread_mutex_lock(&cache->mutex);
+        unsigned slot = cache->next++ % (sizeof cache->entries / sizeof cache->entries[0]);
+        cache->entries[slot].dev = image->file_dev;
+        cache->entries[slot].logical = *logical;
+        cache->entries[slot].physical = *physical;
+        cache->entries[slot].known = true;
+        pthread_mutex_unlock(&cache->mutex);
     }
     struct statfs fs;
     /* NFS, SMB/CIFS, SMB2 and 9p are what Windows would call remote. */

@@ -4,18 +4,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import tempfile
+from fractions import Fraction
 from pathlib import Path
+from typing import Any, NoReturn
 
 from . import _disk
 from ._disk import DiskInfo
 from ._enums import StorageType
-from ._errors import VirtualDiskError
+from ._errors import VirtualDiskError, WinError
 from ._progress import ProgressBar
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# The largest virtual disk any supported format holds (VHDX).
+_MAX_SIZE = 64 << 40
+# The layout of `info --json` and `list --json` (README, "Command line"):
+# raised when a key changes meaning or goes away, not when one is added.
+JSON_VERSION = 1
+
+_DESCRIPTION = """\
+Create, inspect, attach and detach virtual disks (VHD, VHDX, ISO).
+
+Sizes take binary units: 64M, 1.5G, 2TiB, or a byte count.
+Errors print one line on stderr and exit with status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and status 1, like
+    every other error of the command (argparse's own: usage lines, status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def parse_size(text: str) -> int:
@@ -24,14 +46,14 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (try 64M, 1G or a byte count)")
     number, unit = match.groups()
-    size = float(number) * _UNITS[unit.upper()]
-    if size != int(size):
+    size = Fraction(number) * _UNITS[unit.upper()]
+    if size.denominator != 1:
         raise argparse.ArgumentTypeError(f"size {text!r} is not a whole number of bytes")
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be more than 0")
+    if size > _MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size {text!r} is more than 64T, the largest virtual disk (VHDX)")
     return int(size)
-
-
-def _format(text: str) -> StorageType:
-    return StorageType[text.upper()]
 
 
 def _kind(info: DiskInfo) -> str:
@@ -51,21 +73,28 @@ def _human(size: int) -> str:
     raise AssertionError("unreachable")
 
 
+class _UsageError(Exception):
+    """A mistake on the command line that argparse cannot see alone."""
+
+
 def _create(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if not args.size and args.parent is None and args.source is None:
-        print("virtdisk: error: --size is required without --parent or --source", file=sys.stderr)
-        return 2
-    kind = args.format if args.format is not None else None
+    if args.size is None and args.parent is None and args.source is None:
+        raise _UsageError("create needs --size (or --parent, or --source)")
+    if args.parent is not None and args.size is not None:
+        raise _UsageError("--size does not go with --parent: a differencing disk has its parent's size")
+    kind = StorageType[args.format.upper()] if args.format else None
     if kind is None and path.suffix.lower() not in (".vhd", ".vhdx"):
-        kind = StorageType.VHD
+        raise _UsageError(
+            f"cannot tell the format of {path} from its suffix: give --format vhd or --format vhdx"
+        )
     with _disk.create(
         path,
-        args.size,
+        args.size or 0,
         storage_type=kind,
         fixed=args.type == "fixed",
-        block_size=args.block_size,
-        sector_size=args.sector_size,
+        block_size=args.block_size or 0,
+        sector_size=args.sector_size or 0,
         parent=args.parent,
         source=args.source,
     ) as disk:
@@ -74,27 +103,56 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
+def info_json(info: DiskInfo, physical_path: str | None) -> dict[str, Any]:
+    """What ``info --json`` prints (README, "Command line")."""
+    data: dict[str, Any] = {"version": JSON_VERSION}
+    data.update(info.to_dict())
+    data["path"] = str(_absolute(info.path))
+    data["physical_path"] = physical_path
+    return data
+
+
+def _absolute(path: Path) -> Path:
+    # Absolute, not resolved: a symbolic link the user named stays named.
+    return Path(os.path.abspath(path))
+
+
 def _info(args: argparse.Namespace) -> int:
     with _disk.open(args.path, read_only=True) as disk:
         info = disk.info
         physical = disk.physical_path if info.attached else None
-    data = info.to_dict()
-    data["physical_path"] = physical
+    data = info_json(info, physical)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    del data["version"]
     for key, value in data.items():
         if value in (None, []):
             continue
         if key in ("virtual_size", "physical_size") and isinstance(value, int):
             value = f"{value} ({_human(value)})"
-        print(f"{key.replace('_', ' '):>22}: {value}")
+        print(f"{key.replace('_', ' '):>24}: {value}")
     return 0
 
 
+_NOT_WRITABLE = frozenset(
+    {WinError.ERROR_ACCESS_DENIED, WinError.ERROR_WRITE_PROTECT, WinError.ERROR_PRIVILEGE_NOT_HELD}
+)
+
+
 def _attach(args: argparse.Namespace) -> int:
-    with _disk.open(args.path, read_only=args.read_only) as disk:
-        disk.attach(read_only=args.read_only, permanent=True)
+    # An ISO opens read-only and so attaches read-only without --read-only.
+    read_only = True if args.read_only else None
+    try:
+        disk = _disk.open(args.path, read_only=bool(args.read_only))
+    except VirtualDiskError as error:
+        # Refused for writing: EACCES, EROFS, or EPERM (an immutable file),
+        # which the provider answers with ERROR_PRIVILEGE_NOT_HELD.
+        if error.winerror in _NOT_WRITABLE and not args.read_only:
+            error.hint = "the image is not writable for you: attach it with --read-only"
+        raise
+    with disk:
+        disk.attach(read_only=read_only, permanent=True)
         print(disk.physical_path)
     return 0
 
@@ -104,24 +162,46 @@ def _detach(args: argparse.Namespace) -> int:
     return 0
 
 
+def list_json(disks: list[_disk.AttachedDisk]) -> dict[str, Any]:
+    """What ``list --json`` prints (README, "Command line")."""
+    return {
+        "version": JSON_VERSION,
+        "disks": [
+            {
+                "physical_path": d.physical_path,
+                "image_path": str(d.image_path) if d.image_path else None,
+                "read_only": d.read_only,
+                "permanent": d.permanent,
+                "served": d.served,
+            }
+            for d in disks
+        ],
+    }
+
+
 def _list(args: argparse.Namespace) -> int:
     disks = _disk.attached_disks()
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "physical_path": d.physical_path,
-                        "image_path": str(d.image_path) if d.image_path else None,
-                    }
-                    for d in disks
-                ],
-                indent=2,
-            )
+        print(json.dumps(list_json(disks), indent=2))
+        return 0
+
+    def yes_no(value: bool | None) -> str:
+        return "-" if value is None else "yes" if value else "no"
+
+    rows = [("DEVICE", "READ-ONLY", "PERMANENT", "SERVED", "IMAGE")]
+    rows += [
+        (
+            d.physical_path,
+            yes_no(d.read_only),
+            yes_no(d.permanent),
+            yes_no(d.served),
+            str(d.image_path or "-"),
         )
-    else:
-        for d in disks:
-            print(f"{d.physical_path}\t{d.image_path or ''}")
+        for d in disks
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
     return 0
 
 
@@ -141,55 +221,84 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="virtdisk", description=__doc__)
+    from . import __version__
+
+    parser = _Parser(
+        prog="virtdisk", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"virtdisk {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    create = commands.add_parser("create", help="create a VHD or VHDX image")
+    create = commands.add_parser(
+        "create",
+        help="create a VHD or VHDX image",
+        description="Create a VHD or VHDX image; never overwrites an existing file.",
+    )
     create.add_argument("path")
     create.add_argument(
-        "--size", type=parse_size, default=0, help="virtual size, e.g. 64M (default: the source's)"
+        "--size", type=parse_size, help="virtual size, e.g. 64M (with --source: default the source's)"
     )
     create.add_argument(
         "--format",
-        type=_format,
-        choices=[StorageType.VHD, StorageType.VHDX],
-        metavar="{vhd,vhdx}",
-        help="default: from the suffix, else vhd",
+        type=str.lower,
+        choices=["vhd", "vhdx"],
+        help="image format (default: from the suffix, .vhd or .vhdx)",
     )
-    create.add_argument("--type", choices=["fixed", "dynamic"], default="dynamic")
-    create.add_argument("--block-size", type=parse_size, default=0, help="default: the format's")
+    create.add_argument(
+        "--type",
+        choices=["fixed", "dynamic"],
+        default="dynamic",
+        help="fixed: allocate the whole size now; dynamic: grow as data is written (default)",
+    )
+    create.add_argument(
+        "--block-size", type=parse_size, help="allocation unit of a dynamic disk (default: the format's)"
+    )
     create.add_argument(
         "--sector-size",
         type=int,
         choices=[512, 4096],
-        default=0,
-        help="logical sector size (4096: VHDX only)",
+        help="logical sector size (default 512; 4096: VHDX only)",
     )
     origin = create.add_mutually_exclusive_group()
     origin.add_argument("--parent", help="make a differencing disk over this image (no --size)")
     origin.add_argument("--source", help="copy the contents of this image, raw file or block device")
     create.set_defaults(run=_create)
 
-    info = commands.add_parser("info", help="describe an image")
+    info = commands.add_parser("info", help="describe an image", description="Describe an image.")
     info.add_argument("path")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("--json", action="store_true", help="print one JSON object (keys: see the README)")
     info.set_defaults(run=_info)
 
-    attach = commands.add_parser("attach", help="attach an image until 'detach' (prints the device)")
+    attach = commands.add_parser(
+        "attach",
+        help="attach an image until 'detach' (prints the device)",
+        description="Attach an image until 'virtdisk detach', and print its device. "
+        "An ISO image attaches read-only without --read-only.",
+    )
     attach.add_argument("path")
-    attach.add_argument("--read-only", action="store_true")
+    attach.add_argument("--read-only", action="store_true", help="attach read-only")
     attach.set_defaults(run=_attach)
 
-    detach = commands.add_parser("detach", help="detach an attached image")
-    detach.add_argument("path")
+    detach = commands.add_parser(
+        "detach",
+        help="detach an attached image, by image or device",
+        description="Detach a disk, named by its image or by its device (/dev/loop3 on Linux).",
+    )
+    detach.add_argument("path", metavar="IMAGE_OR_DEVICE")
     detach.set_defaults(run=_detach)
 
-    listing = commands.add_parser("list", help="list attached virtual disks")
-    listing.add_argument("--json", action="store_true")
+    listing = commands.add_parser(
+        "list", help="list attached virtual disks", description="List the attached virtual disks."
+    )
+    listing.add_argument("--json", action="store_true", help="print one JSON object (keys: see the README)")
     listing.set_defaults(run=_list)
 
-    demo = commands.add_parser("demo", help="create, attach and detach a small temporary VHD")
-    demo.add_argument("--size", type=parse_size, default=16 << 20)
+    demo = commands.add_parser(
+        "demo",
+        help="create, attach and detach a small temporary VHD",
+        description="Create a fixed VHD in a temporary directory, attach it, show it, detach it.",
+    )
+    demo.add_argument("--size", type=parse_size, default=16 << 20, help="default: 16M")
     demo.set_defaults(run=_demo)
     _add_long_operations(commands)
     return parser
@@ -240,9 +349,11 @@ def _ancestor(path: Path, depth: int) -> Path | None:
 
 def _convert(args: argparse.Namespace) -> int:
     destination = Path(args.destination)
-    kind = args.format
+    kind = StorageType[args.format.upper()] if args.format else None
     if kind is None and destination.suffix.lower() not in (".vhd", ".vhdx"):
-        kind = StorageType.VHD
+        raise _UsageError(
+            f"cannot tell the format of {destination} from its suffix: give --format vhd or --format vhdx"
+        )
     bar = ProgressBar(f"converting {args.source}", quiet=args.quiet or args.json)
     try:
         with _disk.create(
@@ -270,7 +381,7 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
         help="how many disks to merge: 1 into the parent, 2 into the grandparent",
     )
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
-    merge.add_argument("--json", action="store_true")
+    merge.add_argument("--json", action="store_true", help="print one JSON object")
     merge.set_defaults(run=_merge)
 
     convert = commands.add_parser(
@@ -280,24 +391,65 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
     convert.add_argument("destination")
     convert.add_argument(
         "--format",
-        type=_format,
-        choices=[StorageType.VHD, StorageType.VHDX],
-        metavar="{vhd,vhdx}",
-        help="default: from the destination's suffix, else vhd",
+        type=str.lower,
+        choices=["vhd", "vhdx"],
+        help="image format (default: from the destination's suffix, .vhd or .vhdx)",
     )
-    convert.add_argument("--type", choices=["fixed", "dynamic"], default="dynamic")
+    convert.add_argument(
+        "--type",
+        choices=["fixed", "dynamic"],
+        default="dynamic",
+        help="fixed: allocate the whole size now; dynamic: grow as data is written (default)",
+    )
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
-    convert.add_argument("--json", action="store_true")
+    convert.add_argument("--json", action="store_true", help="print one JSON object")
     convert.set_defaults(run=_convert)
 
 
+# What a command-line user can do about an error, in options rather than
+# the facade's keyword arguments.
+_CLI_HINTS: dict[tuple[str, int], str] = {
+    ("AttachVirtualDisk", WinError.ERROR_ACCESS_DENIED): "the image is read-only: attach it with --read-only",
+}
+
+
+# The command-line option of each facade parameter that has one.
+_OPTIONS = {
+    "size": "--size",
+    "block_size": "--block-size",
+    "sector_size": "--sector-size",
+    "parent": "--parent",
+    "source": "--source",
+}
+
+
+def _fail(message: str) -> int:
+    print(f"virtdisk: error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        return int(args.run(args))
+        status = int(args.run(args))
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # The reader went away (`virtdisk list | head -1`): nothing more to
+        # say, and Python must not report the failed flush at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except _UsageError as error:
+        return _fail(f"{error} (see 'virtdisk {args.command} --help')")
     except VirtualDiskError as error:
-        print(f"virtdisk: error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"virtdisk: error: {error}", file=sys.stderr)
-        return 1
+        parameter = _disk.refused_parameter(error)
+        if parameter in _OPTIONS:
+            error.hint = f"see {_OPTIONS[parameter]}"
+        error.hint = _CLI_HINTS.get((error.function, error.winerror), error.hint)
+        if error.hint.startswith(("attach(", "open the disk")):  # the facade's terms, not the CLI's
+            error.hint = ""
+        return _fail(str(error))
+    except (OSError, ValueError) as error:
+        return _fail(str(error))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import operator
 import os
 import re
+import stat
 import sys
 import threading
 import uuid
@@ -15,10 +18,13 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageType
+from ._errors import _TABLE as _ERROR_TABLE
 from ._errors import (
+    NotAttachedError,
     NotSupportedError,
     VirtualDiskError,
     VirtualDiskNotFoundError,
+    VirtualDiskPermissionError,
     WinError,
     check,
     error_for,
@@ -36,11 +42,13 @@ _T = TypeVar("_T")
 
 StrPath = Union[str, "os.PathLike[str]"]
 
-_UNANSWERABLE = frozenset(
-    {
-        WinError.ERROR_VHD_COULD_NOT_COMPUTE_MINIMUM_VIRTUAL_SIZE,
-        WinError.ERROR_INVALID_PARAMETER,
-    }
+# Answers of an information version that does not apply to the image: not
+# supported for it (NotSupportedError's codes), or asked of an image that
+# cannot answer it (the minimum size of a differencing disk opened without
+# its parent, or a version the running Windows predates).
+_NOT_APPLICABLE = frozenset(
+    {code for code, (cls, _) in _ERROR_TABLE.items() if issubclass(cls, NotSupportedError)}
+    | {WinError.ERROR_VHD_COULD_NOT_COMPUTE_MINIMUM_VIRTUAL_SIZE, WinError.ERROR_INVALID_PARAMETER}
 )
 
 # What open() asks for when the caller does not say: everything a disk can
@@ -57,10 +65,8 @@ _ATTACH_PARAMETERS = ffi.new(
 
 
 def _guid_to_uuid(guid: Any) -> uuid.UUID:
-    node = bytes(guid.Data4)
-    return uuid.UUID(
-        fields=(guid.Data1, guid.Data2, guid.Data3, node[0], node[1], int.from_bytes(node[2:], "big"))
-    )
+    # A GUID in memory is a UUID in the mixed-endian layout uuid calls bytes_le.
+    return uuid.UUID(bytes_le=ffi.buffer(ffi.addressof(guid), 16)[:])
 
 
 def _uuid_to_guid(value: uuid.UUID, guid: Any) -> None:
@@ -76,10 +82,96 @@ def _storage_type(kind: StorageType) -> Any:
     return storage
 
 
+# OpenVirtualDisk only reads its storage type and version 1 parameters, so
+# one instance of each serves every call (an inventory opens many images).
+_STORAGE_TYPES = {kind: _storage_type(kind) for kind in StorageType}
+_OPEN_PARAMETERS = ffi.new(
+    "OPEN_VIRTUAL_DISK_PARAMETERS *",
+    {
+        "Version": lib.OPEN_VIRTUAL_DISK_VERSION_1,
+        "Version1": {"RWDepth": lib.OPEN_VIRTUAL_DISK_RW_DEPTH_DEFAULT},
+    },
+)
+
+
 def _storage_type_for(path: Path, storage_type: StorageType | None) -> StorageType:
-    if storage_type is not None:
+    if storage_type is None:
+        return StorageType.UNKNOWN
+    try:
         return StorageType(storage_type)
-    return StorageType.UNKNOWN
+    except ValueError:
+        raise ValueError(
+            f"storage_type must be a virtdisk.StorageType or None, not {storage_type!r}"
+        ) from None
+
+
+_ULONG_MAX = (1 << 32) - 1
+_ULONGLONG_MAX = (1 << 64) - 1
+
+
+def _int_argument(name: str, value: object, maximum: int, minimum: int = 0) -> int:
+    """``value`` as an int in [minimum, maximum], else TypeError/ValueError
+    naming the parameter (cffi's own errors name neither it nor the range)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if not minimum <= number <= maximum:
+        raise ValueError(f"{name} must be between {minimum} and {maximum}, not {number}")
+    return number
+
+
+def _path_argument(name: str, value: object) -> Path:
+    """A str, bytes or os.PathLike path as a Path, else TypeError/ValueError naming the parameter."""
+    try:
+        text = os.fsdecode(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be a str or os.PathLike path, not {type(value).__name__}") from None
+    if not text or "\0" in text:
+        raise ValueError(f"{name} must be a non-empty path without NUL characters, not {text!r}")
+    return Path(text)
+
+
+def _access_argument(access: object) -> Access:
+    if isinstance(access, bool) or not isinstance(access, int):
+        raise TypeError(f"access must be a virtdisk.Access, not {type(access).__name__}")
+    if int(access) & ~int(Access.ALL):
+        raise ValueError(f"access has bits no virtdisk.Access names: 0x{access:08x}")
+    return Access(access)
+
+
+# The provider names the API's fields; a refused argument is named as the
+# facade's parameter in the hint (the command line names its option).
+_PARAMETERS_IN_DETAIL = (
+    ("MaximumSize", "size"),
+    ("NewSize", "size"),
+    ("physical sector size", "physical_sector_size"),
+    ("sector size", "sector_size"),
+    ("block size", "block_size"),
+    ("ParentPath", "parent"),
+    ("SourcePath", "source"),
+    ("differencing disk takes its size", "size"),
+)
+
+
+def refused_parameter(error: VirtualDiskError) -> str | None:
+    """The create/resize/expand parameter an ERROR_INVALID_PARAMETER refused."""
+    if error.winerror != WinError.ERROR_INVALID_PARAMETER:
+        return None
+    return next((name for phrase, name in _PARAMETERS_IN_DETAIL if phrase in error.detail), None)
+
+
+def _with_parameter_hint(error: VirtualDiskError) -> VirtualDiskError:
+    parameter = refused_parameter(error)
+    if parameter is not None and not error.hint:
+        error.hint = f"see the {parameter} argument"
+    return error
+
+
+# What a user can do about a refused attach or detach, in the facade's terms.
+_PRIVILEGE_HINT = "attaching and detaching need root (Linux) or an elevated process (Windows)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +239,12 @@ class AttachedDisk:
     # The backing image where the platform tells: on Linux always, on Windows
     # where GetAllAttachedVirtualDiskPhysicalPaths answers with image paths.
     image_path: Path | None
+    # Where the platform tells (None where it does not): attached read-only;
+    # attached until an explicit detach (ATTACH_VIRTUAL_DISK_FLAG_PERMANENT_LIFETIME);
+    # served through the Linux provider's FUSE server (dynamic, differencing).
+    read_only: bool | None = None
+    permanent: bool | None = None
+    served: bool | None = None
 
 
 class VirtualDisk:
@@ -246,15 +344,20 @@ class VirtualDisk:
     # ---- attach and detach ----------------------------------------------
 
     def attach(
-        self, *, read_only: bool = False, permanent: bool = False, no_drive_letter: bool = False
+        self, *, read_only: bool | None = None, permanent: bool = False, no_drive_letter: bool = False
     ) -> None:
         """Attach the disk (AttachVirtualDisk).
 
-        Without ``permanent`` the disk stays attached while a handle to it is
-        open and detaches when the last one closes (on Linux also when the
-        process dies).  With it, the disk stays attached until :meth:`detach`
-        or :func:`detach`, even after this process exits.
+        ``read_only`` None attaches read-write when the handle allows it and
+        read-only when it was opened read-only (``open(..., read_only=True)``,
+        and every ISO image, which is read-only by nature).  Without
+        ``permanent`` the disk stays attached while a handle to it is open and
+        detaches when the last one closes (on Linux also when the process
+        dies).  With it, the disk stays attached until :meth:`detach` or
+        :func:`detach`, even after this process exits.
         """
+        if read_only is None:
+            read_only = not self._access & Access.ATTACH_RW
         flags = AttachFlag.NONE
         if read_only:
             flags |= AttachFlag.READ_ONLY
@@ -268,7 +371,16 @@ class VirtualDisk:
             code = lib.AttachVirtualDisk(handle, ffi.NULL, flags, 0, _ATTACH_PARAMETERS, ffi.NULL)
         finally:
             self._release()
-        check(code, "AttachVirtualDisk", str(self._path))
+        check(
+            code,
+            "AttachVirtualDisk",
+            str(self._path),
+            {
+                WinError.ERROR_ACCESS_DENIED: "the handle was opened read-only: attach(read_only=True), "
+                "or open the disk without read_only=True",
+                WinError.ERROR_PRIVILEGE_NOT_HELD: _PRIVILEGE_HINT,
+            },
+        )
 
     def detach(self) -> None:
         """Detach the disk (DetachVirtualDisk).
@@ -285,7 +397,18 @@ class VirtualDisk:
             if code == WinError.ERROR_PRIVILEGE_NOT_HELD:
                 _ensure_volume_privilege("DetachVirtualDisk", str(self._path))
                 code = lib.DetachVirtualDisk(handle, lib.DETACH_VIRTUAL_DISK_FLAG_NONE, 0)
-        check(code, "DetachVirtualDisk", str(self._path))
+        check(
+            code,
+            "DetachVirtualDisk",
+            str(self._path),
+            {
+                WinError.ERROR_PRIVILEGE_NOT_HELD: _PRIVILEGE_HINT,
+                WinError.ERROR_ACCESS_DENIED: "open the disk with Access.DETACH (as open() does "
+                "by default), or use virtdisk.detach(path)",
+                WinError.ERROR_SHARING_VIOLATION: "close the disk's other handles first",
+                WinError.ERROR_DEVICE_IN_USE: "unmount it and close what has it open first",
+            },
+        )
 
     @property
     def physical_path(self) -> str:
@@ -311,13 +434,29 @@ class VirtualDisk:
 
     # ---- size ------------------------------------------------------------
 
+    def _check_metaops(self, function: str) -> None:
+        """Resizing and expanding need METAOPS access, which open() leaves out
+        by default: say how to get it rather than a bare "access denied"."""
+        if not self._access & Access.METAOPS:
+            raise VirtualDiskPermissionError(
+                WinError.ERROR_ACCESS_DENIED,
+                function,
+                str(self._path),
+                detail="the handle was opened without METAOPS access",
+                hint="open the disk with virtdisk.open(path, access=virtdisk.Access.METAOPS)",
+            )
+
     def resize(self, size: int, *, allow_unsafe: bool = False) -> None:
         """Change the virtual size (ResizeVirtualDisk); the disk must be detached.
 
+        Needs a handle opened with METAOPS access, which :func:`open` leaves
+        out unless asked: ``virtdisk.open(path, access=virtdisk.Access.METAOPS)``.
         Both formats grow; VHDX also shrinks, but not below the end of its last
         partition (:attr:`DiskInfo.smallest_safe_size`) unless ``allow_unsafe``,
         which may cut off data.  ``size`` 0 shrinks to the smallest safe size.
         """
+        size = _int_argument("size", size, _ULONGLONG_MAX)
+        self._check_metaops("ResizeVirtualDisk")
         flags = lib.RESIZE_VIRTUAL_DISK_FLAG_NONE
         if allow_unsafe:
             flags |= lib.RESIZE_VIRTUAL_DISK_FLAG_ALLOW_UNSAFE_VIRTUAL_SIZE
@@ -329,17 +468,24 @@ class VirtualDisk:
         parameters.Version1.NewSize = size
         with self._using() as handle:
             code = lib.ResizeVirtualDisk(handle, flags, parameters, ffi.NULL)
-        check(code, "ResizeVirtualDisk", str(self._path))
+        if code:
+            raise _with_parameter_hint(error_for(code, "ResizeVirtualDisk", str(self._path)))
 
     def expand(self, size: int) -> None:
-        """Grow a fixed or dynamic disk to ``size`` bytes (ExpandVirtualDisk); detached only."""
+        """Grow a fixed or dynamic disk to ``size`` bytes (ExpandVirtualDisk); detached only.
+
+        Needs a handle opened with METAOPS access, as :meth:`resize` does.
+        """
+        size = _int_argument("size", size, _ULONGLONG_MAX)
+        self._check_metaops("ExpandVirtualDisk")
         parameters = ffi.new(
             "EXPAND_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.EXPAND_VIRTUAL_DISK_VERSION_1}
         )
         parameters.Version1.NewSize = size
         with self._using() as handle:
             code = lib.ExpandVirtualDisk(handle, lib.EXPAND_VIRTUAL_DISK_FLAG_NONE, parameters, ffi.NULL)
-        check(code, "ExpandVirtualDisk", str(self._path))
+        if code:
+            raise _with_parameter_hint(error_for(code, "ExpandVirtualDisk", str(self._path)))
 
     # ---- long operations: merge (see _operation.py) ---------------------
 
@@ -401,11 +547,12 @@ class VirtualDisk:
             lib.GET_VIRTUAL_DISK_INFO_SIZE,
             lambda i: (i.Size.VirtualSize, i.Size.PhysicalSize, i.Size.BlockSize, i.Size.SectorSize),
         )
-        storage = StorageType(
-            query(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE, lambda i: i.VirtualStorageType.DeviceId)
+        storage = _enum(
+            StorageType,
+            query(lib.GET_VIRTUAL_DISK_INFO_VIRTUAL_STORAGE_TYPE, lambda i: i.VirtualStorageType.DeviceId),
         )
         subtype = query.optional(lib.GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE, lambda i: i.ProviderSubtype)
-        disk_type = DiskType(subtype) if subtype is not None else None
+        disk_type = _enum(DiskType, subtype) if subtype is not None else None
         identifier = query.optional(
             lib.GET_VIRTUAL_DISK_INFO_IDENTIFIER, lambda i: _guid_to_uuid(i.Identifier)
         )
@@ -489,10 +636,25 @@ def _extra_info(query: _Query) -> dict[str, Any]:
     return out
 
 
+_INSUFFICIENT_BUFFER = int(WinError.ERROR_INSUFFICIENT_BUFFER)
+_E = TypeVar("_E", StorageType, DiskType)
+# Calling an enum class costs more than the rest of reading its value.
+_MEMBERS: dict[type, dict[int, Any]] = {kind: {int(m): m for m in kind} for kind in (StorageType, DiskType)}
+
+
+def _enum(kind: type[_E], value: int) -> _E:
+    member = _MEMBERS[kind].get(value)
+    return member if member is not None else kind(value)
+
+
 class _Query:
     """GetVirtualDiskInformation on one handle, reusing one buffer: each call
     applies ``read`` to the answer while the buffer holds it (a view into the
-    buffer must never outlive the call)."""
+    buffer must never outlive the call).
+
+    An inventory asks a dozen of these per image, so the common path makes no
+    cffi object and no exception: a version that does not apply to the image
+    answers None from :meth:`optional` by its code alone."""
 
     _SIZE = 4096
 
@@ -500,38 +662,44 @@ class _Query:
         self.handle = handle
         self._path = path
         self._buffer = ffi.new("char[]", self._SIZE)
+        self._info = ffi.cast("GET_VIRTUAL_DISK_INFO *", self._buffer)
         self._size = ffi.new("ULONG *")
 
-    def __call__(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T:
-        buffer, size = self._buffer, max(size, self._SIZE)
-        if size > self._SIZE:
-            buffer = ffi.new("char[]", size)
+    def _ask(self, version: int, size: int) -> tuple[int, Any, Any]:
+        """(code, answer, the buffer holding it)."""
+        if size <= self._SIZE:
+            info, size_in_out = self._info, self._size
+            info.Version = version
+            size_in_out[0] = self._SIZE
+            code = lib.GetVirtualDiskInformation(self.handle, size_in_out, info, ffi.NULL)
+            if code != _INSUFFICIENT_BUFFER or size_in_out[0] <= self._SIZE:
+                return code, info, self._buffer
+            size = size_in_out[0]
         while True:
+            buffer = ffi.new("char[]", size)
             info = ffi.cast("GET_VIRTUAL_DISK_INFO *", buffer)
             info.Version = version
             self._size[0] = size
             code = lib.GetVirtualDiskInformation(self.handle, self._size, info, ffi.NULL)
             # A size that does not grow would loop for ever: the error is raised.
             if code != WinError.ERROR_INSUFFICIENT_BUFFER or self._size[0] <= size:
-                break
+                return code, info, buffer
             size = self._size[0]
-            buffer = ffi.new("char[]", size)
-        check(code, "GetVirtualDiskInformation", str(self._path))
+
+    def __call__(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T:
+        code, info, _buffer = self._ask(version, size)
+        if code:
+            raise error_for(code, "GetVirtualDiskInformation", str(self._path))
         return read(info)
 
     def optional(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T | None:
         """The information, or None where it does not apply to this image."""
-        try:
-            return self(version, read, size)
-        except NotSupportedError:
+        code, info, _buffer = self._ask(version, size)
+        if not code:
+            return read(info)
+        if code & 0xFFFFFFFF in _NOT_APPLICABLE:
             return None
-        except VirtualDiskError as error:
-            # Asked of an image that cannot answer it: the minimum size of a
-            # differencing disk opened without its parent, or a version the
-            # running Windows predates.
-            if error.winerror in _UNANSWERABLE:
-                return None
-            raise
+        raise error_for(code, "GetVirtualDiskInformation", str(self._path))
 
 
 def _multi_sz(pointer: Any) -> tuple[str, ...]:
@@ -614,25 +782,38 @@ def open(
     down, the handle may change: a merge of ``depth`` disks needs
     ``depth + 1`` (and ``Access.METAOPS``).
 
-    ``access`` defaults to attach (read-only or read-write), detach and
-    information access; ``read_only=True`` (the default for ``.iso`` files)
-    leaves out read-write attach, so a read-only file can be opened.
+    ``access`` (a :class:`virtdisk.Access`) defaults to attach (read-only or
+    read-write), detach and information access; ``read_only=True`` (the
+    default for ``.iso`` files) leaves out read-write attach, so a read-only
+    file can be opened.  Resizing and expanding need ``Access.METAOPS``, which
+    the default leaves out: ``open(path, access=Access.METAOPS)``.
     ``storage_type`` None lets the image's contents decide its format.
     """
-    image = Path(os.fspath(path))
-    if access is None:
+    image = _path_argument("path", path)
+    if access is not None:
+        access = _access_argument(access)
+    else:
         read_only = read_only or image.suffix.lower() == ".iso" or storage_type == StorageType.ISO
         access = _READ_ONLY_ACCESS if read_only else _DEFAULT_ACCESS
     flags = OpenFlag.NO_PARENTS if no_parents else OpenFlag.NONE
-    parameters = ffi.new("OPEN_VIRTUAL_DISK_PARAMETERS *")
-    parameters.Version = lib.OPEN_VIRTUAL_DISK_VERSION_1
-    parameters.Version1.RWDepth = rw_depth
+    # The shared constant for the common depth; a merge asks for more.
+    parameters = _OPEN_PARAMETERS
+    if rw_depth != lib.OPEN_VIRTUAL_DISK_RW_DEPTH_DEFAULT:
+        parameters = ffi.new(
+            "OPEN_VIRTUAL_DISK_PARAMETERS *",
+            {
+                "Version": lib.OPEN_VIRTUAL_DISK_VERSION_1,
+                "Version1": {"RWDepth": _int_argument("rw_depth", rw_depth, _ULONG_MAX)},
+            },
+        )
     handle = ffi.new("HANDLE *")
+    text = str(image)
     code = lib.OpenVirtualDisk(
-        _storage_type(_storage_type_for(image, storage_type)), str(image), access, flags, parameters, handle
+        _STORAGE_TYPES[_storage_type_for(image, storage_type)], text, access, flags, parameters, handle
     )
-    check(code, "OpenVirtualDisk", str(image))
-    return VirtualDisk(handle[0], image, Access(access))
+    if code:
+        raise error_for(code, "OpenVirtualDisk", text)
+    return VirtualDisk(handle[0], image, access)
 
 
 def create(
@@ -653,8 +834,9 @@ def create(
     """Create an image (CreateVirtualDisk, version 2 parameters) and return its handle.
 
     The format is ``storage_type`` or, when None, the path's suffix (.vhd,
-    .vhdx).  ``fixed`` allocates the whole size now; otherwise the image grows
-    as data is written.  ``parent`` makes a differencing disk (``size`` 0).
+    .vhdx; any other suffix needs ``storage_type``).  ``fixed`` allocates the
+    whole size now; otherwise the image grows as data is written.  ``parent``
+    makes a differencing disk (``size`` 0).
     ``source`` copies the contents of another disk: a VHD, VHDX or ISO image
     (its virtual disk) or anything else byte for byte (a raw image, a block
     device); ``size`` 0 then means the source's size.  ``sparse`` leaves a
@@ -666,7 +848,21 @@ def create(
     source); an exception raised by it (or Ctrl-C) cancels the copy, removes
     the new file and propagates.
     """
-    image = Path(os.fspath(path))
+    image = _path_argument("path", path)
+    kind = _storage_type_for(image, storage_type)
+    if kind == StorageType.UNKNOWN and image.suffix.lower() not in (".vhd", ".vhdx"):
+        raise ValueError(
+            f"storage_type: cannot tell the format of {str(image)!r} from its suffix; "
+            "pass storage_type=StorageType.VHD or StorageType.VHDX"
+        )
+    size = _int_argument("size", size, _ULONGLONG_MAX)
+    block_size = _int_argument("block_size", block_size, _ULONG_MAX)
+    sector_size = _int_argument("sector_size", sector_size, _ULONG_MAX)
+    physical_sector_size = _int_argument("physical_sector_size", physical_sector_size, _ULONG_MAX)
+    if unique_id is not None and not isinstance(unique_id, uuid.UUID):
+        raise TypeError(f"unique_id must be a uuid.UUID or None, not {type(unique_id).__name__}")
+    parent_path = _path_argument("parent", parent) if parent is not None else None
+    source_path = _path_argument("source", source) if source is not None else None
     parameters = ffi.new("CREATE_VIRTUAL_DISK_PARAMETERS *")
     parameters.Version = lib.CREATE_VIRTUAL_DISK_VERSION_2
     v2 = parameters.Version2
@@ -677,25 +873,25 @@ def create(
     v2.SectorSizeInBytes = sector_size
     v2.PhysicalSectorSizeInBytes = physical_sector_size
     keep_alive = []
-    if parent is not None:
-        parent_text = ffi.new("WCHAR[]", _absolute(parent))
+    if parent_path is not None:
+        parent_text = ffi.new("WCHAR[]", _absolute(parent_path))
         keep_alive.append(parent_text)
         v2.ParentPath = parent_text
-    if source is not None:
-        source_text = ffi.new("WCHAR[]", _absolute(source))
+    if source_path is not None:
+        source_text = ffi.new("WCHAR[]", _absolute(source_path))
         keep_alive.append(source_text)
         v2.SourcePath = source_text
     flags = CreateFlag.FULL_PHYSICAL_ALLOCATION if fixed else CreateFlag.NONE
     if sparse:
         flags |= CreateFlag.SPARSE_FILE
     handle = ffi.new("HANDLE *")
-    kind = _storage_type_for(image, storage_type)
     if source is not None:
         return _create_copying(image, kind, flags, parameters, handle, progress)
     code = lib.CreateVirtualDisk(
         _storage_type(kind), str(image), Access.NONE, ffi.NULL, flags, 0, parameters, ffi.NULL, handle
     )
-    check(code, "CreateVirtualDisk", str(image))
+    if code:
+        raise _with_parameter_hint(error_for(code, "CreateVirtualDisk", str(image)))
     return VirtualDisk(handle[0], image, Access.ALL & ~Access.CREATE)
 
 
@@ -744,12 +940,94 @@ def merge(path: StrPath, depth: int = 1, *, progress: ProgressCallback | None = 
 
 
 def detach(path: StrPath) -> None:
-    """Detach the image at ``path``: open with DETACH access, detach, close.
+    """Detach the disk whose image is ``path``, or which is attached as the
+    device ``path`` (``/dev/loop3`` on Linux): open with DETACH access,
+    detach, close.
 
-    The way to detach a disk attached with ``permanent=True``, from any process.
+    The way to detach a disk attached with ``permanent=True``, from any
+    process.  By device it also works after the image was renamed, and (for a
+    disk the Linux provider serves) after it was deleted.
     """
-    with open(path, Access.DETACH | Access.GET_INFO) as disk:
+    image = _path_argument("path", path)
+    if sys.platform != "win32" and _is_block_device(image):
+        image = _image_of_device(str(image))
+    with open(image, Access.DETACH | Access.GET_INFO) as disk:
         disk.detach()
+
+
+def _served_link(device: str) -> Path | None:
+    """The served image's descriptor in its server, /proc/PID/fd/N: the
+    kernel names the file there as it is now (the record keeps the name it
+    was attached by), and opening it reaches the file even once deleted."""
+    served = _served_record(device)
+    if served is None:
+        return None
+    pid, dev, ino, _ = served
+    # The record names the supervisor; the image is open in its server, a
+    # child process of it.
+    try:
+        children = Path("/proc", str(pid), "task", str(pid), "children").read_text().split()
+    except OSError:
+        children = []
+    for holder in [str(pid), *children]:
+        for fd in Path("/proc", holder, "fd").glob("*"):
+            try:
+                st = os.stat(fd)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                return fd
+    return None
+
+
+def _image_named(device: str, name: str) -> Path:
+    """The kernel's name of an image file (which follows renames), unless the
+    file was deleted: OpenVirtualDisk needs a name to open."""
+    if name.endswith(" (deleted)") and not Path(name).exists():
+        raise NotSupportedError(
+            WinError.ERROR_NOT_SUPPORTED,
+            "DetachVirtualDisk",
+            device,
+            detail=f"its image {name[: -len(' (deleted)')]} was deleted while attached",
+            hint=f"a disk attached directly cannot be detached without its image; losetup -d {device} can",
+        )
+    return Path(name)
+
+
+def _is_block_device(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _image_of_device(device: str) -> Path:
+    """Linux: a path that opens the image attached as ``device`` now: its
+    serving helper's descriptor of it (which outlives a rename or an unlink),
+    else the loop device's backing file (the kernel follows renames)."""
+    served = _served_link(device)
+    if served is not None:
+        # The server's descriptor opens the image even after it was deleted.
+        name = os.readlink(served)
+        return served if name.endswith(" (deleted)") else Path(name)
+    name = Path(device).name
+    try:
+        backing = Path("/sys/block", name, "loop", "backing_file").read_text().rstrip("\n")
+    except OSError:
+        raise NotAttachedError(
+            WinError.ERROR_NOT_READY,
+            "DetachVirtualDisk",
+            device,
+            detail=f"{device} is not an attached loop device",
+        ) from None
+    if Path(backing).is_file() or backing.endswith(" (deleted)"):
+        return _image_named(device, backing)
+    raise NotAttachedError(
+        WinError.ERROR_NOT_READY,
+        "DetachVirtualDisk",
+        device,
+        detail=f"{device} shows {backing}, not a virtual disk this provider attached",
+    )
 
 
 def attached_disks() -> list[AttachedDisk]:
@@ -770,7 +1048,7 @@ def _attached_disk(entry: str) -> AttachedDisk | None:
     paths.  A device path is the physical path; an image's physical path comes
     from opening it.  None for an image gone or detached in the meantime."""
     if entry.startswith("/dev/"):
-        return AttachedDisk(entry, _backing_image(entry))
+        return _attached_loop(entry)
     if entry.startswith("\\\\.\\"):
         return AttachedDisk(entry, None)
     try:
@@ -785,6 +1063,40 @@ def _attached_disk(entry: str) -> AttachedDisk | None:
     return AttachedDisk(physical, Path(entry))
 
 
+def _attached_loop(device: str) -> AttachedDisk:
+    """Linux: what sysfs and the provider's records tell about a loop device."""
+    sysfs = Path("/sys/block", Path(device).name)
+
+    def flag(relative: str) -> bool | None:
+        try:
+            return (sysfs / relative).read_text().strip() == "1"
+        except OSError:
+            return None
+
+    autoclear = flag("loop/autoclear")
+    record = _served_record(device)
+    # A served disk's loop device always clears itself (its server holds
+    # it); the record says whether that server outlives its attacher.
+    permanent = record[3] if record else None if autoclear is None else not autoclear
+    return AttachedDisk(
+        device,
+        _backing_image(device),
+        read_only=flag("ro"),
+        permanent=permanent,
+        served=record is not None or _served_in_process(device),
+    )
+
+
+def _served_in_process(device: str) -> bool:
+    """A non-permanent served disk has no helper record: its loop device's
+    backing file is the provider's FUSE file, under its run directory."""
+    try:
+        backing = Path("/sys/block", Path(device).name, "loop", "backing_file").read_text().strip()
+    except OSError:
+        return False
+    return backing.startswith(f"{_run_dir()}/")
+
+
 def _backing_image(device: str) -> Path | None:
     """Linux: the loop device's backing file, from sysfs; for an image served
     through FUSE (whose file has no name), the provider's record of it."""
@@ -797,7 +1109,54 @@ def _backing_image(device: str) -> Path | None:
         return None
     if Path(backing).is_file():
         return Path(backing)
+    served = _served_link(device)
+    if served is not None:
+        try:
+            return Path(os.readlink(served))
+        except OSError:
+            pass
     return _served_image(device)
+
+
+def _served_record(device: str) -> tuple[int, int, int, bool] | None:
+    """(server pid, image st_dev, st_ino, permanent) of a live served
+    attachment on device, from the provider's records (named <dev>-<ino>.json
+    in hexadecimal: see src/provider/fuseattach.h)."""
+    for record in _run_dir().glob("*.json"):
+        try:
+            entry = json.loads(record.read_text())
+            dev, ino = (int(part, 16) for part in record.stem.split("-"))
+        except (OSError, ValueError):
+            continue
+        pid = entry.get("pid")
+        if (
+            entry.get("device") == device
+            and isinstance(pid, int)
+            and Path("/proc", str(pid)).exists()
+            and _holds_device(pid, device)
+        ):
+            return pid, dev, ino, entry.get("permanent") is True
+    return None
+
+
+def _run_dir() -> Path:
+    """The Linux provider's run directory: $VIRTDISK_RUN_DIR, else /run/virtdisk."""
+    return Path(os.environ.get("VIRTDISK_RUN_DIR") or "/run/virtdisk")
+
+
+def _holds_device(pid: int, device: str) -> bool:
+    """Whether the record's server still holds its loop device open (as it
+    does while it serves): loop device names are reused, and a record can
+    outlive its attachment in a process that lives on.  Asked of the
+    process rather than of the device, because an open of the device, however
+    brief, makes a concurrent detach refuse it as in use."""
+    for fd in Path("/proc", str(pid), "fd").glob("*"):
+        try:
+            if os.readlink(fd) == device:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _served_image(device: str) -> Path | None:

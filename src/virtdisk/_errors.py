@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import enum
 import errno
+from collections.abc import Mapping
 
 from ._native import ffi, lib
 
@@ -94,6 +95,7 @@ class VirtualDiskError(OSError):
         filename: str | None = None,
         message: str | None = None,
         detail: str = "",
+        hint: str = "",
     ) -> None:
         code = winerror & 0xFFFFFFFF
         _, mapped_errno = _TABLE.get(code, (VirtualDiskError, errno.EIO))
@@ -102,6 +104,9 @@ class VirtualDiskError(OSError):
         self.winerror = code
         self.function = function
         self.detail = detail
+        # What the caller can do about it, in the caller's terms (a keyword
+        # argument, a command-line option) rather than the API's constants.
+        self.hint = hint
 
     @property
     def name(self) -> str:
@@ -114,12 +119,13 @@ class VirtualDiskError(OSError):
     def __str__(self) -> str:
         where = f" {self.filename}" if self.filename else ""
         detail = f" ({self.detail})" if self.detail else ""
-        return f"{self.function}{where}: {self.strerror}{detail} [{self.name}]"
+        hint = f"; {self.hint}" if self.hint else ""
+        return f"{self.function}{where}: {self.strerror}{detail} [{self.name}]{hint}"
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (
             type(self),
-            (self.winerror, self.function, self.filename, self.strerror, self.detail),
+            (self.winerror, self.function, self.filename, self.strerror, self.detail, self.hint),
         )
 
 
@@ -217,15 +223,20 @@ def system_message(code: int) -> str:
     return str(ffi.string(buffer).decode("utf-8", "replace"))
 
 
-def error_for(code: int, function: str, filename: str | None = None) -> VirtualDiskError:
-    """The exception for a failed call, carrying the provider's detail."""
+def error_for(
+    code: int, function: str, filename: str | None = None, hints: Mapping[int, str] | None = None
+) -> VirtualDiskError:
+    """The exception for a failed call, carrying the provider's detail and,
+    from ``hints`` (code -> text), what the caller can do about it."""
     code &= 0xFFFFFFFF
     cls, _ = _TABLE.get(code, (VirtualDiskError, errno.EIO))
     detail = ffi.string(lib.vd_last_error_detail()).decode("utf-8", "replace")
-    return cls(code, function, filename, detail=detail)
+    return cls(code, function, filename, detail=detail, hint=(hints or {}).get(code, ""))
 
 
-def check(code: int, function: str, filename: str | None = None) -> None:
+def check(
+    code: int, function: str, filename: str | None = None, hints: Mapping[int, str] | None = None
+) -> None:
     """Raise the mapped exception unless ``code`` is ERROR_SUCCESS."""
     if code != WinError.ERROR_SUCCESS:
-        raise error_for(code, function, filename)
+        raise error_for(code, function, filename, hints)
