@@ -39,6 +39,7 @@ import virtdisk
 from virtdisk import WinError
 
 from .conftest import require_tool
+from .vhdxlog import crc32c as _crc32c
 
 MiB = 1 << 20
 SETTINGS = settings(
@@ -55,22 +56,6 @@ OPEN_TIMEOUT = 20.0
 
 def _vhd_checksum(structure: bytes | bytearray, at: int) -> int:
     return ~(sum(structure) - sum(structure[at : at + 4])) & 0xFFFFFFFF
-
-
-_CRC32C_TABLE = []
-for _n in range(256):
-    _c = _n
-    for _ in range(8):
-        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-    _CRC32C_TABLE.append(_c)
-
-
-def _crc32c(data: bytes | bytearray) -> int:
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
 
 
 # ---- structures: where each field is, and how its checksum is resealed ---------
