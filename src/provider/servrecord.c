@@ -78,18 +78,27 @@ DWORD vd_record_write(const char *base, const struct vd_record *record, const ch
     return status;
 }
 
-static bool vd_record_read_at(int dir, const char *base, struct vd_record *record)
+/* The text of base's record, NUL-terminated (truncated to size). */
+static bool vd_record_text(int dir, const char *base, char *text, size_t size)
 {
-    char path[96], text[512];
-    snprintf(path, sizeof path, "%s.json", base);
-    int fd = vd_run_open_existing(dir, path);
+    char name[96];
+    snprintf(name, sizeof name, "%s.json", base);
+    int fd = vd_run_open_existing(dir, name);
     if (fd < 0)
         return false;
-    ssize_t n = read(fd, text, sizeof text - 1);
+    ssize_t n = read(fd, text, size - 1);
     close(fd);
     if (n <= 0)
         return false;
     text[n] = '\0';
+    return true;
+}
+
+static bool vd_record_read_at(int dir, const char *base, struct vd_record *record)
+{
+    char text[512];
+    if (!vd_record_text(dir, base, text, sizeof text))
+        return false;
     char permanent[8];
     return sscanf(text,
                   "{\"loop\": %d, \"pid\": %ld, \"permanent\": %7[a-z], \"backing_dev\": %" SCNu64
@@ -110,20 +119,14 @@ bool vd_record_read(const char *base, struct vd_record *record)
 
 bool vd_record_image(const char *base, char *path, size_t size)
 {
-    char name[96], text[8192];
-    snprintf(name, sizeof name, "%s.json", base);
+    char text[8192];
     int dir;
     if (size == 0 || vd_run_dir(&dir) != ERROR_SUCCESS)
         return false;
-    int fd = vd_run_open_existing(dir, name);
+    bool found = vd_record_text(dir, base, text, sizeof text);
     close(dir);
-    if (fd < 0)
+    if (!found)
         return false;
-    ssize_t n = read(fd, text, sizeof text - 1);
-    close(fd);
-    if (n <= 0)
-        return false;
-    text[n] = '\0';
     /* The writer's escapes only: \" \\ and \u00XX (vd_json_string). */
     const char *p = strstr(text, "\"image\": \"");
     if (!p)
