@@ -118,8 +118,9 @@ def images(tmp_path: Path):
     for device in leaked:
         subprocess.run(["umount", "-q", device], check=False)
         if device in served:
-            # A helper holds a permanent served disk: only a detach ends it.
-            subprocess.run([sys.executable, "-m", "virtdisk", "detach", str(served[device])], check=False)
+            # A helper holds a permanent served disk: only a detach ends it,
+            # by device, since the test may have renamed or deleted the image.
+            subprocess.run([sys.executable, "-m", "virtdisk", "detach", device], check=False)
         else:
             subprocess.run(["losetup", "-d", device], check=False)
     assert not leaked, f"test left loop devices attached: {leaked}"
