@@ -81,6 +81,41 @@ def served_under(folder: Path) -> dict[str, Path]:
     return found
 
 
+_IMAGE_KINDS = {
+    "fixed-vhd": ("fixed.vhd", {"fixed": True}),
+    "fixed-vhdx": ("fixed.vhdx", {"fixed": True}),
+    "fixed-vhdx-4096": ("fixed4k.vhdx", {"fixed": True, "sector_size": 4096}),
+    "dynamic-vhd": ("dynamic.vhd", {}),
+    "dynamic-vhdx": ("dynamic.vhdx", {}),
+    "dynamic-vhdx-4096": ("dynamic4k.vhdx", {"sector_size": 4096}),
+}
+
+
+def make_image(kind: str, folder: Path) -> Path:
+    """A 16 MiB image of the kind ("iso", "differencing-vhdx", or a key of
+    _IMAGE_KINDS) in folder."""
+    import virtdisk  # here, not at the top: the Wine runs load this conftest too
+
+    if kind == "iso":
+        genisoimage = require_tool("genisoimage")
+        content = folder / "content"
+        content.mkdir(exist_ok=True)
+        (content / "readme.txt").write_text("hello\n")
+        path = folder / "test.iso"
+        subprocess.run([genisoimage, "-quiet", "-J", "-r", "-o", str(path), str(content)], check=True)
+        return path
+    if kind == "differencing-vhdx":
+        base = folder / "base.vhdx"
+        virtdisk.create(base, 16 << 20).close()
+        child = folder / "child.vhdx"
+        virtdisk.create(child, 0, parent=base).close()
+        return child
+    name, options = _IMAGE_KINDS[kind]
+    path = folder / name
+    virtdisk.create(path, 16 << 20, **options).close()
+    return path
+
+
 def backing_file(device: str) -> str | None:
     """The file a loop device is bound to, or None when it is free."""
     try:

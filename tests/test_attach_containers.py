@@ -22,6 +22,7 @@ import virtdisk
 from virtdisk import WinError
 
 from .conftest import RUN_DIR, loops_backed_under, require_tool
+from .conftest import make_image as make
 
 pytestmark = pytest.mark.loop
 
@@ -124,32 +125,6 @@ def provider_files_of(image: Path) -> list[Path]:
     """The records, sockets and logs the provider keeps for the image."""
     st = image.stat()
     return sorted(RUN_DIR.glob(f"{st.st_dev:x}-{st.st_ino:x}.*")) if RUN_DIR.exists() else []
-
-
-def make(kind: str, folder: Path) -> Path:
-    if kind == "iso":
-        genisoimage = require_tool("genisoimage")
-        content = folder / "content"
-        content.mkdir(exist_ok=True)
-        (content / "readme.txt").write_text("hello\n")
-        path = folder / "test.iso"
-        subprocess.run([genisoimage, "-quiet", "-J", "-r", "-o", str(path), str(content)], check=True)
-        return path
-    if kind == "differencing-vhdx":
-        base = folder / "base.vhdx"
-        virtdisk.create(base, 16 * MiB).close()
-        child = folder / "child.vhdx"
-        virtdisk.create(child, 0, parent=base).close()
-        return child
-    name, options = {
-        "fixed-vhd": ("fixed.vhd", {"fixed": True}),
-        "fixed-vhdx": ("fixed.vhdx", {"fixed": True}),
-        "dynamic-vhd": ("dynamic.vhd", {}),
-        "dynamic-vhdx": ("dynamic.vhdx", {}),
-    }[kind]
-    path = folder / name
-    virtdisk.create(path, 16 * MiB, **options).close()
-    return path
 
 
 # ---- without /dev/loop-control -----------------------------------------------------

@@ -27,7 +27,8 @@ import pytest
 import virtdisk
 from virtdisk import WinError
 
-from .conftest import loops_backed_under, require_tool
+from .conftest import loops_backed_under
+from .conftest import make_image as make
 
 pytestmark = pytest.mark.loop
 
@@ -107,28 +108,6 @@ def ioctl_log(log: Path) -> list[list[str]]:
 
 def calls(log: Path) -> list[str]:
     return [entry[0] for entry in ioctl_log(log)]
-
-
-def make(kind: str, folder: Path) -> Path:
-    """An image of the kind: direct (flat) ones first, then served ones."""
-    if kind == "iso":
-        genisoimage = require_tool("genisoimage")
-        content = folder / "content"
-        content.mkdir(exist_ok=True)
-        (content / "readme.txt").write_text("hello\n")
-        path = folder / "test.iso"
-        subprocess.run([genisoimage, "-quiet", "-J", "-r", "-o", str(path), str(content)], check=True)
-        return path
-    name, options = {
-        "fixed-vhd": ("fixed.vhd", {"fixed": True}),
-        "fixed-vhdx-4096": ("fixed4k.vhdx", {"fixed": True, "sector_size": 4096}),
-        "dynamic-vhdx": ("dynamic.vhdx", {}),
-        "dynamic-vhdx-4096": ("dynamic4k.vhdx", {"sector_size": 4096}),
-        "dynamic-vhd": ("dynamic.vhd", {}),
-    }[kind]
-    path = folder / name
-    virtdisk.create(path, 16 * MiB, **options).close()
-    return path
 
 
 # ---- the same device either way --------------------------------------------------
