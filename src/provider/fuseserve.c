@@ -202,6 +202,47 @@ static void vd_fuse_write(fuse_req_t req, fuse_ino_t ino, const char *buffer, si
     }
 }
 
+/* The loop device turns a discard (REQ_OP_DISCARD, and REQ_OP_WRITE_ZEROES
+   that may unmap) into fallocate(PUNCH_HOLE | KEEP_SIZE) on this file, and
+   a write of zeros that must not unmap into ZERO_RANGE | KEEP_SIZE: both
+   become the format's discard, since afterwards the range must read as zeros
+   either way (the format decides what stays allocated).  Anything else
+   would change the file's size or allocate, which a disk cannot: refused. */
+static void vd_fuse_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                              struct fuse_file_info *fi)
+{
+    struct vd_fuse_server *server = fuse_req_userdata(req);
+    struct vd_image *image = server->image;
+    if (mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) && mode != (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+        && mode != FALLOC_FL_ZERO_RANGE) {
+        fuse_reply_err(req, EOPNOTSUPP);
+        return;
+    }
+    if (!server->writable) {
+        fuse_reply_err(req, EROFS);
+        return;
+    }
+    if (!image->format->discard) {
+        fuse_reply_err(req, EOPNOTSUPP);
+        return;
+    }
+    if (offset < 0 || length <= 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    /* Past the end there is nothing to zero (a file's KEEP_SIZE semantics). */
+    uint64_t end = image->virtual_size, start = (uint64_t)offset;
+    uint64_t count = start >= end ? 0 : (uint64_t)length < end - start ? (uint64_t)length : end - start;
+    DWORD status = count ? image->format->discard(image, start, count) : ERROR_SUCCESS;
+    if (status != ERROR_SUCCESS) {
+        fuse_log(FUSE_LOG_ERR, "virtdisk: discarding %llu bytes at %llu failed (0x%08X): %s\n",
+                 (unsigned long long)count, (unsigned long long)start, (unsigned)status, vd_last_error_detail());
+        fuse_reply_err(req, status == ERROR_DISK_FULL ? ENOSPC : EIO);
+        return;
+    }
+    fuse_reply_err(req, 0);
+}
+
 static void vd_fuse_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
     struct vd_fuse_server *server = fuse_req_userdata(req);
@@ -249,6 +290,7 @@ static const struct fuse_lowlevel_ops vd_fuse_ops = {
     .write = vd_fuse_write,
     .flush = vd_fuse_flush,
     .fsync = vd_fuse_fsync,
+    .fallocate = vd_fuse_fallocate,
     .readdir = vd_fuse_readdir,
 };
 

@@ -119,6 +119,15 @@ struct vd_format {
     DWORD (*read)(struct vd_image *image, void *buffer, uint64_t offset, size_t length);
     DWORD (*write)(struct vd_image *image, const void *buffer, uint64_t offset, size_t length);
 
+    /* Makes [offset, offset + length) of the virtual disk read as zeros (a
+       TRIM, or a write of zeros: the FUSE server's fallocate), also where a
+       parent has data, and gives the file space back where the format can:
+       whole blocks leave the block map, the rest is punched out of the file
+       (zeroed where the file system cannot punch).  An interruption leaves
+       each sector reading its old data or zeros, nothing else.  NULL for
+       read-only formats. */
+    DWORD (*discard)(struct vd_image *image, uint64_t offset, uint64_t length);
+
     /* What this file (not its parent) holds at offset: *state for the
        *run bytes from offset (0 < *run <= length), for copying only what a
        layer holds (merge, create with a source).  ABSENT is exact; DATA may
@@ -185,6 +194,12 @@ void vd_image_close(struct vd_image *image);
    format does not say). */
 DWORD vd_image_block_status(struct vd_image *image, uint64_t offset, uint64_t length,
                             enum vd_block_state *state, uint64_t *run);
+
+/* *zeros: [offset, offset + length) of image reads as zeros because no
+   layer of its chain holds data there (block_status() says so: a
+   conservative answer, false when unsure).  Lets a discard skip what
+   already reads as zeros instead of writing zeros over a parent. */
+DWORD vd_image_reads_zeros(struct vd_image *image, uint64_t offset, uint64_t length, bool *zeros);
 
 /* The format module for a device id, or NULL. */
 const struct vd_format *vd_format_for_device(ULONG device_id);

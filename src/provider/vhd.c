@@ -1284,6 +1284,104 @@ static DWORD vhd_write(struct vd_image *image, const void *buffer, uint64_t offs
     return status;
 }
 
+/* ---- discard -------------------------------------------------------------- */
+
+/* [at, at + length) of the file reads as zeros: punched where the file
+   system can (giving the space back), else written. */
+static DWORD vhd_punch_or_zero(struct vd_image *image, uint64_t at, uint64_t length)
+{
+    if (vd_fallocate(image->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, at, length) == 0)
+        return ERROR_SUCCESS;
+    if (errno != EOPNOTSUPP && errno != ENOSYS)
+        return vd_fail_errno(errno, "%s: punching %llu bytes at file offset %llu", image->path, (ull)length,
+                             (ull)at);
+    enum { CHUNK = 1 << 20 };
+    uint8_t *zeros = calloc(1, CHUNK);
+    if (!zeros)
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating a buffer of zeros");
+    int error = 0;
+    for (uint64_t done = 0; done < length && !error;) {
+        size_t n = length - done < CHUNK ? (size_t)(length - done) : CHUNK;
+        error = vd_pwrite_full(image->fd, zeros, n, at + done);
+        done += n;
+    }
+    free(zeros);
+    return error ? vd_fail_errno(error, "%s: zeroing %llu bytes at file offset %llu", image->path, (ull)length,
+                                 (ull)at)
+                 : ERROR_SUCCESS;
+}
+
+/* A differencing block's range where the parent may show: zeros written as
+   this file's data (allocating the block and setting the bitmap bits, in the
+   order of any write), then punched to give the space back. */
+static DWORD vhd_hide_parent(struct vd_image *image, uint32_t block, uint32_t within, uint64_t length)
+{
+    struct vhd_state *state = image->state;
+    size_t chunk = length < (1u << 20) ? (size_t)length : (1u << 20);
+    uint8_t *zeros = calloc(1, chunk);
+    if (!zeros)
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating a buffer of zeros");
+    DWORD status = ERROR_SUCCESS;
+    for (uint64_t done = 0; done < length && status == ERROR_SUCCESS;) {
+        size_t n = length - done < chunk ? (size_t)(length - done) : chunk;
+        status = vhd_write_in_block(image, block, within + (uint32_t)done, zeros, n);
+        done += n;
+    }
+    free(zeros);
+    if (status == ERROR_SUCCESS && state->bat[block] != VHD_BAT_UNUSED)
+        status = vhd_punch_or_zero(image, (uint64_t)state->bat[block] * VHD_SECTOR + state->bitmap_size + within,
+                                   length);
+    return status;
+}
+
+/* VHD has no block state for "trimmed", and a BAT entry cannot be taken
+   back (other readers expect blocks to stay where they are), so a discard
+   zeros: the data of allocated blocks is punched out of the file (zeroed
+   where the file system cannot punch); a differencing disk also writes
+   zeros where its parent would show, so the bitmap hides the parent.  A
+   fixed disk punches its data range, never the footer past it. */
+static DWORD vhd_discard(struct vd_image *image, uint64_t offset, uint64_t length)
+{
+    struct vhd_state *state = image->state;
+    if (!image->writable)
+        return vd_fail(ERROR_WRITE_PROTECT, "%s is open read-only", image->path);
+    if (!vhd_in_range(image, offset, (size_t)length) || length > image->virtual_size)
+        return vd_fail(ERROR_INVALID_PARAMETER, "%s: discarding %llu bytes at offset %llu, past the %llu-byte disk",
+                       image->path, (ull)length, (ull)offset, (ull)image->virtual_size);
+    if (length == 0)
+        return ERROR_SUCCESS;
+    if (state->disk_type == VHD_TYPE_FIXED)
+        return vhd_punch_or_zero(image, offset, length);
+
+    DWORD status = ERROR_SUCCESS;
+    pthread_mutex_lock(&state->lock);
+    while (length > 0 && status == ERROR_SUCCESS) {
+        uint32_t block = (uint32_t)(offset / state->block_size);
+        uint32_t within = (uint32_t)(offset % state->block_size);
+        uint64_t n = state->block_size - within < length ? state->block_size - within : length;
+        uint32_t entry = state->bat[block];
+        if (state->disk_type != VHD_TYPE_DIFFERENCING) {
+            /* Unallocated reads as zeros; allocated: bitmap bits or not,
+               zeroed data reads as zeros. */
+            if (entry != VHD_BAT_UNUSED)
+                status = vhd_punch_or_zero(image, (uint64_t)entry * VHD_SECTOR + state->bitmap_size + within, n);
+        } else {
+            /* A block not in this file shows the parent: zeros need
+               writing only where the parent has data.  (This image's own
+               block_status would take the lock held here.) */
+            bool zeros = false;
+            if (entry == VHD_BAT_UNUSED)
+                status = vd_image_reads_zeros(image->parent, offset, n, &zeros);
+            if (status == ERROR_SUCCESS && !zeros)
+                status = vhd_hide_parent(image, block, within, n);
+        }
+        offset += n;
+        length -= n;
+    }
+    pthread_mutex_unlock(&state->lock);
+    return status;
+}
+
 /* Block allocation orders itself with barriers; this makes the data of
    writes into existing blocks (and a fixed disk's) durable too. */
 /* Reserves, with one footer move and one flush, every block the extents
@@ -1965,6 +2063,7 @@ const struct vd_format vd_format_vhd = {
     .create = vhd_create,
     .read = vhd_read,
     .write = vhd_write,
+    .discard = vhd_discard,
     .block_status = vhd_block_status,
     .set_identifier = vhd_set_identifier,
     .set_parent = vhd_set_parent,

@@ -94,6 +94,7 @@ DWORD vhdx_read(struct vd_image *image, void *buffer, uint64_t offset, size_t le
     while (length > 0) {
         uint64_t block = offset / s->block_size, in_block = offset % s->block_size;
         size_t n = s->block_size - in_block < length ? (size_t)(s->block_size - in_block) : length;
+        pthread_rwlock_rdlock(&s->map_lock);
         uint64_t entry = vhdx_bat_load(s, vhdx_payload_entry(s, block));
         DWORD status = ERROR_SUCCESS;
         switch (vhdx_bat_state(entry)) {
@@ -116,6 +117,7 @@ DWORD vhdx_read(struct vd_image *image, void *buffer, uint64_t offset, size_t le
             memset(out, 0, n);
             break;
         }
+        pthread_rwlock_unlock(&s->map_lock);
         if (status != ERROR_SUCCESS)
             return status;
         out += n;
@@ -223,7 +225,7 @@ DWORD vhdx_write_headers(struct vd_image *image, struct vhdx_state *s, const GUI
 /* New FileWriteGuid and DataWriteGuid before the session's first change to
    the disk (§2.2.2): differencing children linked to the old DataWriteGuid
    then notice that their parent changed, as the spec requires. */
-static DWORD update_headers(struct vd_image *image, struct vhdx_state *s)
+DWORD vhdx_begin_changes(struct vd_image *image, struct vhdx_state *s)
 {
     GUID data_write;
     int error = vd_guid_generate(&data_write);
@@ -240,6 +242,10 @@ static DWORD update_headers(struct vd_image *image, struct vhdx_state *s)
    makes ENOSPC show up here rather than at some later write. */
 DWORD vhdx_allocate(struct vd_image *image, struct vhdx_state *s, uint64_t size, uint64_t *offset)
 {
+    bool found;
+    DWORD status = vhdx_take_freed(image, s, size, offset, &found);
+    if (status != ERROR_SUCCESS || found)
+        return status;
     uint64_t at = s->file_end;
     if (vd_fallocate(image->fd, 0, (uint64_t)at, (uint64_t)size) < 0) {
         if (errno != EOPNOTSUPP && errno != ENOSYS)
@@ -419,13 +425,18 @@ static DWORD write_new_full(struct vd_image *image, struct vhdx_state *s, uint64
     return status;
 }
 
-static DWORD write_block(struct vd_image *image, struct vhdx_state *s, uint64_t block,
+DWORD vhdx_write_block(struct vd_image *image, struct vhdx_state *s, uint64_t block,
                          const uint8_t *data, uint64_t offset, size_t length)
 {
     uint64_t in_block = offset - block * s->block_size;
+    pthread_rwlock_rdlock(&s->map_lock);
     uint64_t entry = vhdx_bat_load(s, vhdx_payload_entry(s, block));
-    if (vhdx_bat_state(entry) == PAYLOAD_BLOCK_FULLY_PRESENT)
-        return vhdx_write_file(image, data, length, vhdx_bat_file_offset(entry) + in_block);
+    if (vhdx_bat_state(entry) == PAYLOAD_BLOCK_FULLY_PRESENT) {
+        DWORD status = vhdx_write_file(image, data, length, vhdx_bat_file_offset(entry) + in_block);
+        pthread_rwlock_unlock(&s->map_lock);
+        return status;
+    }
+    pthread_rwlock_unlock(&s->map_lock);
 
     /* Block state changes are serialised; re-read the entry under the lock
        since another writer may just have allocated this block. */
@@ -470,13 +481,13 @@ DWORD vhdx_write(struct vd_image *image, const void *buffer, uint64_t offset, si
         return ERROR_SUCCESS;
 
     pthread_mutex_lock(&s->lock);
-    DWORD status = s->session_guids_written ? ERROR_SUCCESS : update_headers(image, s);
+    DWORD status = s->session_guids_written ? ERROR_SUCCESS : vhdx_begin_changes(image, s);
     pthread_mutex_unlock(&s->lock);
 
     while (length > 0 && status == ERROR_SUCCESS) {
         uint64_t block = offset / s->block_size, in_block = offset % s->block_size;
         size_t n = s->block_size - in_block < length ? (size_t)(s->block_size - in_block) : length;
-        status = write_block(image, s, block, data, offset, n);
+        status = vhdx_write_block(image, s, block, data, offset, n);
         data += n;
         offset += n;
         length -= n;
@@ -490,7 +501,7 @@ DWORD vhdx_prepare_direct_write(struct vd_image *image)
     if (!image->writable)
         return vd_fail(ERROR_ACCESS_DENIED, "%s is open read-only", image->path);
     pthread_mutex_lock(&s->lock);
-    DWORD status = s->session_guids_written ? ERROR_SUCCESS : update_headers(image, s);
+    DWORD status = s->session_guids_written ? ERROR_SUCCESS : vhdx_begin_changes(image, s);
     pthread_mutex_unlock(&s->lock);
     return status;
 }

@@ -790,6 +790,7 @@ DWORD vhdx_open(struct vd_image *image)
     if (!s)
         return vd_fail(ERROR_OUTOFMEMORY, "allocating VHDX state");
     pthread_mutex_init(&s->lock, NULL);
+    pthread_rwlock_init(&s->map_lock, NULL);
     image->state = s; /* freed by vhdx_close(), also when open fails */
 
     struct vhdx_file_identifier id;
@@ -865,6 +866,8 @@ void vhdx_close(struct vd_image *image)
        open (to the same bytes). */
     (void)vhdx_log_finish(image, s);
     pthread_mutex_destroy(&s->lock);
+    pthread_rwlock_destroy(&s->map_lock);
+    free(s->freed);
     free(s->bat);
     vhdx_log_free(s->log);
     free(s);

@@ -63,6 +63,7 @@ const struct vd_format vd_format_vhdx = {
     .create = vhdx_create,
     .read = vhdx_read,
     .write = vhdx_write,
+    .discard = vhdx_discard,
     .block_status = vhdx_block_status,
     .set_identifier = vhdx_set_identifier,
     .set_parent = vhdx_set_parent,

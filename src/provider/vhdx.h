@@ -7,6 +7,7 @@
  *   vhdx-log.c     the log: finding, checking and replaying its active sequence
  *   vhdx-open.c    headers, region table, metadata, BAT, parent
  *   vhdx-io.c      virtual-disk reads and writes, block allocation
+ *   vhdx-discard.c discard, and the reuse of the file space it frees
  *   vhdx-create.c  new files
  *   vhdx-meta.c    offline changes (identifier, parent, sizes)
  *   vhdx.c         probe and the format table
@@ -202,6 +203,19 @@ struct vhdx_state {
     GUID log_guid;
     uint64_t log_position, log_sequence;
     uint64_t file_end;             /* where the next block goes, 1 MiB aligned */
+
+    /* Held shared by I/O that uses a block's file offset outside `lock`
+       (reads, writes into fully present blocks) and exclusively by a discard
+       while it takes blocks out of the file: once it has the lock, no I/O
+       still aims at an offset the next allocation may hand to another block. */
+    pthread_rwlock_t map_lock;
+    /* File ranges no structure uses, 1 MiB aligned (vhdx-discard.c): blocks
+       discarded this session and, found once at the session's first
+       allocation, holes left by earlier ones.  vhdx_allocate takes from here
+       before it grows the file. */
+    struct vd_extent *freed;
+    size_t freed_count, freed_capacity;
+    bool freed_scanned;
 };
 
 
@@ -359,10 +373,27 @@ DWORD vhdx_write_headers(struct vd_image *image, struct vhdx_state *s, const GUI
 DWORD vhdx_allocate(struct vd_image *image, struct vhdx_state *s, uint64_t size, uint64_t *offset);
 DWORD vhdx_read(struct vd_image *image, void *buffer, uint64_t offset, size_t length);
 DWORD vhdx_write(struct vd_image *image, const void *buffer, uint64_t offset, size_t length);
+/* vhdx_write's step inside one payload block; the session's headers are
+   written already (vhdx_begin_changes). */
+DWORD vhdx_write_block(struct vd_image *image, struct vhdx_state *s, uint64_t block, const uint8_t *data,
+                       uint64_t offset, size_t length);
 DWORD vhdx_block_status(struct vd_image *image, uint64_t offset, uint64_t length, enum vd_block_state *state,
                         uint64_t *run);
 DWORD vhdx_prepare_direct_write(struct vd_image *image);
 DWORD vhdx_flush(struct vd_image *image);
+
+/* ---- vhdx-discard.c ---- */
+
+/* vd_format.discard: whole blocks leave the file (UNMAPPED, or ZERO in a
+   differencing disk, where NOT_PRESENT would show the parent; a fixed disk
+   keeps them allocated and punches them), partial ranges are punched (or
+   zeroed) in place, or written as zeros where the parent shows through. */
+DWORD vhdx_discard(struct vd_image *image, uint64_t offset, uint64_t length);
+/* A freed range of at least size bytes, zeroed and reserved, at *offset;
+   *found false when there is none (the caller then grows the file). */
+DWORD vhdx_take_freed(struct vd_image *image, struct vhdx_state *s, uint64_t size, uint64_t *offset, bool *found);
+/* Called by vhdx_write and vhdx_discard before their first change. */
+DWORD vhdx_begin_changes(struct vd_image *image, struct vhdx_state *s);
 
 /* ---- vhdx-create.c ---- */
 
