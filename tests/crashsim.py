@@ -13,11 +13,13 @@ from pathlib import Path
 
 SECTOR = 512
 RECORD = struct.Struct("<cQQI")
+PUNCH_HOLE = 0x02  # FALLOC_FL_PUNCH_HOLE: an allocate that zeros a range in place
+MARKERS = "VDFM"  # what the workload was told: write, discard, flush, resize
 
 
 @dataclass
 class Op:
-    kind: str  # W S T A (file), V F M (markers)
+    kind: str  # W S T A (file), V D F M (markers)
     offset: int
     length: int
     mode: int
@@ -71,8 +73,19 @@ def crash_points(path: Path, start: bytes, ops: list[Op], torn_sizes: tuple[int,
         for index, op in enumerate(ops):
             if op.kind not in "WTAS":
                 continue
+            if op.kind == "A" and op.mode & PUNCH_HOLE:
+                # Zeros in place, never past the end (KEEP_SIZE): a write of
+                # zeros as far as a crash can tell.
+                op = Op("W", op.offset, max(0, min(op.length, size - op.offset)), 0, b"")
+                op.data = bytes(op.length)
+                if not op.length:
+                    yield CrashPoint(index + 1, None)
+                    continue
+                torn_sizes_here: tuple[int, ...] = ()
+            else:
+                torn_sizes_here = torn_sizes
             if op.kind == "W":
-                for torn in torn_sizes:
+                for torn in torn_sizes_here:
                     if torn >= op.length:
                         continue
                     f.seek(op.offset)
@@ -132,24 +145,25 @@ def expectation(ops: list[Op], point: CrashPoint, initial_size: int) -> Expectat
             size = op.offset
             sizes = {size}
     # A resize in flight: its markers come after its file operations.
-    following = next((op for op in ops[end:] if op.kind in "VFM"), None)
+    following = next((op for op in ops[end:] if op.kind in MARKERS), None)
     if following is not None and following.kind == "M":
         sizes.add(following.offset)
     durable: dict[int, int] = {}  # sector -> index of the write that owns it
     for i in range(last_flush):
         op = happened[i]
-        if op.kind == "V":
+        if op.kind in "VD":
             for sector in range(op.offset // SECTOR, (op.offset + op.length + SECTOR - 1) // SECTOR):
                 durable[sector] = i
-    uncertain = [op for op in happened[last_flush + 1 :] if op.kind == "V"]
-    if following is not None and following.kind == "V":
+    # Not yet flushed, or in flight: a sector may read old or new (or zeros).
+    uncertain = [op for op in happened[last_flush + 1 :] if op.kind in "VD"]
+    if following is not None and following.kind in "VD":
         uncertain.append(following)
     for op in uncertain:
         for sector in range(op.offset // SECTOR, (op.offset + op.length + SECTOR - 1) // SECTOR):
             durable.pop(sector, None)
     ranges: list[tuple[int, bytes]] = []
     for sector, i in sorted(durable.items()):
-        data = sector_pattern(sector, happened[i].mode)
+        data = bytes(SECTOR) if happened[i].kind == "D" else sector_pattern(sector, happened[i].mode)
         if ranges and ranges[-1][0] + len(ranges[-1][1]) == sector * SECTOR:
             ranges[-1] = (ranges[-1][0], ranges[-1][1] + data)
         else:
@@ -162,7 +176,7 @@ def written_sectors(ops: list[Op], point: CrashPoint) -> set[int]:
     and the one in flight): on a disk that started empty, every other sector
     must read as zeros."""
     touched = [op for op in ops[: point.prefix] if op.kind == "V"]
-    following = next((op for op in ops[point.prefix :] if op.kind in "VFM"), None)
+    following = next((op for op in ops[point.prefix :] if op.kind in MARKERS), None)
     if following is not None and following.kind == "V":
         touched.append(following)
     return {
@@ -174,5 +188,5 @@ def written_sectors(ops: list[Op], point: CrashPoint) -> set[int]:
 
 def resizing(ops: list[Op], point: CrashPoint) -> bool:
     """Is this crash point inside a resize (its acknowledgement still to come)?"""
-    following = next((op for op in ops[point.prefix :] if op.kind in "VFM"), None)
+    following = next((op for op in ops[point.prefix :] if op.kind in MARKERS), None)
     return following is not None and following.kind == "M"

@@ -209,3 +209,53 @@ def test_vhd_survives_a_crash_at_every_point(tools, scratch: Path, tmp_path: Pat
     points += _run(tools, scratch, child, steps, False, empty=False)
     print(f"VHD: {points} crash points, all consistent")
     assert points >= MIN_POINTS
+
+
+def _parent_with_data(tools, tmp_path: Path, name: str, seed: int) -> Path:
+    """A parent whose data a child's discard must hide."""
+    parent = tmp_path / name
+    if parent.suffix == ".vhdx":
+        virtdisk.create(parent, 16 * MiB, block_size=MiB).close()
+    else:
+        virtdisk.create(parent, 16 * MiB).close()
+    steps = [str(tools[0]), str(tmp_path / "p.trace"), str(parent), *_writes(seed, 24, 16 * MiB, 64 * KiB)]
+    run = subprocess.run(steps, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    return parent
+
+
+@pytest.mark.parametrize("suffix", [".vhdx", ".vhd"])
+def test_discard_survives_a_crash_at_every_point(tools, scratch: Path, tmp_path: Path, suffix: str) -> None:
+    """Discarded ranges read their old data or zeros at every crash point, zeros
+    once a flush followed; space they freed and the next writes reuse never
+    shows another block's data."""
+    points = 0
+    dynamic = tmp_path / f"dynamic{suffix}"
+    virtdisk.create(dynamic, 16 * MiB, **({"block_size": MiB} if suffix == ".vhdx" else {})).close()
+    steps = [
+        *_writes(21, 24, 16 * MiB, 16 * KiB),
+        "f",
+        f"d:0:{4 * MiB}",  # whole blocks
+        f"d:{5 * MiB + 1024}:{69 * KiB}",  # part of one
+        *_writes(22, 10, 16 * MiB, 8 * KiB),  # new blocks: into the freed space (VHDX)
+        f"d:{8 * MiB - 512}:{2 * MiB + 1024}",
+        "f",
+        *_writes(23, 6, 16 * MiB, 4 * KiB),
+        "f",
+    ]
+    points += _run(tools, scratch, dynamic, steps, True)
+    parent = _parent_with_data(tools, tmp_path, f"parent{suffix}", 24)
+    child = tmp_path / f"child{suffix}"
+    virtdisk.create(child, parent=parent, **({"block_size": MiB} if suffix == ".vhdx" else {})).close()
+    steps = [
+        *_writes(25, 12, 16 * MiB, 8 * KiB),
+        "f",
+        f"d:{2 * MiB}:{4 * MiB}",  # whole blocks, the parent's data hidden
+        f"d:{9 * MiB + 4096}:{8 * KiB}",  # part of a block the parent holds
+        "f",
+        *_writes(26, 6, 16 * MiB, 4 * KiB),
+        "f",
+    ]
+    points += _run(tools, scratch, child, steps, False, empty=False)
+    print(f"{suffix} discard: {points} crash points, all consistent")
+    assert points >= 200

@@ -9,11 +9,13 @@
  *     f                      flush (format->flush, or fdatasync)
  *     r:SIZE                 resize (format->resize)
  *     p:PARENT               set parent (format->set_parent, PARENT opened read-only)
+ *     d:OFFSET:LENGTH        discard (format->discard): the range reads as zeros
  *
  * Trace records, little-endian: u8 op, u64 offset, u64 length, u32 mode, then
  * length bytes of data for op 'W'.  Ops: the seam's W S T A, and the markers
- * 'V' (a write acknowledged: offset, length, mode = seed), 'F' (a flush
- * acknowledged), 'M' (a resize or set parent acknowledged: offset = size).
+ * 'V' (a write acknowledged: offset, length, mode = seed), 'D' (a discard
+ * acknowledged: offset, length), 'F' (a flush acknowledged), 'M' (a resize
+ * or set parent acknowledged: offset = size).
  * The pattern byte at disk offset o of seed s is (o / 512 * 131 + s * 17 + o % 512) & 0xFF.
  */
 #include <stdio.h>
@@ -85,6 +87,14 @@ int main(int argc, char **argv)
             if (status != ERROR_SUCCESS)
                 return fail(step, status);
             put('V', offset, length, (uint32_t)seed, NULL);
+        } else if (step[0] == 'd') {
+            unsigned long long offset, length;
+            if (sscanf(step, "d:%llu:%llu", &offset, &length) != 2)
+                return fail(step, ERROR_INVALID_PARAMETER);
+            status = image->format->discard(image, offset, length);
+            if (status != ERROR_SUCCESS)
+                return fail(step, status);
+            put('D', offset, length, 0, NULL);
         } else if (step[0] == 'f') {
             status = image->format->flush ? image->format->flush(image)
                                           : (vd_fdatasync(image->fd) == 0 ? ERROR_SUCCESS : ERROR_WRITE_FAULT);
