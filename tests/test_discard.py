@@ -68,9 +68,9 @@ def write_device(device: str, offset: int, data: bytes) -> None:
 def blkdiscard(device: str, offset: int, length: int, zeroout: bool = False) -> None:
     """A discard, or with zeroout a write of zeros the device may not unmap
     (BLKZEROOUT: the loop device asks the file for ZERO_RANGE)."""
+    zero = ["-z"] if zeroout else []
     subprocess.run(
-        [require_tool("blkdiscard"), *(["-z"] if zeroout else []), "-o", str(offset), "-l", str(length), device],
-        check=True,
+        [require_tool("blkdiscard"), *zero, "-o", str(offset), "-l", str(length), device], check=True
     )
 
 
