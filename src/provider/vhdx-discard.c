@@ -137,6 +137,11 @@ static DWORD scan_holes(struct vd_image *image, struct vhdx_state *s)
 DWORD vhdx_take_freed(struct vd_image *image, struct vhdx_state *s, uint64_t size, uint64_t *offset, bool *found)
 {
     *found = false;
+    /* A fixed disk frees nothing, and its blocks stay in order for direct
+       mapping (a grow appends); a region bigger than a block (a grown BAT)
+       goes to the end too, where it cannot split a hole in odd sizes. */
+    if (image->subtype == VD_SUBTYPE_FIXED || size > s->block_size)
+        return ERROR_SUCCESS;
     if (!s->freed_scanned) {
         DWORD status = scan_holes(image, s);
         if (status != ERROR_SUCCESS)
