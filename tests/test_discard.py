@@ -8,7 +8,10 @@ file, and by the file space the host gets back."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import mmap
+import multiprocessing
 import os
 import random
 import struct
@@ -359,3 +362,90 @@ def test_discard_on_a_direct_fixed_image_punches_the_file_and_spares_its_metadat
         subprocess.run([require_tool("qemu-img"), "check", "-q", "-f", "vhdx", str(image)], check=True)
     with virtdisk.open(image, read_only=True) as reopened:
         assert reopened.info.virtual_size == SIZE
+
+
+# ---- discards racing writes ------------------------------------------------------------
+
+BLKDISCARD = 0x1277  # _IO(0x12, 119)
+ROUNDS = 150
+
+
+def _direct(device: str) -> int:
+    return os.open(device, os.O_RDWR | os.O_DIRECT)
+
+
+def _aligned(data: bytes) -> mmap.mmap:
+    buffer = mmap.mmap(-1, len(data))
+    buffer.write(data)
+    return buffer
+
+
+def _churn(device: str, barrier, seed: int) -> None:
+    """Writes and discards whole blocks of the first 16 MiB, at random."""
+    fd, rng = _direct(device), random.Random(seed)
+    buffer = _aligned(pattern(BLOCK, seed))
+    barrier.wait()
+    for _ in range(ROUNDS):
+        offset = rng.randrange(8) * BLOCK
+        if rng.random() < 0.5:
+            os.pwrite(fd, buffer, offset)
+        else:
+            fcntl.ioctl(fd, BLKDISCARD, struct.pack("QQ", offset, BLOCK))
+    os.close(fd)
+
+
+def _fill(device: str, barrier, done, result) -> None:
+    """Gives the blocks of [32 MiB, 64 MiB) new data again and again (each
+    time in freshly allocated space: discarded first), checking each."""
+    fd, rng = _direct(device), random.Random(7)
+    barrier.wait()
+    last: dict[int, bytes] = {}
+    problem = None
+    for round_ in range(ROUNDS):
+        offset = 32 * MiB + rng.randrange(16) * BLOCK
+        fcntl.ioctl(fd, BLKDISCARD, struct.pack("QQ", offset, BLOCK))
+        data = pattern(BLOCK, 1000 + round_)
+        os.pwrite(fd, _aligned(data), offset)
+        last[offset] = data
+        back = _aligned(bytes(BLOCK))
+        os.preadv(fd, [back], offset)
+        if bytes(back) != data:
+            problem = f"round {round_}: block at {offset} read back other data"
+            break
+    # Everything still there once the other processes are done.
+    done.wait()
+    for offset, data in last.items():
+        back = _aligned(bytes(BLOCK))
+        os.preadv(fd, [back], offset)
+        if problem is None and bytes(back) != data:
+            problem = f"block at {offset} changed after it was written"
+    os.close(fd)
+    result.put(problem)
+
+
+def test_blocks_allocated_in_freed_space_keep_their_data_while_other_blocks_are_discarded(
+    images: Path, attached: list
+) -> None:
+    """Three processes through a barrier: two write and discard blocks at the
+    start of the disk (freeing space), the third keeps allocating blocks
+    elsewhere, which take that space, and checks their data; a write still
+    aimed at a discarded block's old place would land in them."""
+    image, _ = make("dynamic-vhdx", images)
+    disk, device = attach(image, attached)
+    context = multiprocessing.get_context("spawn")
+    barrier, done, result = context.Barrier(3), context.Barrier(2), context.Queue()
+    churners = [context.Process(target=_churn, args=(device, barrier, seed)) for seed in (1, 2)]
+    filler = context.Process(target=_fill, args=(device, barrier, done, result))
+    for process in (*churners, filler):
+        process.start()
+    for process in churners:
+        process.join(timeout=300)
+    for process in churners:
+        assert process.exitcode == 0, "a churning process failed or hung"
+    done.wait(timeout=300)  # lets the filler check what it wrote last
+    outcome = result.get(timeout=300)
+    filler.join(timeout=60)
+    assert outcome is None, outcome
+    disk.detach()
+    disk.close()
+    subprocess.run([require_tool("qemu-img"), "check", "-q", "-f", "vhdx", str(image)], check=True)
