@@ -11,7 +11,7 @@
  *   - open() of a read-only image writes nothing.
  *   - create() writes a complete, valid image into an empty file, or returns
  *     an error (the caller then removes the file).
- *   - read()/write() address the virtual disk's bytes, not the file's.
+ *   - read()/write()/discard() address the virtual disk's bytes, not the file's.
  */
 #ifndef VD_PROVIDER_IMAGE_H
 #define VD_PROVIDER_IMAGE_H
