@@ -465,3 +465,26 @@ def test_blocks_allocated_in_freed_space_keep_their_data_while_other_blocks_are_
     disk.detach()
     disk.close()
     subprocess.run([require_tool("qemu-img"), "check", "-q", "-f", "vhdx", str(image)], check=True)
+
+
+def test_a_write_in_flight_into_a_discarded_block_never_lands_in_the_block_reusing_its_space(
+    images: Path,
+) -> None:
+    """Deterministic: tests/tools/vdrace.c holds a write to a present block
+    back inside its pwrite while the block is discarded and its space given
+    to a new block; the discard must wait for the write."""
+    from .vhdxlog import build_tool
+
+    tool = build_tool(images, "vdrace", "-Wl,--wrap=pwrite")
+    image = images / "race.vhdx"
+    virtdisk.create(image, 16 * MiB, block_size=MiB).close()
+    with virtdisk.open(image) as disk:
+        disk.attach()
+        write_device(disk.physical_path, 0, pattern(MiB, 9))
+        disk.detach()
+    run = subprocess.run([str(tool), str(image)], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    with virtdisk.open(image, read_only=True) as disk:
+        disk.attach(read_only=True)
+        assert read_device(disk.physical_path, 5 * MiB, MiB) == b"B" * MiB
+        disk.detach()

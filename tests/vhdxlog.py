@@ -21,15 +21,16 @@ PROVIDER = ROOT / "src" / "provider"
 READER_SOURCES = ["image.c", "vhd.c", "iso.c", "crc32c.c", "bytes.c", "utf16.c", "errors.c"]
 
 
-def build_tool(out: Path, name: str) -> Path:
-    """tests/tools/NAME.c linked with the provider's format code."""
+def build_tool(out: Path, name: str, *extra: str) -> Path:
+    """tests/tools/NAME.c linked with the provider's format code (extra: more
+    compiler or linker options)."""
     cc = require_tool("gcc")
     sources = [PROVIDER / source for source in READER_SOURCES] + sorted(PROVIDER.glob("vhdx*.c"))
     binary = out / name
     subprocess.run(
         [cc, "-std=gnu11", "-O2", "-Wall", "-Werror", "-Wno-unused-parameter", f"-I{PROVIDER}",
          f"-I{ROOT / 'src' / '_cffi_src'}", "-o", str(binary), str(ROOT / "tests" / "tools" / f"{name}.c"),
-         str(ROOT / "src" / "_cffi_src" / "messages.c"), *map(str, sources), "-lpthread"],
+         str(ROOT / "src" / "_cffi_src" / "messages.c"), *map(str, sources), "-lpthread", *extra],
         check=True,
     )  # fmt: skip
     return binary
