@@ -127,6 +127,23 @@ static void vd_mirror_job_free(void *context, DWORD status)
     free(context);
 }
 
+/* The permissions CreateVirtualDisk would give a new file here (0644 and
+   this process's umask), read without changing the umask (umask(2) would,
+   for every thread at once). */
+static uint32_t vd_new_file_mode(void)
+{
+    unsigned mask = 022;
+    FILE *status = fopen("/proc/self/status", "re");
+    if (status) {
+        char line[128];
+        while (fgets(line, sizeof line, status))
+            if (sscanf(line, "Umask: %o", &mask) == 1)
+                break;
+        fclose(status);
+    }
+    return 0644u & ~mask;
+}
+
 /* The target as an absolute path: the server runs in "/". */
 static DWORD vd_mirror_target(const WCHAR *path, char **out)
 {
@@ -176,7 +193,8 @@ DWORD WINAPI MirrorVirtualDisk(HANDLE VirtualDiskHandle, MIRROR_VIRTUAL_DISK_FLA
     if (status == ERROR_SUCCESS)
         status = vd_mirror_target(Parameters->Version1.MirrorVirtualDiskPath, &target);
     char payload[VD_MSG_MAX_PAYLOAD];
-    struct vd_msg_operation_start request = {.kind = VD_OPERATION_MIRROR, .flags = Flags};
+    struct vd_msg_operation_start request = {.kind = VD_OPERATION_MIRROR, .flags = Flags,
+                                             .mode = vd_new_file_mode()};
     size_t length = 0;
     if (status == ERROR_SUCCESS) {
         length = sizeof request + strlen(target) + 1;

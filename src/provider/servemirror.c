@@ -221,7 +221,8 @@ static void *vd_mirror_thread(void *context)
 
 /* ---- starting ------------------------------------------------------------ */
 
-static DWORD vd_mirror_create_target(const struct vd_image *source, const char *path, struct vd_image **out)
+static DWORD vd_mirror_create_target(const struct vd_image *source, const char *path, mode_t mode,
+                                     struct vd_image **out)
 {
     const struct vd_format *format = source->format;
     if (!format->create)
@@ -245,7 +246,10 @@ static DWORD vd_mirror_create_target(const struct vd_image *source, const char *
                                           "mirrors onto an existing image)", path);
     if (fd < 0)
         return vd_fail_errno(errno, "creating the mirror target %s", path);
-    DWORD status = format->create(fd, &request);
+    /* The caller's permissions, not the helper's umask (077). */
+    DWORD status = fchmod(fd, mode & 0777) < 0 ? vd_fail_errno(errno, "setting the mode of %s", path) : ERROR_SUCCESS;
+    if (status == ERROR_SUCCESS)
+        status = format->create(fd, &request);
     if (status == ERROR_SUCCESS && fsync(fd) < 0)
         status = vd_fail_errno(errno, "flushing %s", path);
     close(fd);
@@ -280,7 +284,7 @@ static DWORD vd_mirror_open_target(const struct vd_image *source, const char *pa
     return ERROR_SUCCESS;
 }
 
-DWORD vd_mirror_start(struct vd_fuse_server *server, uint32_t flags, const char *target_path,
+DWORD vd_mirror_start(struct vd_fuse_server *server, uint32_t flags, uint32_t mode, const char *target_path,
                       struct vd_mirror **out)
 {
     if (flags & ~VD_MIRROR_FLAGS_KNOWN)
@@ -297,7 +301,7 @@ DWORD vd_mirror_start(struct vd_fuse_server *server, uint32_t flags, const char 
         return vd_fail(ERROR_OUTOFMEMORY, "allocating a mirror");
     }
     m->created = !(flags & MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE);
-    DWORD status = m->created ? vd_mirror_create_target(source, target_path, &m->target)
+    DWORD status = m->created ? vd_mirror_create_target(source, target_path, (mode_t)mode, &m->target)
                               : vd_mirror_open_target(source, target_path, &m->target);
     /* The target's writer claim, held while it is open here. */
     if (status == ERROR_SUCCESS)
@@ -426,6 +430,13 @@ DWORD vd_mirror_break(struct vd_mirror *m)
     status = vd_image_flush(target);
     DWORD source_status = source->writable ? vd_image_flush(source) : ERROR_SUCCESS;
     return status == ERROR_SUCCESS ? source_status : status;
+}
+
+struct vd_image *vd_mirror_take_retired(struct vd_mirror *m)
+{
+    struct vd_image *retired = m->retired;
+    m->retired = NULL;
+    return retired;
 }
 
 void vd_mirror_free(struct vd_mirror *m)

@@ -51,8 +51,9 @@
 struct vd_mirror;
 
 /* Starts mirroring the server's image onto target_path (absolute) with
-   MIRROR_VIRTUAL_DISK_FLAG flags; the copy runs on a thread of its own. */
-DWORD vd_mirror_start(struct vd_fuse_server *server, uint32_t flags, const char *target_path,
+   MIRROR_VIRTUAL_DISK_FLAG flags (a new target gets permissions mode); the
+   copy runs on a thread of its own. */
+DWORD vd_mirror_start(struct vd_fuse_server *server, uint32_t flags, uint32_t mode, const char *target_path,
                       struct vd_mirror **out);
 
 /* Progress and status (ERROR_IO_PENDING while copying). */
@@ -64,6 +65,10 @@ bool vd_mirror_active(struct vd_mirror *mirror);
 
 DWORD vd_mirror_cancel(struct vd_mirror *mirror);
 DWORD vd_mirror_break(struct vd_mirror *mirror);
+
+/* The source a break retired (NULL when none), for the caller to keep open
+   until the session ends and then close. */
+struct vd_image *vd_mirror_take_retired(struct vd_mirror *mirror);
 
 /* Ends whatever is left (as the session's end does, see above) and frees. */
 void vd_mirror_free(struct vd_mirror *mirror);

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "errors.h"
+#include "image.h"
 #include "serveproto.h"
 #include "servemirror.h"
 
@@ -24,6 +25,10 @@ struct vd_serve_ops {
     bool ended;
     enum vd_operation_kind kind;
     struct vd_mirror *mirror; /* kind MIRROR */
+    /* Sources that breaks retired: open until the session ends, since the
+       first one carries the attachment's marker (servemirror.h). */
+    struct vd_image **retired;
+    size_t retired_count;
 };
 
 static bool vd_ops_active(const struct vd_serve_ops *ops)
@@ -31,12 +36,22 @@ static bool vd_ops_active(const struct vd_serve_ops *ops)
     return ops->kind == VD_OPERATION_MIRROR && vd_mirror_active(ops->mirror);
 }
 
-static void vd_ops_forget(struct vd_serve_ops *ops)
+/* Ends the last operation, keeping what must outlive it. */
+static DWORD vd_ops_forget(struct vd_serve_ops *ops)
 {
-    if (ops->kind == VD_OPERATION_MIRROR)
+    if (ops->kind == VD_OPERATION_MIRROR) {
+        struct vd_image **more = realloc(ops->retired, (ops->retired_count + 1) * sizeof *more);
+        if (!more)
+            return vd_fail(ERROR_OUTOFMEMORY, "keeping a retired image");
+        ops->retired = more;
+        struct vd_image *retired = vd_mirror_take_retired(ops->mirror);
+        if (retired)
+            ops->retired[ops->retired_count++] = retired;
         vd_mirror_free(ops->mirror);
+    }
     ops->mirror = NULL;
     ops->kind = VD_OPERATION_NONE;
+    return ERROR_SUCCESS;
 }
 
 static DWORD vd_ops_start(struct vd_serve_ops *ops, const char *payload, size_t length)
@@ -50,10 +65,11 @@ static DWORD vd_ops_start(struct vd_serve_ops *ops, const char *payload, size_t 
         return vd_fail(ERROR_BUSY, "an operation is already running on this disk");
     if (request.kind != VD_OPERATION_MIRROR)
         return vd_fail(ERROR_NOT_SUPPORTED, "operation kind %u is not one this server runs", (unsigned)request.kind);
+    DWORD status = vd_ops_forget(ops);
     struct vd_mirror *mirror;
-    DWORD status = vd_mirror_start(ops->server, request.flags, path, &mirror);
+    if (status == ERROR_SUCCESS)
+        status = vd_mirror_start(ops->server, request.flags, request.mode, path, &mirror);
     if (status == ERROR_SUCCESS) {
-        vd_ops_forget(ops);
         ops->kind = VD_OPERATION_MIRROR;
         ops->mirror = mirror;
     }
@@ -114,9 +130,12 @@ static void vd_ops_end(void *context)
     pthread_mutex_lock(&ops->mutex);
     ops->ended = true;
     if (ops->kind == VD_OPERATION_MIRROR)
-        vd_mirror_free(ops->mirror);
+        vd_mirror_free(ops->mirror); /* closes its retired source too */
     ops->mirror = NULL;
     ops->kind = VD_OPERATION_NONE;
+    for (size_t i = 0; i < ops->retired_count; i++)
+        vd_image_close(ops->retired[i]);
+    ops->retired_count = 0;
     pthread_mutex_unlock(&ops->mutex);
 }
 

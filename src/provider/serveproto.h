@@ -99,7 +99,8 @@ struct vd_msg_claim {
 struct vd_msg_operation_start {
     uint32_t kind;  /* enum vd_operation_kind */
     uint32_t flags; /* the kind's own API flags */
-    uint64_t reserved;
+    uint32_t mode;  /* permissions of a file the operation creates (the caller's umask applied) */
+    uint32_t reserved;
     /* followed by the target path (absolute), NUL-terminated */
 };
 
