@@ -34,33 +34,50 @@ MiB = 1 << 20
 SIZE = 192 * MiB
 QEMU_FORMAT = {"vhd": "vpc", "vhdx": "vhdx"}
 
-# Writes rounds of checksummed 64 KiB pieces at random sector-aligned places
-# of the device, one fsync per round, until told to stop; tells each round's
-# end on stdout, and at the end the checksum of what it last wrote at each
-# offset.
+# Where the hot writers write: the last 8 MiB of the disk (the copy's last
+# chunks), which they keep rewriting in 512-byte pieces with O_DIRECT (each
+# write reaches the server at once) until the copy is done, so that writes
+# land while the copy reads and writes that very chunk.  Small pieces in
+# many places: a write the mirror lost is rarely written over again before
+# the writers stop.
+HOT = (SIZE - 8 * MiB, SIZE)
+
+# Writes rounds of checksummed pieces to the device until told to stop;
+# tells each round's end on stdout, and at the end the checksum of what it
+# last wrote at each offset.  "random": 8 pieces of 64 KiB at random places
+# outside HOT, one fsync per round; "hot0"/"hot1": 16 pieces of 512 bytes in
+# the even/odd sectors of HOT (two hot writers never write the same place).
 _WRITER = textwrap.dedent(
     """
-    import hashlib, json, os, random, select, sys
-    device, seed = sys.argv[1], int(sys.argv[2])
+    import hashlib, json, mmap, os, random, select, sys
+    device, seed, size, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    hot = (int(sys.argv[5]), int(sys.argv[6]))
     rng = random.Random(seed)
-    size = os.stat(device).st_size if os.path.isfile(device) else int(sys.argv[3])
-    fd = os.open(device, os.O_RDWR)
+    piece = 65536 if mode == "random" else 512
+    fd = os.open(device, os.O_RDWR | (os.O_DIRECT if mode != "random" else 0))
+    buffer = mmap.mmap(-1, piece)  # page-aligned, as O_DIRECT needs
     last = {}
     round_number = 0
     while True:
-        for _ in range(8):
-            offset = rng.randrange(0, size // 65536) * 65536
-            data = rng.randbytes(65536)
-            os.pwrite(fd, data, offset)
+        for _ in range(8 if mode == "random" else 16):
+            if mode == "random":
+                offset = rng.randrange(0, hot[0] // piece) * piece
+            else:
+                offset = hot[0] + (rng.randrange((hot[1] - hot[0]) // piece // 2) * 2 + int(mode[-1])) * piece
+            data = rng.randbytes(piece)
+            buffer[:] = data
+            os.pwrite(fd, buffer, offset)
             last[offset] = hashlib.sha256(data).hexdigest()
-        os.fsync(fd)
+        if mode == "random":
+            os.fsync(fd)
         round_number += 1
         print(f"round {round_number}", flush=True)
         if select.select([sys.stdin], [], [], 0)[0]:
             sys.stdin.readline()
             break
+    os.fsync(fd)
     os.close(fd)
-    print(json.dumps(last), flush=True)
+    print(json.dumps([piece, last]), flush=True)
     """
 )
 
@@ -107,9 +124,9 @@ def _read_device(device: str) -> bytes:
 class _Writer:
     """The other process writing to the device, round after round."""
 
-    def __init__(self, device: str, seed: int) -> None:
+    def __init__(self, device: str, seed: int, mode: str = "random") -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, device, str(seed), str(SIZE)],
+            [sys.executable, "-c", _WRITER, device, str(seed), str(SIZE), mode, str(HOT[0]), str(HOT[1])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -124,14 +141,21 @@ class _Writer:
         self.rounds = int(line.split()[1])
         return self.rounds
 
-    def stop(self) -> dict[int, str]:
+    def ask_stop(self) -> None:
+        assert self.process.stdin is not None
+        if not self.process.stdin.closed:
+            self.process.stdin.write("stop\n")
+            self.process.stdin.close()
+
+    def stop(self) -> tuple[int, dict[int, str]]:
+        """Stops the writer: (piece size, {offset: sha256 of what it last wrote there})."""
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write("stop\n")
-        self.process.stdin.flush()
+        self.ask_stop()
         for line in self.process.stdout:
             if not line.startswith("round "):
                 assert self.process.wait(timeout=30) == 0
-                return {int(offset): digest for offset, digest in json.loads(line).items()}
+                piece, last = json.loads(line)
+                return piece, {int(offset): digest for offset, digest in last.items()}
         raise AssertionError("the writer ended without its checksums")
 
     def kill(self) -> None:
@@ -154,8 +178,10 @@ def test_mirror_while_written_then_break(images: Path, suffix: str) -> None:
         device = disk.physical_path
         filled = _fill(device, 1)
         writer = _Writer(device, 2)
+        hot = [_Writer(device, 3, "hot0"), _Writer(device, 4, "hot1")]
         try:
-            writer.next_round()  # writing before the mirror starts
+            for each in [writer, *hot]:
+                each.next_round()  # all writing before the mirror starts
             seen: list[tuple[int, int]] = []
             operation = disk.begin_mirror(target)
             rounds_during_copy = 0
@@ -163,13 +189,17 @@ def test_mirror_while_written_then_break(images: Path, suffix: str) -> None:
                 seen.append(operation.progress())
                 writer.next_round()
                 rounds_during_copy += not operation.done
+            for each in hot:
+                each.ask_stop()  # at once: a lost write must not be written over
             operation.wait(lambda current, total: seen.append((current, total)))
+            hot_written = [each.stop() for each in hot]
             # In sync: writes still reach both.
             for _ in range(3):
                 writer.next_round()
-            written = writer.stop()
+            _, written = writer.stop()
         finally:
-            writer.kill()
+            for each in [writer, *hot]:
+                each.kill()
         assert rounds_during_copy >= 1, "no write round overlapped the copy"
         assert seen[-1] == (SIZE, SIZE)
         assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:])), seen
@@ -196,7 +226,10 @@ def test_mirror_while_written_then_break(images: Path, suffix: str) -> None:
     assert target_data == shown
     after = slice(3 * MiB, 3 * MiB + 65536)
     _check_sums(target_data, {o: d for o, d in written.items() if o != after.start}, 65536)
-    untouched = {o: d for o, d in filled.items() if not any(o <= w < o + MiB for w in written)}
+    for piece, sums in hot_written:
+        _check_sums(target_data, sums, piece)
+    overwritten = [*written, *(o for _, sums in hot_written for o in sums)]
+    untouched = {o: d for o, d in filled.items() if not any(o <= w < o + MiB for w in overwritten)}
     _check_sums(target_data, untouched, MiB)
     # The source holds everything but what was written after the break.
     source_data = _raw(source, images, suffix)
