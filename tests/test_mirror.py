@@ -26,7 +26,7 @@ import virtdisk
 from virtdisk import WinError
 from virtdisk._native import ffi, lib
 
-from .conftest import RUN_DIR, require_tool
+from .conftest import RUN_DIR, loops_backed_under, require_tool
 
 pytestmark = pytest.mark.loop
 
@@ -166,7 +166,9 @@ class _Writer:
 
 def _check_sums(data: bytes, sums: dict[int, str], length: int) -> None:
     for offset, digest in sums.items():
-        assert hashlib.sha256(data[offset : offset + length]).hexdigest() == digest, f"data at {offset} differs"
+        assert hashlib.sha256(data[offset : offset + length]).hexdigest() == digest, (
+            f"data at {offset} differs"
+        )
 
 
 @pytest.mark.parametrize("suffix", ["vhdx", "vhd"])
@@ -213,8 +215,7 @@ def test_mirror_while_written_then_break(images: Path, suffix: str) -> None:
             os.close(fd)
         shown = _read_device(device)
     # Closing the last handle detached the disk and flushed the target.
-    assert not any(str(images) in line for line in subprocess.run(
-        ["losetup", "-a"], capture_output=True, text=True).stdout.splitlines())
+    assert not loops_backed_under(images)
     # Made by the helper, with this process's permissions, not the helper's umask.
     umask = os.umask(0o22)
     os.umask(umask)
@@ -389,7 +390,9 @@ def test_cli_moves_a_permanently_attached_disk(images: Path) -> None:
     source, target = images / "source.vhdx", images / "moved.vhdx"
     cli = [sys.executable, "-m", "virtdisk"]
     subprocess.run([*cli, "create", str(source), "--size", "32M"], check=True, capture_output=True)
-    device = subprocess.run([*cli, "attach", str(source)], check=True, capture_output=True, text=True).stdout.strip()
+    device = subprocess.run(
+        [*cli, "attach", str(source)], check=True, capture_output=True, text=True
+    ).stdout.strip()
     try:
         fd = os.open(device, os.O_RDWR)
         os.pwrite(fd, b"moved" * 1000, 5 * MiB)

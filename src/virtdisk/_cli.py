@@ -387,7 +387,12 @@ def _mirror(args: argparse.Namespace) -> int:
             bar.finish()
         disk.break_mirror()
         device = disk.physical_path
-    result = {"image": str(Path(args.image)), "target": str(target), "device": device, "bytes_copied": copied[0]}
+    result = {
+        "image": str(Path(args.image)),
+        "target": str(target),
+        "device": device,
+        "bytes_copied": copied[0],
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -434,14 +439,17 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
     mirror = commands.add_parser(
         "mirror",
         help="move an attached disk to a new image while it is in use (Mirror + BreakMirrorVirtualDisk)",
-        description="Copy an attached, served (dynamic or differencing) disk to TARGET while it stays in use, "
-        "its writes going to both, then switch the disk to TARGET: from then on the device reads and writes "
-        "TARGET, and IMAGE no longer changes.  The disk stays attached (and is detached) under IMAGE's name.",
+        description="Copy an attached, served (dynamic or differencing) disk to TARGET while it stays in "
+        "use, its writes going to both, then switch the disk to TARGET: from then on the device reads and "
+        "writes TARGET, and IMAGE no longer changes.  The disk stays attached (and is detached) under "
+        "IMAGE's name.",
     )
     mirror.add_argument("image", help="the attached image")
     mirror.add_argument("target", help="the new image (same format, type and size)")
     mirror.add_argument(
-        "--existing", action="store_true", help="mirror onto an existing image of the same size, overwriting it"
+        "--existing",
+        action="store_true",
+        help="mirror onto an existing image of the same size, overwriting it",
     )
     mirror.add_argument("--quiet", action="store_true", help="no progress bar")
     mirror.add_argument("--json", action="store_true", help="print one JSON object")

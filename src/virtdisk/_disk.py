@@ -537,7 +537,9 @@ class VirtualDisk:
         differencing) and attached by this process, or permanently.
         """
         path = _absolute(_path_argument("target", target))
-        parameters = ffi.new("MIRROR_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.MIRROR_VIRTUAL_DISK_VERSION_1})
+        parameters = ffi.new(
+            "MIRROR_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.MIRROR_VIRTUAL_DISK_VERSION_1}
+        )
         target_text = ffi.new("WCHAR[]", path)
         parameters.Version1.MirrorVirtualDiskPath = target_text
         flags = lib.MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE if existing else lib.MIRROR_VIRTUAL_DISK_FLAG_NONE
