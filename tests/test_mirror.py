@@ -280,6 +280,11 @@ def test_cancel_leaves_the_source_and_removes_a_new_target(images: Path) -> None
         shown = _read_device(disk.physical_path)
         # A new mirror can start after a cancelled one.
         disk.mirror(target)
+        # Mirrored, the target has its one writer (share.h).
+        with pytest.raises(virtdisk.VirtualDiskError) as caught:
+            virtdisk.open(target).close()
+        assert caught.value.winerror == WinError.ERROR_SHARING_VIOLATION
+        virtdisk.open(target, read_only=True).close()
     _check_sums(shown, filled, MiB)
     _qemu("check", "-f", "vhdx", str(source))
     assert _raw(source, images, "vhdx") == shown
@@ -424,3 +429,36 @@ def test_cli_moves_a_permanently_attached_disk(images: Path) -> None:
     data = _raw(again, images, "vhdx")
     assert data[7 * MiB : 7 * MiB + 5000] == b"later" * 1000
     assert data[9 * MiB : 9 * MiB + 5000] == b"last!" * 1000
+
+
+def test_mirror_of_a_differencing_disk_copies_its_whole_chain(images: Path) -> None:
+    base, child, target = images / "base.vhdx", images / "child.vhdx", images / "whole.vhdx"
+    virtdisk.create(base, 32 * MiB).close()
+    with virtdisk.open(base) as disk:
+        disk.attach(read_only=False)
+        fd = os.open(disk.physical_path, os.O_RDWR)
+        os.pwrite(fd, b"base" * 4096, 2 * MiB)
+        os.pwrite(fd, b"hidden" * 1000, 6 * MiB)
+        os.fsync(fd)
+        os.close(fd)
+    virtdisk.create(child, 0, parent=base).close()
+    with virtdisk.open(child) as disk:
+        disk.attach(read_only=False)
+        fd = os.open(disk.physical_path, os.O_RDWR)
+        os.pwrite(fd, b"child" * 1000, 6 * MiB)
+        os.fsync(fd)
+        os.close(fd)
+        disk.mirror(target)
+        disk.break_mirror()
+        fd = os.open(disk.physical_path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        shown = os.pread(fd, 32 * MiB, 0)
+        os.close(fd)
+    with virtdisk.open(target, read_only=True) as disk:
+        info = disk.info
+    assert info.parent_path is None  # a standalone dynamic disk
+    _qemu("check", "-f", "vhdx", str(target))
+    data = _raw(target, images, "vhdx")
+    assert data == shown
+    assert data[2 * MiB : 2 * MiB + 16384] == b"base" * 4096
+    assert data[6 * MiB : 6 * MiB + 5000] == b"child" * 1000
