@@ -382,6 +382,8 @@ def test_killed_server_leaves_the_source_intact(images: Path) -> None:
                 assert time.monotonic() < deadline, "the mirror did not end after its server died"
                 time.sleep(0.05)
             operation.wait()
+    # Its helper removed the target the server had begun.
+    assert not target.exists()
     # A killed server leaves the VHDX log for the next open to replay (as a
     # power cut would): replayed, the source holds exactly what it did.
     _qemu("check", "-r", "all", "-f", "vhdx", str(source))

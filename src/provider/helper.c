@@ -212,6 +212,12 @@ struct vd_supervisor {
     pid_t server;
     int report_fd;      /* the server's reports; end of file when it died */
     int ops_fd;         /* requests about operations, forwarded to the server (serveops.h) */
+    /* A mirror target the server created and has not made the disk yet
+       (no break): removed if the server dies, as its cancel would have.
+       Its identity guards against removing a file that replaced it. */
+    char mirror_target[VD_MSG_MAX_PAYLOAD];
+    dev_t mirror_dev;
+    ino_t mirror_ino;
     int go_fd;          /* closed: the server unmounts (the supervisor is gone) */
     struct vd_loop loop;
     uint64_t backing_dev;
@@ -348,6 +354,10 @@ static void vd_server_died(struct vd_supervisor *s)
     vd_log(true, "the server of %s died; releasing /dev/loop%d", s->image_path, s->loop.number);
     if (s->loop.fd >= 0)
         close(s->loop.fd);
+    struct stat st;
+    if (s->mirror_target[0] && lstat(s->mirror_target, &st) == 0 && st.st_dev == s->mirror_dev &&
+        st.st_ino == s->mirror_ino && unlink(s->mirror_target) == 0)
+        vd_log(false, "removed the unfinished mirror target %s", s->mirror_target);
     vd_finish(s, ERROR_GEN_FAILURE, -1);
 }
 
@@ -464,6 +474,34 @@ static bool vd_is_operation_message(uint16_t type)
            type == VD_MSG_BREAK_MIRROR;
 }
 
+/* Follows the mirror target the server creates (see struct vd_supervisor):
+   known from a started mirror without EXISTING_FILE, forgotten once a break
+   made it the disk or a cancel or a new operation ended that mirror. */
+static void vd_note_mirror(struct vd_supervisor *s, uint16_t type, const char *payload, size_t length,
+                           uint16_t reply_type, const char *reply, size_t reply_length)
+{
+    DWORD status;
+    int loop;
+    const char *detail;
+    if (reply_type != VD_MSG_RESULT || vd_msg_parse_result(reply, reply_length, &status, &loop, &detail) != 0 ||
+        status != ERROR_SUCCESS)
+        return;
+    if (type == VD_MSG_BREAK_MIRROR || type == VD_MSG_OPERATION_CANCEL)
+        s->mirror_target[0] = '\0';
+    struct vd_msg_operation_start request;
+    if (type != VD_MSG_OPERATION_START || length <= sizeof request)
+        return;
+    memcpy(&request, payload, sizeof request);
+    s->mirror_target[0] = '\0';
+    struct stat st;
+    if (request.kind == VD_OPERATION_MIRROR && !(request.flags & MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE) &&
+        lstat(payload + sizeof request, &st) == 0) {
+        snprintf(s->mirror_target, sizeof s->mirror_target, "%s", payload + sizeof request);
+        s->mirror_dev = st.st_dev;
+        s->mirror_ino = st.st_ino;
+    }
+}
+
 /* Passes a request about an operation to the server and its answer back,
    unchanged.  A server that does not answer in time loses its channel (a
    late answer must not be taken for the next request's). */
@@ -486,6 +524,7 @@ static void vd_forward_operation(struct vd_supervisor *s, int fd, uint16_t type,
         vd_msg_send_result(fd, ERROR_GEN_FAILURE, -1, "the disk's server did not answer the operation request");
         return;
     }
+    vd_note_mirror(s, type, payload, length, reply_type, reply, reply_length);
     vd_msg_send(fd, (enum vd_msg_type)reply_type, reply, reply_length, -1);
 }
 

@@ -38,7 +38,8 @@
  *   - Requests about operations in the server (serveproto.h: OPERATION_*,
  *     BREAK_MIRROR) from the attacher or a privileged socket client are
  *     forwarded to the server on a channel of their own (serveops.h) and
- *     its answer returned unchanged.
+ *     its answer returned unchanged.  A server that dies leaves no mirror
+ *     target it created behind unless a break made it the disk.
  *   - The log <base>.log is bounded (VD_LOG_MAX_BYTES per process) and
  *     removed at a clean end; it stays when it recorded an error.
  */

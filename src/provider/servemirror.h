@@ -36,7 +36,9 @@
  *     longer written, and a target this module created is removed (an
  *     EXISTING_FILE target is left a valid image with partial contents).
  *     The session ending first: a target in sync is flushed and kept (it
- *     equals the source), an unfinished one is handled as by a cancel.
+ *     equals the source), an unfinished one is handled as by a cancel.  (A
+ *     killed server removes nothing: its helper removes a created target
+ *     no break made the disk, helper.h.)
  */
 #ifndef VD_PROVIDER_SERVEMIRROR_H
 #define VD_PROVIDER_SERVEMIRROR_H
