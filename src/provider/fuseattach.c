@@ -264,18 +264,16 @@ int vd_served_find(const struct vd_image *image, bool *helper)
     return record.loop;
 }
 
-DWORD vd_served_detach(const struct vd_image *image)
+/* Connects to the socket of the permanent helper serving image. */
+static DWORD vd_connect_helper(const struct vd_image *image, int *out)
 {
-    DWORD status = vd_loop_require_privilege("detaching a virtual disk");
-    if (status != ERROR_SUCCESS)
-        return status;
     char base[64];
     struct vd_record record;
     vd_record_base(image->file_dev, image->file_ino, base, sizeof base);
     if (!vd_record_read(base, &record) || !vd_run_pid_alive(record.pid))
         return vd_fail(ERROR_NOT_READY, "%s is not attached any more (its helper is gone)", image->path);
     struct sockaddr_un address;
-    status = vd_socket_address(base, record.pid, &address);
+    DWORD status = vd_socket_address(base, record.pid, &address);
     if (status != ERROR_SUCCESS)
         return status;
     int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
@@ -287,9 +285,49 @@ DWORD vd_served_detach(const struct vd_image *image)
         close(fd);
         return status;
     }
+    *out = fd;
+    return ERROR_SUCCESS;
+}
+
+DWORD vd_served_detach(const struct vd_image *image)
+{
+    DWORD status = vd_loop_require_privilege("detaching a virtual disk");
+    if (status != ERROR_SUCCESS)
+        return status;
+    int fd;
+    status = vd_connect_helper(image, &fd);
+    if (status != ERROR_SUCCESS)
+        return status;
     status = vd_detach_over(fd, image->path);
     close(fd);
     return status;
+}
+
+DWORD vd_served_request(struct vd_served *served, const struct vd_image *image, uint16_t type, const void *payload,
+                        size_t length, uint16_t *reply_type, void *reply, size_t capacity, size_t *reply_length)
+{
+    int fd;
+    DWORD status = ERROR_SUCCESS;
+    if (served && served->control < 0)
+        return vd_fail(ERROR_INVALID_HANDLE, "%s was attached by the parent of this forked process", served->path);
+    if (served)
+        fd = served->control;
+    else
+        status = vd_connect_helper(image, &fd);
+    if (status != ERROR_SUCCESS)
+        return status;
+    int error = vd_msg_send(fd, (enum vd_msg_type)type, payload, length, -1);
+    if (!error)
+        error = vd_msg_recv(fd, VD_OPERATION_REPLY_MS + VD_REPLY_SLACK_MS, reply_type, reply, capacity, reply_length,
+                            NULL);
+    if (!served)
+        close(fd);
+    if (error == EPIPE)
+        return vd_fail(ERROR_GEN_FAILURE, "the helper serving %s has ended (see its log in %s)", image->path,
+                       vd_run_dir_path());
+    if (error)
+        return vd_fail_errno(error, "asking the helper serving %s", image->path);
+    return ERROR_SUCCESS;
 }
 
 struct vd_image_search {

@@ -28,6 +28,8 @@
 #define VD_PROVIDER_FUSEATTACH_H
 
 #include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
 
 #include "image.h"
 #include "virtdisk.h"
@@ -62,5 +64,14 @@ int vd_served_find(const struct vd_image *image, bool *helper);
 
 /* Detaches the image's permanent attachment through its helper's socket. */
 DWORD vd_served_detach(const struct vd_image *image);
+
+/* Sends one request about an operation in the disk's server (serveproto.h:
+   OPERATION_*, BREAK_MIRROR) and receives the answer: over served's
+   channel when this process holds one (not NULL; the caller serialises
+   its use, as for every request on it), else over the socket of the
+   permanent helper serving image.  ERROR_SUCCESS: an answer came
+   (*reply_type and the payload say what); else why none did. */
+DWORD vd_served_request(struct vd_served *served, const struct vd_image *image, uint16_t type, const void *payload,
+                        size_t length, uint16_t *reply_type, void *reply, size_t capacity, size_t *reply_length);
 
 #endif

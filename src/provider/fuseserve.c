@@ -45,10 +45,19 @@ enum {
 
 struct vd_fuse_server {
     struct vd_image *image;
+    uint64_t size;  /* the image's, fixed: a replacing image has the same */
+    ULONG sector;
     bool writable;
     struct fuse_session *session;
     char *mount_dir;
     bool hidden;
+
+    /* Taken shared by every read, write and flush, exclusively to change
+       image or tap: a change waits for the requests in flight. */
+    pthread_rwlock_t io_lock;
+    struct vd_fuse_tap *tap;
+    void (*end_hook)(void *context);
+    void *end_context;
 
     pthread_t thread;
     pthread_mutex_t mutex;
@@ -78,9 +87,9 @@ static void vd_fuse_stat(const struct vd_fuse_server *server, fuse_ino_t ino, st
     } else {
         st->st_mode = S_IFREG | (server->writable ? 0600 : 0400);
         st->st_nlink = 1;
-        st->st_size = (off_t)server->image->virtual_size;
-        st->st_blocks = (blkcnt_t)((server->image->virtual_size + 511) / 512);
-        st->st_blksize = (blksize_t)server->image->logical_sector_size;
+        st->st_size = (off_t)server->size;
+        st->st_blocks = (blkcnt_t)((server->size + 511) / 512);
+        st->st_blksize = (blksize_t)server->sector;
     }
 }
 
@@ -131,7 +140,7 @@ static void vd_fuse_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, i
     /* The disk's size is the image's; a truncate to that same size (what
        O_TRUNC-free tools may still ask) is harmless, anything else is not. */
     struct vd_fuse_server *server = fuse_req_userdata(req);
-    if ((to_set & FUSE_SET_ATTR_SIZE) && (uint64_t)attr->st_size != server->image->virtual_size) {
+    if ((to_set & FUSE_SET_ATTR_SIZE) && (uint64_t)attr->st_size != server->size) {
         fuse_reply_err(req, EPERM);
         return;
     }
@@ -156,7 +165,7 @@ static void vd_fuse_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
 static void vd_fuse_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, struct fuse_file_info *fi)
 {
     struct vd_fuse_server *server = fuse_req_userdata(req);
-    uint64_t end = server->image->virtual_size;
+    uint64_t end = server->size;
     if (offset < 0 || (uint64_t)offset >= end) {
         fuse_reply_buf(req, NULL, 0);
         return;
@@ -168,7 +177,9 @@ static void vd_fuse_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offs
         fuse_reply_err(req, ENOMEM);
         return;
     }
+    pthread_rwlock_rdlock(&server->io_lock);
     DWORD status = server->image->format->read(server->image, buffer, (uint64_t)offset, size);
+    pthread_rwlock_unlock(&server->io_lock);
     if (status == ERROR_SUCCESS) {
         fuse_reply_buf(req, buffer, size);
     } else {
@@ -187,12 +198,16 @@ static void vd_fuse_write(fuse_req_t req, fuse_ino_t ino, const char *buffer, si
         fuse_reply_err(req, EROFS);
         return;
     }
-    uint64_t end = server->image->virtual_size;
+    uint64_t end = server->size;
     if (offset < 0 || (uint64_t)offset > end || size > end - (uint64_t)offset) {
         fuse_reply_err(req, ENOSPC);
         return;
     }
-    DWORD status = server->image->format->write(server->image, buffer, (uint64_t)offset, size);
+    pthread_rwlock_rdlock(&server->io_lock);
+    struct vd_image *image = server->image;
+    DWORD status = server->tap ? server->tap->write(server->tap, image, buffer, (uint64_t)offset, size)
+                               : image->format->write(image, buffer, (uint64_t)offset, size);
+    pthread_rwlock_unlock(&server->io_lock);
     if (status == ERROR_SUCCESS) {
         fuse_reply_write(req, size);
     } else {
@@ -246,7 +261,11 @@ static void vd_fuse_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t of
 static void vd_fuse_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
     struct vd_fuse_server *server = fuse_req_userdata(req);
+    pthread_rwlock_rdlock(&server->io_lock);
     DWORD status = vd_fuse_flush_image(server->image);
+    if (status == ERROR_SUCCESS && server->tap)
+        status = server->tap->flush(server->tap);
+    pthread_rwlock_unlock(&server->io_lock);
     if (status != ERROR_SUCCESS)
         fuse_log(FUSE_LOG_ERR, "virtdisk: flush failed (0x%08X): %s\n", (unsigned)status, vd_last_error_detail());
     fuse_reply_err(req, status == ERROR_SUCCESS ? 0 : EIO);
@@ -299,6 +318,7 @@ static const struct fuse_lowlevel_ops vd_fuse_ops = {
 static void vd_fuse_free(struct vd_fuse_server *server)
 {
     pthread_mutex_destroy(&server->mutex);
+    pthread_rwlock_destroy(&server->io_lock);
     pthread_cond_destroy(&server->ended_cond);
     free(server->mount_dir);
     free(server);
@@ -318,6 +338,13 @@ static void *vd_fuse_thread(void *context)
     } else {
         fuse_session_loop(server->session);
     }
+    pthread_mutex_lock(&server->mutex);
+    void (*hook)(void *) = server->end_hook;
+    void *hook_context = server->end_context;
+    server->end_hook = NULL;
+    pthread_mutex_unlock(&server->mutex);
+    if (hook)
+        hook(hook_context);
     DWORD status = vd_fuse_flush_image(server->image);
     if (status != ERROR_SUCCESS)
         fuse_log(FUSE_LOG_ERR, "virtdisk: final flush of %s failed (0x%08X): %s\n", server->image->path,
@@ -346,8 +373,17 @@ DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server
         return vd_fail(ERROR_OUTOFMEMORY, "allocating a FUSE server");
     }
     server->image = image;
+    server->size = image->virtual_size;
+    server->sector = image->logical_sector_size;
     server->writable = writable;
     pthread_mutex_init(&server->mutex, NULL);
+    /* Writer preference: a tap change must not wait behind a steady stream
+       of guest requests. */
+    pthread_rwlockattr_t lock_attributes;
+    pthread_rwlockattr_init(&lock_attributes);
+    pthread_rwlockattr_setkind_np(&lock_attributes, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&server->io_lock, &lock_attributes);
+    pthread_rwlockattr_destroy(&lock_attributes);
     pthread_cond_init(&server->ended_cond, NULL);
 
     int run_dir = -1;
@@ -429,6 +465,31 @@ DWORD vd_fuse_hide(struct vd_fuse_server *server)
     rmdir(server->mount_dir);
     server->hidden = true;
     return ERROR_SUCCESS;
+}
+
+void vd_fuse_set_tap(struct vd_fuse_server *server, struct vd_fuse_tap *tap)
+{
+    pthread_rwlock_wrlock(&server->io_lock);
+    server->tap = tap;
+    pthread_rwlock_unlock(&server->io_lock);
+}
+
+struct vd_image *vd_fuse_replace_image(struct vd_fuse_server *server, struct vd_image *image)
+{
+    pthread_rwlock_wrlock(&server->io_lock);
+    struct vd_image *old = server->image;
+    server->image = image;
+    server->tap = NULL;
+    pthread_rwlock_unlock(&server->io_lock);
+    return old;
+}
+
+void vd_fuse_set_end_hook(struct vd_fuse_server *server, void (*hook)(void *context), void *context)
+{
+    pthread_mutex_lock(&server->mutex);
+    server->end_hook = hook;
+    server->end_context = context;
+    pthread_mutex_unlock(&server->mutex);
 }
 
 const char *vd_fuse_mount_dir(const struct vd_fuse_server *server)

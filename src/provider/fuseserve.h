@@ -53,6 +53,33 @@ DWORD vd_fuse_hide(struct vd_fuse_server *server);
    returns the final flush's status. */
 DWORD vd_fuse_wait_end(struct vd_fuse_server *server);
 
+/* A second destination for the disk's writes (a mirror, servemirror.h).
+   While a tap is set, every write and flush goes through it instead of to
+   the served image alone; the tap writes the served image itself, so that
+   it can order each write's two halves against its own copying. */
+struct vd_fuse_tap {
+    DWORD (*write)(struct vd_fuse_tap *tap, struct vd_image *image, const void *buffer, uint64_t offset,
+                   size_t length);
+    /* after the served image's own flush */
+    DWORD (*flush)(struct vd_fuse_tap *tap);
+};
+
+/* Sets (or with NULL clears) the tap.  Returns once no write or flush that
+   started before is still running, so that from then on every write goes
+   through the new tap (or none). */
+void vd_fuse_set_tap(struct vd_fuse_server *server, struct vd_fuse_tap *tap);
+
+/* Serves image instead of the present one (of the same size and sector
+   size) from the next request on, clearing the tap, and returns the image
+   it replaced, for the caller to close.  As vd_fuse_set_tap(), it waits
+   for the requests in flight. */
+struct vd_image *vd_fuse_replace_image(struct vd_fuse_server *server, struct vd_image *image);
+
+/* Called once when the session has ended, before the final flush and the
+   served image's close: whatever uses the image from outside the server's
+   requests (an operation's thread) must stop using it then. */
+void vd_fuse_set_end_hook(struct vd_fuse_server *server, void (*hook)(void *context), void *context);
+
 /* The mount folder (valid while the server is). */
 const char *vd_fuse_mount_dir(const struct vd_fuse_server *server);
 

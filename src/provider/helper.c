@@ -35,6 +35,7 @@
 #include "image.h"
 #include "loopdev.h"
 #include "rundir.h"
+#include "serveops.h"
 #include "serveproto.h"
 #include "servrecord.h"
 #include "share.h"
@@ -156,10 +157,10 @@ static void *vd_server_watch(void *context)
     return NULL;
 }
 
-static void vd_server_main(struct vd_image *image, bool writable, int report_fd, int go_fd)
+static void vd_server_main(struct vd_image *image, bool writable, int report_fd, int go_fd, int ops_fd)
     __attribute__((noreturn));
 
-static void vd_server_main(struct vd_image *image, bool writable, int report_fd, int go_fd)
+static void vd_server_main(struct vd_image *image, bool writable, int report_fd, int go_fd, int ops_fd)
 {
     prctl(PR_SET_NAME, "virtdisk-fuse");
     fuse_set_log_func(vd_fuse_log);
@@ -172,6 +173,9 @@ static void vd_server_main(struct vd_image *image, bool writable, int report_fd,
         vd_report(report_fd, VD_REPORT_READY, status, vd_last_error_detail());
         _exit(1);
     }
+    /* Without it the disk is served all the same; operations are refused. */
+    if (vd_serve_ops_start(server, ops_fd) != ERROR_SUCCESS)
+        vd_log(true, "no operations for this disk: %s", vd_last_error_detail());
     static struct vd_watch watch;
     watch.go_fd = go_fd;
     watch.mount_dir = strdup(vd_fuse_mount_dir(server));
@@ -207,6 +211,13 @@ struct vd_supervisor {
     struct sockaddr_un address;
     pid_t server;
     int report_fd;      /* the server's reports; end of file when it died */
+    int ops_fd;         /* requests about operations, forwarded to the server (serveops.h) */
+    /* A mirror target the server created and has not made the disk yet
+       (no break): removed if the server dies, as its cancel would have.
+       Its identity guards against removing a file that replaced it. */
+    char mirror_target[VD_MSG_MAX_PAYLOAD];
+    dev_t mirror_dev;
+    ino_t mirror_ino;
     int go_fd;          /* closed: the server unmounts (the supervisor is gone) */
     struct vd_loop loop;
     uint64_t backing_dev;
@@ -343,6 +354,10 @@ static void vd_server_died(struct vd_supervisor *s)
     vd_log(true, "the server of %s died; releasing /dev/loop%d", s->image_path, s->loop.number);
     if (s->loop.fd >= 0)
         close(s->loop.fd);
+    struct stat st;
+    if (s->mirror_target[0] && lstat(s->mirror_target, &st) == 0 && st.st_dev == s->mirror_dev &&
+        st.st_ino == s->mirror_ino && unlink(s->mirror_target) == 0)
+        vd_log(false, "removed the unfinished mirror target %s", s->mirror_target);
     vd_finish(s, ERROR_GEN_FAILURE, -1);
 }
 
@@ -453,6 +468,66 @@ static void vd_accept(struct vd_supervisor *s)
         .fd = fd, .deadline_ms = vd_msg_now_ms() + VD_CLIENT_REQUEST_MS, .pid = pid, .refused = !privileged};
 }
 
+static bool vd_is_operation_message(uint16_t type)
+{
+    return type == VD_MSG_OPERATION_START || type == VD_MSG_OPERATION_STATUS || type == VD_MSG_OPERATION_CANCEL ||
+           type == VD_MSG_BREAK_MIRROR;
+}
+
+/* Follows the mirror target the server creates (see struct vd_supervisor):
+   known from a started mirror without EXISTING_FILE, forgotten once a break
+   made it the disk or a cancel or a new operation ended that mirror. */
+static void vd_note_mirror(struct vd_supervisor *s, uint16_t type, const char *payload, size_t length,
+                           uint16_t reply_type, const char *reply, size_t reply_length)
+{
+    DWORD status;
+    int loop;
+    const char *detail;
+    if (reply_type != VD_MSG_RESULT || vd_msg_parse_result(reply, reply_length, &status, &loop, &detail) != 0 ||
+        status != ERROR_SUCCESS)
+        return;
+    if (type == VD_MSG_BREAK_MIRROR || type == VD_MSG_OPERATION_CANCEL)
+        s->mirror_target[0] = '\0';
+    struct vd_msg_operation_start request;
+    if (type != VD_MSG_OPERATION_START || length <= sizeof request)
+        return;
+    memcpy(&request, payload, sizeof request);
+    s->mirror_target[0] = '\0';
+    struct stat st;
+    if (request.kind == VD_OPERATION_MIRROR && !(request.flags & MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE) &&
+        lstat(payload + sizeof request, &st) == 0) {
+        snprintf(s->mirror_target, sizeof s->mirror_target, "%s", payload + sizeof request);
+        s->mirror_dev = st.st_dev;
+        s->mirror_ino = st.st_ino;
+    }
+}
+
+/* Passes a request about an operation to the server and its answer back,
+   unchanged.  A server that does not answer in time loses its channel (a
+   late answer must not be taken for the next request's). */
+static void vd_forward_operation(struct vd_supervisor *s, int fd, uint16_t type, const void *payload, size_t length)
+{
+    if (s->ops_fd < 0) {
+        vd_msg_send_result(fd, ERROR_NOT_SUPPORTED, -1, "this disk's server takes no operations");
+        return;
+    }
+    int error = vd_msg_send(s->ops_fd, type, payload, length, -1);
+    uint16_t reply_type = 0;
+    char reply[VD_MSG_MAX_PAYLOAD];
+    size_t reply_length = 0;
+    if (!error)
+        error = vd_msg_recv(s->ops_fd, VD_OPERATION_REPLY_MS, &reply_type, reply, sizeof reply, &reply_length, NULL);
+    if (error) {
+        vd_log(true, "the server did not answer an operation request: %s", strerror(error));
+        close(s->ops_fd);
+        s->ops_fd = -1;
+        vd_msg_send_result(fd, ERROR_GEN_FAILURE, -1, "the disk's server did not answer the operation request");
+        return;
+    }
+    vd_note_mirror(s, type, payload, length, reply_type, reply, reply_length);
+    vd_msg_send(fd, (enum vd_msg_type)reply_type, reply, reply_length, -1);
+}
+
 static void vd_serve_client(struct vd_supervisor *s, size_t index)
 {
     int fd = s->clients[index].fd;
@@ -465,11 +540,13 @@ static void vd_serve_client(struct vd_supervisor *s, size_t index)
     if ((error == 0 || error == EPROTO) && s->clients[index].refused) {
         vd_log(false, "refused a request from pid %ld: no CAP_SYS_ADMIN in its effective set", s->clients[index].pid);
         vd_msg_send_result(fd, ERROR_PRIVILEGE_NOT_HELD, -1,
-                           "detaching a virtual disk needs CAP_SYS_ADMIN in the effective set");
+                           "detaching or mirroring a virtual disk needs CAP_SYS_ADMIN in the effective set");
     } else if (error == 0 && type == VD_MSG_DETACH && length == sizeof(struct vd_msg_detach)) {
         struct vd_msg_detach request;
         memcpy(&request, payload, sizeof request);
         vd_detach(s, fd, &request);
+    } else if (error == 0 && vd_is_operation_message(type)) {
+        vd_forward_operation(s, fd, type, payload, length);
     } else if (error == 0 || error == EPROTO) {
         vd_msg_send_result(fd, ERROR_INVALID_PARAMETER, -1, "not a request this helper takes");
     }
@@ -494,6 +571,10 @@ static void vd_serve_control(struct vd_supervisor *s)
         struct vd_msg_detach request;
         memcpy(&request, payload, sizeof request);
         vd_detach(s, s->control, &request);
+        return;
+    }
+    if (error == 0 && vd_is_operation_message(type)) {
+        vd_forward_operation(s, s->control, type, payload, length);
         return;
     }
     vd_msg_send_result(s->control, ERROR_INVALID_PARAMETER, -1, "not a request this helper takes");
@@ -567,7 +648,7 @@ static DWORD vd_start(struct vd_supervisor *s, int image_fd, const struct vd_msg
         vd_image_close(image);
         return vd_fail(ERROR_FILE_NOT_FOUND, "%s changed while being attached", s->image_path);
     }
-    int report[2], go[2];
+    int report[2], go[2], ops[2];
     if (pipe2(report, O_CLOEXEC) < 0) {
         vd_image_close(image);
         return vd_fail_errno(errno, "creating the server's report pipe");
@@ -578,20 +659,31 @@ static DWORD vd_start(struct vd_supervisor *s, int image_fd, const struct vd_msg
         vd_image_close(image);
         return vd_fail_errno(errno, "creating the server's pipe");
     }
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, ops) < 0) {
+        close(report[0]);
+        close(report[1]);
+        close(go[0]);
+        close(go[1]);
+        vd_image_close(image);
+        return vd_fail_errno(errno, "creating the server's operations channel");
+    }
     /* This process has one thread: fork is safe here. */
     s->server = fork();
     if (s->server == 0) {
         close(report[0]);
         close(go[1]);
+        close(ops[0]);
         close(s->control);
         close(image_fd); /* the handle's own: its lock must end with the handle */
         vd_drop_claims(s); /* the supervisor's to hold: they end with it */
-        vd_server_main(image, !request->read_only, report[1], go[0]);
+        vd_server_main(image, !request->read_only, report[1], go[0], ops[1]);
     }
     int fork_error = errno;
     vd_image_close(image); /* the server has its own copies */
     close(report[1]);
     close(go[0]);
+    close(ops[1]);
+    s->ops_fd = ops[0];
     s->report_fd = report[0];
     s->go_fd = go[1];
     if (s->server < 0)
@@ -713,7 +805,7 @@ static void vd_supervisor_main(int control) __attribute__((noreturn));
 
 static void vd_supervisor_main(int control)
 {
-    struct vd_supervisor s = {.control = control, .listener = -1, .server = -1, .report_fd = -1, .go_fd = -1,
+    struct vd_supervisor s = {.control = control, .listener = -1, .server = -1, .report_fd = -1, .go_fd = -1, .ops_fd = -1,
                               .loop = {.number = -1, .fd = -1}, .attach_claim = -1};
     uint16_t type;
     char payload[VD_MSG_MAX_PAYLOAD];

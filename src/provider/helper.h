@@ -35,6 +35,11 @@
  *     capabilities hold CAP_SYS_ADMIN; clients are served concurrently, a
  *     silent one is dropped after VD_CLIENT_REQUEST_MS, and a request is
  *     not started after the deadline its sender gave (serveproto.h).
+ *   - Requests about operations in the server (serveproto.h: OPERATION_*,
+ *     BREAK_MIRROR) from the attacher or a privileged socket client are
+ *     forwarded to the server on a channel of their own (serveops.h) and
+ *     its answer returned unchanged.  A server that dies leaves no mirror
+ *     target it created behind unless a break made it the disk.
  *   - The log <base>.log is bounded (VD_LOG_MAX_BYTES per process) and
  *     removed at a clean end; it stays when it recorded an error.
  */
@@ -48,6 +53,7 @@ enum {
     VD_SERVER_END_MS = 60000,      /* a server whose device is gone has only its final flush left */
     VD_ATTACH_REQUEST_MS = 30000,  /* for the attacher's request, and its KEEP */
     VD_CLIENT_REQUEST_MS = 5000,   /* for a socket client's request */
+    VD_OPERATION_REPLY_MS = 60000, /* for the server's answer to an operation request (a break flushes) */
     VD_LOG_MAX_BYTES = 256 << 10,
 };
 

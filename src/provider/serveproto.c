@@ -152,3 +152,31 @@ int vd_msg_parse_result(const void *payload, size_t length, DWORD *status, int *
     *detail = (const char *)payload + sizeof result;
     return 0;
 }
+
+/* A fixed part and a NUL-terminated text after it, cut to fit. */
+static int vd_msg_send_with_text(int fd, enum vd_msg_type type, const void *head, size_t head_length,
+                                 const char *text)
+{
+    char payload[VD_MSG_MAX_PAYLOAD];
+    memcpy(payload, head, head_length);
+    size_t room = sizeof payload - head_length;
+    size_t n = strnlen(text ? text : "", room - 1);
+    memcpy(payload + head_length, text ? text : "", n);
+    payload[head_length + n] = '\0';
+    return vd_msg_send(fd, type, payload, head_length + n + 1, -1);
+}
+
+int vd_msg_send_state(int fd, const struct vd_msg_operation_state *state, const char *detail)
+{
+    return vd_msg_send_with_text(fd, VD_MSG_OPERATION_STATE, state, sizeof *state, detail);
+}
+
+int vd_msg_parse_state(const void *payload, size_t length, struct vd_msg_operation_state *state,
+                       const char **detail)
+{
+    if (length < sizeof *state + 1 || ((const char *)payload)[length - 1] != '\0')
+        return EPROTO;
+    memcpy(state, payload, sizeof *state);
+    *detail = (const char *)payload + sizeof *state;
+    return 0;
+}

@@ -41,6 +41,31 @@ enum vd_msg_type {
        a sharing claim (share.h) that must last as long as the attachment
        (the attach claim, the image's writer claim, each parent's) */
     VD_MSG_CLAIM = 6,
+    /* Operations that run inside the server, which owns the image and its
+       BAT (mirror; compact builds on the same messages).  The supervisor
+       forwards each to the server and the server's answer back unchanged;
+       one operation at a time per attachment. */
+    /* -> helper: struct vd_msg_operation_start + the target path, NUL-
+       terminated (empty for kinds without one); answers RESULT once the
+       operation has started (or was refused) */
+    VD_MSG_OPERATION_START = 7,
+    /* -> helper, no payload; answers OPERATION_STATE */
+    VD_MSG_OPERATION_STATUS = 8,
+    /* helper -> requester: struct vd_msg_operation_state + detail text,
+       NUL-terminated */
+    VD_MSG_OPERATION_STATE = 9,
+    /* -> helper, no payload: stop the running operation, undoing what it
+       did to anything but the disk; answers RESULT once it has stopped */
+    VD_MSG_OPERATION_CANCEL = 10,
+    /* -> helper, no payload: end a mirror in sync and serve its target
+       from now on (BreakMirrorVirtualDisk); answers RESULT */
+    VD_MSG_BREAK_MIRROR = 11,
+};
+
+enum vd_operation_kind {
+    VD_OPERATION_NONE = 0,
+    VD_OPERATION_MIRROR = 1,  /* flags: MIRROR_VIRTUAL_DISK_FLAG */
+    VD_OPERATION_COMPACT = 2, /* reserved for CompactVirtualDisk */
 };
 
 struct vd_msg_header {
@@ -71,6 +96,22 @@ struct vd_msg_claim {
     uint8_t reserved[7];
 };
 
+struct vd_msg_operation_start {
+    uint32_t kind;  /* enum vd_operation_kind */
+    uint32_t flags; /* the kind's own API flags */
+    uint32_t mode;  /* permissions of a file the operation creates (the caller's umask applied) */
+    uint32_t reserved;
+    /* followed by the target path (absolute), NUL-terminated */
+};
+
+struct vd_msg_operation_state {
+    uint32_t kind;   /* VD_OPERATION_NONE: nothing was started */
+    uint32_t status; /* ERROR_IO_PENDING while running, then its outcome */
+    uint64_t done;   /* CurrentValue */
+    uint64_t total;  /* CompletionValue */
+    /* followed by the detail of a failure, NUL-terminated */
+};
+
 struct vd_msg_result {
     uint32_t status; /* Win32 code */
     int32_t loop;    /* the loop device number (attach), else -1 */
@@ -95,5 +136,12 @@ int vd_msg_send_result(int fd, DWORD status, int loop, const char *detail);
 
 /* Parses a RESULT payload: *detail points into payload (NUL-terminated). */
 int vd_msg_parse_result(const void *payload, size_t length, DWORD *status, int *loop, const char **detail);
+
+/* Sends an OPERATION_STATE. */
+int vd_msg_send_state(int fd, const struct vd_msg_operation_state *state, const char *detail);
+
+/* Parses an OPERATION_STATE payload: *detail points into payload. */
+int vd_msg_parse_state(const void *payload, size_t length, struct vd_msg_operation_state *state,
+                       const char **detail);
 
 #endif

@@ -41,19 +41,6 @@ DWORD WINAPI CompactVirtualDisk(HANDLE VirtualDiskHandle, COMPACT_VIRTUAL_DISK_F
     return VD_UNSUPPORTED("CompactVirtualDisk");
 }
 
-DWORD WINAPI MirrorVirtualDisk(HANDLE VirtualDiskHandle, MIRROR_VIRTUAL_DISK_FLAG Flags,
-                               MIRROR_VIRTUAL_DISK_PARAMETERS *Parameters, OVERLAPPED *Overlapped)
-{
-    vd_clear_detail();
-    return VD_UNSUPPORTED("MirrorVirtualDisk");
-}
-
-DWORD WINAPI BreakMirrorVirtualDisk(HANDLE VirtualDiskHandle)
-{
-    vd_clear_detail();
-    return VD_UNSUPPORTED("BreakMirrorVirtualDisk");
-}
-
 DWORD WINAPI AddVirtualDiskParent(HANDLE VirtualDiskHandle, const WCHAR *ParentPath)
 {
     vd_clear_detail();

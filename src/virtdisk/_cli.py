@@ -1,4 +1,4 @@
-"""The ``virtdisk`` command line: create, info, attach, detach, list, merge, convert, demo."""
+"""The ``virtdisk`` command line: create, info, attach, detach, list, merge, convert, mirror, demo."""
 
 from __future__ import annotations
 
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- long operations: merge, convert ------------------------------------
+# ---- long operations: merge, convert, mirror ----------------------------
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -369,6 +369,37 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mirror(args: argparse.Namespace) -> int:
+    target = Path(args.target)
+    bar = ProgressBar(f"mirroring {args.image}", quiet=args.quiet or args.json)
+    copied = [0]
+
+    def progress(current: int, total: int) -> None:
+        copied[0] = current
+        bar(current, total)
+
+    # A handle for reading is enough to mirror, and the only kind an
+    # attached image lets others open.
+    with _disk.open(args.image, read_only=True) as disk:
+        try:
+            disk.mirror(target, existing=args.existing, progress=progress)
+        finally:
+            bar.finish()
+        disk.break_mirror()
+        device = disk.physical_path
+    result = {
+        "image": str(Path(args.image)),
+        "target": str(target),
+        "device": device,
+        "bytes_copied": copied[0],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{device} now uses {target} ({_human(copied[0])} copied); {args.image} no longer changes")
+    return 0
+
+
 def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     merge = commands.add_parser(
         "merge", help="merge a differencing disk into its parent (Merge-VHD); nothing is deleted"
@@ -404,6 +435,25 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.add_argument("--json", action="store_true", help="print one JSON object")
     convert.set_defaults(run=_convert)
+
+    mirror = commands.add_parser(
+        "mirror",
+        help="move an attached disk to a new image while it is in use (Mirror + BreakMirrorVirtualDisk)",
+        description="Copy an attached, served (dynamic or differencing) disk to TARGET while it stays in "
+        "use, its writes going to both, then switch the disk to TARGET: from then on the device reads and "
+        "writes TARGET, and IMAGE no longer changes.  The disk stays attached (and is detached) under "
+        "IMAGE's name.",
+    )
+    mirror.add_argument("image", help="the attached image")
+    mirror.add_argument("target", help="the new image (same format, type and size)")
+    mirror.add_argument(
+        "--existing",
+        action="store_true",
+        help="mirror onto an existing image of the same size, overwriting it",
+    )
+    mirror.add_argument("--quiet", action="store_true", help="no progress bar")
+    mirror.add_argument("--json", action="store_true", help="print one JSON object")
+    mirror.set_defaults(run=_mirror)
 
 
 # What a command-line user can do about an error, in options rather than

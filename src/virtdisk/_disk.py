@@ -522,6 +522,54 @@ class VirtualDisk:
         Ctrl-C) cancels the merge and propagates; the chain stays consistent."""
         self.begin_merge(depth, source_depth=source_depth).wait(progress)
 
+    # ---- mirroring (see _operation.py) ----------------------------------
+
+    def begin_mirror(self, target: StrPath, *, existing: bool = False) -> Operation:
+        """Start mirroring the attached disk onto ``target`` (MirrorVirtualDisk, asynchronous).
+
+        The disk stays in use: its contents are copied to ``target`` (a new
+        image of the same format, type and size; with ``existing`` an existing
+        image of the same size, which is overwritten) while its writes go to
+        both.  The returned :class:`Operation` ends once the copy is done; the
+        mirror then stays in sync until :meth:`break_mirror` switches the disk
+        to ``target``, or the last handle closes.  Cancelling it removes a
+        target it created.  On Linux the disk must be served (dynamic or
+        differencing) and attached by this process, or permanently.
+        """
+        path = _absolute(_path_argument("target", target))
+        parameters = ffi.new(
+            "MIRROR_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.MIRROR_VIRTUAL_DISK_VERSION_1}
+        )
+        target_text = ffi.new("WCHAR[]", path)
+        parameters.Version1.MirrorVirtualDiskPath = target_text
+        flags = lib.MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE if existing else lib.MIRROR_VIRTUAL_DISK_FLAG_NONE
+        handle = self._acquire()
+
+        def start(overlapped: Any) -> int:
+            # Called before begin_mirror returns, while target_text lives; the
+            # provider copies the path.
+            return int(lib.MirrorVirtualDisk(handle, flags, parameters, overlapped))
+
+        return Operation(lambda: handle, start, "MirrorVirtualDisk", str(self._path), release=self._release)
+
+    def mirror(
+        self, target: StrPath, *, existing: bool = False, progress: ProgressCallback | None = None
+    ) -> None:
+        """Mirror and wait until the copy is in sync (:meth:`begin_mirror`);
+        ``progress(current, total)`` is called along the way (bytes).  An
+        exception raised by ``progress`` (or Ctrl-C) cancels the mirror."""
+        self.begin_mirror(target, existing=existing).wait(progress)
+
+    def break_mirror(self) -> None:
+        """End a mirror in sync and make its target the disk (BreakMirrorVirtualDisk).
+
+        From then on the attached disk reads and writes the target; the
+        source image no longer changes.
+        """
+        with self._using() as handle:
+            code = lib.BreakMirrorVirtualDisk(handle)
+        check(code, "BreakMirrorVirtualDisk", str(self._path))
+
     # ---- information ----------------------------------------------------
 
     def _query(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T:

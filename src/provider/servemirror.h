@@ -1,0 +1,78 @@
+/*
+ * Mirroring a served disk (MirrorVirtualDisk / BreakMirrorVirtualDisk),
+ * inside the server process, which owns the image and its BAT: the disk
+ * stays in use while its contents are copied to a second image, and its
+ * writes go to both.
+ *
+ * Promises:
+ *   - The target is a new image of the source's format, size, sector sizes
+ *     and block size (fixed when the source is fixed, else dynamic: a
+ *     differencing source's whole disk is copied), with a unique id of its
+ *     own; or with MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE an existing VHD or
+ *     VHDX of the same virtual size and logical sector size.  Refusals:
+ *     ERROR_FILE_EXISTS (a new target's path exists), ERROR_INVALID_PARAMETER
+ *     (size, sector size, the source itself), the open's own codes.
+ *   - The target holds a writer claim (share.h) for as long as it is open
+ *     here: no one else opens it for writing while it is mirrored.
+ *   - The copy reads only what the source's chain holds: stretches no layer
+ *     holds are left unallocated in a new target (and zeroed in an existing
+ *     one only where it does not read as zeros already).
+ *   - No write is lost: every guest write while the mirror is set writes the
+ *     source and then, for the part the copy has passed, the target, under
+ *     the one mutex the copy takes for each chunk it reads and writes; a
+ *     chunk copied later reads the source after any write that touched it.
+ *     Guest flushes flush both.
+ *   - When the copy is done the operation's status becomes ERROR_SUCCESS
+ *     and the mirror stays in sync (Windows' "mirror" state) until
+ *     vd_mirror_break(), a cancel or the session's end.  A failed write to
+ *     the target fails the mirror (its status), never the guest's write.
+ *   - vd_mirror_break(): only in sync (else ERROR_VHD_INVALID_STATE).  From
+ *     the next request on the server serves the target ("sets the mirror to
+ *     be the active virtual disk"); the source is flushed and no longer
+ *     changes.  It stays open until the session ends, so that the attachment
+ *     is still found (and detached) as the source's: its marker and record
+ *     stay with the source's file.
+ *   - Cancel, at any time before a break: the copy stops, the target is no
+ *     longer written, and a target this module created is removed (an
+ *     EXISTING_FILE target is left a valid image with partial contents).
+ *     The session ending first: a target in sync is flushed and kept (it
+ *     equals the source), an unfinished one is handled as by a cancel.  (A
+ *     killed server removes nothing: its helper removes a created target
+ *     no break made the disk, helper.h.)
+ */
+#ifndef VD_PROVIDER_SERVEMIRROR_H
+#define VD_PROVIDER_SERVEMIRROR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "fuseserve.h"
+#include "serveproto.h"
+#include "virtdisk.h"
+
+struct vd_mirror;
+
+/* Starts mirroring the server's image onto target_path (absolute) with
+   MIRROR_VIRTUAL_DISK_FLAG flags (a new target gets permissions mode); the
+   copy runs on a thread of its own. */
+DWORD vd_mirror_start(struct vd_fuse_server *server, uint32_t flags, uint32_t mode, const char *target_path,
+                      struct vd_mirror **out);
+
+/* Progress and status (ERROR_IO_PENDING while copying). */
+void vd_mirror_state(struct vd_mirror *mirror, struct vd_msg_operation_state *state, char *detail,
+                     size_t size);
+
+/* Whether the mirror still copies or mirrors (a new operation must wait). */
+bool vd_mirror_active(struct vd_mirror *mirror);
+
+DWORD vd_mirror_cancel(struct vd_mirror *mirror);
+DWORD vd_mirror_break(struct vd_mirror *mirror);
+
+/* The source a break retired (NULL when none), for the caller to keep open
+   until the session ends and then close. */
+struct vd_image *vd_mirror_take_retired(struct vd_mirror *mirror);
+
+/* Ends whatever is left (as the session's end does, see above) and frees. */
+void vd_mirror_free(struct vd_mirror *mirror);
+
+#endif

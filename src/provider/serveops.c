@@ -1,0 +1,169 @@
+/*
+ * The operations thread of a server process (see serveops.h).
+ */
+#define _GNU_SOURCE
+#include "serveops.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "errors.h"
+#include "image.h"
+#include "serveproto.h"
+#include "servemirror.h"
+
+struct vd_serve_ops {
+    struct vd_fuse_server *server;
+    int channel;
+    /* Held while a request is answered and while the session's end ends
+       the operation: the two never overlap. */
+    pthread_mutex_t mutex;
+    bool ended;
+    enum vd_operation_kind kind;
+    struct vd_mirror *mirror; /* kind MIRROR */
+    /* Sources that breaks retired: open until the session ends, since the
+       first one carries the attachment's marker (servemirror.h). */
+    struct vd_image **retired;
+    size_t retired_count;
+};
+
+static bool vd_ops_active(const struct vd_serve_ops *ops)
+{
+    return ops->kind == VD_OPERATION_MIRROR && vd_mirror_active(ops->mirror);
+}
+
+/* Ends the last operation, keeping what must outlive it. */
+static DWORD vd_ops_forget(struct vd_serve_ops *ops)
+{
+    if (ops->kind == VD_OPERATION_MIRROR) {
+        struct vd_image **more = realloc(ops->retired, (ops->retired_count + 1) * sizeof *more);
+        if (!more)
+            return vd_fail(ERROR_OUTOFMEMORY, "keeping a retired image");
+        ops->retired = more;
+        struct vd_image *retired = vd_mirror_take_retired(ops->mirror);
+        if (retired)
+            ops->retired[ops->retired_count++] = retired;
+        vd_mirror_free(ops->mirror);
+    }
+    ops->mirror = NULL;
+    ops->kind = VD_OPERATION_NONE;
+    return ERROR_SUCCESS;
+}
+
+static DWORD vd_ops_start(struct vd_serve_ops *ops, const char *payload, size_t length)
+{
+    struct vd_msg_operation_start request;
+    if (length <= sizeof request || payload[length - 1] != '\0')
+        return vd_fail(ERROR_INVALID_PARAMETER, "a malformed operation request");
+    memcpy(&request, payload, sizeof request);
+    const char *path = payload + sizeof request;
+    if (vd_ops_active(ops))
+        return vd_fail(ERROR_BUSY, "an operation is already running on this disk");
+    if (request.kind != VD_OPERATION_MIRROR)
+        return vd_fail(ERROR_NOT_SUPPORTED, "operation kind %u is not one this server runs", (unsigned)request.kind);
+    DWORD status = vd_ops_forget(ops);
+    struct vd_mirror *mirror;
+    if (status == ERROR_SUCCESS)
+        status = vd_mirror_start(ops->server, request.flags, request.mode, path, &mirror);
+    if (status == ERROR_SUCCESS) {
+        ops->kind = VD_OPERATION_MIRROR;
+        ops->mirror = mirror;
+    }
+    return status;
+}
+
+static void vd_ops_answer(struct vd_serve_ops *ops, uint16_t type, const char *payload, size_t length)
+{
+    vd_clear_detail();
+    if (type == VD_MSG_OPERATION_STATUS && length == 0) {
+        struct vd_msg_operation_state state = {.kind = VD_OPERATION_NONE, .status = ERROR_SUCCESS};
+        char detail[512] = "";
+        if (ops->kind == VD_OPERATION_MIRROR)
+            vd_mirror_state(ops->mirror, &state, detail, sizeof detail);
+        vd_msg_send_state(ops->channel, &state, detail);
+        return;
+    }
+    DWORD status;
+    if (ops->ended)
+        status = vd_fail(ERROR_NOT_READY, "the disk's session has ended");
+    else if (type == VD_MSG_OPERATION_START)
+        status = vd_ops_start(ops, payload, length);
+    else if (type == VD_MSG_OPERATION_CANCEL && length == 0)
+        status = ops->kind == VD_OPERATION_MIRROR ? vd_mirror_cancel(ops->mirror)
+                                                  : vd_fail(ERROR_NOT_FOUND, "no operation is running");
+    else if (type == VD_MSG_BREAK_MIRROR && length == 0)
+        status = ops->kind == VD_OPERATION_MIRROR ? vd_mirror_break(ops->mirror)
+                                                  : vd_fail(ERROR_VHD_INVALID_STATE, "the disk is not mirrored");
+    else
+        status = vd_fail(ERROR_INVALID_PARAMETER, "not a request the server takes");
+    vd_msg_send_result(ops->channel, status, -1, status == ERROR_SUCCESS ? "" : vd_last_error_detail());
+}
+
+static void *vd_ops_thread(void *context)
+{
+    struct vd_serve_ops *ops = context;
+    for (;;) {
+        uint16_t type;
+        char payload[VD_MSG_MAX_PAYLOAD];
+        size_t length;
+        int error = vd_msg_recv(ops->channel, -1, &type, payload, sizeof payload, &length, NULL);
+        if (error == EPROTO) {
+            vd_msg_send_result(ops->channel, ERROR_INVALID_PARAMETER, -1, "a malformed request");
+            continue;
+        }
+        if (error)
+            return NULL; /* the supervisor is gone; the session ends with it */
+        pthread_mutex_lock(&ops->mutex);
+        vd_ops_answer(ops, type, payload, length);
+        pthread_mutex_unlock(&ops->mutex);
+    }
+}
+
+/* The session ended: no operation may use the image any more. */
+static void vd_ops_end(void *context)
+{
+    struct vd_serve_ops *ops = context;
+    pthread_mutex_lock(&ops->mutex);
+    ops->ended = true;
+    if (ops->kind == VD_OPERATION_MIRROR)
+        vd_mirror_free(ops->mirror); /* closes its retired source too */
+    ops->mirror = NULL;
+    ops->kind = VD_OPERATION_NONE;
+    for (size_t i = 0; i < ops->retired_count; i++)
+        vd_image_close(ops->retired[i]);
+    ops->retired_count = 0;
+    pthread_mutex_unlock(&ops->mutex);
+}
+
+DWORD vd_serve_ops_start(struct vd_fuse_server *server, int channel)
+{
+    struct vd_serve_ops *ops = calloc(1, sizeof *ops);
+    if (!ops) {
+        close(channel);
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating the operations thread");
+    }
+    ops->server = server;
+    ops->channel = channel;
+    pthread_mutex_init(&ops->mutex, NULL);
+    vd_fuse_set_end_hook(server, vd_ops_end, ops);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    pthread_attr_t attributes;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    pthread_t thread;
+    int error = pthread_create(&thread, &attributes, vd_ops_thread, ops);
+    pthread_attr_destroy(&attributes);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (error) {
+        /* The record stays, owned by the end hook: the server runs on
+           without operations. */
+        return vd_fail_errno(error, "starting the operations thread");
+    }
+    return ERROR_SUCCESS;
+}
