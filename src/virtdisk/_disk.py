@@ -111,6 +111,7 @@ def _storage_type_for(path: Path, storage_type: StorageType | None) -> StorageTy
 
 
 _ULONG_MAX = (1 << 32) - 1
+_PATH_TYPE = type(Path())
 _ULONGLONG_MAX = (1 << 64) - 1
 
 
@@ -130,6 +131,12 @@ def _int_argument(name: str, value: object, maximum: int, minimum: int = 0) -> i
 
 def _path_argument(name: str, value: object) -> Path:
     """A str, bytes or os.PathLike path as a Path, else TypeError/ValueError naming the parameter."""
+    if type(value) is _PATH_TYPE:
+        # Already one (an inventory's paths from glob or iterdir): Paths are
+        # immutable, and making another costs more than the rest of open().
+        text = str(value)
+        if text and "\0" not in text:
+            return value
     try:
         text = os.fsdecode(value)  # type: ignore[arg-type]
     except TypeError:
@@ -284,7 +291,9 @@ class VirtualDisk:
         self._path = path
         self._access = access
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # _users reached 0, or the handle closed
+        # _users reached 0, or the handle closed: made (under _lock) by the
+        # first thread that has to wait, as most handles never need one.
+        self._changed: threading.Condition | None = None
         self._users = 0  # calls in progress: close waits for them to finish
         self._closing = False  # no new call may start
         self._closed = False  # CloseHandle has returned
@@ -329,10 +338,12 @@ class VirtualDisk:
         with self._lock:
             if self._closing:
                 # Closed, or being closed by another thread: return when it is.
-                self._changed.wait_for(lambda: self._closed)
+                if not self._closed:
+                    self._condition().wait_for(lambda: self._closed)
                 return
             self._closing = True
-            self._changed.wait_for(lambda: self._users == 0)
+            if self._users:
+                self._condition().wait_for(lambda: self._users == 0)
             handle, self._handle = self._handle, None
         try:
             if handle is not None:
@@ -340,7 +351,14 @@ class VirtualDisk:
         finally:
             with self._lock:
                 self._closed = True
-                self._changed.notify_all()
+                if self._changed is not None:
+                    self._changed.notify_all()
+
+    def _condition(self) -> threading.Condition:
+        """The condition to wait on; called with _lock held."""
+        if self._changed is None:
+            self._changed = threading.Condition(self._lock)
+        return self._changed
 
     def _acquire(self) -> Any:
         """The handle, counted as in use until _release(); ValueError when closed."""
@@ -353,7 +371,7 @@ class VirtualDisk:
     def _release(self) -> None:
         with self._lock:
             self._users -= 1
-            if self._users == 0:
+            if self._users == 0 and self._changed is not None:
                 self._changed.notify_all()
 
     @contextmanager
