@@ -770,6 +770,24 @@ class _BatchQuery(_Query):
             self._single = _Query(self.handle, self._path)
         return self._single._ask(version, size)
 
+    # The common answers straight from the batch, without _ask's tuple: an
+    # inventory asks a dozen per image.
+    def __call__(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T:
+        index = _BATCH_INDEX.get(version)
+        if index is not None and not self._codes[index]:
+            return read(self._answers[index])
+        return super().__call__(version, read, size)
+
+    def optional(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T | None:
+        index = _BATCH_INDEX.get(version)
+        if index is not None:
+            code = self._codes[index]
+            if not code:
+                return read(self._answers[index])
+            if code in _NOT_APPLICABLE:
+                return None
+        return super().optional(version, read, size)
+
 
 # The versions DiskInfo reads on every image (PARENT_LOCATION, sized by its
 # paths, is asked on its own).
