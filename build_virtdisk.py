@@ -81,9 +81,11 @@ else:
     fuse3 = _pkg_config_cflags("fuse3", "libfuse3-dev")
     # The serving helper's entry points (python -I -m virtdisk._serve).
     ffi.cdef(_cdef("serve_linux.h"))
+    # DiskInfo's questions in one call (info_linux.h).
+    ffi.cdef(_cdef("info_linux.h"))
     ffi.set_source(
         "virtdisk._native",
-        '#include "virtdisk.h"\n#include "serve_linux.h"',
+        '#include "virtdisk.h"\n#include "serve_linux.h"\n#include "info_linux.h"',
         sources=[
             str(CFFI_SRC / "messages.c"),
             *sorted(str(path.relative_to(ROOT)) for path in (ROOT / PROVIDER).glob("*.c")),

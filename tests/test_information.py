@@ -258,3 +258,66 @@ def test_info_json_shows_every_field(tmp_path: Path) -> None:
     ):
         assert key in data
     assert uuid.UUID(data["parent_identifier"])
+
+
+def _info_asking_each_version(disk: virtdisk.VirtualDisk) -> virtdisk.DiskInfo:
+    """DiskInfo as the facade reads it on Windows: one GetVirtualDiskInformation per version."""
+    from virtdisk import _disk
+
+    with disk._using() as handle:
+        return disk._info(_disk._Query(handle, disk.path))
+
+
+def _images_of_every_kind(folder: Path) -> list[tuple[Path, dict[str, object]]]:
+    base_vhd, base_vhdx = folder / "base.vhd", folder / "base.vhdx"
+    virtdisk.create(base_vhd, 8 * MiB).close()
+    virtdisk.create(base_vhdx, 8 * MiB).close()
+    virtdisk.create(folder / "fixed.vhd", 8 * MiB, fixed=True).close()
+    virtdisk.create(folder / "fixed.vhdx", 8 * MiB, fixed=True).close()
+    virtdisk.create(folder / "child.vhd", parent=base_vhd).close()
+    virtdisk.create(folder / "child.vhdx", parent=base_vhdx).close()
+    names = ["base.vhd", "base.vhdx", "fixed.vhd", "fixed.vhdx", "child.vhd", "child.vhdx"]
+    cases: list[tuple[Path, dict[str, object]]] = [(folder / name, {}) for name in names]
+    cases += [(folder / "child.vhdx", {"no_parents": True}), (folder / "child.vhd", {"no_parents": True})]
+    return cases
+
+
+@pytest.mark.skipif(not hasattr(lib, "vd_get_information_batch"), reason="the batched call is Linux's")
+def test_info_in_one_call_equals_info_asked_version_by_version(tmp_path: Path) -> None:
+    """The Linux facade reads DiskInfo through one batched native call; the
+    Windows path asks each version on its own.  Both must give the same
+    answer for every kind of image, a child without its parent included."""
+    for path, options in _images_of_every_kind(tmp_path):
+        with virtdisk.open(path, read_only=True, **options) as disk:  # type: ignore[arg-type]
+            batched = disk.info
+            assert batched == _info_asking_each_version(disk), (path, options)
+            assert batched.path == path and batched.virtual_size == 8 * MiB
+
+
+@pytest.mark.skipif(not hasattr(lib, "vd_get_information_batch"), reason="the batched call is Linux's")
+def test_a_refused_batch_raises_what_the_version_asked_alone_raises(tmp_path: Path) -> None:
+    path = tmp_path / "a.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    with virtdisk.open(path, virtdisk.Access.ATTACH_RO) as disk:
+        with pytest.raises(virtdisk.VirtualDiskError) as batched:
+            disk.info  # noqa: B018
+        with pytest.raises(virtdisk.VirtualDiskError) as alone:
+            _info_asking_each_version(disk)
+    assert batched.value.winerror == alone.value.winerror == WinError.ERROR_ACCESS_DENIED
+    assert batched.value.detail == alone.value.detail != ""
+    assert type(batched.value) is type(alone.value)
+
+
+def test_disk_info_made_quickly_equals_the_dataclass_made_by_its_init(tmp_path: Path) -> None:
+    from virtdisk import _disk
+
+    path = tmp_path / "a.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    with virtdisk.open(path, read_only=True) as disk:
+        info = disk.info
+    values = {name: getattr(info, name) for name in info.__dataclass_fields__}
+    made = _disk._new_disk_info(values)
+    assert made == virtdisk.DiskInfo(**values) and type(made) is virtdisk.DiskInfo
+    assert made.__dict__ == virtdisk.DiskInfo(**values).__dict__
+    with pytest.raises(AttributeError):
+        made.virtual_size = 1  # type: ignore[misc]

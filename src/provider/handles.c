@@ -109,7 +109,6 @@ DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, 
     handle->image = image;
     handle->users = 1;
     handle->rw_depth = 1;
-    handle->owner = getpid();
 
     pthread_mutex_lock(&vd_registry_mutex);
     handle->disk = vd_disk_for(image->file_dev, image->file_ino);
@@ -132,9 +131,10 @@ struct vd_handle *vd_handle_acquire(HANDLE value)
 {
     pthread_mutex_lock(&vd_registry_mutex);
     struct vd_handle *found = NULL;
-    pid_t self = getpid();
+    /* Every call looks its handle up: the fork handler marks the copies a
+       child inherits, so the lookup needs no getpid() system call. */
     for (struct vd_handle *handle = vd_handles; handle; handle = handle->next) {
-        if ((HANDLE)handle == value && handle->owner == self) {
+        if ((HANDLE)handle == value && !handle->inherited) {
             handle->users++;
             found = handle;
             break;
@@ -167,7 +167,7 @@ DWORD vd_handle_refuse(HANDLE value, DWORD code)
     pid_t owner = 0;
     pthread_mutex_lock(&vd_registry_mutex);
     for (struct vd_handle *handle = vd_handles; handle; handle = handle->next)
-        if ((HANDLE)handle == value)
+        if ((HANDLE)handle == value && handle->inherited)
             owner = handle->owner;
     pthread_mutex_unlock(&vd_registry_mutex);
     if (owner)
@@ -214,6 +214,9 @@ static void vd_fork_child(void)
     }
     /* Nor does an inherited handle's claim outlive the parent's handle. */
     for (struct vd_handle *handle = vd_handles; handle; handle = handle->next) {
+        if (!handle->inherited)
+            handle->owner = getppid(); /* the process that forked this one */
+        handle->inherited = true;
         if (handle->share_fd >= 0)
             close(handle->share_fd);
         handle->share_fd = -1;

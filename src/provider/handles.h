@@ -55,7 +55,8 @@ struct vd_handle {
     ULONG rw_depth;         /* OPEN_VIRTUAL_DISK_PARAMETERS' RWDepth: how many
                                disks of the chain, from the leaf, the handle
                                may change (1 unless OpenVirtualDisk said) */
-    pid_t owner;            /* the process that opened it */
+    bool inherited;         /* copied into a forked child: the parent's, unusable here */
+    pid_t owner;            /* when inherited: the process that opened it */
     struct vd_handle *next;
 };
 

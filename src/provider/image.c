@@ -111,10 +111,13 @@ DWORD vd_image_open(const char *path, ULONG device_id, bool writable,
         status = vd_fail(ERROR_VIRTDISK_NOT_VIRTUAL_DISK, "%s is not a regular file", path);
         goto fail;
     }
-    fcntl(image->fd, F_SETFL, fcntl(image->fd, F_GETFL) & ~O_NONBLOCK);
+    /* F_SETFL changes only the status flags (O_APPEND, O_NONBLOCK, ...), of
+       which the open above set none but O_NONBLOCK: no F_GETFL needed. */
+    fcntl(image->fd, F_SETFL, 0);
     image->file_size = (uint64_t)st.st_size;
     image->file_dev = st.st_dev;
     image->file_ino = st.st_ino;
+    image->file_block_size = st.st_blksize > 0 ? (uint32_t)st.st_blksize : 0;
     image->path = vd_resolved_path(image->fd, path);
     if (!image->path) {
         status = vd_fail_errno(errno, "resolving %s", path);

@@ -40,6 +40,7 @@ struct vd_image {
     uint64_t file_size;
     dev_t file_dev;      /* identity of the file, for finding its loop device */
     ino_t file_ino;
+    uint32_t file_block_size; /* the file system's preferred I/O size (st_blksize) */
     OPEN_VIRTUAL_DISK_FLAG open_flags;
     int share_fd;        /* this open's sharing claim (share.h), else -1; closed with the image */
 

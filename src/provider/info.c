@@ -20,6 +20,7 @@
 #include "errors.h"
 #include "handles.h"
 #include "image.h"
+#include "info_linux.h"
 #include "loopdev.h"
 #include "partition.h"
 #include "utf16.h"
@@ -41,6 +42,7 @@ static struct vd_host_cache {
     struct {
         dev_t dev;
         ULONG logical, physical;
+        BOOL remote;
         bool known;
     } entries[8];
 } vd_host_cache = {.mutex = PTHREAD_MUTEX_INITIALIZER};
@@ -59,7 +61,9 @@ static ULONG vd_sysfs_sector_size(dev_t dev, const char *which)
     return size;
 }
 
-/* The host disk's sector sizes, from the block device holding the image. */
+/* The host disk's sector sizes, from the block device holding the image,
+   and whether its file system is remote; cached with the sector sizes, as
+   the file system mounted on a device does not change either. */
 static void vd_host_sectors(const struct vd_image *image, ULONG *logical, ULONG *physical, BOOL *remote)
 {
     struct vd_host_cache *cache = &vd_host_cache;
@@ -69,6 +73,7 @@ static void vd_host_sectors(const struct vd_image *image, ULONG *logical, ULONG 
         if (cache->entries[i].known && cache->entries[i].dev == image->file_dev) {
             *logical = cache->entries[i].logical;
             *physical = cache->entries[i].physical;
+            *remote = cache->entries[i].remote;
             found = true;
         }
     }
@@ -76,19 +81,20 @@ static void vd_host_sectors(const struct vd_image *image, ULONG *logical, ULONG 
     if (!found) {
         *logical = vd_sysfs_sector_size(image->file_dev, "logical_block_size");
         *physical = vd_sysfs_sector_size(image->file_dev, "physical_block_size");
+        struct statfs fs;
+        /* NFS, SMB/CIFS, SMB2 and 9p are what Windows would call remote. */
+        *remote = fstatfs(image->fd, &fs) == 0 &&
+                  (fs.f_type == 0x6969 || fs.f_type == (typeof(fs.f_type))0xFF534D42 ||
+                   fs.f_type == (typeof(fs.f_type))0xFE534D42 || fs.f_type == 0x01021997);
         pthread_mutex_lock(&cache->mutex);
         unsigned slot = cache->next++ % (sizeof cache->entries / sizeof cache->entries[0]);
         cache->entries[slot].dev = image->file_dev;
         cache->entries[slot].logical = *logical;
         cache->entries[slot].physical = *physical;
+        cache->entries[slot].remote = *remote;
         cache->entries[slot].known = true;
         pthread_mutex_unlock(&cache->mutex);
     }
-    struct statfs fs;
-    /* NFS, SMB/CIFS, SMB2 and 9p are what Windows would call remote. */
-    *remote = fstatfs(image->fd, &fs) == 0 &&
-              (fs.f_type == 0x6969 || fs.f_type == (typeof(fs.f_type))0xFF534D42 ||
-               fs.f_type == (typeof(fs.f_type))0xFE534D42 || fs.f_type == 0x01021997);
 }
 
 /* How scattered the image file is on the host file system, from its FIEMAP
@@ -106,13 +112,10 @@ static DWORD vd_fragmentation(const struct vd_image *image, ULONG *percentage)
     struct fiemap *map = calloc(1, sizeof *map + BATCH * sizeof(struct fiemap_extent));
     if (!map)
         return vd_fail(ERROR_OUTOFMEMORY, "FIEMAP buffer");
-    struct stat st;
     uint64_t segments = 0, fragments = 0, allocated = 0, next_logical = 0, next_physical = 0, start = 0;
     bool last = false;
     DWORD status = ERROR_SUCCESS;
-    if (fstat(image->fd, &st) < 0)
-        status = vd_fail_errno(errno, "%s: examining the image file", image->path);
-    uint64_t block = status == ERROR_SUCCESS && st.st_blksize > 0 ? (uint64_t)st.st_blksize : 4096;
+    uint64_t block = image->file_block_size > 0 ? image->file_block_size : 4096;
     while (status == ERROR_SUCCESS && !last) {
         memset(map, 0, sizeof *map);
         map->fm_start = start;
@@ -290,4 +293,25 @@ DWORD WINAPI GetVirtualDiskInformation(HANDLE VirtualDiskHandle, ULONG *VirtualD
         *SizeUsed = used;
     vd_handle_release(handle);
     return status;
+}
+
+void vd_get_information_batch(HANDLE handle_value, ULONG count, const GET_VIRTUAL_DISK_INFO_VERSION *versions,
+                              GET_VIRTUAL_DISK_INFO *answers, DWORD *codes)
+{
+    vd_clear_detail();
+    struct vd_handle *handle = vd_handle_acquire(handle_value);
+    DWORD refused = ERROR_SUCCESS;
+    if (!handle)
+        refused = vd_handle_refuse(handle_value, ERROR_INVALID_HANDLE);
+    else if (!(handle->access & VIRTUAL_DISK_ACCESS_GET_INFO))
+        refused = vd_fail(ERROR_ACCESS_DENIED, "the handle was opened without VIRTUAL_DISK_ACCESS_GET_INFO");
+    for (ULONG i = 0; i < count; i++) {
+        ULONG used = 0;
+        answers[i].Version = versions[i];
+        codes[i] = refused != ERROR_SUCCESS
+                       ? refused
+                       : vd_get_info(handle, sizeof(GET_VIRTUAL_DISK_INFO), &answers[i], &used);
+    }
+    if (handle)
+        vd_handle_release(handle);
 }

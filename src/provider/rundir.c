@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -92,6 +93,43 @@ DWORD vd_run_dir(int *dirfd)
         return ERROR_SUCCESS;
     }
     return vd_fail(ERROR_PATH_NOT_FOUND, "the run directory %s vanished while being created", path);
+}
+
+static pthread_mutex_t vd_run_dir_kept_mutex = PTHREAD_MUTEX_INITIALIZER;
+static int vd_run_dir_kept_fd = -1;
+
+DWORD vd_run_dir_kept(int *dirfd)
+{
+    *dirfd = -1;
+    pthread_mutex_lock(&vd_run_dir_kept_mutex);
+    DWORD status = ERROR_SUCCESS;
+    struct stat st;
+    char buffer[64];
+    bool usable = vd_run_dir_kept_fd >= 0 && fstat(vd_run_dir_kept_fd, &st) == 0 && st.st_nlink > 0 &&
+                  !vd_run_dir_fault(&st, buffer, sizeof buffer);
+    if (!usable) {
+        int fresh;
+        status = vd_run_dir(&fresh);
+        if (status == ERROR_SUCCESS && vd_run_dir_kept_fd < 0) {
+            vd_run_dir_kept_fd = fresh;
+        } else if (status == ERROR_SUCCESS) {
+            /* The same number, atomically: another thread still using it
+               reaches the old directory or the new one, never a
+               descriptor reused for something else. */
+            if (dup3(fresh, vd_run_dir_kept_fd, O_CLOEXEC) < 0)
+                status = vd_fail_errno(errno, "keeping the run directory %s open", vd_run_dir_path());
+            close(fresh);
+        }
+    }
+    if (status == ERROR_SUCCESS)
+        *dirfd = vd_run_dir_kept_fd;
+    pthread_mutex_unlock(&vd_run_dir_kept_mutex);
+    return status;
+}
+
+int vd_run_open_lock(int dirfd, const char *name)
+{
+    return openat(dirfd, name, O_RDONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
 }
 
 DWORD vd_run_create(int dirfd, const char *name, int flags, mode_t mode, int *fd)

@@ -15,9 +15,13 @@
  *   - vd_run_dir() returns a fresh descriptor each call (the caller closes
  *     it): the check is made anew every time, a forked child shares nothing
  *     with its parent's use, and no descriptor leaks into exec'd programs.
+ *   - vd_run_dir_kept() is the exception, for the sharing claims every
+ *     open makes: one descriptor for the life of the process, checked anew
+ *     (fstat) each call and reopened when the directory was removed.
  *   - Files are only ever created with vd_run_create(): openat on that
  *     descriptor with O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, so no name in
- *     the directory can redirect a write elsewhere.
+ *     the directory can redirect a write elsewhere; lock files, never
+ *     written, with vd_run_open_lock(): O_CREAT|O_NOFOLLOW, read-only.
  */
 #ifndef VD_PROVIDER_RUNDIR_H
 #define VD_PROVIDER_RUNDIR_H
@@ -36,6 +40,20 @@ const char *vd_run_dir_path(void);
 /* Opens (creating when absent) and checks the run directory: *dirfd is an
    O_DIRECTORY|O_CLOEXEC descriptor the caller closes. */
 DWORD vd_run_dir(int *dirfd);
+
+/* The run directory as vd_run_dir() opens and checks it, through one
+   descriptor the process keeps (the caller does not close it): opening and
+   checking the path anew costs as much as a sharing claim itself.  Each
+   call checks it again (fstat: a directory of root's, mode 0700, not
+   removed); a removed directory is opened anew, its number kept. */
+DWORD vd_run_dir_kept(int *dirfd);
+
+/* Opens name in the run directory dirfd read-only, creating it empty (mode
+   0600) when absent, in one call: for lock files, which nobody writes.
+   Never follows a symbolic link, never blocks; the caller, which examines
+   the file anyway, checks that it is a regular file.  -1 (errno) on
+   failure. */
+int vd_run_open_lock(int dirfd, const char *name);
 
 /* Creates name (one path component) in the run directory dirfd, exclusively:
    flags are O_WRONLY/O_RDWR plus extras such as O_APPEND; O_CREAT, O_EXCL,

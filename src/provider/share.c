@@ -82,27 +82,21 @@ static void vd_share_lock_name(dev_t dev, ino_t ino, char *name, size_t size)
     snprintf(name, size, "%" PRIx64 "-%" PRIx64 ".lock", (uint64_t)dev, (uint64_t)ino);
 }
 
-/* Opens (creating when absent) the lock file of image. */
+/* Opens (creating when absent) the lock file of image; the caller checks
+   that it is a regular file (vd_share_claim() examines it anyway).  Every
+   open makes a claim, so this is one system call: the run directory's
+   descriptor is kept (rundir.h). */
 static DWORD vd_share_lock_file(const struct vd_image *image, int *fd)
 {
     int dir;
-    DWORD status = vd_run_dir(&dir);
+    DWORD status = vd_run_dir_kept(&dir);
     if (status != ERROR_SUCCESS)
         return status;
     char name[64];
     vd_share_lock_name(image->file_dev, image->file_ino, name, sizeof name);
-    *fd = vd_run_open_existing(dir, name);
-    for (int attempt = 0; *fd < 0 && attempt < 2; attempt++) {
-        status = vd_run_create(dir, name, O_RDONLY, 0600, fd);
-        if (status == ERROR_SUCCESS)
-            break;
-        *fd = vd_run_open_existing(dir, name);
-    }
-    close(dir);
+    *fd = vd_run_open_lock(dir, name);
     if (*fd < 0)
-        return status != ERROR_SUCCESS ? status
-                                       : vd_fail(ERROR_SHARING_VIOLATION, "cannot open the lock file of %s in %s",
-                                                 image->path, vd_run_dir_path());
+        return vd_fail_errno(errno, "cannot open the lock file of %s in %s", image->path, vd_run_dir_path());
     return ERROR_SUCCESS;
 }
 
@@ -157,7 +151,12 @@ DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny,
             return status;
         status = vd_share_lock_mutex(claim, image);
         struct stat st;
-        if (status != ERROR_SUCCESS || fstat(claim, &st) < 0 || st.st_nlink > 0 || attempt == 8)
+        if (status == ERROR_SUCCESS && fstat(claim, &st) < 0)
+            status = vd_fail_errno(errno, "examining the lock file of %s", image->path);
+        else if (status == ERROR_SUCCESS && !S_ISREG(st.st_mode))
+            status = vd_fail(ERROR_SHARING_VIOLATION, "the lock file of %s in %s is not a regular file",
+                             image->path, vd_run_dir_path());
+        if (status != ERROR_SUCCESS || st.st_nlink > 0 || attempt == 8)
             break;
         close(claim);
     }
@@ -184,7 +183,7 @@ void vd_share_remove_if_unclaimed(int dir, const char *name)
        shares the releaser's description, whose locks that one would not
        see.  Under the mutex (not waited for: a claimant holding it is about
        to use the file), and only while the name still means this file. */
-    int lock = vd_run_open_existing(dir, name);
+    int lock = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     if (lock < 0)
         return;
     struct flock any = {.l_type = F_WRLCK,
@@ -192,9 +191,10 @@ void vd_share_remove_if_unclaimed(int dir, const char *name)
                         .l_start = VD_HOLD_BYTE,
                         .l_len = VD_DENY_BYTE + VD_PERMISSIONS - VD_HOLD_BYTE};
     struct stat mine, named;
-    if (flock(lock, LOCK_EX | LOCK_NB) == 0 && fcntl(lock, F_OFD_GETLK, &any) == 0 && any.l_type == F_UNLCK &&
-        fstat(lock, &mine) == 0 && fstatat(dir, name, &named, AT_SYMLINK_NOFOLLOW) == 0 &&
-        mine.st_dev == named.st_dev && mine.st_ino == named.st_ino)
+    if (fstat(lock, &mine) == 0 && S_ISREG(mine.st_mode) && flock(lock, LOCK_EX | LOCK_NB) == 0 &&
+        fcntl(lock, F_OFD_GETLK, &any) == 0 && any.l_type == F_UNLCK &&
+        fstatat(dir, name, &named, AT_SYMLINK_NOFOLLOW) == 0 && mine.st_dev == named.st_dev &&
+        mine.st_ino == named.st_ino)
         unlinkat(dir, name, 0);
     close(lock);
 }
@@ -202,12 +202,11 @@ void vd_share_remove_if_unclaimed(int dir, const char *name)
 void vd_share_forget(dev_t dev, ino_t ino)
 {
     int dir;
-    if (vd_run_dir(&dir) != ERROR_SUCCESS)
+    if (vd_run_dir_kept(&dir) != ERROR_SUCCESS)
         return;
     char name[64];
     vd_share_lock_name(dev, ino, name, sizeof name);
     vd_share_remove_if_unclaimed(dir, name);
-    close(dir);
 }
 
 bool vd_share_held_elsewhere(int fd, unsigned perm)

@@ -385,11 +385,17 @@ static DWORD read_bat(struct vd_image *image, struct vhdx_state *s, const struct
     }
 
     /* Every state must be valid for this disk type (§2.5.1.1, §2.5.1.2) and
-       every allocated block inside the file, so read() never has to check. */
-    for (uint64_t i = 0; i < s->bat_entries; i++) {
+       every allocated block inside the file, so read() never has to check.
+       The BAT interleaves chunk_ratio payload entries and one sector bitmap
+       entry: slot (the place in that cycle) and block (the payload block
+       number) are counted along rather than divided out of i, two 64-bit
+       divisions per entry that made this loop a fifth of opening a large
+       disk. */
+    for (uint64_t i = 0, slot = 0, payload_block = 0; i < s->bat_entries;
+         i++, payload_block += slot != s->chunk_ratio, slot = slot == s->chunk_ratio ? 0 : slot + 1) {
         uint64_t entry = s->bat[i], off = vhdx_bat_file_offset(entry);
         uint32_t state = vhdx_bat_state(entry);
-        bool is_bitmap = i % (s->chunk_ratio + 1ull) == s->chunk_ratio;
+        bool is_bitmap = slot == s->chunk_ratio;
         uint64_t needed;
         const char *problem = NULL;
 
@@ -403,7 +409,7 @@ static DWORD read_bat(struct vd_image *image, struct vhdx_state *s, const struct
                 goto check_offset;
             }
         } else {
-            uint64_t block = i - i / (s->chunk_ratio + 1ull);
+            uint64_t block = payload_block;
             if (block >= s->payload_blocks) {
                 /* Differencing BATs run to the end of the last chunk; the
                    entries past the disk describe nothing. */
