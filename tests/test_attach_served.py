@@ -5,6 +5,7 @@ nothing left behind when a process is killed."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -475,6 +477,59 @@ def test_killing_the_attaching_process_mid_write_leaves_nothing_attached(
         child.wait(timeout=10)
     wait_unbound(device)
     assert_image_sound(path)
+
+
+HOLDER = """
+import time, virtdisk
+disk = virtdisk.open({path!r})
+disk.attach()
+print(disk.physical_path, flush=True)
+time.sleep(60)
+"""
+
+
+def test_an_attachment_whose_device_is_gone_is_waited_for_not_refused(images: Path) -> None:
+    """Between its device going and its own end, a helper still holds the
+    claims it took over from the attacher: an open or attach then must wait
+    for it (a second or two at most), not answer ERROR_SHARING_VIOLATION.
+    The helper is stopped inside that window, which lasts milliseconds, so
+    the test tries rounds until it has caught it a few times."""
+    caught = 0
+    for round_number in range(60):
+        if caught == 3:
+            break
+        path = make_dynamic(images, f"round{round_number}.vhdx")
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER.format(path=str(path))], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            device = holder.stdout.readline().strip()
+            helper = record_of(path)["pid"]
+        finally:
+            holder.kill()
+            holder.wait()
+        while is_bound(device):
+            pass
+        try:
+            os.kill(helper, signal.SIGSTOP)
+        except ProcessLookupError:
+            continue  # already ended: the window was missed
+        state = _read(Path(f"/proc/{helper}/stat")).rpartition(")")[2].split()[:1]
+        if state not in (["T"], ["t"]):
+            os.kill(helper, signal.SIGCONT)  # a zombie, or not stopped yet: missed
+            continue
+        caught += 1
+        resume = threading.Timer(0.3, os.kill, (helper, signal.SIGCONT))
+        resume.start()
+        try:
+            with virtdisk.open(path) as disk:
+                disk.attach(read_only=True)
+                disk.detach()
+        finally:
+            resume.cancel()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(helper, signal.SIGCONT)
+    assert caught, "the helper's last moments were never caught (60 rounds)"
 
 
 @pytest.mark.parametrize("name", ["disk.vhdx", "disk.vhd"])

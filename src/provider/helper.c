@@ -44,6 +44,9 @@ enum { VD_MAX_CLIENTS = 16, VD_CAP_SYS_ADMIN = 21, VD_RELEASE_GRACE_MS = 1000 };
 /* The claims of an attachment: its own, the image's, and one for each parent
    of the deepest chain a format opens (64), with room to spare. */
 enum { VD_MAX_CLAIMS = 80 };
+/* Descriptor numbers above every claim, for the order in which a killed
+   supervisor lets go: claims, then the marker, then the device. */
+enum { VD_MARKER_FD_MIN = VD_MAX_CLAIMS + 48, VD_LOOP_FD_MIN = VD_MARKER_FD_MIN + 16 };
 
 static char *vd_serve_python;
 
@@ -747,9 +750,23 @@ static DWORD vd_start(struct vd_supervisor *s, int image_fd, const struct vd_msg
         }
         return status;
     }
-    /* /dev/loopN's descriptor above every other: a dying supervisor closes
-       it last (close_files() walks upwards). */
-    int high = fcntl(s->loop.fd, F_DUPFD_CLOEXEC, 64);
+    /* The attachment's marker (share.h), held here too, on a description of
+       its own: the server's goes when the server ends, but the claims this
+       process holds go only after it, and an image that shows no marker
+       must hold none of them (vd_share_settle waits for a marker with no
+       device behind it).  Then /dev/loopN's descriptor above every other:
+       a dying supervisor closes its claims, then the marker, then the
+       device (close_files() walks upwards; claims are received first, so
+       they sit lowest). */
+    int marker = open(self, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (marker < 0 || vd_share_mark_attached(marker) != ERROR_SUCCESS)
+        vd_log(true, "could not mark %s as attached from the supervisor: %s", s->image_path,
+               marker < 0 ? strerror(errno) : vd_last_error_detail());
+    else if (fcntl(marker, F_DUPFD_CLOEXEC, VD_MARKER_FD_MIN) < 0)
+        vd_log(true, "could not move the marker of %s: %s", s->image_path, strerror(errno));
+    if (marker >= 0)
+        close(marker); /* the copy above holds the lock: same description */
+    int high = fcntl(s->loop.fd, F_DUPFD_CLOEXEC, VD_LOOP_FD_MIN);
     if (high >= 0) {
         close(s->loop.fd);
         s->loop.fd = high;

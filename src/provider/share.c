@@ -279,14 +279,36 @@ static bool vd_loop_autoclears(int number)
     return n > 0 && value[0] == '1';
 }
 
+/* Waits at most timeout_ms for no other process to hold image_fd's
+   attachment marker. */
+static void vd_wait_unmarked(int image_fd, long timeout_ms)
+{
+    struct timespec start, now, pause = {0, 2000000};
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    while (vd_locked_elsewhere(image_fd, VD_ATTACHED_LOCK_OFFSET)) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000 >= timeout_ms)
+            return;
+        nanosleep(&pause, NULL);
+    }
+}
+
 void vd_share_settle(const struct vd_image *image)
 {
     bool helper;
     int number = vd_share_attached_loop(image, &helper);
+    if (number < 0) {
+        /* A marker with no device behind it: a served attachment whose
+           device is gone while its helper still lets go of its claims (it
+           drops the marker last), or a marker someone forged.  Either way
+           worth a bounded wait, never an answer. */
+        vd_wait_unmarked(image->fd, VD_SETTLE_MS);
+        return;
+    }
     /* A permanent disk is held by nobody (flat: not autoclear) or by its
        helper; a live non-permanent one by its attaching process's ATTACH
        claim.  What is left is one on its way out. */
-    if (number < 0 || helper || !vd_loop_autoclears(number))
+    if (helper || !vd_loop_autoclears(number))
         return;
     int probe;
     if (vd_share_claim(image, 0, 0, -1, "looking", &probe) != ERROR_SUCCESS || probe < 0)

@@ -93,7 +93,9 @@ int vd_share_attached_loop(const struct vd_image *image, bool *helper);
 /* For a caller about to claim the image: a non-permanent attachment that no
    process holds any more (its last handle has closed, but a passing opener
    of the device delays the kernel's teardown, and with it the end of its
-   server's claims) is waited for, up to two seconds. */
+   server's claims) is waited for, up to two seconds; so is a marker with no
+   device behind it (a served attachment's helper, whose device is gone,
+   lets go of its claims before its marker). */
 void vd_share_settle(const struct vd_image *image);
 
 #endif
