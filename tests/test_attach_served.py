@@ -39,25 +39,26 @@ def is_bound(device: str) -> bool:
     return Path("/sys/block", Path(device).name, "loop").exists()
 
 
-def virtdisk_mounts() -> set[str]:
-    """Mount points of the provider's FUSE servers still visible.  A server
-    unmounts lazily once its loop device holds the file, so only a server
-    that died half-way leaves one; other programs' FUSE mounts are not ours
-    to count."""
+def virtdisk_mounts(images: Path) -> set[str]:
+    """Mount points of the provider's FUSE servers of images in this folder.
+    A server unmounts lazily once its loop device holds the file, so only a
+    server that died half-way leaves one; other programs' FUSE mounts, and
+    other tests' disks, are not ours to count."""
+    files = [path.stat() for path in images.rglob("*") if path.is_file()]
+    ours = {f"virtdisk:{st.st_dev:x}-{st.st_ino:x}" for st in files}
     mounts = set()
     for line in Path("/proc/self/mounts").read_text().splitlines():
         source, target, fstype = line.split()[:3]
-        if source == "virtdisk" and fstype == "fuse.virtdisk":
+        if source in ours and fstype == "fuse.virtdisk":
             mounts.add(target)
     return mounts
 
 
 @pytest.fixture
-def no_new_mounts() -> Iterator[None]:
-    """Fails the test if it leaves a server mount that was not there before."""
-    before = virtdisk_mounts()
+def no_new_mounts(images: Path) -> Iterator[None]:
+    """Fails the test if it leaves a server mount of one of its images."""
     yield
-    left = virtdisk_mounts() - before
+    left = virtdisk_mounts(images)
     assert not left, f"the test left FUSE mounts behind: {sorted(left)}"
 
 

@@ -15,6 +15,7 @@
 #include <fuse_lowlevel.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -406,7 +407,14 @@ DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server
         }
     }
     if (status == ERROR_SUCCESS) {
-        char *argv[] = {"virtdisk", "-o", "fsname=virtdisk,subtype=virtdisk", NULL};
+        /* The source column of /proc/mounts names the image served, as the
+           run directory names its files (servrecord.h): which mount serves
+           what is plain to an administrator, and to tests that count only
+           their own. */
+        char options[96];
+        snprintf(options, sizeof options, "fsname=virtdisk:%jx-%jx,subtype=virtdisk",
+                 (uintmax_t)image->file_dev, (uintmax_t)image->file_ino);
+        char *argv[] = {"virtdisk", "-o", options, NULL};
         struct fuse_args args = FUSE_ARGS_INIT(3, argv);
         server->session = fuse_session_new(&args, &vd_fuse_ops, sizeof vd_fuse_ops, server);
         fuse_opt_free_args(&args);
