@@ -19,6 +19,7 @@
 #include "handles.h"
 #include "servrecord.h"
 #include "image.h"
+#include "job.h"
 #include "loopdev.h"
 #include "share.h"
 #include "source.h"
@@ -305,17 +306,30 @@ static DWORD vd_check_geometry(ULONG device, const struct vd_create_arguments *a
 }
 
 /* An asynchronous create: the file exists, empty of data; the copy from a
-   source (if any) runs as the handle's job. */
+   source (if any) runs as the handle's job.  A fixed disk without a source
+   is laid out over a sparse file and its space reserved by the job
+   (allocate), which is what takes time: the progress is bytes of the file. */
 struct vd_create_job {
     struct vd_source source;
     struct vd_image *image;        /* the handle's */
     GUID unique_id;
     char *path;
+    bool allocate;
 };
 
 static DWORD vd_create_work(struct vd_job *job, void *context)
 {
     struct vd_create_job *c = context;
+    if (c->allocate) {
+        struct stat st;
+        if (fstat(c->image->fd, &st) < 0)
+            return vd_fail_errno(errno, "%s", c->path);
+        vd_job_set_total(job, (uint64_t)st.st_size);
+        DWORD status = vd_job_fallocate(job, c->image->fd, 0, 0, (uint64_t)st.st_size, c->path);
+        if (status == ERROR_SUCCESS && vd_fdatasync(c->image->fd) < 0)
+            status = vd_fail_errno(errno, "flushing %s", c->path);
+        return status;
+    }
     if (!c->source.path)
         return ERROR_SUCCESS;
     return vd_source_copy_into(&c->source, c->image, &c->unique_id, job);
@@ -335,7 +349,7 @@ static void vd_create_done(void *context, DWORD status)
 
 /* Takes ownership of path and source. */
 static DWORD vd_create_async(char *path, ULONG device_id, const GUID *unique_id, struct vd_source *source,
-                             VIRTUAL_DISK_ACCESS_MASK access, OVERLAPPED *overlapped, HANDLE *out)
+                             bool allocate, VIRTUAL_DISK_ACCESS_MASK access, OVERLAPPED *overlapped, HANDLE *out)
 {
     struct vd_create_job *c = calloc(1, sizeof *c);
     struct vd_image *image = NULL;
@@ -361,6 +375,7 @@ static DWORD vd_create_async(char *path, ULONG device_id, const GUID *unique_id,
     c->image = h->image;
     c->unique_id = *unique_id;
     c->path = path;
+    c->allocate = allocate;
     *out = handle;
     status = vd_job_start(h, overlapped, vd_create_work, c, vd_create_done);
     vd_handle_release(h);
@@ -426,6 +441,10 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
     memset(&request, 0, sizeof request);
     request.fixed = (Flags & CREATE_VIRTUAL_DISK_FLAG_FULL_PHYSICAL_ALLOCATION) != 0;
     request.sparse = request.fixed && (Flags & CREATE_VIRTUAL_DISK_FLAG_SPARSE_FILE);
+    /* Asynchronous, fixed, no source: the job reserves the space. */
+    bool allocate_later = Overlapped && request.fixed && !request.sparse && !args.source_path;
+    if (allocate_later)
+        request.sparse = true;
     struct vd_image *parent = NULL;
     struct vd_source source = {.fd = -1};
     status = vd_create_device(VirtualStorageType, path, &request.device_id);
@@ -496,7 +515,8 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
     close(fd);
     free(absolute);
     if (status == ERROR_SUCCESS && Overlapped) {
-        status = vd_create_async(path, request.device_id, &request.unique_id, &source, access, Overlapped, Handle);
+        status = vd_create_async(path, request.device_id, &request.unique_id, &source, allocate_later, access,
+                                 Overlapped, Handle);
         vd_image_close(parent); /* the new handle holds the chain now */
         return status;
     }

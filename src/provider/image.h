@@ -23,6 +23,7 @@
 #include "virtdisk.h"
 
 struct vd_format;
+struct vd_job;
 
 /* GET_VIRTUAL_DISK_INFO_PROVIDER_SUBTYPE values. */
 enum vd_subtype {
@@ -150,8 +151,11 @@ struct vd_format {
     DWORD (*set_physical_sector_size)(struct vd_image *image, ULONG size);
     DWORD (*set_virtual_disk_id)(struct vd_image *image, const GUID *id);
     /* A new virtual size, a multiple of the logical sector size; shrinking
-       only where the format can (the caller has decided it is safe). */
-    DWORD (*resize)(struct vd_image *image, uint64_t size);
+       only where the format can (the caller has decided it is safe).  What
+       takes time (reserving a fixed disk's new space) reports to job and
+       stops there when it is cancelled, before anything changes the image's
+       size: a cancelled resize leaves the old size (job.h). */
+    DWORD (*resize)(struct vd_image *image, uint64_t size, struct vd_job *job);
 
     /* Releases state (not fd, path, parent_locations or parent:
        vd_image_close() owns those).  Called only when state is not NULL, also

@@ -9,6 +9,13 @@
  * Windows; here the exclusion is checked when the change is made: another
  * handle open on the image (in any process) is ERROR_SHARING_VIOLATION,
  * because it would keep using the image's old layout.
+ *
+ * Resize and expand also run asynchronously for an OVERLAPPED (job.h): the
+ * checks are made before the call returns ERROR_IO_PENDING, the change runs
+ * on the job's thread.  Progress counts the bytes a fixed disk reserves for
+ * its new size (the part that takes time); a change with nothing to reserve
+ * reports one unit, done at the end.  A cancel is honoured before the size
+ * changes, never after: it leaves the old size.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +25,7 @@
 #include "errors.h"
 #include "handles.h"
 #include "image.h"
+#include "job.h"
 #include "partition.h"
 #include "utf16.h"
 
@@ -42,6 +50,8 @@ static struct vd_handle *vd_metaops_handle(HANDLE value, DWORD *status)
         *status = vd_fail(ERROR_VHD_INVALID_STATE, "%s is attached; detach it before changing it", image->path);
     else if (vd_handle_has_others(handle))
         *status = vd_fail(ERROR_SHARING_VIOLATION, "other handles to %s are open; close them first", image->path);
+    else if (vd_job_running(handle))
+        *status = vd_fail(ERROR_BUSY, "an operation is still running on this handle");
     else
         return handle;
     vd_handle_release(handle);
@@ -219,7 +229,7 @@ static DWORD vd_check_new_size(const struct vd_image *image, uint64_t size)
 /* Shrinking keeps every partition whole unless the caller allows otherwise;
    without a partition table nothing is known to be unused, so only
    ALLOW_UNSAFE_VIRTUAL_SIZE shrinks such a disk. */
-static DWORD vd_resize(struct vd_image *image, RESIZE_VIRTUAL_DISK_FLAG flags, uint64_t size)
+static DWORD vd_resize_size(struct vd_image *image, RESIZE_VIRTUAL_DISK_FLAG flags, uint64_t size, uint64_t *out)
 {
     bool to_smallest = flags & RESIZE_VIRTUAL_DISK_FLAG_RESIZE_TO_SMALLEST_SAFE_VIRTUAL_SIZE;
     bool unsafe = flags & RESIZE_VIRTUAL_DISK_FLAG_ALLOW_UNSAFE_VIRTUAL_SIZE;
@@ -246,8 +256,64 @@ static DWORD vd_resize(struct vd_image *image, RESIZE_VIRTUAL_DISK_FLAG flags, u
                            (ull)smallest, from_table ? "" : " (no partition table: nothing is known to be unused)");
         }
     }
+    *out = size;
+    return vd_check_new_size(image, size);
+}
+
+static DWORD vd_expand_size(const struct vd_image *image, uint64_t size)
+{
     DWORD status = vd_check_new_size(image, size);
-    return status == ERROR_SUCCESS ? image->format->resize(image, size) : status;
+    if (status == ERROR_SUCCESS && size <= image->virtual_size)
+        status = vd_fail(ERROR_INVALID_PARAMETER, "NewSize %llu does not exceed the current %llu bytes", (ull)size,
+                         (ull)image->virtual_size);
+    return status;
+}
+
+/* A resize or expand to a size already checked, as the job runs it. */
+struct vd_resize_job {
+    struct vd_handle *handle; /* the call's reference */
+    uint64_t size;
+};
+
+static DWORD vd_resize_work(struct vd_job *job, void *context)
+{
+    struct vd_resize_job *r = context;
+    struct vd_image *image = r->handle->image;
+    if (vd_job_cancelled(job))
+        return vd_fail(ERROR_OPERATION_ABORTED, "the resize of %s was cancelled", image->path);
+    DWORD status = image->format->resize(image, r->size, job);
+    if (status == ERROR_SUCCESS && __atomic_load_n(&job->total, __ATOMIC_RELAXED) == 0) {
+        /* Nothing was reserved: one unit, so that progress still ends at its
+           completion value. */
+        vd_job_set_total(job, 1);
+        vd_job_advance(job, 1);
+    }
+    return status;
+}
+
+static void vd_resize_free(void *context, DWORD status)
+{
+    struct vd_resize_job *r = context;
+    vd_handle_release(r->handle);
+    free(r);
+}
+
+/* Runs the change now, or for an OVERLAPPED as a job; releases handle. */
+static DWORD vd_resize_run(struct vd_handle *handle, uint64_t size, OVERLAPPED *overlapped)
+{
+    struct vd_resize_job *r = calloc(1, sizeof *r);
+    if (!r) {
+        vd_handle_release(handle);
+        return vd_fail(ERROR_OUTOFMEMORY, "resize job");
+    }
+    *r = (struct vd_resize_job){handle, size};
+    if (overlapped)
+        return vd_job_start(handle, overlapped, vd_resize_work, r, vd_resize_free);
+    struct vd_job job;
+    vd_job_init_sync(&job);
+    DWORD status = vd_resize_work(&job, r);
+    vd_resize_free(r, status);
+    return status;
 }
 
 DWORD WINAPI ResizeVirtualDisk(HANDLE VirtualDiskHandle, RESIZE_VIRTUAL_DISK_FLAG Flags,
@@ -264,15 +330,17 @@ DWORD WINAPI ResizeVirtualDisk(HANDLE VirtualDiskHandle, RESIZE_VIRTUAL_DISK_FLA
     if (to_smallest != (Parameters->Version1.NewSize == 0))
         return vd_fail(ERROR_INVALID_PARAMETER, "NewSize must be 0 exactly when RESIZE_TO_SMALLEST_SAFE_VIRTUAL_SIZE "
                                                 "is set");
-    if (Overlapped)
-        return vd_fail(ERROR_NOT_SUPPORTED, "asynchronous resize (Overlapped) is not supported on Linux");
     DWORD status;
     struct vd_handle *handle = vd_metaops_handle(VirtualDiskHandle, &status);
     if (!handle)
         return status;
-    status = vd_resize(handle->image, Flags, Parameters->Version1.NewSize);
-    vd_handle_release(handle);
-    return status;
+    uint64_t size;
+    status = vd_resize_size(handle->image, Flags, Parameters->Version1.NewSize, &size);
+    if (status != ERROR_SUCCESS) {
+        vd_handle_release(handle);
+        return status;
+    }
+    return vd_resize_run(handle, size, Overlapped);
 }
 
 DWORD WINAPI ExpandVirtualDisk(HANDLE VirtualDiskHandle, EXPAND_VIRTUAL_DISK_FLAG Flags,
@@ -285,20 +353,14 @@ DWORD WINAPI ExpandVirtualDisk(HANDLE VirtualDiskHandle, EXPAND_VIRTUAL_DISK_FLA
        must be detached here, so there is no one to tell. */
     if (Flags & ~(EXPAND_VIRTUAL_DISK_FLAG)EXPAND_VIRTUAL_DISK_FLAG_NOTIFY_CHANGE)
         return vd_fail(ERROR_INVALID_PARAMETER, "expand flags 0x%08x include unknown bits", (unsigned)Flags);
-    if (Overlapped)
-        return vd_fail(ERROR_NOT_SUPPORTED, "asynchronous expansion (Overlapped) is not supported on Linux");
     DWORD status;
     struct vd_handle *handle = vd_metaops_handle(VirtualDiskHandle, &status);
     if (!handle)
         return status;
-    struct vd_image *image = handle->image;
-    uint64_t size = Parameters->Version1.NewSize;
-    status = vd_check_new_size(image, size);
-    if (status == ERROR_SUCCESS && size <= image->virtual_size)
-        status = vd_fail(ERROR_INVALID_PARAMETER, "NewSize %llu does not exceed the current %llu bytes", (ull)size,
-                         (ull)image->virtual_size);
-    if (status == ERROR_SUCCESS)
-        status = image->format->resize(image, size);
-    vd_handle_release(handle);
-    return status;
+    status = vd_expand_size(handle->image, Parameters->Version1.NewSize);
+    if (status != ERROR_SUCCESS) {
+        vd_handle_release(handle);
+        return status;
+    }
+    return vd_resize_run(handle, Parameters->Version1.NewSize, Overlapped);
 }

@@ -28,6 +28,7 @@
 
 #include "bytes.h"
 #include "errors.h"
+#include "job.h"
 #include "utf16.h"
 #include "winerror.h"
 
@@ -1933,11 +1934,18 @@ static int vhd_finish_grow(struct vd_image *image, uint64_t stale)
    written at the new end.  So the new footer carries a mark naming the old
    footer's place (VHD_GROW_MARK): until the old footer is overwritten with
    zeros and the mark cleared, every open reads zeros there (and a writable
-   one finishes the job).  Each step is flushed before the next. */
-static DWORD vhd_grow_fixed(struct vd_image *image, uint64_t size)
+   one finishes the job).  Each step is flushed before the next.  The new
+   space is reserved first, past the end of the file, which is what takes
+   time: a cancel then leaves the disk as it was. */
+static DWORD vhd_grow_fixed(struct vd_image *image, uint64_t size, struct vd_job *job)
 {
     struct vhd_state *state = image->state;
     uint64_t old_size = image->virtual_size;
+    vd_job_set_total(job, size - old_size);
+    DWORD reserved = vd_job_fallocate(job, image->fd, FALLOC_FL_KEEP_SIZE, old_size + VHD_FOOTER_SIZE,
+                                      size - old_size, image->path);
+    if (reserved != ERROR_SUCCESS)
+        return reserved;
     int error = vhd_write_fixed_footer(image, size, old_size);
     if (error)
         return vd_fail_errno(error, "%s: writing the footer at offset %llu", image->path, (ull)size);
@@ -2025,7 +2033,7 @@ static DWORD vhd_grow_dynamic(struct vd_image *image, uint64_t size)
 }
 
 /* VHD only grows: its BAT has no way to say a block was given back. */
-static DWORD vhd_resize(struct vd_image *image, uint64_t size)
+static DWORD vhd_resize(struct vd_image *image, uint64_t size, struct vd_job *job)
 {
     struct vhd_state *state = image->state;
     if (size < image->virtual_size)
@@ -2037,7 +2045,7 @@ static DWORD vhd_resize(struct vd_image *image, uint64_t size)
                        (ull)size);
     if (size == image->virtual_size)
         return ERROR_SUCCESS;
-    return state->disk_type == VHD_TYPE_FIXED ? vhd_grow_fixed(image, size) : vhd_grow_dynamic(image, size);
+    return state->disk_type == VHD_TYPE_FIXED ? vhd_grow_fixed(image, size, job) : vhd_grow_dynamic(image, size);
 }
 
 /* ---- probe --------------------------------------------------------------- */

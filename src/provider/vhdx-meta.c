@@ -16,6 +16,7 @@
 #include "bytes.h"
 #include "crc32c.h"
 #include "errors.h"
+#include "job.h"
 #include "shim.h"
 #include "utf16.h"
 
@@ -263,8 +264,10 @@ static DWORD write_bat_range(struct vd_image *image, uint64_t bat_offset, const 
    file when the old one is too small, before the size item changes.
    Shrinking: the size item changes first, then the entries past the new end
    are cleared, so that no later growth brings their blocks back.  The space
-   they held is not given back to the file system. */
-DWORD vhdx_resize(struct vd_image *image, uint64_t size)
+   they held is not given back to the file system.  A fixed disk's new
+   payload is reserved past the end of the file before anything else, in
+   steps reported to job: a cancel there leaves the disk as it was. */
+DWORD vhdx_resize(struct vd_image *image, uint64_t size, struct vd_job *job)
 {
     struct vhdx_state *s = image->state;
     if (s->has_parent)
@@ -287,6 +290,16 @@ DWORD vhdx_resize(struct vd_image *image, uint64_t size)
     uint8_t raw_size[8];
     vd_put_le64(raw_size, size);
 
+    if (fixed && grow && blocks > s->payload_blocks) {
+        uint64_t length = (blocks - s->payload_blocks) * s->block_size;
+        vd_job_set_total(job, length);
+        DWORD reserved = vd_job_fallocate(job, image->fd, FALLOC_FL_KEEP_SIZE, s->file_end, length, image->path);
+        if (reserved != ERROR_SUCCESS) {
+            free(bat);
+            return reserved;
+        }
+    }
+
     pthread_mutex_lock(&s->lock);
     DWORD status = begin_change(image, s, true);
     if (status == ERROR_SUCCESS && grow) {
@@ -295,7 +308,9 @@ DWORD vhdx_resize(struct vd_image *image, uint64_t size)
         uint64_t old_blocks = s->payload_blocks;
         uint64_t payload = 0;
         /* The payload first, so that it follows the old blocks in the file. */
-        if (status == ERROR_SUCCESS && fixed)
+        /* A grow within the last block allocates nothing (and fallocate
+           refuses a length of 0). */
+        if (status == ERROR_SUCCESS && fixed && blocks > old_blocks)
             status = vhdx_allocate(image, s, (blocks - old_blocks) * s->block_size, &payload);
         for (uint64_t b = old_blocks; b < blocks && fixed && status == ERROR_SUCCESS; b++)
             bat[vhdx_payload_entry(s, b)] = (payload + (b - old_blocks) * s->block_size) | PAYLOAD_BLOCK_FULLY_PRESENT;

@@ -408,6 +408,6 @@ DWORD vhdx_set_identifier(struct vd_image *image, const GUID *identifier);
 DWORD vhdx_set_parent(struct vd_image *image, struct vd_image *parent);
 DWORD vhdx_set_physical_sector_size(struct vd_image *image, ULONG size);
 DWORD vhdx_set_virtual_disk_id(struct vd_image *image, const GUID *id);
-DWORD vhdx_resize(struct vd_image *image, uint64_t size);
+DWORD vhdx_resize(struct vd_image *image, uint64_t size, struct vd_job *job);
 
 #endif

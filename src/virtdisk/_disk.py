@@ -487,14 +487,17 @@ class VirtualDisk:
                 hint="open the disk with virtdisk.open(path, access=virtdisk.Access.METAOPS)",
             )
 
-    def resize(self, size: int, *, allow_unsafe: bool = False) -> None:
-        """Change the virtual size (ResizeVirtualDisk); the disk must be detached.
+    def begin_resize(self, size: int, *, allow_unsafe: bool = False) -> Operation:
+        """Start changing the virtual size (ResizeVirtualDisk, asynchronous); the disk must be detached.
 
         Needs a handle opened with METAOPS access, which :func:`open` leaves
         out unless asked: ``virtdisk.open(path, access=virtdisk.Access.METAOPS)``.
         Both formats grow; VHDX also shrinks, but not below the end of its last
         partition (:attr:`DiskInfo.smallest_safe_size`) unless ``allow_unsafe``,
         which may cut off data.  ``size`` 0 shrinks to the smallest safe size.
+        Returns the running :class:`Operation`; its progress counts the bytes
+        a fixed disk reserves for its new size (1 of 1 when there are none).
+        A cancelled resize leaves the old size.
         """
         size = _int_argument("size", size, _ULONGLONG_MAX)
         self._check_metaops("ResizeVirtualDisk")
@@ -507,26 +510,61 @@ class VirtualDisk:
             "RESIZE_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.RESIZE_VIRTUAL_DISK_VERSION_1}
         )
         parameters.Version1.NewSize = size
-        with self._using() as handle:
-            code = lib.ResizeVirtualDisk(handle, flags, parameters, ffi.NULL)
-        if code:
-            raise _with_parameter_hint(error_for(code, "ResizeVirtualDisk", str(self._path)))
+        return self._begin(
+            "ResizeVirtualDisk",
+            lambda handle, overlapped: lib.ResizeVirtualDisk(handle, flags, parameters, overlapped),
+        )
 
-    def expand(self, size: int) -> None:
-        """Grow a fixed or dynamic disk to ``size`` bytes (ExpandVirtualDisk); detached only.
+    def resize(
+        self, size: int, *, allow_unsafe: bool = False, progress: ProgressCallback | None = None
+    ) -> None:
+        """Resize and wait (:meth:`begin_resize`); ``progress(current, total)`` is
+        called along the way.  An exception raised by ``progress`` (or Ctrl-C)
+        cancels the resize and propagates; the disk keeps its old size."""
+        self._wait(self.begin_resize(size, allow_unsafe=allow_unsafe), progress)
 
-        Needs a handle opened with METAOPS access, as :meth:`resize` does.
-        """
+    def begin_expand(self, size: int) -> Operation:
+        """Start growing a fixed or dynamic disk to ``size`` bytes (ExpandVirtualDisk,
+        asynchronous); detached only, METAOPS access as :meth:`begin_resize`."""
         size = _int_argument("size", size, _ULONGLONG_MAX)
         self._check_metaops("ExpandVirtualDisk")
         parameters = ffi.new(
             "EXPAND_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.EXPAND_VIRTUAL_DISK_VERSION_1}
         )
         parameters.Version1.NewSize = size
-        with self._using() as handle:
-            code = lib.ExpandVirtualDisk(handle, lib.EXPAND_VIRTUAL_DISK_FLAG_NONE, parameters, ffi.NULL)
-        if code:
-            raise _with_parameter_hint(error_for(code, "ExpandVirtualDisk", str(self._path)))
+        flags = lib.EXPAND_VIRTUAL_DISK_FLAG_NONE
+        return self._begin(
+            "ExpandVirtualDisk",
+            lambda handle, overlapped: lib.ExpandVirtualDisk(handle, flags, parameters, overlapped),
+        )
+
+    def expand(self, size: int, *, progress: ProgressCallback | None = None) -> None:
+        """Expand and wait (:meth:`begin_expand`), as :meth:`resize` does."""
+        self._wait(self.begin_expand(size), progress)
+
+    def _begin(self, function: str, call: Callable[[Any, Any], int]) -> Operation:
+        """An :class:`Operation` running ``call(handle, overlapped)`` on this handle,
+        which stays in use (close waits) until it ends."""
+        handle = self._acquire()
+        try:
+            return Operation(
+                lambda: handle,
+                lambda overlapped: int(call(handle, overlapped)),
+                function,
+                str(self._path),
+                release=self._release,
+            )
+        except VirtualDiskError as error:
+            _with_parameter_hint(error)
+            raise
+
+    @staticmethod
+    def _wait(operation: Operation, progress: ProgressCallback | None) -> None:
+        try:
+            operation.wait(progress)
+        except VirtualDiskError as error:
+            _with_parameter_hint(error)
+            raise
 
     # ---- long operations: merge (see _operation.py) ---------------------
 
@@ -1004,10 +1042,11 @@ def create(
     fixed disk's data area unallocated in the file (CREATE_VIRTUAL_DISK_FLAG_SPARSE_FILE).
     Never overwrites: an existing file raises :class:`VirtualDiskExistsError`.
 
-    A copy from ``source`` runs as an asynchronous operation (_operation.py):
-    ``progress(current, total)`` is called along the way (bytes of the
-    source); an exception raised by it (or Ctrl-C) cancels the copy, removes
-    the new file and propagates.
+    A copy from ``source``, and the allocation of a ``fixed`` disk, run as an
+    asynchronous operation (_operation.py): ``progress(current, total)`` is
+    called along the way (bytes of the source, or of the fixed file); an
+    exception raised by it (or Ctrl-C) cancels the operation, removes the new
+    file and propagates.
     """
     image = _path_argument("path", path)
     kind = _storage_type_for(image, storage_type)
@@ -1046,7 +1085,7 @@ def create(
     if sparse:
         flags |= CreateFlag.SPARSE_FILE
     handle = ffi.new("HANDLE *")
-    if source is not None:
+    if source is not None or (fixed and not sparse):
         return _create_copying(image, kind, flags, parameters, handle, progress)
     code = lib.CreateVirtualDisk(
         _storage_type(kind), str(image), Access.NONE, ffi.NULL, flags, 0, parameters, ffi.NULL, handle
@@ -1064,7 +1103,7 @@ def _create_copying(
     handle: Any,
     progress: ProgressCallback | None,
 ) -> VirtualDisk:
-    """CreateVirtualDisk with a SourcePath, asynchronously, waiting for the copy."""
+    """CreateVirtualDisk asynchronously (a SourcePath, or a fixed disk), waiting for its end."""
 
     def start(overlapped: Any) -> int:
         return int(
