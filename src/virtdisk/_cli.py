@@ -1,4 +1,5 @@
-"""The ``virtdisk`` command line: create, info, attach, detach, list, merge, convert, mirror, demo."""
+"""The ``virtdisk`` command line: create, info, attach, detach, list, merge, convert, mirror,
+resize, set, demo."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import os
 import re
 import sys
 import tempfile
+import uuid
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import _disk
 from ._disk import DiskInfo
-from ._enums import StorageType
+from ._enums import Access, DiskType, StorageType
 from ._errors import VirtualDiskError, WinError
 from ._progress import ProgressBar
 
@@ -88,17 +90,23 @@ def _create(args: argparse.Namespace) -> int:
         raise _UsageError(
             f"cannot tell the format of {path} from its suffix: give --format vhd or --format vhdx"
         )
-    with _disk.create(
-        path,
-        args.size or 0,
-        storage_type=kind,
-        fixed=args.type == "fixed",
-        block_size=args.block_size or 0,
-        sector_size=args.sector_size or 0,
-        parent=args.parent,
-        source=args.source,
-    ) as disk:
-        info = disk.info
+    # A fixed disk's allocation and a copy take time: a bar on a terminal.
+    bar = ProgressBar(f"creating {path}", quiet=args.quiet)
+    try:
+        with _disk.create(
+            path,
+            args.size or 0,
+            storage_type=kind,
+            fixed=args.type == "fixed",
+            block_size=args.block_size or 0,
+            sector_size=args.sector_size or 0,
+            parent=args.parent,
+            source=args.source,
+            progress=bar,
+        ) as disk:
+            info = disk.info
+    finally:
+        bar.finish()
     print(f"created {path} ({_kind(info)}, {_human(info.virtual_size)})")
     return 0
 
@@ -262,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     origin = create.add_mutually_exclusive_group()
     origin.add_argument("--parent", help="make a differencing disk over this image (no --size)")
     origin.add_argument("--source", help="copy the contents of this image, raw file or block device")
+    create.add_argument("--quiet", action="store_true", help="no progress bar")
     create.set_defaults(run=_create)
 
     info = commands.add_parser("info", help="describe an image", description="Describe an image.")
@@ -301,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=parse_size, default=16 << 20, help="default: 16M")
     demo.set_defaults(run=_demo)
     _add_long_operations(commands)
+    _add_offline_changes(commands)
     return parser
 
 
@@ -354,10 +364,17 @@ def _convert(args: argparse.Namespace) -> int:
         raise _UsageError(
             f"cannot tell the format of {destination} from its suffix: give --format vhd or --format vhdx"
         )
+    fixed = args.type == "fixed" if args.type else _is_fixed(Path(args.source))
     bar = ProgressBar(f"converting {args.source}", quiet=args.quiet or args.json)
     try:
         with _disk.create(
-            destination, 0, storage_type=kind, fixed=args.type == "fixed", source=args.source, progress=bar
+            destination,
+            0,
+            storage_type=kind,
+            fixed=fixed,
+            block_size=args.block_size or 0,
+            source=args.source,
+            progress=bar,
         ) as disk:
             info = disk.info
     finally:
@@ -400,6 +417,15 @@ def _mirror(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_fixed(source: Path) -> bool:
+    """Whether the source is a fixed VHD or VHDX (Convert-VHD keeps the type);
+    a raw file, a device or an ISO is not."""
+    if source.suffix.lower() not in (".vhd", ".vhdx"):
+        return False
+    with _disk.open(source, read_only=True) as disk:
+        return disk.info.disk_type == DiskType.FIXED
+
+
 def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     merge = commands.add_parser(
         "merge", help="merge a differencing disk into its parent (Merge-VHD); nothing is deleted"
@@ -429,8 +455,11 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
     convert.add_argument(
         "--type",
         choices=["fixed", "dynamic"],
-        default="dynamic",
-        help="fixed: allocate the whole size now; dynamic: grow as data is written (default)",
+        help="fixed: allocate the whole size now; dynamic: grow as data is written "
+        "(default: fixed for a fixed VHD or VHDX source, else dynamic)",
+    )
+    convert.add_argument(
+        "--block-size", type=parse_size, help="allocation unit of a dynamic disk (default: the format's)"
     )
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.add_argument("--json", action="store_true", help="print one JSON object")
@@ -454,6 +483,109 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
     mirror.add_argument("--quiet", action="store_true", help="no progress bar")
     mirror.add_argument("--json", action="store_true", help="print one JSON object")
     mirror.set_defaults(run=_mirror)
+
+
+# ---- offline changes: resize, set ---------------------------------------
+
+
+def _resize(args: argparse.Namespace) -> int:
+    if args.size is None and not args.to_minimum_size:
+        raise _UsageError("resize needs --size or --to-minimum-size")
+    bar = ProgressBar(f"resizing {args.path}", quiet=args.quiet or args.json)
+    with _disk.open(args.path, Access.METAOPS | Access.GET_INFO) as disk:
+        old = disk.info.virtual_size
+        try:
+            disk.resize(args.size or 0, allow_unsafe=args.allow_unsafe, progress=bar)
+        finally:
+            bar.finish()
+        new = disk.info.virtual_size
+    if args.json:
+        print(
+            json.dumps(
+                {"path": str(_absolute(Path(args.path))), "old_size": old, "virtual_size": new}, indent=2
+            )
+        )
+    else:
+        print(f"resized {args.path} from {_human(old)} to {_human(new)}")
+    return 0
+
+
+def _set(args: argparse.Namespace) -> int:
+    if args.parent is None and args.identifier is None and args.physical_sector_size is None:
+        raise _UsageError("set needs --parent, --identifier or --physical-sector-size")
+    changes = []
+    # Without its parents: a disk whose parent moved opens only so.
+    with _disk.open(args.path, Access.METAOPS | Access.GET_INFO, no_parents=True) as disk:
+        # In the order a failure leaves the least half done: the checks of
+        # each change run before it writes, and a parent is the likeliest refusal.
+        if args.parent is not None:
+            disk.set_parent_path(args.parent)
+            changes.append(f"parent {args.parent}")
+        if args.identifier is not None:
+            disk.set_identifier(args.identifier)
+            changes.append(f"identifier {args.identifier}")
+        if args.physical_sector_size is not None:
+            disk.set_physical_sector_size(args.physical_sector_size)
+            changes.append(f"physical sector size {args.physical_sector_size}")
+    if args.json:
+        with _disk.open(args.path, read_only=True) as disk:
+            info = disk.info
+        print(json.dumps(info_json(info, None), indent=2))
+    else:
+        print(f"set {args.path}: {', '.join(changes)}")
+    return 0
+
+
+def _uuid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid identifier {text!r} (a UUID, e.g. {uuid.uuid4()})"
+        ) from None
+
+
+def _add_offline_changes(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    resize = commands.add_parser(
+        "resize",
+        help="change the virtual size of a detached image (Resize-VHD)",
+        description="Change the virtual size of a detached image (Resize-VHD). Both formats grow; "
+        "a VHDX also shrinks, but not below the end of its last partition unless --allow-unsafe.",
+    )
+    resize.add_argument("path")
+    size = resize.add_mutually_exclusive_group()
+    size.add_argument("--size", type=parse_size, help="the new virtual size, e.g. 20G")
+    size.add_argument(
+        "--to-minimum-size",
+        action="store_true",
+        help="shrink a VHDX to the end of its last partition (Resize-VHD -ToMinimumSize)",
+    )
+    resize.add_argument(
+        "--allow-unsafe", action="store_true", help="shrink even below the end of a partition (may cut data)"
+    )
+    resize.add_argument("--quiet", action="store_true", help="no progress bar")
+    resize.add_argument("--json", action="store_true", help="print one JSON object")
+    resize.set_defaults(run=_resize)
+
+    setting = commands.add_parser(
+        "set",
+        help="change a detached image's parent path, identifier or sector size (Set-VHD)",
+        description="Change what a detached image records about itself (Set-VHD).",
+    )
+    setting.add_argument("path")
+    setting.add_argument(
+        "--parent", help="the moved or renamed parent of this differencing disk (it must be the same disk)"
+    )
+    setting.add_argument(
+        "--identifier", type=_uuid, help="a new unique identifier (children no longer match)"
+    )
+    setting.add_argument(
+        "--physical-sector-size", type=int, choices=[512, 4096], help="the physical sector size to report"
+    )
+    setting.add_argument(
+        "--json", action="store_true", help="print the image's information as 'info --json' does"
+    )
+    setting.set_defaults(run=_set)
 
 
 # What a command-line user can do about an error, in options rather than

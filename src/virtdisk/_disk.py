@@ -542,6 +542,52 @@ class VirtualDisk:
         """Expand and wait (:meth:`begin_expand`), as :meth:`resize` does."""
         self._wait(self.begin_expand(size), progress)
 
+    # ---- offline changes: SetVirtualDiskInformation (Set-VHD) ----------
+
+    def set_parent_path(self, parent: StrPath, *, depth: int = 1) -> None:
+        """Point a differencing disk at its moved or renamed parent (Set-VHD -ParentPath).
+
+        The parent must be the disk the child names (same identifier and
+        size).  ``depth`` 2 re-points this disk's parent at its own parent,
+        and so on (SET_VIRTUAL_DISK_INFO_PARENT_PATH_WITH_DEPTH).  Needs METAOPS
+        access (see :meth:`begin_resize`); the disk must be detached.
+        """
+        path = _path_argument("parent", parent)
+        depth = _int_argument("depth", depth, _ULONG_MAX, minimum=1)
+        text = ffi.new("WCHAR[]", _absolute(path))
+        info = ffi.new("SET_VIRTUAL_DISK_INFO *")
+        if depth == 1:
+            info.Version = lib.SET_VIRTUAL_DISK_INFO_PARENT_PATH
+            info.ParentFilePath = text
+        else:
+            info.Version = lib.SET_VIRTUAL_DISK_INFO_PARENT_PATH_WITH_DEPTH
+            info.ParentPathWithDepthInfo.ChildDepth = depth
+            info.ParentPathWithDepthInfo.ParentFilePath = text
+        self._set_information(info)
+
+    def set_identifier(self, identifier: uuid.UUID) -> None:
+        """Give the disk a new unique identifier (SET_VIRTUAL_DISK_INFO_IDENTIFIER).
+        Its differencing children then no longer match it."""
+        if not isinstance(identifier, uuid.UUID):
+            raise TypeError(f"identifier must be a uuid.UUID, not {type(identifier).__name__}")
+        info = ffi.new("SET_VIRTUAL_DISK_INFO *", {"Version": lib.SET_VIRTUAL_DISK_INFO_IDENTIFIER})
+        _uuid_to_guid(identifier, info.UniqueIdentifier)
+        self._set_information(info)
+
+    def set_physical_sector_size(self, size: int) -> None:
+        """Report 512 or 4096-byte physical sectors (Set-VHD -PhysicalSectorSizeBytes)."""
+        size = _int_argument("size", size, _ULONG_MAX)
+        info = ffi.new("SET_VIRTUAL_DISK_INFO *", {"Version": lib.SET_VIRTUAL_DISK_INFO_PHYSICAL_SECTOR_SIZE})
+        info.VhdPhysicalSectorSize = size
+        self._set_information(info)
+
+    def _set_information(self, info: Any) -> None:
+        self._check_metaops("SetVirtualDiskInformation")
+        with self._using() as handle:
+            code = lib.SetVirtualDiskInformation(handle, info)
+        if code:
+            raise error_for(code, "SetVirtualDiskInformation", str(self._path))
+
     def _begin(self, function: str, call: Callable[[Any, Any], int]) -> Operation:
         """An :class:`Operation` running ``call(handle, overlapped)`` on this handle,
         which stays in use (close waits) until it ends."""
