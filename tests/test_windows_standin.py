@@ -327,3 +327,110 @@ def test_detach_asks_for_the_privilege_only_where_refused_without_it(tmp_path: P
     assert virtdisk.attached_disks() == []
     # a client Windows detached without it; a server needed it, and got it
     assert _privilege_state() == (2 if server else 1)
+
+
+# ---- long operations through kernel32's Overlapped machinery --------------
+# The double issues a real pending I/O with the caller's OVERLAPPED, so Wine's
+# kernel32 sets its event and Internal, and kernel32's CancelIoEx cancels it.
+
+STATUS_CANCELLED = 0xC0000120
+
+
+def _rising(seen: list[tuple[int, int]], total: int) -> None:
+    """Progress that rises, passes through values between, and ends at the total."""
+    assert seen[-1] == (total, total), seen[-3:]
+    currents = [current for current, _ in seen]
+    assert currents == sorted(currents)
+    assert any(0 < current < total for current in currents), currents
+
+
+def test_merge_reports_progress_up_to_the_total(tmp_path: Path) -> None:
+    base = add(tmp_path / "base.vhdx", size=64 * MiB)
+    child = add(
+        tmp_path / "child.vhdx", subtype=DIFFERENCING, size=64 * MiB, parents=[str(base)], resolved=True
+    )
+    seen: list[tuple[int, int]] = []
+    virtdisk.merge(child, 1, progress=lambda current, total: seen.append((current, total)))
+    _rising(seen, 64 * MiB)
+    with virtdisk.open(base, Access.METAOPS) as disk, pytest.raises(VirtualDiskError) as raised:
+        disk.merge(1)  # not a differencing disk
+    assert raised.value.winerror == WinError.ERROR_VHD_INVALID_TYPE
+
+
+def test_resize_reports_progress_and_a_cancel_keeps_the_old_size(tmp_path: Path) -> None:
+    image = add(tmp_path / "a.vhdx", subtype=FIXED, size=64 * MiB)
+    with virtdisk.open(image, Access.METAOPS | Access.GET_INFO) as disk:
+        seen: list[tuple[int, int]] = []
+        disk.resize(128 * MiB, progress=lambda current, total: seen.append((current, total)))
+        _rising(seen, 64 * MiB)
+        assert disk.info.virtual_size == 128 * MiB
+        operation = disk.begin_expand(256 * MiB)
+        while operation.progress()[0] == 0 and not operation.done:
+            pass
+        assert operation.cancel(), "the expansion ended before it could be cancelled"
+        with pytest.raises(virtdisk.OperationCancelledError):
+            operation.wait()
+        # kernel32 completed the caller's I/O as cancelled.
+        assert operation._overlapped.Internal == STATUS_CANCELLED
+        assert disk.info.virtual_size == 128 * MiB
+
+        class Stop(Exception):
+            pass
+
+        def stop(current: int, total: int) -> None:
+            raise Stop
+
+        with pytest.raises(Stop):
+            disk.resize(512 * MiB, progress=stop)  # the callback's exception cancels
+        assert disk.info.virtual_size == 128 * MiB
+        with pytest.raises(VirtualDiskError) as raised:
+            disk.resize(32 * MiB)  # no partitions known: shrinking needs allow_unsafe
+        assert raised.value.winerror == WinError.ERROR_VHD_RESIZE_WOULD_TRUNCATE_DATA
+        disk.resize(32 * MiB, allow_unsafe=True)
+        assert disk.info.virtual_size == 32 * MiB
+
+
+def test_fixed_create_reports_progress_and_a_cancelled_one_leaves_no_image(tmp_path: Path) -> None:
+    seen: list[tuple[int, int]] = []
+    with virtdisk.create(
+        tmp_path / "fixed.vhdx", 32 * MiB, fixed=True, progress=lambda c, t: seen.append((c, t))
+    ) as disk:
+        assert disk.info.disk_type == virtdisk.DiskType.FIXED
+    _rising(seen, 32 * MiB)
+
+    class Stop(Exception):
+        pass
+
+    def stop(current: int, total: int) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        virtdisk.create(tmp_path / "cancelled.vhdx", 32 * MiB, fixed=True, progress=stop)
+    with pytest.raises(VirtualDiskNotFoundError):
+        virtdisk.open(tmp_path / "cancelled.vhdx")
+
+
+def test_compact_of_a_detached_dynamic_disk_runs_with_progress(tmp_path: Path) -> None:
+    from virtdisk._native import ffi, lib
+    from virtdisk._operation import Operation
+
+    def compact(disk: virtdisk.VirtualDisk) -> Operation:
+        parameters = ffi.new("COMPACT_VIRTUAL_DISK_PARAMETERS *", {"Version": 1})
+        handle = disk._handle
+        return Operation(
+            lambda: handle,
+            lambda overlapped: lib.CompactVirtualDisk(handle, 0, parameters, overlapped),
+            "CompactVirtualDisk",
+            str(disk.path),
+        )
+
+    with virtdisk.open(add(tmp_path / "dynamic.vhdx", size=64 * MiB), Access.METAOPS) as disk:
+        seen: list[tuple[int, int]] = []
+        compact(disk).wait(lambda current, total: seen.append((current, total)))
+        _rising(seen, 16 * MiB)  # the double's physical size: a quarter
+    with virtdisk.open(add(tmp_path / "fixed.vhdx", subtype=FIXED), Access.METAOPS) as disk:
+        with pytest.raises(VirtualDiskError) as raised:
+            compact(disk)
+        assert raised.value.winerror == WinError.ERROR_VHD_INVALID_TYPE
+    with virtdisk.open(add(tmp_path / "other.vhdx")) as disk, pytest.raises(VirtualDiskPermissionError):
+        compact(disk)  # no METAOPS

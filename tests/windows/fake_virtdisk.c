@@ -8,9 +8,22 @@
  * Images are registered by the test (VdTestDouble* exports below); everything
  * else follows the documented protocols (Microsoft Learn, virtdisk.h pages;
  * shared reference §5), with undocumented codes chosen and said so:
- *   - handles are real kernel objects (events), so kernel32's CloseHandle
- *     closes them; a handle is live while CompareObjectHandles finds the
- *     caller's value still naming the event this DLL keeps a duplicate of;
+ *   - handles are real kernel objects (the server ends of private named
+ *     pipes), so kernel32's CloseHandle closes them; a handle is live while
+ *     CompareObjectHandles finds the caller's value still naming the pipe
+ *     this DLL keeps a duplicate of;
+ *   - long operations (Merge, Resize, Expand, Compact, and Create of a fixed
+ *     disk or from a source) take an OVERLAPPED as VirtDisk does: the call
+ *     issues a real pending I/O on the handle with the caller's OVERLAPPED
+ *     (ConnectNamedPipe on the handle's pipe), and a thread of the double
+ *     does the work in steps, then completes that I/O (by connecting to the
+ *     pipe).  So kernel32 itself sets OVERLAPPED.Internal and the caller's
+ *     event, and kernel32's CancelIoEx(handle, overlapped) cancels it, which
+ *     the thread sees between steps (HasOverlappedIoCompleted) and answers
+ *     ERROR_OPERATION_ABORTED through GetVirtualDiskOperationProgress,
+ *     leaving the image as it was (a cancelled create: no image).  The work
+ *     is only counting: CompletionValue is the bytes the real call would go
+ *     through (the image's size; a compaction, its physical size);
  *   - a disk attached without PERMANENT_LIFETIME detaches when its last handle
  *     has closed (noticed at the next call, as the double cannot see
  *     CloseHandle);
@@ -56,7 +69,8 @@ struct fake_image {
 
 struct fake_handle {
     HANDLE caller; /* the value handed out */
-    HANDLE own;    /* our duplicate: keeps the event, tells the caller's apart */
+    HANDLE own;    /* our duplicate: keeps the pipe, tells the caller's apart */
+    WCHAR pipe[64]; /* the pipe's name, for completing an operation */
     struct fake_image *image;
     VIRTUAL_DISK_ACCESS_MASK access;
 };
@@ -164,9 +178,20 @@ static DWORD too_small(ULONG *size, size_t needed)
 
 /* ---- the test's controls ------------------------------------------------ */
 
+static BOOL ops_running(void);
+static void ops_forget(void);
+
 EXPORT void WINAPI VdTestDoubleReset(void)
 {
-    EnterCriticalSection(&lock);
+    /* An operation's thread uses its record until it ends. */
+    for (;;) {
+        EnterCriticalSection(&lock);
+        if (!ops_running())
+            break;
+        LeaveCriticalSection(&lock);
+        Sleep(5);
+    }
+    ops_forget();
     for (int i = 0; i < FAKE_MAX_HANDLES; i++)
         if (handles[i].image)
             CloseHandle(handles[i].own);
@@ -243,9 +268,16 @@ static DWORD open_image(VIRTUAL_STORAGE_TYPE *type, const WCHAR *path, VIRTUAL_D
         struct fake_handle *handle = &handles[i];
         if (handle->image)
             continue;
-        handle->caller = CreateEventW(NULL, TRUE, FALSE, NULL);
-        if (!handle->caller)
+        static LONG serial;
+        _snwprintf(handle->pipe, 63, L"\\\\.\\pipe\\virtdisk-test-double-%lu-%ld", GetCurrentProcessId(),
+                  InterlockedIncrement(&serial));
+        handle->caller = CreateNamedPipeW(handle->pipe, PIPE_ACCESS_INBOUND | FILE_FLAG_OVERLAPPED |
+                                                            FILE_FLAG_FIRST_PIPE_INSTANCE,
+                                          PIPE_TYPE_BYTE | PIPE_REJECT_REMOTE_CLIENTS, 1, 0, 0, 0, NULL);
+        if (handle->caller == INVALID_HANDLE_VALUE) {
+            handle->caller = NULL;
             return GetLastError();
+        }
         if (!DuplicateHandle(GetCurrentProcess(), handle->caller, GetCurrentProcess(), &handle->own, 0, FALSE,
                              DUPLICATE_SAME_ACCESS)) {
             DWORD error = GetLastError();
@@ -496,6 +528,8 @@ struct fake_create_v2 {
     PCWSTR SourcePath;
 };
 
+static DWORD create_operation(struct fake_handle *handle, OVERLAPPED *overlapped);
+
 /* "X:\..." or "\\server\..."; the docs want parent and source paths fully
    qualified.  The code Windows answers otherwise is undocumented: the double
    answers ERROR_INVALID_PARAMETER. */
@@ -515,7 +549,7 @@ EXPORT DWORD WINAPI CreateVirtualDisk(PVIRTUAL_STORAGE_TYPE VirtualStorageType, 
     WCHAR full[FAKE_PATH], parents[FAKE_PATH + 1] = {0};
     (void)SecurityDescriptor, (void)ProviderSpecificFlags;
     if (!VirtualStorageType || !Path || !Handle || !v2 || v2->Version != 2 ||
-        VirtualDiskAccessMask != VIRTUAL_DISK_ACCESS_NONE || Overlapped)
+        VirtualDiskAccessMask != VIRTUAL_DISK_ACCESS_NONE)
         return ERROR_INVALID_PARAMETER;
     if ((v2->ParentPath && !fully_qualified(v2->ParentPath)) || (v2->SourcePath && !fully_qualified(v2->SourcePath)))
         return ERROR_INVALID_PARAMETER;
@@ -544,6 +578,16 @@ EXPORT DWORD WINAPI CreateVirtualDisk(PVIRTUAL_STORAGE_TYPE VirtualStorageType, 
         EnterCriticalSection(&lock);
         if (status == ERROR_SUCCESS)
             status = open_image(VirtualStorageType, full, VIRTUAL_DISK_ACCESS_ALL, 0, Handle);
+        if (status == ERROR_SUCCESS && Overlapped) {
+            /* The allocation or the copy, as an operation on the new handle. */
+            struct fake_handle *handle = find_handle(*Handle);
+            status = create_operation(handle, Overlapped);
+            if (status != ERROR_IO_PENDING) {
+                handle->image->used = FALSE;
+                CloseHandle(*Handle);
+                *Handle = NULL;
+            }
+        }
     }
     LeaveCriticalSection(&lock);
     return status;
@@ -564,29 +608,265 @@ EXPORT DWORD WINAPI SetVirtualDiskInformation(HANDLE a, PSET_VIRTUAL_DISK_INFO b
     return ERROR_CALL_NOT_IMPLEMENTED;
 }
 
-EXPORT DWORD WINAPI GetVirtualDiskOperationProgress(HANDLE a, LPOVERLAPPED b, PVIRTUAL_DISK_PROGRESS c)
+/* ---- long operations ----------------------------------------------------- */
+
+#define FAKE_MAX_OPS 32
+#define FAKE_STEPS 50
+#define FAKE_STEP_MS 10 /* half a second in all: time for a test to cancel */
+#define FAKE_ERROR_VHD_INVALID_STATE 0xC03A001Cu
+#define FAKE_ERROR_VHD_RESIZE_WOULD_TRUNCATE_DATA 0xC03A0025u
+
+enum fake_work { FAKE_MERGE, FAKE_RESIZE, FAKE_COMPACT, FAKE_CREATE };
+
+struct fake_op {
+    BOOL used;
+    HANDLE caller;          /* the handle it was started on */
+    OVERLAPPED *overlapped; /* the caller's */
+    WCHAR pipe[64];
+    struct fake_image *image;
+    enum fake_work work;
+    ULONGLONG new_size;     /* FAKE_RESIZE */
+    volatile LONG status;   /* ERROR_IO_PENDING until the end */
+    volatile LONG64 current, total;
+};
+
+static struct fake_op ops[FAKE_MAX_OPS];
+
+static struct fake_op *find_op(HANDLE caller, const OVERLAPPED *overlapped)
 {
-    (void)a, (void)b, (void)c;
-    return ERROR_CALL_NOT_IMPLEMENTED;
+    for (int i = 0; i < FAKE_MAX_OPS; i++)
+        if (ops[i].used && ops[i].caller == caller && ops[i].overlapped == overlapped)
+            return &ops[i];
+    return NULL;
 }
 
-EXPORT DWORD WINAPI CompactVirtualDisk(HANDLE a, COMPACT_VIRTUAL_DISK_FLAG b, PCOMPACT_VIRTUAL_DISK_PARAMETERS c,
-                                       LPOVERLAPPED d)
+static BOOL op_running_on(const struct fake_image *image)
 {
-    (void)a, (void)b, (void)c, (void)d;
-    return ERROR_CALL_NOT_IMPLEMENTED;
+    for (int i = 0; i < FAKE_MAX_OPS; i++)
+        if (ops[i].used && ops[i].image == image && ops[i].status == ERROR_IO_PENDING)
+            return TRUE;
+    return FALSE;
 }
 
-EXPORT DWORD WINAPI MergeVirtualDisk(HANDLE a, MERGE_VIRTUAL_DISK_FLAG b, PMERGE_VIRTUAL_DISK_PARAMETERS c,
-                                     LPOVERLAPPED d)
+/* What the operation changes, once it is complete (under the lock). */
+static void op_apply(struct fake_op *op)
 {
-    (void)a, (void)b, (void)c, (void)d;
-    return ERROR_CALL_NOT_IMPLEMENTED;
+    if (op->work == FAKE_RESIZE)
+        op->image->size = op->new_size;
 }
 
-EXPORT DWORD WINAPI ExpandVirtualDisk(HANDLE a, EXPAND_VIRTUAL_DISK_FLAG b, PEXPAND_VIRTUAL_DISK_PARAMETERS c,
-                                      LPOVERLAPPED d)
+/* What a cancelled operation undoes (under the lock): a create leaves no image. */
+static void op_undo(struct fake_op *op)
 {
-    (void)a, (void)b, (void)c, (void)d;
-    return ERROR_CALL_NOT_IMPLEMENTED;
+    if (op->work == FAKE_CREATE)
+        op->image->used = FALSE;
+}
+
+static DWORD WINAPI op_thread(void *argument)
+{
+    struct fake_op *op = argument;
+    LONG64 total = op->total;
+    for (int step = 0; step < FAKE_STEPS; step++) {
+        if (HasOverlappedIoCompleted(op->overlapped))
+            break; /* CancelIoEx completed the caller's I/O */
+        Sleep(FAKE_STEP_MS);
+        InterlockedExchange64(&op->current, total * (step + 1) / FAKE_STEPS);
+    }
+    WCHAR pipe[64]; /* the record may be reused once the status is final */
+    memcpy(pipe, op->pipe, sizeof pipe);
+    EnterCriticalSection(&lock);
+    BOOL cancelled = HasOverlappedIoCompleted(op->overlapped);
+    if (cancelled)
+        op_undo(op);
+    else
+        op_apply(op);
+    /* The status before the I/O completes: whoever wakes on the event reads
+       the final answer. */
+    InterlockedExchange(&op->status, cancelled ? ERROR_OPERATION_ABORTED : ERROR_SUCCESS);
+    LeaveCriticalSection(&lock);
+    if (!cancelled) {
+        HANDLE client = CreateFileW(pipe, GENERIC_WRITE, 0, NULL, OPEN_EXISTING, 0, NULL);
+        if (client != INVALID_HANDLE_VALUE)
+            CloseHandle(client);
+    }
+    return 0;
+}
+
+/* Starts work on handle for the caller's OVERLAPPED, or (no OVERLAPPED)
+   does it at once.  Called under the lock with the arguments checked. */
+static DWORD op_start(struct fake_handle *handle, OVERLAPPED *overlapped, struct fake_image *image,
+                      enum fake_work work, ULONGLONG total, ULONGLONG new_size)
+{
+    struct fake_op sync = {.image = image, .work = work, .new_size = new_size};
+    if (!overlapped) {
+        op_apply(&sync);
+        return ERROR_SUCCESS;
+    }
+    struct fake_op *op = find_op(handle->caller, overlapped);
+    if (op && op->status == ERROR_IO_PENDING)
+        return ERROR_INVALID_PARAMETER; /* the OVERLAPPED is in use: the double's choice of code */
+    for (int i = 0; !op && i < FAKE_MAX_OPS; i++)
+        if (!ops[i].used || ops[i].status != ERROR_IO_PENDING)
+            op = &ops[i];
+    if (!op)
+        return ERROR_TOO_MANY_CMDS;
+    /* Back to listening: a finished operation left the pipe connected. */
+    DisconnectNamedPipe(handle->own);
+    if (ConnectNamedPipe(handle->own, overlapped) || GetLastError() != ERROR_IO_PENDING)
+        return GetLastError() == ERROR_SUCCESS ? ERROR_GEN_FAILURE : GetLastError();
+    memset(op, 0, sizeof *op);
+    op->used = TRUE;
+    op->caller = handle->caller;
+    op->overlapped = overlapped;
+    memcpy(op->pipe, handle->pipe, sizeof op->pipe);
+    op->image = image;
+    op->work = work;
+    op->new_size = new_size;
+    op->status = ERROR_IO_PENDING;
+    op->total = (LONG64)total;
+    HANDLE thread = CreateThread(NULL, 0, op_thread, op, 0, NULL);
+    if (!thread) {
+        DWORD error = GetLastError();
+        CancelIoEx(handle->own, overlapped);
+        op->used = FALSE;
+        return error;
+    }
+    CloseHandle(thread);
+    return ERROR_IO_PENDING;
+}
+
+/* The handle for a long operation, checked as the docs say: METAOPS access,
+   the disk detached, nothing else running on it.  NULL with *status set. */
+static struct fake_handle *metaops_handle(HANDLE value, DWORD *status)
+{
+    struct fake_handle *handle = find_handle(value);
+    *status = ERROR_SUCCESS;
+    if (!handle)
+        *status = ERROR_INVALID_HANDLE;
+    else if (!(handle->access & VIRTUAL_DISK_ACCESS_METAOPS))
+        *status = ERROR_ACCESS_DENIED;
+    else if (handle->image->attached)
+        *status = FAKE_ERROR_VHD_INVALID_STATE; /* the double runs detached operations only */
+    else if (op_running_on(handle->image))
+        *status = ERROR_BUSY; /* undocumented code: the double's choice */
+    return *status == ERROR_SUCCESS ? handle : NULL;
+}
+
+EXPORT DWORD WINAPI GetVirtualDiskOperationProgress(HANDLE VirtualDiskHandle, LPOVERLAPPED Overlapped,
+                                                    PVIRTUAL_DISK_PROGRESS Progress)
+{
+    if (!Overlapped || !Progress)
+        return ERROR_INVALID_PARAMETER;
+    EnterCriticalSection(&lock);
+    struct fake_op *op = find_op(VirtualDiskHandle, Overlapped);
+    DWORD status = op ? ERROR_SUCCESS : ERROR_INVALID_PARAMETER;
+    if (op) {
+        Progress->OperationStatus = (DWORD)op->status; /* first: then the counters are final */
+        Progress->CurrentValue = (ULONGLONG)op->current;
+        Progress->CompletionValue = (ULONGLONG)op->total;
+    }
+    LeaveCriticalSection(&lock);
+    return status;
+}
+
+EXPORT DWORD WINAPI MergeVirtualDisk(HANDLE VirtualDiskHandle, MERGE_VIRTUAL_DISK_FLAG Flags,
+                                     PMERGE_VIRTUAL_DISK_PARAMETERS Parameters, LPOVERLAPPED Overlapped)
+{
+    if (!Parameters || Flags != MERGE_VIRTUAL_DISK_FLAG_NONE)
+        return ERROR_INVALID_PARAMETER;
+    if (Parameters->Version == MERGE_VIRTUAL_DISK_VERSION_1 ? Parameters->Version1.MergeDepth == 0
+        : Parameters->Version == MERGE_VIRTUAL_DISK_VERSION_2
+            ? Parameters->Version2.MergeSourceDepth == 0 ||
+                  Parameters->Version2.MergeTargetDepth <= Parameters->Version2.MergeSourceDepth
+            : TRUE)
+        return ERROR_INVALID_PARAMETER;
+    EnterCriticalSection(&lock);
+    sweep();
+    DWORD status;
+    struct fake_handle *handle = metaops_handle(VirtualDiskHandle, &status);
+    if (handle && handle->image->subtype != 4)
+        status = FAKE_ERROR_VHD_INVALID_TYPE; /* nothing to merge */
+    if (status == ERROR_SUCCESS)
+        status = op_start(handle, Overlapped, handle->image, FAKE_MERGE, handle->image->size, 0);
+    LeaveCriticalSection(&lock);
+    return status;
+}
+
+static DWORD resize(HANDLE value, ULONGLONG size, BOOL unsafe, BOOL expand, OVERLAPPED *overlapped)
+{
+    EnterCriticalSection(&lock);
+    sweep();
+    DWORD status;
+    struct fake_handle *handle = metaops_handle(value, &status);
+    struct fake_image *image = handle ? handle->image : NULL;
+    if (status != ERROR_SUCCESS)
+        ;
+    else if (size == 0 || size % 512 || (expand && size <= image->size))
+        status = ERROR_INVALID_PARAMETER;
+    else if (image->subtype == 4 || image->device_id == VIRTUAL_STORAGE_TYPE_DEVICE_ISO ||
+             (size < image->size && image->device_id == VIRTUAL_STORAGE_TYPE_DEVICE_VHD))
+        status = FAKE_ERROR_VHD_INVALID_TYPE; /* a differencing disk has its parent's size; a VHD only grows */
+    else if (size < image->size && !unsafe)
+        status = FAKE_ERROR_VHD_RESIZE_WOULD_TRUNCATE_DATA; /* the double knows no partitions */
+    if (status == ERROR_SUCCESS) {
+        ULONGLONG change = size > image->size ? size - image->size : image->size - size;
+        status = op_start(handle, overlapped, image, FAKE_RESIZE, change, size);
+    }
+    LeaveCriticalSection(&lock);
+    return status;
+}
+
+EXPORT DWORD WINAPI ResizeVirtualDisk(HANDLE VirtualDiskHandle, RESIZE_VIRTUAL_DISK_FLAG Flags,
+                                      PRESIZE_VIRTUAL_DISK_PARAMETERS Parameters, LPOVERLAPPED Overlapped)
+{
+    if (!Parameters || Parameters->Version != RESIZE_VIRTUAL_DISK_VERSION_1 ||
+        (Flags & ~(RESIZE_VIRTUAL_DISK_FLAG_ALLOW_UNSAFE_VIRTUAL_SIZE)))
+        return ERROR_INVALID_PARAMETER; /* SMALLEST_SAFE needs partitions: beyond this double */
+    return resize(VirtualDiskHandle, Parameters->Version1.NewSize,
+                  (Flags & RESIZE_VIRTUAL_DISK_FLAG_ALLOW_UNSAFE_VIRTUAL_SIZE) != 0, FALSE, Overlapped);
+}
+
+EXPORT DWORD WINAPI ExpandVirtualDisk(HANDLE VirtualDiskHandle, EXPAND_VIRTUAL_DISK_FLAG Flags,
+                                      PEXPAND_VIRTUAL_DISK_PARAMETERS Parameters, LPOVERLAPPED Overlapped)
+{
+    if (!Parameters || Parameters->Version != EXPAND_VIRTUAL_DISK_VERSION_1 || Flags > 1)
+        return ERROR_INVALID_PARAMETER;
+    return resize(VirtualDiskHandle, Parameters->Version1.NewSize, FALSE, TRUE, Overlapped);
+}
+
+/* File-system-agnostic compaction of a detached dynamic or differencing
+   disk, as the docs allow; a fixed disk has nothing to give back. */
+EXPORT DWORD WINAPI CompactVirtualDisk(HANDLE VirtualDiskHandle, COMPACT_VIRTUAL_DISK_FLAG Flags,
+                                       PCOMPACT_VIRTUAL_DISK_PARAMETERS Parameters, LPOVERLAPPED Overlapped)
+{
+    if (Flags > 3 || (Parameters && Parameters->Version != COMPACT_VIRTUAL_DISK_VERSION_1))
+        return ERROR_INVALID_PARAMETER;
+    EnterCriticalSection(&lock);
+    sweep();
+    DWORD status;
+    struct fake_handle *handle = metaops_handle(VirtualDiskHandle, &status);
+    if (handle && (handle->image->subtype == 2 || handle->image->device_id == VIRTUAL_STORAGE_TYPE_DEVICE_ISO))
+        status = FAKE_ERROR_VHD_INVALID_TYPE; /* the double's choice of code */
+    if (status == ERROR_SUCCESS)
+        status = op_start(handle, Overlapped, handle->image, FAKE_COMPACT, handle->image->size / 4, 0);
+    LeaveCriticalSection(&lock);
+    return status;
+}
+
+static DWORD create_operation(struct fake_handle *handle, OVERLAPPED *overlapped)
+{
+    return op_start(handle, overlapped, handle->image, FAKE_CREATE, handle->image->size, 0);
+}
+
+static BOOL ops_running(void)
+{
+    for (int i = 0; i < FAKE_MAX_OPS; i++)
+        if (ops[i].used && ops[i].status == ERROR_IO_PENDING)
+            return TRUE;
+    return FALSE;
+}
+
+static void ops_forget(void)
+{
+    memset(ops, 0, sizeof ops);
 }
