@@ -21,6 +21,7 @@
 #include "image.h"
 #include "job.h"
 #include "loopdev.h"
+#include "reserve.h"
 #include "share.h"
 #include "source.h"
 #include "utf16.h"

@@ -72,17 +72,6 @@ static inline bool vd_job_cancelled(const struct vd_job *job)
     return __atomic_load_n(&job->cancel, __ATOMIC_RELAXED);
 }
 
-/* Allocates length bytes of fd from offset (fallocate with mode: 0 inside
-   the file, FALLOC_FL_KEEP_SIZE past its end) in steps, advancing the job by
-   the bytes each step covers and stopping between steps when it is
-   cancelled, so that reserving gigabytes shows progress and can be stopped.
-   Where the file system cannot preallocate: mode 0 writes zeros into the
-   range's holes only (holes read as zeros, so no byte changes), and
-   KEEP_SIZE does nothing (the caller's own path extends the file).  A
-   cancelled or failed KEEP_SIZE reservation is given back (the file is
-   truncated to the size it has).  Returns ERROR_SUCCESS, ERROR_OPERATION_ABORTED or an error, with detail. */
-DWORD vd_job_fallocate(struct vd_job *job, int fd, int mode, uint64_t offset, uint64_t length, const char *path);
-
 /* Checks an OVERLAPPED before an asynchronous call commits to anything:
    its event must be NULL or an eventfd of this process, and no job of this
    handle may be running with it. */

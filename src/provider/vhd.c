@@ -28,7 +28,7 @@
 
 #include "bytes.h"
 #include "errors.h"
-#include "job.h"
+#include "reserve.h"
 #include "utf16.h"
 #include "winerror.h"
 

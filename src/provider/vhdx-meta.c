@@ -16,7 +16,7 @@
 #include "bytes.h"
 #include "crc32c.h"
 #include "errors.h"
-#include "job.h"
+#include "reserve.h"
 #include "shim.h"
 #include "utf16.h"
 

@@ -26,6 +26,7 @@
 #include "bytes.h"
 #include "errors.h"
 #include "image.h"
+#include "job.h"
 #include "shim.h"
 
 static FILE *trace;
@@ -105,7 +106,8 @@ int main(int argc, char **argv)
             unsigned long long size;
             if (sscanf(step, "r:%llu", &size) != 1)
                 return fail(step, ERROR_INVALID_PARAMETER);
-            status = image->format->resize(image, size);
+            struct vd_job job = {0}; /* synchronous: never cancelled */
+            status = image->format->resize(image, size, &job);
             if (status != ERROR_SUCCESS)
                 return fail(step, status);
             put('M', size, 0, 0, NULL);
