@@ -268,3 +268,36 @@ def test_long_commands_draw_a_bar_on_a_terminal_only_and_not_with_quiet(tmp_path
             stdout = result.stdout
         assert stdout.startswith("converted")
         _compare(raw, target)
+
+
+def test_resize_to_the_minimum_size_ends_at_the_last_partition(tmp_path: Path) -> None:
+    raw = tmp_path / "table.raw"
+    with raw.open("wb") as file:
+        file.truncate(64 * MiB)
+    subprocess.run(
+        [require_tool("sfdisk"), "-q", "--no-reread", "--no-tell-kernel", str(raw)],
+        input="label: dos\nstart=2048, size=20480\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    end = (2048 + 20480) * 512
+    with raw.open("r+b") as file:
+        file.seek(end - MiB)
+        file.write(random.Random(3).randbytes(MiB))
+    image = tmp_path / "disk.vhdx"
+    assert virtdisk_cli("convert", str(raw), str(image)).returncode == 0
+    assert _info(image)["smallest_safe_size"] == end
+    assert_one_line_error(
+        virtdisk_cli("resize", str(image), "--size", str(end - MiB)), "ERROR_VHD_RESIZE_WOULD_TRUNCATE_DATA"
+    )
+    result = virtdisk_cli("resize", str(image), "--to-minimum-size", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["virtual_size"] == end
+    kept = tmp_path / "kept.raw"
+    kept.write_bytes(raw.read_bytes()[:end])
+    _compare(kept, image)
+    assert_one_line_error(
+        virtdisk_cli("resize", str(image), "--to-minimum-size"),
+        "ERROR_VHD_ALREADY_AT_OR_BELOW_MINIMUM_VIRTUAL_SIZE",
+    )
