@@ -7,9 +7,11 @@ checked with qemu-img against a raw copy of what went in.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,8 +53,6 @@ def _qemu_compare(expected: bytes, image: Path, suffix: str) -> None:
 
 
 def _qemu_size(image: Path, suffix: str) -> int:
-    import json
-
     result = subprocess.run(
         [require_tool("qemu-img"), "info", "--output=json", "-f", QEMU_FORMAT[suffix], str(image)],
         capture_output=True,
@@ -217,3 +217,40 @@ def test_a_handle_with_a_running_grow_refuses_other_changes_and_closing_it_cance
             operation.wait()
     with virtdisk.open(image, read_only=True) as disk:
         assert disk.info.virtual_size == 16 * MiB
+
+
+def test_without_fallocate_a_fixed_disk_is_written_as_zeros_with_progress(tmp_path: Path) -> None:
+    """tests/doubles/no_fallocate_double.c: the fallback writes zeros into the
+    holes of the new file only, so the metadata stays and the disk reads zeros."""
+    library = tmp_path / "no_fallocate_double.so"
+    source = Path(__file__).parent / "doubles" / "no_fallocate_double.c"
+    subprocess.run(
+        [require_tool("gcc"), "-shared", "-fPIC", "-O1", "-Wall", "-o", str(library), str(source)], check=True
+    )
+    script = """if True:
+        import json, sys, virtdisk
+        seen = []
+        for name in ("fixed.vhdx", "fixed.vhd"):
+            virtdisk.create(sys.argv[1] + "/" + name, 64 << 20, fixed=True,
+                            progress=lambda c, t: seen.append((c, t))).close()
+            print(json.dumps(seen[-1]))
+        with virtdisk.open(sys.argv[1] + "/fixed.vhd", virtdisk.Access.METAOPS) as disk:
+            disk.expand(96 << 20)
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env={**os.environ, "LD_PRELOAD": str(library)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    for line, name in zip(result.stdout.splitlines(), ("fixed.vhdx", "fixed.vhd")):
+        image = tmp_path / name
+        current, total = json.loads(line)
+        assert current == total > 64 * MiB - 1
+        assert os.stat(image).st_blocks * 512 >= 64 * MiB  # written, not left sparse
+    _qemu_compare(bytes(64 * MiB), tmp_path / "fixed.vhdx", "vhdx")
+    _qemu_compare(bytes(96 * MiB), tmp_path / "fixed.vhd", "vhd")
+    subprocess.run(
+        [require_tool("qemu-img"), "check", "-f", "vhdx", str(tmp_path / "fixed.vhdx")], check=True
+    )
