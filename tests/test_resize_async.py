@@ -254,3 +254,43 @@ def test_without_fallocate_a_fixed_disk_is_written_as_zeros_with_progress(tmp_pa
     subprocess.run(
         [require_tool("qemu-img"), "check", "-f", "vhdx", str(tmp_path / "fixed.vhdx")], check=True
     )
+
+
+def test_raw_asynchronous_fixed_create_returns_a_handle_at_once_and_a_cancel_leaves_no_file(
+    tmp_path: Path,
+) -> None:
+    storage = ffi.new("VIRTUAL_STORAGE_TYPE *")
+    parameters = ffi.new("CREATE_VIRTUAL_DISK_PARAMETERS *", {"Version": 2})
+    parameters.Version2.MaximumSize = 16 * GiB
+    event = lib.CreateEventW(ffi.NULL, 1, 0, ffi.NULL)
+    try:
+        # A cancel can lose the race with the end: then another file is tried.
+        for attempt in range(5):
+            image = tmp_path / f"fixed-{attempt}.vhdx"
+            handle = ffi.new("HANDLE *")
+            overlapped = ffi.new("OVERLAPPED *", {"hEvent": event})
+            flags = lib.CREATE_VIRTUAL_DISK_FLAG_FULL_PHYSICAL_ALLOCATION
+            code = lib.CreateVirtualDisk(
+                storage, str(image), 0, ffi.NULL, flags, 0, parameters, overlapped, handle
+            )
+            assert code == WinError.ERROR_IO_PENDING
+            assert handle[0] != ffi.NULL and image.exists()  # the handle and the file at once
+            cancelled = lib.CancelIoEx(handle[0], overlapped)
+            assert lib.WaitForSingleObject(event, 60_000) == 0
+            progress = ffi.new("VIRTUAL_DISK_PROGRESS *")
+            assert lib.GetVirtualDiskOperationProgress(handle[0], overlapped, progress) == 0
+            lib.CloseHandle(handle[0])
+            if progress.OperationStatus == 0:
+                assert image.stat().st_size > 16 * GiB  # it had ended: whole
+                image.unlink()
+                continue
+            assert cancelled
+            assert progress.OperationStatus == WinError.ERROR_OPERATION_ABORTED
+            assert overlapped.Internal == WinError.ERROR_OPERATION_ABORTED
+            assert progress.CurrentValue < progress.CompletionValue
+            assert not image.exists()
+            break
+        else:
+            pytest.fail("every create ended before it could be cancelled")
+    finally:
+        lib.CloseHandle(event)
