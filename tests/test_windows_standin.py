@@ -434,3 +434,29 @@ def test_compact_of_a_detached_dynamic_disk_runs_with_progress(tmp_path: Path) -
         assert raised.value.winerror == WinError.ERROR_VHD_INVALID_TYPE
     with virtdisk.open(add(tmp_path / "other.vhdx")) as disk, pytest.raises(VirtualDiskPermissionError):
         compact(disk)  # no METAOPS
+
+
+def test_set_parent_path_identifier_and_physical_sector_size(tmp_path: Path) -> None:
+    import uuid
+
+    moved = add(tmp_path / "moved" / "base.vhdx")
+    child = add(tmp_path / "child.vhdx", subtype=DIFFERENCING, parents=[str(tmp_path / "base.vhdx")])
+    with pytest.raises(ParentNotFoundError):
+        virtdisk.open(child)
+    with virtdisk.open(child, Access.METAOPS | Access.GET_INFO, no_parents=True) as disk:
+        with pytest.raises(ParentNotFoundError):
+            disk.set_parent_path(tmp_path / "nowhere.vhdx")
+        disk.set_parent_path(moved)
+    with virtdisk.open(child) as disk:
+        assert disk.info.parent_resolved and disk.info.parent_path == str(moved)
+    identifier = uuid.uuid4()
+    with virtdisk.open(moved, Access.METAOPS | Access.GET_INFO) as disk:
+        disk.set_identifier(identifier)
+        disk.set_physical_sector_size(512)
+        info = disk.info
+    assert (info.identifier, info.physical_sector_size) == (identifier, 512)
+    with virtdisk.open(moved) as disk, pytest.raises(VirtualDiskPermissionError):
+        disk.set_identifier(identifier)  # no METAOPS: the facade says how to get it
+    vhd = add(tmp_path / "a.vhd", device=VHD)
+    with virtdisk.open(vhd, Access.METAOPS) as disk, pytest.raises(NotSupportedError):
+        disk.set_physical_sector_size(4096)

@@ -65,6 +65,7 @@ struct fake_image {
     BOOL parent_resolved;
     BOOL attached, permanent;
     int number; /* N of \\.\PhysicalDriveN or \\.\CdRomN */
+    ULONG physical_sector; /* SetVirtualDiskInformation's; 0: the format's */
 };
 
 struct fake_handle {
@@ -479,7 +480,9 @@ static DWORD information(const struct fake_image *image, ULONG *size, GET_VIRTUA
     case GET_VIRTUAL_DISK_INFO_VHD_PHYSICAL_SECTOR_SIZE:
         if (iso)
             return FAKE_ERROR_VHD_INVALID_TYPE;
-        info->VhdPhysicalSectorSize = image->device_id == VIRTUAL_STORAGE_TYPE_DEVICE_VHDX ? 4096 : 512;
+        info->VhdPhysicalSectorSize = image->physical_sector                                 ? image->physical_sector
+                                      : image->device_id == VIRTUAL_STORAGE_TYPE_DEVICE_VHDX ? 4096
+                                                                                             : 512;
         break;
     case GET_VIRTUAL_DISK_INFO_IS_LOADED:
         info->IsLoaded = FALSE;
@@ -602,11 +605,6 @@ EXPORT DWORD WINAPI GetStorageDependencyInformation(HANDLE a, GET_STORAGE_DEPEND
     return ERROR_CALL_NOT_IMPLEMENTED;
 }
 
-EXPORT DWORD WINAPI SetVirtualDiskInformation(HANDLE a, PSET_VIRTUAL_DISK_INFO b)
-{
-    (void)a, (void)b;
-    return ERROR_CALL_NOT_IMPLEMENTED;
-}
 
 /* ---- long operations ----------------------------------------------------- */
 
@@ -869,4 +867,50 @@ static BOOL ops_running(void)
 static void ops_forget(void)
 {
     memset(ops, 0, sizeof ops);
+}
+
+static struct fake_handle *metaops_handle(HANDLE value, DWORD *status);
+
+/* The offline changes Set-VHD makes: a parent path (the parent must be a
+   registered image; the double keeps no identifiers to compare), a unique
+   identifier, a physical sector size (512, or 4096 for VHDX). */
+EXPORT DWORD WINAPI SetVirtualDiskInformation(HANDLE VirtualDiskHandle, PSET_VIRTUAL_DISK_INFO Info)
+{
+    if (!Info)
+        return ERROR_INVALID_PARAMETER;
+    EnterCriticalSection(&lock);
+    sweep();
+    DWORD status;
+    struct fake_handle *handle = metaops_handle(VirtualDiskHandle, &status);
+    struct fake_image *image = handle ? handle->image : NULL;
+    if (status != ERROR_SUCCESS)
+        ;
+    else if (Info->Version == SET_VIRTUAL_DISK_INFO_PARENT_PATH) {
+        WCHAR full[FAKE_PATH];
+        if (image->subtype != 4)
+            status = FAKE_ERROR_VHD_INVALID_TYPE;
+        else if (!Info->ParentFilePath || !fully_qualified(Info->ParentFilePath))
+            status = ERROR_INVALID_PARAMETER;
+        else if (!full_path(Info->ParentFilePath, full) || !find_image(full))
+            status = FAKE_ERROR_VHD_PARENT_VHD_NOT_FOUND;
+        else {
+            memset(image->parents, 0, sizeof image->parents);
+            wcsncpy(image->parents, full, FAKE_PATH - 1);
+            image->parent_resolved = TRUE;
+        }
+    } else if (Info->Version == SET_VIRTUAL_DISK_INFO_IDENTIFIER) {
+        image->id = Info->UniqueIdentifier;
+    } else if (Info->Version == SET_VIRTUAL_DISK_INFO_PHYSICAL_SECTOR_SIZE) {
+        ULONG size = Info->VhdPhysicalSectorSize;
+        if (size != 512 && size != 4096)
+            status = ERROR_INVALID_PARAMETER;
+        else if (size == 4096 && image->device_id != VIRTUAL_STORAGE_TYPE_DEVICE_VHDX)
+            status = FAKE_ERROR_VHD_INVALID_TYPE; /* the double's choice of code */
+        else
+            image->physical_sector = size;
+    } else {
+        status = ERROR_INVALID_PARAMETER; /* other versions: beyond this double */
+    }
+    LeaveCriticalSection(&lock);
+    return status;
 }
