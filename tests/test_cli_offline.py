@@ -301,3 +301,16 @@ def test_resize_to_the_minimum_size_ends_at_the_last_partition(tmp_path: Path) -
         virtdisk_cli("resize", str(image), "--to-minimum-size"),
         "ERROR_VHD_ALREADY_AT_OR_BELOW_MINIMUM_VIRTUAL_SIZE",
     )
+
+
+def test_create_json_is_the_new_images_info(tmp_path: Path) -> None:
+    image = tmp_path / "fixed.vhdx"
+    result = virtdisk_cli("create", str(image), "--size", "16M", "--type", "fixed", "--json")
+    assert result.returncode == 0 and result.stderr == ""
+    created = json.loads(result.stdout)
+    assert created == _info(image)
+    assert (created["storage_type"], created["disk_type"], created["virtual_size"]) == (
+        "vhdx",
+        "fixed",
+        16 * MiB,
+    )

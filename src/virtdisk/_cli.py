@@ -91,7 +91,7 @@ def _create(args: argparse.Namespace) -> int:
             f"cannot tell the format of {path} from its suffix: give --format vhd or --format vhdx"
         )
     # A fixed disk's allocation and a copy take time: a bar on a terminal.
-    bar = ProgressBar(f"creating {path}", quiet=args.quiet)
+    bar = ProgressBar(f"creating {path}", quiet=args.quiet or args.json)
     try:
         with _disk.create(
             path,
@@ -107,6 +107,9 @@ def _create(args: argparse.Namespace) -> int:
             info = disk.info
     finally:
         bar.finish()
+    if args.json:
+        print(json.dumps(info_json(info, None), indent=2))
+        return 0
     print(f"created {path} ({_kind(info)}, {_human(info.virtual_size)})")
     return 0
 
@@ -271,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     origin.add_argument("--parent", help="make a differencing disk over this image (no --size)")
     origin.add_argument("--source", help="copy the contents of this image, raw file or block device")
     create.add_argument("--quiet", action="store_true", help="no progress bar")
+    create.add_argument(
+        "--json", action="store_true", help="print the new image's information as 'info --json' does"
+    )
     create.set_defaults(run=_create)
 
     info = commands.add_parser("info", help="describe an image", description="Describe an image.")
