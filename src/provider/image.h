@@ -100,6 +100,37 @@ enum vd_block_state {
     VD_BLOCK_ZERO,   /* zeros this file states, hiding any parent's data */
 };
 
+/* Compaction (compact.c) sees a file as places that never move (headers,
+   tables, logs) and units: stretches of the file that one table entry
+   points at, which may be dropped or moved.  compact_layout() describes the
+   file as it is now. */
+enum vd_unit_kind {
+    VD_UNIT_DATA,     /* a block of the virtual disk that holds data */
+    VD_UNIT_STALE,    /* space an entry still names though the block reads
+                         the same without it (VHDX ZERO/UNMAPPED with an
+                         offset): dropped without looking */
+    VD_UNIT_METADATA, /* the format's own (VHDX sector bitmap): kept, movable */
+};
+
+struct vd_compact_unit {
+    uint64_t id;                   /* the format's name for it (a BAT index) */
+    uint64_t file_offset, length;  /* the file bytes it owns */
+    uint64_t virtual_offset;       /* DATA: the disk bytes it holds ... */
+    uint64_t virtual_length;       /* ... (the last block may be short) */
+    enum vd_unit_kind kind;
+};
+
+struct vd_compact_layout {
+    struct vd_extent *fixed;       /* file ranges that never move; malloc'd */
+    size_t fixed_count;
+    struct vd_compact_unit *units; /* malloc'd */
+    size_t unit_count;
+    uint64_t alignment;            /* a moved unit starts at a multiple of this */
+    /* A dropped DATA unit reads as the parent's data (VHD: an unallocated
+       block of a differencing disk), else as zeros (VHDX states zeros). */
+    bool drop_shows_parent;
+};
+
 struct vd_format {
     const char *name;              /* "VHD", "VHDX", "ISO" */
     ULONG device_id;               /* VIRTUAL_STORAGE_TYPE_DEVICE_* */
@@ -156,6 +187,25 @@ struct vd_format {
        stops there when it is cancelled, before anything changes the image's
        size: a cancelled resize leaves the old size (job.h). */
     DWORD (*resize)(struct vd_image *image, uint64_t size, struct vd_job *job);
+
+    /* Compaction of an image opened writable, detached and exclusive.  NULL
+       where the format has no blocks to compact (fixed, ISO).
+       compact_drop: the units stop owning file space; a DATA unit then reads
+       as zeros, or as the parent (layout.drop_shows_parent: the caller has
+       checked that the parent reads zeros there).  Durable on return, so
+       the space may be reused.
+       compact_move: unit i is copied to targets[i] (free space, not
+       overlapping any unit or fixed range, aligned), made durable, then
+       the entries are pointed at the copies; the old places are free once
+       it returns.  A crash at any point reads as before.
+       compact_truncate: the file ends at end (past every fixed range and
+       unit) plus whatever the format keeps at the end (VHD: its footer);
+       nothing to do when it ends there already. */
+    DWORD (*compact_layout)(struct vd_image *image, struct vd_compact_layout *layout);
+    DWORD (*compact_drop)(struct vd_image *image, const struct vd_compact_unit *units, size_t count);
+    DWORD (*compact_move)(struct vd_image *image, const struct vd_compact_unit *units, const uint64_t *targets,
+                          size_t count);
+    DWORD (*compact_truncate)(struct vd_image *image, uint64_t end);
 
     /* Releases state (not fd, path, parent_locations or parent:
        vd_image_close() owns those).  Called only when state is not NULL, also

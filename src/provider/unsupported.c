@@ -34,13 +34,6 @@ DWORD WINAPI DeleteVirtualDiskMetadata(HANDLE VirtualDiskHandle, const GUID *Ite
     return VD_UNSUPPORTED("DeleteVirtualDiskMetadata");
 }
 
-DWORD WINAPI CompactVirtualDisk(HANDLE VirtualDiskHandle, COMPACT_VIRTUAL_DISK_FLAG Flags,
-                                COMPACT_VIRTUAL_DISK_PARAMETERS *Parameters, OVERLAPPED *Overlapped)
-{
-    vd_clear_detail();
-    return VD_UNSUPPORTED("CompactVirtualDisk");
-}
-
 DWORD WINAPI AddVirtualDiskParent(HANDLE VirtualDiskHandle, const WCHAR *ParentPath)
 {
     vd_clear_detail();

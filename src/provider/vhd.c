@@ -2053,6 +2053,165 @@ static DWORD vhd_resize(struct vd_image *image, uint64_t size, struct vd_job *jo
 /* The footer ends the file (511 bytes in images from before Virtual PC
    2004); dynamic and differencing disks also start with a copy of it, which
    still identifies a file whose end was lost. */
+/* ---- compaction (compact.h) ---------------------------------------------- */
+
+/* Flushes, and names what waits on it when that fails. */
+static DWORD vhd_sync(struct vd_image *image, const char *before)
+{
+    return vd_fdatasync(image->fd) < 0 ? vd_fail_errno(errno, "%s: flushing before %s", image->path, before)
+                                       : ERROR_SUCCESS;
+}
+
+/* The fixed places: the footer copy, the dynamic header, the whole BAT as
+   the header sizes it, and every parent locator's data space (where
+   set_parent may have put it: after the blocks too).  The units: every
+   allocated block, its sector bitmap and data together. */
+static DWORD vhd_compact_layout(struct vd_image *image, struct vd_compact_layout *layout)
+{
+    struct vhd_state *state = image->state;
+    struct vhd_dynamic_header header;
+    uint64_t header_offset = vd_be64(state->footer.data_offset);
+    int error = vd_pread_full(image->fd, &header, sizeof header, header_offset);
+    if (error)
+        return vd_fail_errno(error, "%s: reading the dynamic header at offset %llu", image->path,
+                             (ull)header_offset);
+    layout->fixed = malloc((3 + VHD_LOCATOR_COUNT) * sizeof *layout->fixed);
+    layout->units = malloc(((size_t)state->block_count + 1) * sizeof *layout->units);
+    if (!layout->fixed || !layout->units)
+        return vd_fail(ERROR_OUTOFMEMORY, "%s: the compaction's layout", image->path);
+    size_t n = 0;
+    layout->fixed[n++] = (struct vd_extent){0, VHD_FOOTER_SIZE};
+    layout->fixed[n++] = (struct vd_extent){header_offset, VHD_HEADER_SIZE};
+    layout->fixed[n++] = (struct vd_extent){state->table_offset,
+                                            vhd_round_up((uint64_t)vd_be32(header.max_table_entries) * 4, VHD_SECTOR)};
+    if (state->disk_type == VHD_TYPE_DIFFERENCING) {
+        for (int i = 0; i < VHD_LOCATOR_COUNT; i++) {
+            const struct vhd_parent_locator *locator = &header.parent_locator[i];
+            uint32_t space = vd_be32(locator->platform_data_space);
+            uint32_t length = vd_be32(locator->platform_data_length);
+            uint64_t offset = vd_be64(locator->platform_data_offset);
+            if (vd_be32(locator->platform_code) == 0 || offset == 0 || offset >= state->footer_offset)
+                continue;
+            /* Bytes or sectors (vhd_read_locator): the larger reading is kept. */
+            uint64_t capacity = space >= length ? vhd_round_up(space, VHD_SECTOR) : (uint64_t)space * VHD_SECTOR;
+            if (capacity > state->footer_offset - offset)
+                capacity = state->footer_offset - offset;
+            layout->fixed[n++] = (struct vd_extent){offset, capacity};
+        }
+    }
+    layout->fixed_count = n;
+    size_t units = 0;
+    for (uint32_t block = 0; block < state->block_count; block++) {
+        if (state->bat[block] == VHD_BAT_UNUSED)
+            continue;
+        uint64_t start = (uint64_t)block * state->block_size;
+        uint64_t left = image->virtual_size - start;
+        layout->units[units++] = (struct vd_compact_unit){
+            .id = block,
+            .file_offset = (uint64_t)state->bat[block] * VHD_SECTOR,
+            .length = (uint64_t)state->bitmap_size + state->block_size,
+            .virtual_offset = start,
+            .virtual_length = left < state->block_size ? left : state->block_size,
+            .kind = VD_UNIT_DATA,
+        };
+    }
+    layout->unit_count = units;
+    layout->alignment = VHD_SECTOR;
+    layout->drop_shows_parent = state->disk_type == VHD_TYPE_DIFFERENCING;
+    return ERROR_SUCCESS;
+}
+
+/* BAT entries in place, then a flush: each 4-byte entry lies inside one
+   sector, whose write is atomic. */
+static DWORD vhd_write_bat_entries(struct vd_image *image, const struct vd_compact_unit *units, size_t count)
+{
+    struct vhd_state *state = image->state;
+    int error = 0;
+    for (size_t i = 0; i < count && !error; i++) {
+        uint8_t raw[4];
+        vd_put_be32(raw, state->bat[units[i].id]);
+        error = vd_pwrite_full(image->fd, raw, sizeof raw, state->table_offset + 4 * units[i].id);
+    }
+    if (error)
+        return vd_fail_errno(error, "%s: writing BAT entries at offset %llu", image->path,
+                             (ull)state->table_offset);
+    return vhd_sync(image, "reusing the space of moved or dropped blocks");
+}
+
+static DWORD vhd_compact_drop(struct vd_image *image, const struct vd_compact_unit *units, size_t count)
+{
+    struct vhd_state *state = image->state;
+    pthread_mutex_lock(&state->lock);
+    for (size_t i = 0; i < count; i++)
+        state->bat[units[i].id] = VHD_BAT_UNUSED;
+    DWORD status = vhd_write_bat_entries(image, units, count);
+    pthread_mutex_unlock(&state->lock);
+    return status;
+}
+
+/* Each block copied (bitmap and data), all of them flushed, then the BAT
+   entries pointed at the copies and flushed. */
+static DWORD vhd_compact_move(struct vd_image *image, const struct vd_compact_unit *units, const uint64_t *targets,
+                              size_t count)
+{
+    struct vhd_state *state = image->state;
+    uint64_t span = (uint64_t)state->bitmap_size + state->block_size;
+    uint8_t *buffer = malloc(span);
+    if (!buffer)
+        return vd_fail(ERROR_OUTOFMEMORY, "%s: a block buffer", image->path);
+    DWORD status = ERROR_SUCCESS;
+    for (size_t i = 0; i < count && status == ERROR_SUCCESS; i++) {
+        if (targets[i] % VHD_SECTOR || targets[i] / VHD_SECTOR >= VHD_BAT_UNUSED) {
+            status = vd_fail(ERROR_INVALID_PARAMETER, "%s: a block cannot start at offset %llu", image->path,
+                             (ull)targets[i]);
+            break;
+        }
+        int error = vd_pread_full(image->fd, buffer, span, units[i].file_offset);
+        if (!error)
+            error = vd_pwrite_full(image->fd, buffer, span, targets[i]);
+        if (error)
+            status = vd_fail_errno(error, "%s: moving the block at offset %llu to %llu", image->path,
+                                   (ull)units[i].file_offset, (ull)targets[i]);
+    }
+    free(buffer);
+    if (status == ERROR_SUCCESS)
+        status = vhd_sync(image, "pointing the BAT at moved blocks");
+    if (status != ERROR_SUCCESS)
+        return status;
+    pthread_mutex_lock(&state->lock);
+    for (size_t i = 0; i < count; i++)
+        state->bat[units[i].id] = (uint32_t)(targets[i] / VHD_SECTOR);
+    status = vhd_write_bat_entries(image, units, count);
+    pthread_mutex_unlock(&state->lock);
+    return status;
+}
+
+/* The footer written after the last block first and flushed, then the file
+   cut after it: until the cut, the old footer still ends the file. */
+static DWORD vhd_compact_truncate(struct vd_image *image, uint64_t end)
+{
+    struct vhd_state *state = image->state;
+    uint64_t footer_offset = vhd_round_up(end, VHD_SECTOR);
+    if (footer_offset >= state->footer_offset)
+        return ERROR_SUCCESS;
+    pthread_mutex_lock(&state->lock);
+    int error = vd_pwrite_full(image->fd, &state->footer, sizeof state->footer, footer_offset);
+    DWORD status = error ? vd_fail_errno(error, "%s: writing the footer at offset %llu", image->path,
+                                         (ull)footer_offset)
+                         : vhd_sync(image, "cutting the file after the last block");
+    if (status == ERROR_SUCCESS && vd_ftruncate(image->fd, footer_offset + VHD_FOOTER_SIZE) < 0)
+        status = vd_fail_errno(errno, "%s: cutting the file to %llu bytes", image->path,
+                               (ull)(footer_offset + VHD_FOOTER_SIZE));
+    if (status == ERROR_SUCCESS)
+        status = vhd_sync(image, "reporting the compaction done");
+    if (status == ERROR_SUCCESS) {
+        state->footer_offset = footer_offset;
+        image->file_size = footer_offset + VHD_FOOTER_SIZE;
+    }
+    pthread_mutex_unlock(&state->lock);
+    return status;
+}
+
 static bool vhd_probe(const uint8_t *head, size_t head_length, const uint8_t *tail, size_t tail_length,
                       uint64_t file_size)
 {
@@ -2080,4 +2239,8 @@ const struct vd_format vd_format_vhd = {
     .close = vhd_close,
     .prepare_bulk_write = vhd_prepare_bulk_write,
     .flush = vhd_flush,
+    .compact_layout = vhd_compact_layout,
+    .compact_drop = vhd_compact_drop,
+    .compact_move = vhd_compact_move,
+    .compact_truncate = vhd_compact_truncate,
 };

@@ -105,6 +105,7 @@ DWORD vhdx_read_region_table(struct vd_image *image, struct vhdx_regions *region
        for a torn or corrupted first copy. */
     DWORD status = ERROR_SUCCESS;
     uint64_t table_offset = 0;
+    regions->others_start = regions->others_end = 0;
     for (int i = 0; i < 2; i++) {
         table_offset = offsets[i];
         status = vhdx_read_at(image, table, VHDX_REGION_TABLE_SIZE, table_offset, "VHDX region table");
@@ -137,7 +138,16 @@ DWORD vhdx_read_region_table(struct vd_image *image, struct vhdx_regions *region
                 status = vd_fail(ERROR_VHD_FORMAT_UNKNOWN,
                                  "VHDX region table entry at offset %llu: unknown region %s is "
                                  "marked required", ull(entry_offset), vhdx_guid_text(&guid, false).s);
-            continue; /* optional regions we do not know are ignored (§2.2.3.2) */
+            /* Optional regions we do not know are ignored (§2.2.3.2), but
+               their space is kept clear of moved blocks. */
+            if (status == ERROR_SUCCESS && length && offset < image->file_size) {
+                uint64_t end = length > image->file_size - offset ? image->file_size : offset + length;
+                if (!regions->others_end || offset < regions->others_start)
+                    regions->others_start = offset;
+                if (end > regions->others_end)
+                    regions->others_end = end;
+            }
+            continue;
         }
         if (offset % VHDX_ALIGN || offset < VHDX_ALIGN || length % VHDX_ALIGN || length == 0) {
             status = vd_fail(ERROR_VHD_SPARSE_HEADER_CORRUPT,

@@ -73,5 +73,9 @@ const struct vd_format vd_format_vhdx = {
     .close = vhdx_close,
     .prepare_direct_write = vhdx_prepare_direct_write,
     .flush = vhdx_flush,
+    .compact_layout = vhdx_compact_layout,
+    .compact_drop = vhdx_compact_drop,
+    .compact_move = vhdx_compact_move,
+    .compact_truncate = vhdx_compact_truncate,
 };
 

@@ -10,6 +10,7 @@
  *   vhdx-discard.c discard, and the reuse of the file space it frees
  *   vhdx-create.c  new files
  *   vhdx-meta.c    offline changes (identifier, parent, sizes)
+ *   vhdx-compact.c dropping and moving blocks, cutting the file (compact.h)
  *   vhdx.c         probe and the format table
  *
  * Promises: every function taking a vd_image validates what it reads from the
@@ -222,6 +223,9 @@ struct vhdx_state {
 struct vhdx_regions {
     uint64_t bat_offset, metadata_offset;
     uint32_t bat_length, metadata_length;
+    /* Optional regions this reader does not know, as one span covering all
+       of them (others_end 0: none): ignored, but never to be overwritten. */
+    uint64_t others_start, others_end;
 };
 
 struct vhdx_metadata {
@@ -409,5 +413,13 @@ DWORD vhdx_set_parent(struct vd_image *image, struct vd_image *parent);
 DWORD vhdx_set_physical_sector_size(struct vd_image *image, ULONG size);
 DWORD vhdx_set_virtual_disk_id(struct vd_image *image, const GUID *id);
 DWORD vhdx_resize(struct vd_image *image, uint64_t size, struct vd_job *job);
+
+/* ---- vhdx-compact.c ---- */
+
+DWORD vhdx_compact_layout(struct vd_image *image, struct vd_compact_layout *layout);
+DWORD vhdx_compact_drop(struct vd_image *image, const struct vd_compact_unit *units, size_t count);
+DWORD vhdx_compact_move(struct vd_image *image, const struct vd_compact_unit *units, const uint64_t *targets,
+                        size_t count);
+DWORD vhdx_compact_truncate(struct vd_image *image, uint64_t end);
 
 #endif

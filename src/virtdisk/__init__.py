@@ -5,7 +5,17 @@ Linux the project's own provider (image formats in C, attach through loop
 devices).  The raw API is ``virtdisk._native.ffi`` / ``.lib``.
 """
 
-from ._disk import AttachedDisk, DiskInfo, VirtualDisk, attached_disks, create, detach, merge, open
+from ._disk import (
+    AttachedDisk,
+    DiskInfo,
+    VirtualDisk,
+    attached_disks,
+    compact,
+    create,
+    detach,
+    merge,
+    open,
+)
 from ._enums import Access, AttachFlag, CreateFlag, DiskType, OpenFlag, StorageType
 from ._errors import (
     DiskInUseError,
@@ -49,6 +59,7 @@ __all__ = [
     "VirtualDiskPermissionError",
     "WinError",
     "attached_disks",
+    "compact",
     "create",
     "detach",
     "merge",

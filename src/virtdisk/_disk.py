@@ -695,6 +695,43 @@ class VirtualDisk:
             code = lib.BreakMirrorVirtualDisk(handle)
         check(code, "BreakMirrorVirtualDisk", str(self._path))
 
+    # ---- long operations: compact ---------------------------------------
+
+    def begin_compact(self, *, zero_scan: bool = True, block_moves: bool = True) -> Operation:
+        """Start compacting this dynamic or differencing disk (CompactVirtualDisk,
+        asynchronous; Optimize-VHD).
+
+        Blocks that read as all zeros are dropped (not with ``zero_scan=False``:
+        then only blocks already marked unmapped or zero), and the file shrinks
+        as the last blocks move into the holes (not with ``block_moves=False``:
+        then only free space at the end of the file is cut off).  In a
+        differencing disk a zero block is dropped only where the parent's data
+        stays hidden.  The handle needs METAOPS access and the disk must be
+        detached.  Returns the running :class:`Operation`.
+        """
+        flags = 0
+        if not zero_scan:
+            flags |= lib.COMPACT_VIRTUAL_DISK_FLAG_NO_ZERO_SCAN
+        if not block_moves:
+            flags |= lib.COMPACT_VIRTUAL_DISK_FLAG_NO_BLOCK_MOVES
+        parameters = ffi.new("COMPACT_VIRTUAL_DISK_PARAMETERS *")
+        parameters.Version = lib.COMPACT_VIRTUAL_DISK_VERSION_1
+        handle = self._acquire()
+
+        def start(overlapped: Any) -> int:
+            return int(lib.CompactVirtualDisk(handle, flags, parameters, overlapped))
+
+        return Operation(lambda: handle, start, "CompactVirtualDisk", str(self._path), release=self._release)
+
+    def compact(
+        self, *, zero_scan: bool = True, block_moves: bool = True, progress: ProgressCallback | None = None
+    ) -> None:
+        """Compact and wait (:meth:`begin_compact`); ``progress(current, total)``
+        is called along the way.  An exception raised by ``progress`` (or
+        Ctrl-C) cancels the compaction and propagates; the image stays
+        consistent, with whatever space was already returned."""
+        self.begin_compact(zero_scan=zero_scan, block_moves=block_moves).wait(progress)
+
     # ---- information ----------------------------------------------------
 
     def _query(self, version: int, read: Callable[[Any], _T], size: int = 0) -> _T:
@@ -1183,6 +1220,20 @@ def merge(path: StrPath, depth: int = 1, *, progress: ProgressCallback | None = 
     place, no longer valid; nothing is deleted."""
     with open(path, Access.METAOPS | Access.GET_INFO, rw_depth=depth + 1) as disk:
         disk.merge(depth, progress=progress)
+
+
+def compact(
+    path: StrPath,
+    *,
+    zero_scan: bool = True,
+    block_moves: bool = True,
+    progress: ProgressCallback | None = None,
+) -> None:
+    """Compact the dynamic or differencing disk at ``path`` (Optimize-VHD):
+    opens it with METAOPS access, compacts (:meth:`VirtualDisk.compact`) and
+    closes."""
+    with open(path, Access.METAOPS | Access.GET_INFO) as disk:
+        disk.compact(zero_scan=zero_scan, block_moves=block_moves, progress=progress)
 
 
 def detach(path: StrPath) -> None:
