@@ -13,7 +13,7 @@ cc="${CC:-clang}"
 
 # The format modules and what they use; not api.c and the loop-device code,
 # which the targets do not reach.
-provider=(image.c vhd.c vhdx.c vhdx-ondisk.c vhdx-log.c vhdx-open.c vhdx-io.c vhdx-discard.c vhdx-create.c vhdx-meta.c iso.c crc32c.c bytes.c utf16.c errors.c reserve.c)
+provider=(image.c vhd.c vhdx.c vhdx-ondisk.c vhdx-log.c vhdx-open.c vhdx-io.c vhdx-discard.c vhdx-create.c vhdx-meta.c vhdx-compact.c iso.c crc32c.c bytes.c utf16.c errors.c reserve.c)
 sources=("$root/src/_cffi_src/messages.c" "$here/harness.c")
 for f in "${provider[@]}"; do sources+=("$root/src/provider/$f"); done
 

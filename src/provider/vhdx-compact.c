@@ -79,15 +79,18 @@ DWORD vhdx_compact_layout(struct vd_image *image, struct vd_compact_layout *layo
 static DWORD vhdx_compact_set_entries(struct vd_image *image, struct vhdx_state *s, const struct vd_compact_unit *units,
                                       const uint64_t *entries, size_t count)
 {
-    struct vhdx_meta_change *changes = malloc((count + 1) * sizeof *changes);
+    struct vhdx_meta_change *changes = calloc(count + 1, sizeof *changes);
     uint8_t *raw = malloc((count + 1) * 8);
-    DWORD status = !changes || !raw ? vd_fail(ERROR_OUTOFMEMORY, "%s: BAT changes", image->path) : ERROR_SUCCESS;
-    for (size_t i = 0; i < count && status == ERROR_SUCCESS; i++) {
+    if (!changes || !raw) {
+        free(changes);
+        free(raw);
+        return vd_fail(ERROR_OUTOFMEMORY, "%s: BAT changes", image->path);
+    }
+    for (size_t i = 0; i < count; i++) {
         vd_put_le64(raw + 8 * i, entries[i]);
         changes[i] = (struct vhdx_meta_change){s->bat_offset + units[i].id * 8, raw + 8 * i, 8};
     }
-    if (status == ERROR_SUCCESS)
-        status = vhdx_meta_write(image, s, changes, count);
+    DWORD status = vhdx_meta_write(image, s, changes, count);
     for (size_t i = 0; i < count && status == ERROR_SUCCESS; i++)
         __atomic_store_n(&s->bat[units[i].id], entries[i], __ATOMIC_RELEASE);
     free(changes);

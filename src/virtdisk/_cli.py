@@ -1,5 +1,5 @@
-"""The ``virtdisk`` command line: create, info, attach, detach, list, merge, convert, mirror,
-resize, set, demo."""
+"""The ``virtdisk`` command line: create, info, attach, detach, list, merge, compact, convert,
+mirror, resize, set, demo."""
 
 from __future__ import annotations
 
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- long operations: merge, convert, mirror ----------------------------
+# ---- long operations: merge, compact, convert, mirror -------------------
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -361,6 +361,23 @@ def _ancestor(path: Path, depth: int) -> Path | None:
             return None
         current = Path(parent)
     return current
+
+
+def _compact(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    before = path.stat().st_size
+    bar = ProgressBar(f"compacting {args.path}", quiet=args.quiet or args.json)
+    try:
+        _disk.compact(path, zero_scan=not args.no_zero_scan, block_moves=not args.no_block_moves, progress=bar)
+    finally:
+        bar.finish()
+    after = path.stat().st_size
+    result = {"path": str(path), "size_before": before, "size_after": after, "bytes_returned": before - after}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"compacted {args.path}: {_human(before)} -> {_human(after)} ({_human(before - after)} returned)")
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -446,6 +463,21 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.add_argument("--json", action="store_true", help="print one JSON object")
     merge.set_defaults(run=_merge)
+
+    compact = commands.add_parser(
+        "compact",
+        help="shrink a dynamic or differencing image: drop zero blocks, move the rest together (Optimize-VHD)",
+    )
+    compact.add_argument("path", help="the image (detached)")
+    compact.add_argument(
+        "--no-zero-scan", action="store_true", help="drop only blocks already marked unmapped or zero"
+    )
+    compact.add_argument(
+        "--no-block-moves", action="store_true", help="move no blocks: only free space at the end is returned"
+    )
+    compact.add_argument("--quiet", action="store_true", help="no progress bar")
+    compact.add_argument("--json", action="store_true", help="print one JSON object")
+    compact.set_defaults(run=_compact)
 
     convert = commands.add_parser(
         "convert", help="copy any image, raw file or block device into a new VHD or VHDX (Convert-VHD)"

@@ -10,12 +10,15 @@
  *     r:SIZE                 resize (format->resize)
  *     p:PARENT               set parent (format->set_parent, PARENT opened read-only)
  *     d:OFFSET:LENGTH        discard (format->discard): the range reads as zeros
+ *     z:OFFSET:LENGTH        write LENGTH bytes of zeros at OFFSET
+ *     c:FLAGS                compact (vd_compact_image, COMPACT_VIRTUAL_DISK_FLAG bits)
  *
  * Trace records, little-endian: u8 op, u64 offset, u64 length, u32 mode, then
  * length bytes of data for op 'W'.  Ops: the seam's W S T A, and the markers
  * 'V' (a write acknowledged: offset, length, mode = seed), 'D' (a discard
  * acknowledged: offset, length), 'F' (a flush acknowledged), 'M' (a resize
- * or set parent acknowledged: offset = size).
+ * or set parent acknowledged: offset = size), 'C' (a compaction
+ * acknowledged).  A write of zeros is marked 'V' with seed 0xFFFFFFFF.
  * The pattern byte at disk offset o of seed s is (o / 512 * 131 + s * 17 + o % 512) & 0xFF.
  */
 #include <stdio.h>
@@ -24,6 +27,7 @@
 #include <unistd.h>
 
 #include "bytes.h"
+#include "compact.h"
 #include "errors.h"
 #include "image.h"
 #include "job.h"
@@ -119,6 +123,25 @@ int main(int argc, char **argv)
             if (status != ERROR_SUCCESS)
                 return fail(step, status);
             put('M', image->virtual_size, 0, 1, NULL);
+        } else if (step[0] == 'z') {
+            unsigned long long offset, length;
+            if (sscanf(step, "z:%llu:%llu", &offset, &length) != 2)
+                return fail(step, ERROR_INVALID_PARAMETER);
+            uint8_t *data = calloc(1, length);
+            status = image->format->write(image, data, offset, length);
+            free(data);
+            if (status != ERROR_SUCCESS)
+                return fail(step, status);
+            put('V', offset, length, 0xFFFFFFFFu, NULL);
+        } else if (step[0] == 'c') {
+            unsigned flags;
+            if (sscanf(step, "c:%u", &flags) != 1)
+                return fail(step, ERROR_INVALID_PARAMETER);
+            struct vd_job job = {.status = ERROR_IO_PENDING, .event_fd = -1}; /* no thread, no event */
+            status = vd_compact_image(image, flags, &job);
+            if (status != ERROR_SUCCESS)
+                return fail(step, status);
+            put('C', image->file_size, 0, 0, NULL);
         } else {
             return fail(step, ERROR_INVALID_PARAMETER);
         }
