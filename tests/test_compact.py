@@ -1,0 +1,301 @@
+"""CompactVirtualDisk on real images: what is dropped, what moves, what the
+file shrinks by, and that the disk reads the same byte for byte.
+
+Data goes in through the provider's own format code (tests/tools/vdwork.c:
+pattern writes, zero writes), without attaching anything.  A copy taken
+before the compaction is the reference: qemu-img compares dynamic images
+with it (it reads dynamic VHD and VHDX), our reader (tests/tools/vdread.c)
+the differencing ones.  Sizes after are computed from the block counts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import virtdisk
+from virtdisk import Access, WinError
+from virtdisk._native import ffi, lib
+
+from .conftest import require_tool
+from .vhdxlog import bat_offset, build_tool, vdread
+
+KiB = 1 << 10
+MiB = 1 << 20
+QEMU_FORMAT = {"vhd": "vpc", "vhdx": "vhdx"}
+# Blocks of the tests' images, and what one costs in the file: a VHD block
+# carries a 512-byte sector bitmap (one bit per sector, padded to a sector).
+BLOCK = {"vhd": 512 * KiB, "vhdx": MiB}
+SPAN = {"vhd": 512 * KiB + 512, "vhdx": MiB}
+PAYLOAD_BLOCK_UNMAPPED = 3
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("tools")
+    return build_tool(out, "vdwork"), build_tool(out, "vdread")
+
+
+def _work(tools, image: Path, steps: list[str]) -> None:
+    trace = image.with_suffix(".trace")
+    run = subprocess.run([str(tools[0]), str(trace), str(image), *steps], capture_output=True, text=True)
+    trace.unlink(missing_ok=True)
+    assert run.returncode == 0, run.stderr
+
+
+def _read(tools, image: Path) -> bytes:
+    result = vdread(tools[1], image)
+    assert result.ok, result.error
+    return result.data
+
+
+def _fill(tools, image: Path, blocks: int, block: int, zeroed: list[int], seed: int = 1) -> None:
+    """Every block written with a pattern, then the blocks in zeroed written
+    with zeros; a sector of block 1 zeroed too (which keeps the block)."""
+    steps = [f"w:{b * block}:{block}:{seed + b}" for b in range(blocks)]
+    steps += [f"z:{b * block}:{block}" for b in zeroed]
+    _work(tools, image, [*steps, f"z:{block + 4096}:512", "f"])
+
+
+def _unmap(image: Path, blocks: list[int]) -> None:
+    """What a discard leaves in a VHDX (the trim work): the blocks' BAT
+    entries UNMAPPED, their file offsets still set.  Written in place (the
+    image's log is clean); a dynamic disk of fewer than 4096 blocks has its
+    payload entry b at index b."""
+    data = bytearray(image.read_bytes())
+    bat = bat_offset(data)
+    for b in blocks:
+        (entry,) = struct.unpack_from("<Q", data, bat + 8 * b)
+        assert entry & 7 == 6, f"block {b} is not fully present"
+        struct.pack_into("<Q", data, bat + 8 * b, entry & ~7 | PAYLOAD_BLOCK_UNMAPPED)
+    image.write_bytes(data)
+
+
+def _qemu_compare(first: Path, second: Path, suffix: str) -> None:
+    fmt = QEMU_FORMAT[suffix]
+    result = subprocess.run(
+        [require_tool("qemu-img"), "compare", "-f", fmt, "-F", fmt, str(first), str(second)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _qemu_check(image: Path, suffix: str) -> None:
+    if suffix == "vhdx":  # qemu-img checks no VHD
+        result = subprocess.run(
+            [require_tool("qemu-img"), "check", "-f", "vhdx", str(image)], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _compact(image: Path, **flags: bool) -> list[tuple[int, int]]:
+    seen: list[tuple[int, int]] = []
+    virtdisk.compact(image, progress=lambda current, total: seen.append((current, total)), **flags)
+    return seen
+
+
+def _assert_rises_to_the_total(seen: list[tuple[int, int]]) -> None:
+    assert seen, "no progress reported"
+    currents = [current for current, _ in seen]
+    assert currents == sorted(currents)
+    total = seen[-1][1]
+    assert total > 0 and all(t == total for _, t in seen if t) and currents[-1] == total
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_compaction_drops_zero_and_unmapped_blocks_and_the_file_shrinks_by_them(
+    images: Path, tools, suffix: str
+) -> None:
+    block, blocks = BLOCK[suffix], 64
+    image = images / f"dynamic.{suffix}"
+    virtdisk.create(image, blocks * block, block_size=block).close()
+    zeroed = list(range(0, blocks, 2))
+    _fill(tools, image, blocks, block, zeroed)
+    unmapped = [3, 5] if suffix == "vhdx" else []
+    _unmap(image, unmapped) if unmapped else None
+    reference = images / f"reference.{suffix}"
+    shutil.copyfile(image, reference)
+    before = image.stat().st_size
+
+    seen = _compact(image)
+
+    _qemu_compare(reference, image, suffix)
+    _qemu_check(image, suffix)
+    assert _read(tools, image) == _read(tools, reference)
+    assert image.stat().st_size == before - (len(zeroed) + len(unmapped)) * SPAN[suffix]
+    _assert_rises_to_the_total(seen)
+    # Nothing is left to drop: a second compaction changes nothing.
+    _compact(image)
+    assert image.stat().st_size == before - (len(zeroed) + len(unmapped)) * SPAN[suffix]
+    _qemu_compare(reference, image, suffix)
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_differencing_compaction_never_shows_the_parent_through_a_dropped_block(
+    images: Path, tools, suffix: str
+) -> None:
+    block, blocks = BLOCK[suffix], 32
+    parent = images / f"parent.{suffix}"
+    virtdisk.create(parent, blocks * block, block_size=block).close()
+    # The parent holds data in its first half, zeros in the second.
+    _work(tools, parent, [f"w:0:{blocks // 2 * block}:7", "f"])
+    child = images / f"child.{suffix}"
+    virtdisk.create(child, parent=parent, block_size=block).close()
+    zeroed = list(range(0, blocks, 2))
+    _fill(tools, child, blocks, block, zeroed, seed=50)
+    expected = _read(tools, child)
+    assert expected[:block] == bytes(block), "the zeroed block must hide the parent's data"
+    before = child.stat().st_size
+
+    seen = _compact(child)
+
+    assert _read(tools, child) == expected
+    # A VHDX states zeros (the ZERO state) whatever the parent holds; an
+    # unallocated VHD block shows the parent, so only the blocks over the
+    # parent's zeros go.
+    dropped = len(zeroed) if suffix == "vhdx" else len([b for b in zeroed if b >= blocks // 2])
+    assert child.stat().st_size == before - dropped * SPAN[suffix]
+    _assert_rises_to_the_total(seen)
+    assert _read(tools, parent)[: blocks // 2 * block] != bytes(blocks // 2 * block)
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_no_block_moves_cuts_only_the_free_end_and_no_zero_scan_drops_only_what_is_marked(
+    images: Path, tools, suffix: str
+) -> None:
+    block, blocks = BLOCK[suffix], 32
+    image = images / f"dynamic.{suffix}"
+    virtdisk.create(image, blocks * block, block_size=block).close()
+    zeroed = [*range(0, blocks - 4, 2), *range(blocks - 4, blocks)]  # every other one, and the last four
+    _fill(tools, image, blocks, block, zeroed)
+    reference = images / f"reference.{suffix}"
+    shutil.copyfile(image, reference)
+    before = image.stat().st_size
+
+    _compact(image, block_moves=False)
+    _qemu_compare(reference, image, suffix)
+    assert image.stat().st_size == before - 4 * SPAN[suffix]
+
+    # The zero blocks in the middle are unallocated now: moves close the holes.
+    _compact(image, zero_scan=False)
+    _qemu_compare(reference, image, suffix)
+    _qemu_check(image, suffix)
+    assert image.stat().st_size == before - len(zeroed) * SPAN[suffix]
+
+
+def test_no_zero_scan_keeps_zero_blocks_but_drops_unmapped_ones(images: Path, tools) -> None:
+    block, blocks = BLOCK["vhdx"], 16
+    image = images / "dynamic.vhdx"
+    virtdisk.create(image, blocks * block, block_size=block).close()
+    _fill(tools, image, blocks, block, zeroed=[2, 4])
+    _unmap(image, [7, 9, 11])
+    reference = images / "reference.vhdx"
+    shutil.copyfile(image, reference)
+    before = image.stat().st_size
+    _compact(image, zero_scan=False)
+    _qemu_compare(reference, image, "vhdx")
+    _qemu_check(image, "vhdx")
+    assert image.stat().st_size == before - 3 * block
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_a_cancelled_compaction_leaves_a_consistent_image_that_compacts_again(
+    images: Path, tools, suffix: str
+) -> None:
+    block, blocks = BLOCK[suffix], 512
+    image = images / f"dynamic.{suffix}"
+    virtdisk.create(image, blocks * block, block_size=block).close()
+    zeroed = list(range(0, blocks, 2))
+    _fill(tools, image, blocks, block, zeroed)
+    reference = images / f"reference.{suffix}"
+    shutil.copyfile(image, reference)
+    before = image.stat().st_size
+    with virtdisk.open(image, Access.METAOPS | Access.GET_INFO) as disk:
+        operation = disk.begin_compact()
+        while not operation.done and operation.progress()[0] == 0:
+            pass
+        current, total = operation.progress()
+        assert operation.cancel(), "the compaction ended before it could be cancelled"
+        with pytest.raises(virtdisk.OperationCancelledError):
+            operation.wait()
+        after, _ = operation.progress()
+        assert current > 0 and after < total
+    _qemu_compare(reference, image, suffix)
+    _qemu_check(image, suffix)
+    _compact(image)
+    _qemu_compare(reference, image, suffix)
+    assert image.stat().st_size == before - len(zeroed) * SPAN[suffix]
+
+
+def test_compaction_refuses_what_the_documentation_refuses(images: Path, tools) -> None:
+    image = images / "dynamic.vhdx"
+    virtdisk.create(image, 16 * MiB, block_size=MiB).close()
+    with virtdisk.open(image) as disk, pytest.raises(virtdisk.VirtualDiskPermissionError) as caught:
+        disk.compact()  # no METAOPS
+    assert caught.value.winerror == WinError.ERROR_ACCESS_DENIED
+    for fixed in (images / "fixed.vhd", images / "fixed.vhdx"):
+        virtdisk.create(fixed, 4 * MiB, fixed=True).close()
+        with (
+            virtdisk.open(fixed, Access.METAOPS) as disk,
+            pytest.raises(virtdisk.NotSupportedError) as caught,
+        ):
+            disk.compact()
+        assert caught.value.winerror == WinError.ERROR_VHD_INVALID_TYPE, fixed
+    with (
+        virtdisk.open(image, Access.METAOPS) as disk,
+        virtdisk.open(image, read_only=True),
+        pytest.raises(virtdisk.DiskInUseError) as caught,
+    ):
+        disk.compact()
+    assert caught.value.winerror == WinError.ERROR_SHARING_VIOLATION
+    with virtdisk.open(image, Access.METAOPS) as disk:
+        parameters = ffi.new("COMPACT_VIRTUAL_DISK_PARAMETERS *", {"Version": 2})
+        assert lib.CompactVirtualDisk(disk._handle, 0, parameters, ffi.NULL) == WinError.ERROR_INVALID_PARAMETER
+        parameters.Version = 0
+        assert lib.CompactVirtualDisk(disk._handle, 0, parameters, ffi.NULL) == WinError.ERROR_INVALID_PARAMETER
+        parameters.Version = 1
+        assert lib.CompactVirtualDisk(disk._handle, 4, parameters, ffi.NULL) == WinError.ERROR_INVALID_PARAMETER
+        # Parameters are optional: NULL is version 1.
+        assert lib.CompactVirtualDisk(disk._handle, 3, ffi.NULL, ffi.NULL) == WinError.ERROR_SUCCESS
+
+
+def test_an_attached_disk_is_refused_with_a_clear_error(images: Path) -> None:
+    image = images / "dynamic.vhdx"
+    virtdisk.create(image, 16 * MiB, block_size=MiB).close()
+    # The file-system-aware mode's documented sequence: METAOPS|ATTACH_RO,
+    # attached read-only, then compacted.
+    with virtdisk.open(image, Access.METAOPS | Access.ATTACH_RO | Access.DETACH | Access.GET_INFO) as disk:
+        try:
+            disk.attach(read_only=True)
+        except virtdisk.VirtualDiskError as error:
+            pytest.fail(f"the documented read-only attach of a METAOPS handle failed: {error}")
+        try:
+            with pytest.raises(virtdisk.NotSupportedError) as caught:
+                disk.compact()
+            assert caught.value.winerror == WinError.ERROR_NOT_SUPPORTED
+            assert "attached" in caught.value.detail
+        finally:
+            disk.detach()
+
+
+def test_the_command_line_compacts_and_reports_the_sizes(images: Path, tools) -> None:
+    image = images / "dynamic.vhdx"
+    virtdisk.create(image, 16 * MiB, block_size=MiB).close()
+    _fill(tools, image, 16, MiB, zeroed=[0, 1, 2, 3])
+    before = image.stat().st_size
+    run = subprocess.run(
+        [sys.executable, "-m", "virtdisk", "compact", str(image), "--json"], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["size_before"] == before
+    assert result["size_after"] == image.stat().st_size == before - 4 * MiB
+    assert result["bytes_returned"] == 4 * MiB
+    assert run.stderr == ""  # no progress bar without a terminal
