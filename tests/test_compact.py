@@ -234,6 +234,25 @@ def test_a_cancelled_compaction_leaves_a_consistent_image_that_compacts_again(
     assert image.stat().st_size == before - len(zeroed) * SPAN[suffix]
 
 
+def test_a_running_compaction_keeps_other_changes_off_the_image(images: Path, tools) -> None:
+    block, blocks = BLOCK["vhdx"], 256
+    image = images / "dynamic.vhdx"
+    virtdisk.create(image, blocks * block, block_size=block).close()
+    _fill(tools, image, blocks, block, list(range(0, blocks, 2)))
+    reference = images / "reference.vhdx"
+    shutil.copyfile(image, reference)
+    with virtdisk.open(image, Access.METAOPS | Access.GET_INFO) as disk:
+        operation = disk.begin_compact()
+        with pytest.raises(virtdisk.VirtualDiskError) as caught:
+            disk.expand(2 * blocks * block)  # would write the BAT the compaction is changing
+        assert caught.value.winerror == WinError.ERROR_BUSY
+        assert not operation.done, "the compaction ended too soon for this test to mean anything"
+        operation.wait()
+    _qemu_compare(reference, image, "vhdx")
+    with virtdisk.open(image, read_only=True) as disk:
+        assert disk.info.virtual_size == blocks * block
+
+
 def test_compaction_refuses_what_the_documentation_refuses(images: Path, tools) -> None:
     image = images / "dynamic.vhdx"
     virtdisk.create(image, 16 * MiB, block_size=MiB).close()
