@@ -112,7 +112,8 @@ def bench(folder: Path, block: int, rounds: int) -> None:
     compacted = work.stat().st_size
     same(source, converted)
     print(
-        f"{block // MiB:>3} MiB blocks: {source.stat().st_size / MiB:7.0f} MiB -> compact {compacted / MiB:5.0f} MiB "
+        f"{block // MiB:>3} MiB blocks: {source.stat().st_size / MiB:7.0f} MiB -> "
+        f"compact {compacted / MiB:5.0f} MiB "
         f"in {ours:6.3f} s; qemu-img convert {converted.stat().st_size / MiB:5.0f} MiB in {theirs:6.3f} s "
         f"({theirs_unflushed:6.3f} s without fsync); qemu-img / ours = {theirs / ours:5.2f}"
     )
@@ -121,7 +122,9 @@ def bench(folder: Path, block: int, rounds: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", help="where to put the images (default: a temporary folder)")
     args = parser.parse_args()

@@ -276,11 +276,17 @@ def test_compaction_refuses_what_the_documentation_refuses(images: Path, tools) 
     assert caught.value.winerror == WinError.ERROR_SHARING_VIOLATION
     with virtdisk.open(image, Access.METAOPS) as disk:
         parameters = ffi.new("COMPACT_VIRTUAL_DISK_PARAMETERS *", {"Version": 2})
-        assert lib.CompactVirtualDisk(disk._handle, 0, parameters, ffi.NULL) == WinError.ERROR_INVALID_PARAMETER
+        assert (
+            lib.CompactVirtualDisk(disk._handle, 0, parameters, ffi.NULL) == WinError.ERROR_INVALID_PARAMETER
+        )
         parameters.Version = 0
-        assert lib.CompactVirtualDisk(disk._handle, 0, parameters, ffi.NULL) == WinError.ERROR_INVALID_PARAMETER
+        assert (
+            lib.CompactVirtualDisk(disk._handle, 0, parameters, ffi.NULL) == WinError.ERROR_INVALID_PARAMETER
+        )
         parameters.Version = 1
-        assert lib.CompactVirtualDisk(disk._handle, 4, parameters, ffi.NULL) == WinError.ERROR_INVALID_PARAMETER
+        assert (
+            lib.CompactVirtualDisk(disk._handle, 4, parameters, ffi.NULL) == WinError.ERROR_INVALID_PARAMETER
+        )
         # Parameters are optional: NULL is version 1.
         assert lib.CompactVirtualDisk(disk._handle, 3, ffi.NULL, ffi.NULL) == WinError.ERROR_SUCCESS
 

@@ -277,7 +277,9 @@ def _compaction_crashes(tools, scratch: Path, image: Path, prepare: list[str], f
     run = subprocess.run([str(vdwork), str(trace), str(image), f"c:{flags}"], capture_output=True, text=True,
                          check=False)  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert len(image.read_bytes()) < len(start), "the compaction returned no space: the workload tests nothing"
+    assert len(image.read_bytes()) < len(start), (
+        "the compaction returned no space: the workload tests nothing"
+    )
     ops = read_trace(trace)
     trace.unlink()
     for sibling in image.parent.iterdir():
@@ -288,7 +290,7 @@ def _compaction_crashes(tools, scratch: Path, image: Path, prepare: list[str], f
     dynamic_vhdx = image.suffix == ".vhdx" and "parent" not in image.name and "child" not in image.name
     count = 0
     for count, point in enumerate(crash_points(crash, start, ops), 1):
-        where = f"{image.name}: compaction crash point {count} (after {point.prefix} operations, torn {point.torn})"
+        where = f"{image.name}: compaction crash point {count} ({point.prefix} operations, torn {point.torn})"
         result = vdread(reader, crash)
         assert result.ok, f"{where}: {result.error}"
         assert result.data == before.data, f"{where}: the disk reads differently"
@@ -297,7 +299,9 @@ def _compaction_crashes(tools, scratch: Path, image: Path, prepare: list[str], f
             replayed = vdread(reader, copy, writable=True)
             assert replayed.ok and replayed.data == before.data, f"{where}: replayed: {replayed.error}"
             if dynamic_vhdx:
-                check = subprocess.run([qemu_img, "check", "-f", "vhdx", str(copy)], capture_output=True, text=True)
+                check = subprocess.run(
+                    [qemu_img, "check", "-f", "vhdx", str(copy)], capture_output=True, text=True
+                )
                 assert check.returncode == 0, f"{where}: {check.stdout}{check.stderr}"
     crash.unlink()
     copy.unlink(missing_ok=True)

@@ -368,7 +368,9 @@ def _compact(args: argparse.Namespace) -> int:
     before = path.stat().st_size
     bar = ProgressBar(f"compacting {args.path}", quiet=args.quiet or args.json)
     try:
-        _disk.compact(path, zero_scan=not args.no_zero_scan, block_moves=not args.no_block_moves, progress=bar)
+        _disk.compact(
+            path, zero_scan=not args.no_zero_scan, block_moves=not args.no_block_moves, progress=bar
+        )
     finally:
         bar.finish()
     after = path.stat().st_size
@@ -376,7 +378,9 @@ def _compact(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"compacted {args.path}: {_human(before)} -> {_human(after)} ({_human(before - after)} returned)")
+        print(
+            f"compacted {args.path}: {_human(before)} -> {_human(after)} ({_human(before - after)} returned)"
+        )
     return 0
 
 
@@ -466,7 +470,7 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
 
     compact = commands.add_parser(
         "compact",
-        help="shrink a dynamic or differencing image: drop zero blocks, move the rest together (Optimize-VHD)",
+        help="shrink a dynamic or differencing image: drop zero blocks, close the gaps (Optimize-VHD)",
     )
     compact.add_argument("path", help="the image (detached)")
     compact.add_argument(
