@@ -10,7 +10,9 @@
  *     r:SIZE                 resize (format->resize)
  *     p:PARENT               set parent (format->set_parent, PARENT opened read-only)
  *     d:OFFSET:LENGTH        discard (format->discard): the range reads as zeros
- *     z:OFFSET:LENGTH        write LENGTH bytes of zeros at OFFSET
+ *     z:OFFSET:LENGTH        write LENGTH bytes of zeros at OFFSET (unmarked: for
+ *                            making images whose whole disk is compared, not
+ *                            for workloads checked against the markers)
  *     c:FLAGS                compact (vd_compact_image, COMPACT_VIRTUAL_DISK_FLAG bits)
  *
  * Trace records, little-endian: u8 op, u64 offset, u64 length, u32 mode, then
@@ -18,7 +20,7 @@
  * 'V' (a write acknowledged: offset, length, mode = seed), 'D' (a discard
  * acknowledged: offset, length), 'F' (a flush acknowledged), 'M' (a resize
  * or set parent acknowledged: offset = size), 'C' (a compaction
- * acknowledged).  A write of zeros is marked 'V' with seed 0xFFFFFFFF.
+ * acknowledged).
  * The pattern byte at disk offset o of seed s is (o / 512 * 131 + s * 17 + o % 512) & 0xFF.
  */
 #include <stdio.h>
@@ -132,7 +134,6 @@ int main(int argc, char **argv)
             free(data);
             if (status != ERROR_SUCCESS)
                 return fail(step, status);
-            put('V', offset, length, 0xFFFFFFFFu, NULL);
         } else if (step[0] == 'c') {
             unsigned flags;
             if (sscanf(step, "c:%u", &flags) != 1)
