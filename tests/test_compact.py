@@ -324,3 +324,64 @@ def test_the_command_line_compacts_and_reports_the_sizes(images: Path, tools) ->
     assert result["size_after"] == image.stat().st_size == before - 4 * MiB
     assert result["bytes_returned"] == 4 * MiB
     assert run.stderr == ""  # no progress bar without a terminal
+
+
+def test_the_command_line_draws_a_progress_bar_on_a_terminal(images: Path, tools) -> None:
+    import os
+    import pty
+
+    image = images / "dynamic.vhdx"
+    virtdisk.create(image, 16 * MiB, block_size=MiB).close()
+    _fill(tools, image, 16, MiB, zeroed=[0, 1])
+    controller, terminal = pty.openpty()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "virtdisk", "compact", str(image)],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+        )
+        os.close(terminal)
+        terminal = -1
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert run.returncode == 0
+    assert b"compacting" in drawn and b"100.0%" in drawn, drawn
+    assert run.stdout.startswith(f"compacted {image}: ")
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_raw_asynchronous_compaction_signals_its_event_and_reports_progress(
+    images: Path, tools, suffix: str
+) -> None:
+    block = BLOCK[suffix]
+    image = images / f"dynamic.{suffix}"
+    virtdisk.create(image, 32 * block, block_size=block).close()
+    _fill(tools, image, 32, block, zeroed=list(range(0, 32, 2)))
+    before = image.stat().st_size
+    with virtdisk.open(image, Access.METAOPS | Access.GET_INFO) as disk:
+        event = lib.CreateEventW(ffi.NULL, 1, 0, ffi.NULL)
+        try:
+            overlapped = ffi.new("OVERLAPPED *")
+            overlapped.hEvent = event
+            progress = ffi.new("VIRTUAL_DISK_PROGRESS *")
+            assert lib.CompactVirtualDisk(disk._handle, 0, ffi.NULL, overlapped) == WinError.ERROR_IO_PENDING
+            assert lib.WaitForSingleObject(event, 60_000) == 0
+            assert lib.GetVirtualDiskOperationProgress(disk._handle, overlapped, progress) == 0
+            assert progress.OperationStatus == 0
+            assert progress.CurrentValue == progress.CompletionValue > 0
+            assert overlapped.Internal == 0
+        finally:
+            lib.CloseHandle(event)
+        assert disk.info.physical_size == image.stat().st_size == before - 16 * SPAN[suffix]
