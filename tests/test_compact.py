@@ -11,6 +11,8 @@ the differencing ones.  Sizes after are computed from the block counts.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import shutil
 import struct
 import subprocess
@@ -327,9 +329,6 @@ def test_the_command_line_compacts_and_reports_the_sizes(images: Path, tools) ->
 
 
 def test_the_command_line_draws_a_progress_bar_on_a_terminal(images: Path, tools) -> None:
-    import os
-    import pty
-
     image = images / "dynamic.vhdx"
     virtdisk.create(image, 16 * MiB, block_size=MiB).close()
     _fill(tools, image, 16, MiB, zeroed=[0, 1])
