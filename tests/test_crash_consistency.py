@@ -260,6 +260,7 @@ def test_discard_survives_a_crash_at_every_point(tools, scratch: Path, tmp_path:
     print(f"{suffix} discard: {points} crash points, all consistent")
     assert points >= 200
 
+
 def _compaction_crashes(tools, scratch: Path, image: Path, prepare: list[str], flags: int = 0) -> int:
     """Writes data and zeros with prepare, then compacts with every file
     operation recorded: at each crash point the disk must read exactly as it

@@ -91,8 +91,14 @@ static DWORD vhdx_compact_set_entries(struct vd_image *image, struct vhdx_state 
         changes[i] = (struct vhdx_meta_change){s->bat_offset + units[i].id * 8, raw + 8 * i, 8};
     }
     DWORD status = vhdx_meta_write(image, s, changes, count);
-    for (size_t i = 0; i < count && status == ERROR_SUCCESS; i++)
-        __atomic_store_n(&s->bat[units[i].id], entries[i], __ATOMIC_RELEASE);
+    if (status == ERROR_SUCCESS) {
+        /* Waits for reads still aimed at the old offsets, as a discard does
+           (vhdx-discard.c): once the entries change, the old places are free. */
+        pthread_rwlock_wrlock(&s->map_lock);
+        for (size_t i = 0; i < count; i++)
+            __atomic_store_n(&s->bat[units[i].id], entries[i], __ATOMIC_RELEASE);
+        pthread_rwlock_unlock(&s->map_lock);
+    }
     free(changes);
     free(raw);
     return status;
@@ -178,9 +184,14 @@ DWORD vhdx_compact_truncate(struct vd_image *image, uint64_t end)
             s->file_end = size;
         }
     }
-    /* Moved blocks may now lie in order, back to back. */
-    if (status == ERROR_SUCCESS)
+    /* Moved blocks may now lie in order, back to back; the holes known to
+       the allocator (vhdx-discard.c) moved, or went with the cut: found
+       afresh at the next allocation. */
+    if (status == ERROR_SUCCESS) {
         vhdx_find_flat_mapping(image, s);
+        s->freed_count = 0;
+        s->freed_scanned = false;
+    }
     pthread_mutex_unlock(&s->lock);
     return status;
 }
