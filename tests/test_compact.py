@@ -384,3 +384,30 @@ def test_raw_asynchronous_compaction_signals_its_event_and_reports_progress(
         finally:
             lib.CloseHandle(event)
         assert disk.info.physical_size == image.stat().st_size == before - 16 * SPAN[suffix]
+
+
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_what_a_discard_freed_is_returned_without_a_zero_scan(images: Path, tools, suffix: str) -> None:
+    block, blocks = BLOCK[suffix], 32
+    image = images / f"dynamic.{suffix}"
+    virtdisk.create(image, blocks * block, block_size=block).close()
+    discarded = list(range(0, blocks, 2))
+    _fill(tools, image, blocks, block, zeroed=[])
+    # What fstrim on the attached disk does (the provider's discard).
+    _work(tools, image, [*(f"d:{b * block}:{block}" for b in discarded), "f"])
+    reference = images / f"reference.{suffix}"
+    shutil.copyfile(image, reference)
+    expected = _read(tools, image)
+    before = image.stat().st_size
+
+    _compact(image, zero_scan=False)
+
+    assert _read(tools, image) == expected
+    _qemu_compare(reference, image, suffix)
+    _qemu_check(image, suffix)
+    # A VHDX discard takes whole blocks out of the file; a VHD one zeroes them
+    # in place, which only the zero scan then finds.
+    assert image.stat().st_size == before - (len(discarded) * SPAN[suffix] if suffix == "vhdx" else 0)
+    _compact(image)
+    assert image.stat().st_size == before - len(discarded) * SPAN[suffix]
+    _qemu_compare(reference, image, suffix)
