@@ -19,7 +19,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PROVIDER = ROOT / "src" / "provider"
 # The format modules and what they use, as fuzz/build.sh lists them, and the
 # compaction engine (which vdwork runs).
-READER_SOURCES = ["image.c", "vhd.c", "iso.c", "crc32c.c", "bytes.c", "utf16.c", "errors.c", "reserve.c", "compact.c"]
+READER_SOURCES = [
+    "image.c",
+    "vhd.c",
+    "iso.c",
+    "crc32c.c",
+    "bytes.c",
+    "utf16.c",
+    "errors.c",
+    "reserve.c",
+    "compact.c",
+]
 
 
 def build_tool(out: Path, name: str, *extra: str) -> Path:
