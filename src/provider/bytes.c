@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <string.h>
 #include <sys/random.h>
 #include <unistd.h>
 
@@ -43,6 +44,16 @@ void vd_guid_to_be_bytes(const GUID *guid, uint8_t bytes[16])
     vd_put_be16(bytes + 4, guid->Data2);
     vd_put_be16(bytes + 6, guid->Data3);
     memcpy(bytes + 8, guid->Data4, 8);
+}
+
+bool vd_all_zero(const void *data, size_t length)
+{
+    static const uint8_t zeros[64];
+    const uint8_t *p = data;
+    size_t head = length < sizeof zeros ? length : sizeof zeros;
+    /* After the first 64 bytes, each byte is compared with the one 64 before:
+       one memcmp over the buffer, no zero buffer as long as it. */
+    return memcmp(p, zeros, head) == 0 && (length <= head || memcmp(p, p + head, length - head) == 0);
 }
 
 bool vd_guid_is_zero(const GUID *guid)

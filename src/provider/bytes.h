@@ -47,6 +47,9 @@ void vd_guid_to_le_bytes(const GUID *guid, uint8_t bytes[16]);
 GUID vd_guid_from_be_bytes(const uint8_t bytes[16]);
 void vd_guid_to_be_bytes(const GUID *guid, uint8_t bytes[16]);
 bool vd_guid_is_zero(const GUID *guid);
+
+/* Whether length bytes at data are all zero. */
+bool vd_all_zero(const void *data, size_t length);
 bool vd_guid_equal(const GUID *a, const GUID *b);
 /* A random (version 4) GUID; 0 or an errno. */
 int vd_guid_generate(GUID *guid);

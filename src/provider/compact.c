@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bytes.h"
 #include "errors.h"
 
 typedef unsigned long long ull;
@@ -37,14 +38,6 @@ enum {
     VD_COMPACT_MOVE_BATCH = 64 << 20,  /* bytes per compact_move */
     VD_COMPACT_MOVE_UNITS = 256,
 };
-
-static bool vd_all_zero(const uint8_t *p, size_t n)
-{
-    static const uint8_t zeros[64];
-    size_t head = n < sizeof zeros ? n : sizeof zeros;
-    /* After the first 64 bytes, each byte is compared with the one 64 before. */
-    return memcmp(p, zeros, head) == 0 && (n <= head || memcmp(p, p + head, n - head) == 0);
-}
 
 /* Whether image (or, parent: its parent) reads zeros over the unit's bytes. */
 static DWORD vd_reads_zeros(struct vd_image *image, const struct vd_compact_unit *unit, uint8_t *buffer, bool *zero)

@@ -171,29 +171,41 @@ DWORD vd_image_block_status(struct vd_image *image, uint64_t offset, uint64_t le
     return ERROR_SUCCESS;
 }
 
+DWORD vd_image_chain_zeros(struct vd_image *image, uint64_t offset, uint64_t length, bool *zeros, uint64_t *run)
+{
+    *zeros = false;
+    *run = length;
+    for (struct vd_image *layer = image; layer; layer = layer->parent) {
+        enum vd_block_state state;
+        uint64_t n;
+        DWORD status = vd_image_block_status(layer, offset, *run, &state, &n);
+        if (status != ERROR_SUCCESS)
+            return status;
+        *run = n;
+        if (state == VD_BLOCK_DATA)
+            return ERROR_SUCCESS;
+        if (state == VD_BLOCK_ZERO)
+            break; /* this layer hides everything below */
+        /* Absent: the parent decides, and an unopened one is unknown. */
+        if (layer->subtype == VD_SUBTYPE_DIFFERENCING && !layer->parent)
+            return ERROR_SUCCESS;
+    }
+    *zeros = true;
+    return ERROR_SUCCESS;
+}
+
 DWORD vd_image_reads_zeros(struct vd_image *image, uint64_t offset, uint64_t length, bool *zeros)
 {
     *zeros = false;
     if (!image)
         return ERROR_SUCCESS; /* a parent not opened: unknown */
-    for (struct vd_image *layer = image; layer; layer = layer->parent) {
-        bool stated_zero = true; /* this layer hides everything below */
-        for (uint64_t done = 0; done < length;) {
-            enum vd_block_state state;
-            uint64_t run;
-            DWORD status = vd_image_block_status(layer, offset + done, length - done, &state, &run);
-            if (status != ERROR_SUCCESS)
-                return status;
-            if (state == VD_BLOCK_DATA)
-                return ERROR_SUCCESS;
-            stated_zero = stated_zero && state == VD_BLOCK_ZERO;
-            done += run;
-        }
-        if (stated_zero)
-            break;
-        /* Absent somewhere: the parent decides, and an unopened one is unknown. */
-        if (layer->subtype == VD_SUBTYPE_DIFFERENCING && !layer->parent)
-            return ERROR_SUCCESS;
+    for (uint64_t done = 0; done < length;) {
+        bool run_zeros;
+        uint64_t run;
+        DWORD status = vd_image_chain_zeros(image, offset + done, length - done, &run_zeros, &run);
+        if (status != ERROR_SUCCESS || !run_zeros)
+            return status;
+        done += run;
     }
     *zeros = true;
     return ERROR_SUCCESS;

@@ -250,6 +250,12 @@ void vd_image_close(struct vd_image *image);
 DWORD vd_image_block_status(struct vd_image *image, uint64_t offset, uint64_t length,
                             enum vd_block_state *state, uint64_t *run);
 
+/* *zeros: [offset, offset + *run) of image surely reads as zeros without
+   reading it: no layer of its chain holds data there (0 < *run <= length,
+   the bytes from offset that one answer covers; false when unsure).  For
+   copies that skip what need not be read (create with a source, mirror). */
+DWORD vd_image_chain_zeros(struct vd_image *image, uint64_t offset, uint64_t length, bool *zeros, uint64_t *run);
+
 /* *zeros: [offset, offset + length) of image reads as zeros because no
    layer of its chain holds data there (block_status() says so: a
    conservative answer, false when unsure).  Lets a discard skip what

@@ -117,48 +117,13 @@ static DWORD vd_mirror_flush(struct vd_fuse_tap *tap)
 
 /* ---- the copy ------------------------------------------------------------ */
 
-/* Whether [offset, offset + *run) surely reads as zeros without reading it:
-   no layer of the chain holds data there. */
-static DWORD vd_chain_zeros(struct vd_image *image, uint64_t offset, uint64_t length, bool *zeros, uint64_t *run)
-{
-    *zeros = false;
-    *run = length;
-    for (struct vd_image *layer = image; layer; layer = layer->parent) {
-        enum vd_block_state state;
-        uint64_t n;
-        DWORD status = vd_image_block_status(layer, offset, *run, &state, &n);
-        if (status != ERROR_SUCCESS)
-            return status;
-        *run = n;
-        if (state == VD_BLOCK_DATA)
-            return ERROR_SUCCESS;
-        if (state == VD_BLOCK_ZERO)
-            break;
-        if (layer->subtype == VD_SUBTYPE_DIFFERENCING && !layer->parent)
-            return ERROR_SUCCESS; /* unknown below: read it */
-    }
-    *zeros = true;
-    return ERROR_SUCCESS;
-}
-
-static bool vd_all_zero(const uint8_t *data, size_t length)
-{
-    static const uint8_t zeros[4096];
-    for (size_t done = 0; done < length; done += sizeof zeros) {
-        size_t n = length - done < sizeof zeros ? length - done : sizeof zeros;
-        if (memcmp(data + done, zeros, n) != 0)
-            return false;
-    }
-    return true;
-}
-
 /* Copies one chunk at offset under the mutex; *n is how much it covered. */
 static DWORD vd_mirror_copy_chunk(struct vd_mirror *m, uint8_t *buffer, uint8_t *other, uint64_t offset,
                                   size_t *n)
 {
     bool zeros;
     uint64_t run;
-    DWORD status = vd_chain_zeros(m->source, offset, *n, &zeros, &run);
+    DWORD status = vd_image_chain_zeros(m->source, offset, *n, &zeros, &run);
     if (status != ERROR_SUCCESS)
         return status;
     *n = (size_t)run;

@@ -93,17 +93,6 @@ static DWORD vd_source_read(const struct vd_source *source, uint8_t *buffer, uin
                  : ERROR_SUCCESS;
 }
 
-static bool vd_all_zero(const uint8_t *data, size_t length)
-{
-    static const uint8_t zeros[4096];
-    for (size_t done = 0; done < length; done += sizeof zeros) {
-        size_t n = length - done < sizeof zeros ? length - done : sizeof zeros;
-        if (memcmp(data + done, zeros, n) != 0)
-            return false;
-    }
-    return true;
-}
-
 /* A raw file's holes read as zeros (SEEK_DATA/SEEK_HOLE; a file system or
    device without them answers "all data", which is always right). */
 static DWORD vd_raw_zeros(const struct vd_source *source, uint64_t offset, uint64_t length, bool *zeros,
@@ -134,22 +123,7 @@ static DWORD vd_source_zeros(const struct vd_source *source, uint64_t offset, ui
     *run = length;
     if (!source->image)
         return vd_raw_zeros(source, offset, length, zeros, run);
-    for (struct vd_image *layer = source->image; layer; layer = layer->parent) {
-        enum vd_block_state state;
-        uint64_t n;
-        DWORD status = vd_image_block_status(layer, offset, *run, &state, &n);
-        if (status != ERROR_SUCCESS)
-            return status;
-        *run = n;
-        if (state == VD_BLOCK_DATA)
-            return ERROR_SUCCESS;
-        if (state == VD_BLOCK_ZERO)
-            break;
-        if (layer->subtype == VD_SUBTYPE_DIFFERENCING && !layer->parent)
-            return ERROR_SUCCESS; /* unknown below: read it */
-    }
-    *zeros = true;
-    return ERROR_SUCCESS;
+    return vd_image_chain_zeros(source->image, offset, length, zeros, run);
 }
 
 DWORD vd_source_copy_into(const struct vd_source *source, struct vd_image *target, const GUID *unique_id,
