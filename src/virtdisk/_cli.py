@@ -231,6 +231,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_job_output_options(command: argparse.ArgumentParser) -> None:
+    """--quiet and --json, for the commands that may run long and end in a result."""
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
+    command.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -464,8 +470,7 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
         default=1,
         help="how many disks to merge: 1 into the parent, 2 into the grandparent",
     )
-    merge.add_argument("--quiet", action="store_true", help="no progress bar")
-    merge.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_job_output_options(merge)
     merge.set_defaults(run=_merge)
 
     compact = commands.add_parser(
@@ -479,8 +484,7 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
     compact.add_argument(
         "--no-block-moves", action="store_true", help="move no blocks: only free space at the end is returned"
     )
-    compact.add_argument("--quiet", action="store_true", help="no progress bar")
-    compact.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_job_output_options(compact)
     compact.set_defaults(run=_compact)
 
     convert = commands.add_parser(
@@ -503,8 +507,7 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
     convert.add_argument(
         "--block-size", type=parse_size, help="allocation unit of a dynamic disk (default: the format's)"
     )
-    convert.add_argument("--quiet", action="store_true", help="no progress bar")
-    convert.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_job_output_options(convert)
     convert.set_defaults(run=_convert)
 
     mirror = commands.add_parser(
@@ -522,8 +525,7 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
         action="store_true",
         help="mirror onto an existing image of the same size, overwriting it",
     )
-    mirror.add_argument("--quiet", action="store_true", help="no progress bar")
-    mirror.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_job_output_options(mirror)
     mirror.set_defaults(run=_mirror)
 
 
@@ -605,8 +607,7 @@ def _add_offline_changes(commands: argparse._SubParsersAction) -> None:  # type:
     resize.add_argument(
         "--allow-unsafe", action="store_true", help="shrink even below the end of a partition (may cut data)"
     )
-    resize.add_argument("--quiet", action="store_true", help="no progress bar")
-    resize.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_job_output_options(resize)
     resize.set_defaults(run=_resize)
 
     setting = commands.add_parser(
