@@ -162,6 +162,20 @@ static DWORD vd_compact_holes(const struct vd_compact_layout *layout, size_t kep
     return ERROR_SUCCESS;
 }
 
+/* Moves n units (batch[k] to targets[k], layout->units[moved[k]]) in one
+   go, unless the job was cancelled; bytes is what they hold. */
+static DWORD vd_compact_move_batch(struct vd_image *image, struct vd_compact_layout *layout,
+                                   const struct vd_compact_unit *batch, const uint64_t *targets,
+                                   const size_t *moved, size_t n, uint64_t bytes, struct vd_job *job)
+{
+    DWORD status = vd_job_cancelled(job) ? vd_compact_cancelled(image)
+                                         : image->format->compact_move(image, batch, targets, n);
+    for (size_t k = 0; k < n && status == ERROR_SUCCESS; k++)
+        layout->units[moved[k]].file_offset = targets[k];
+    vd_job_advance(job, bytes);
+    return status;
+}
+
 /* Pass 2: the last units into the lowest holes that fit below them. */
 static DWORD vd_compact_move_pass(struct vd_image *image, struct vd_compact_layout *layout, size_t kept,
                                   struct vd_job *job)
@@ -204,26 +218,13 @@ static DWORD vd_compact_move_pass(struct vd_image *image, struct vd_compact_layo
         moved[n++] = i;
         bytes += unit->length;
         if (n == VD_COMPACT_MOVE_UNITS || bytes >= VD_COMPACT_MOVE_BATCH) {
-            if (vd_job_cancelled(job))
-                status = vd_compact_cancelled(image);
-            else
-                status = image->format->compact_move(image, batch, targets, n);
-            for (size_t k = 0; k < n && status == ERROR_SUCCESS; k++)
-                layout->units[moved[k]].file_offset = targets[k];
-            vd_job_advance(job, bytes);
+            status = vd_compact_move_batch(image, layout, batch, targets, moved, n, bytes, job);
             n = 0;
             bytes = 0;
         }
     }
-    if (status == ERROR_SUCCESS && n) {
-        if (vd_job_cancelled(job))
-            status = vd_compact_cancelled(image);
-        else
-            status = image->format->compact_move(image, batch, targets, n);
-        for (size_t k = 0; k < n && status == ERROR_SUCCESS; k++)
-            layout->units[moved[k]].file_offset = targets[k];
-        vd_job_advance(job, bytes);
-    }
+    if (status == ERROR_SUCCESS && n)
+        status = vd_compact_move_batch(image, layout, batch, targets, moved, n, bytes, job);
     free(batch);
     free(targets);
     free(moved);
