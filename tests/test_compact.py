@@ -57,6 +57,15 @@ def _read(tools, image: Path) -> bytes:
     return result.data
 
 
+def _dynamic(images: Path, suffix: str, blocks: int) -> tuple[Path, int]:
+    """A new dynamic image of blocks blocks of the format's test block size,
+    and that size."""
+    block = BLOCK[suffix]
+    image = images / f"dynamic.{suffix}"
+    virtdisk.create(image, blocks * block, block_size=block).close()
+    return image, block
+
+
 def _fill(tools, image: Path, blocks: int, block: int, zeroed: list[int], seed: int = 1) -> None:
     """Every block written with a pattern, then the blocks in zeroed written
     with zeros; a sector of block 1 zeroed too (which keeps the block)."""
@@ -115,9 +124,8 @@ def _assert_rises_to_the_total(seen: list[tuple[int, int]]) -> None:
 def test_compaction_drops_zero_and_unmapped_blocks_and_the_file_shrinks_by_them(
     images: Path, tools, suffix: str
 ) -> None:
-    block, blocks = BLOCK[suffix], 64
-    image = images / f"dynamic.{suffix}"
-    virtdisk.create(image, blocks * block, block_size=block).close()
+    blocks = 64
+    image, block = _dynamic(images, suffix, blocks)
     zeroed = list(range(0, blocks, 2))
     _fill(tools, image, blocks, block, zeroed)
     unmapped = [3, 5] if suffix == "vhdx" else []
@@ -172,9 +180,8 @@ def test_differencing_compaction_never_shows_the_parent_through_a_dropped_block(
 def test_no_block_moves_cuts_only_the_free_end_and_no_zero_scan_drops_only_what_is_marked(
     images: Path, tools, suffix: str
 ) -> None:
-    block, blocks = BLOCK[suffix], 32
-    image = images / f"dynamic.{suffix}"
-    virtdisk.create(image, blocks * block, block_size=block).close()
+    blocks = 32
+    image, block = _dynamic(images, suffix, blocks)
     zeroed = [*range(0, blocks - 4, 2), *range(blocks - 4, blocks)]  # every other one, and the last four
     _fill(tools, image, blocks, block, zeroed)
     reference = images / f"reference.{suffix}"
@@ -193,9 +200,8 @@ def test_no_block_moves_cuts_only_the_free_end_and_no_zero_scan_drops_only_what_
 
 
 def test_no_zero_scan_keeps_zero_blocks_but_drops_unmapped_ones(images: Path, tools) -> None:
-    block, blocks = BLOCK["vhdx"], 16
-    image = images / "dynamic.vhdx"
-    virtdisk.create(image, blocks * block, block_size=block).close()
+    blocks = 16
+    image, block = _dynamic(images, "vhdx", blocks)
     _fill(tools, image, blocks, block, zeroed=[2, 4])
     _unmap(image, [7, 9, 11])
     reference = images / "reference.vhdx"
@@ -211,9 +217,8 @@ def test_no_zero_scan_keeps_zero_blocks_but_drops_unmapped_ones(images: Path, to
 def test_a_cancelled_compaction_leaves_a_consistent_image_that_compacts_again(
     images: Path, tools, suffix: str
 ) -> None:
-    block, blocks = BLOCK[suffix], 512
-    image = images / f"dynamic.{suffix}"
-    virtdisk.create(image, blocks * block, block_size=block).close()
+    blocks = 512
+    image, block = _dynamic(images, suffix, blocks)
     zeroed = list(range(0, blocks, 2))
     _fill(tools, image, blocks, block, zeroed)
     reference = images / f"reference.{suffix}"
@@ -237,9 +242,8 @@ def test_a_cancelled_compaction_leaves_a_consistent_image_that_compacts_again(
 
 
 def test_a_running_compaction_keeps_other_changes_off_the_image(images: Path, tools) -> None:
-    block, blocks = BLOCK["vhdx"], 256
-    image = images / "dynamic.vhdx"
-    virtdisk.create(image, blocks * block, block_size=block).close()
+    blocks = 256
+    image, block = _dynamic(images, "vhdx", blocks)
     _fill(tools, image, blocks, block, list(range(0, blocks, 2)))
     reference = images / "reference.vhdx"
     shutil.copyfile(image, reference)
@@ -388,9 +392,8 @@ def test_raw_asynchronous_compaction_signals_its_event_and_reports_progress(
 
 @pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
 def test_what_a_discard_freed_is_returned_without_a_zero_scan(images: Path, tools, suffix: str) -> None:
-    block, blocks = BLOCK[suffix], 32
-    image = images / f"dynamic.{suffix}"
-    virtdisk.create(image, blocks * block, block_size=block).close()
+    blocks = 32
+    image, block = _dynamic(images, suffix, blocks)
     discarded = list(range(0, blocks, 2))
     _fill(tools, image, blocks, block, zeroed=[])
     # What fstrim on the attached disk does (the provider's discard).
