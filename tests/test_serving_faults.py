@@ -461,6 +461,81 @@ print(struct.unpack_from("=I", answer, 12)[0])
     assert_nothing_left(run_dir, tmp_path, {device})
 
 
+def client_sockets(pid: int) -> int:
+    """How many sockets the process holds (its listener and its clients)."""
+    count = 0
+    for fd in Path("/proc", str(pid), "fd").glob("*"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def test_a_peer_that_exited_cannot_borrow_a_privileged_process_number(tmp_path: Path, run_dir: Path) -> None:
+    """A peer without CAP_SYS_ADMIN queues a detach and exits while the
+    helper is stopped; a privileged process is then given its process number
+    (through ns_last_pid).  The helper reads capabilities by number, so it
+    must also know the number still names its peer."""
+    path = make_dynamic(tmp_path, "disk.vhdx")
+    device, sock = attach_permanent(path, run_dir)
+    setpriv = require_tool("setpriv")
+    (supervisor,) = [pid for pid, comm in helpers_of(run_dir).items() if comm == "virtdisk-serve"]
+    idle_sockets = client_sockets(supervisor)
+    client = f"""
+import socket, struct, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+payload = struct.pack("=Q", time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000000 + 600000)
+s.send(struct.pack("=IHHI", {MAGIC}, {VERSION}, {DETACH}, len(payload)) + payload)
+"""  # and exits without waiting for the answer
+    last_pid = Path("/proc/sys/kernel/ns_last_pid")
+    impostor = None
+    try:
+        for _ in range(30):  # other processes on the machine may take the number first
+            os.kill(supervisor, signal.SIGSTOP)
+            try:
+                peer = subprocess.Popen(
+                    [
+                        setpriv,
+                        "--bounding-set=-sys_admin",
+                        "--inh-caps=-sys_admin",
+                        sys.executable,
+                        "-c",
+                        client,
+                        str(sock),
+                    ]
+                )
+                assert peer.wait(timeout=60) == 0
+                last_pid.write_text(str(peer.pid - 1))
+                impostor = subprocess.Popen(["sleep", "600"])  # root, with every capability
+                if impostor.pid != peer.pid:
+                    impostor.kill()
+                    impostor.wait()
+                    impostor = None
+            finally:
+                os.kill(supervisor, signal.SIGCONT)
+            # The helper answers the queued request and drops the client, or,
+            # fooled, detaches.
+            deadline = time.monotonic() + GONE_WITHIN
+            while (
+                client_sockets(supervisor) > idle_sockets
+                and Path("/sys/block", Path(device).name, "loop").exists()
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.01)
+            assert Path("/sys/block", Path(device).name, "loop").exists(), (
+                "a dead peer's number borrowed root's rights"
+            )
+            if impostor:
+                break
+        assert impostor, "no round gave the impostor the peer's number"
+    finally:
+        if impostor:
+            impostor.kill()
+            impostor.wait()
+    run_python("import sys, virtdisk; virtdisk.detach(sys.argv[1])", run_dir, str(path))
+    assert_nothing_left(run_dir, tmp_path, {device})
+
+
 def test_a_silent_client_holds_up_no_detach(tmp_path: Path, run_dir: Path) -> None:
     path = make_dynamic(tmp_path, "disk.vhdx")
     device, sock = attach_permanent(path, run_dir)

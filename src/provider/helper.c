@@ -420,18 +420,17 @@ static void vd_detach(struct vd_supervisor *s, int reply_fd, const struct vd_msg
     vd_finish(s, status, reply_fd);
 }
 
-/* Whether the process on the other end of a connected socket has
-   CAP_SYS_ADMIN in its effective set (what the API itself requires). */
-static bool vd_peer_is_privileged(int fd, long *pid)
+/* Linux 6.5's option for a pidfd of a socket's peer; older kernels answer
+   ENOPROTOOPT and older headers lack the name. */
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+
+/* The effective capabilities in /proc/<pid>/status, or false when unread. */
+static bool vd_process_has_cap_sys_admin(long pid)
 {
-    struct ucred peer;
-    socklen_t size = sizeof peer;
-    *pid = -1;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &size) < 0 || peer.pid <= 0)
-        return false;
-    *pid = peer.pid;
     char path[64], text[4096];
-    snprintf(path, sizeof path, "/proc/%ld/status", (long)peer.pid);
+    snprintf(path, sizeof path, "/proc/%ld/status", pid);
     int status_fd = open(path, O_RDONLY | O_CLOEXEC);
     if (status_fd < 0)
         return false;
@@ -445,6 +444,39 @@ static bool vd_peer_is_privileged(int fd, long *pid)
         return false;
     unsigned long long caps = strtoull(line + 8, NULL, 16);
     return (caps >> VD_CAP_SYS_ADMIN) & 1;
+}
+
+/* Whether the process on the other end of a connected socket has
+   CAP_SYS_ADMIN in its effective set (what the API itself requires).
+   SO_PEERCRED names the connecting process by number, and /proc is read by
+   number: a peer that queued its request and exited could have its number
+   taken by a privileged process before the read, and borrow its
+   capabilities.  The peer's pidfd tells: if that process is still running
+   after the read, the number named it. */
+static bool vd_peer_is_privileged(int fd, long *pid)
+{
+    struct ucred peer;
+    socklen_t size = sizeof peer;
+    *pid = -1;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &size) < 0 || peer.pid <= 0)
+        return false;
+    *pid = peer.pid;
+    int pidfd = -1;
+    size = sizeof pidfd;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &size) < 0) {
+        if (errno != ENOPROTOOPT)
+            return false; /* the peer is already gone */
+        pidfd = -1;       /* before Linux 6.5: the number is all there is */
+    }
+    bool privileged = vd_process_has_cap_sys_admin(peer.pid);
+    if (pidfd >= 0) {
+        /* A pidfd polls readable once its process has exited. */
+        struct pollfd exited = {.fd = pidfd, .events = POLLIN};
+        if (poll(&exited, 1, 0) != 0)
+            privileged = false;
+        close(pidfd);
+    }
+    return privileged;
 }
 
 static void vd_drop_client(struct vd_supervisor *s, size_t index)
