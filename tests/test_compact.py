@@ -199,6 +199,32 @@ def test_no_block_moves_cuts_only_the_free_end_and_no_zero_scan_drops_only_what_
     assert image.stat().st_size == before - len(zeroed) * SPAN[suffix]
 
 
+@pytest.mark.parametrize("suffix", ["vhd", "vhdx"])
+def test_no_block_moves_gives_the_space_of_dropped_blocks_in_the_middle_back_to_the_host(
+    images: Path, tools, suffix: str
+) -> None:
+    """Nothing moves, so the file keeps its size, but each dropped block is
+    punched out of it: the host's allocation falls by at least their span."""
+    blocks = 32
+    image, block = _dynamic(images, suffix, blocks)
+    zeroed = [*range(2, blocks - 2, 3)]  # none at the end: no truncation helps
+    _fill(tools, image, blocks, block, zeroed)
+    reference = images / f"reference.{suffix}"
+    shutil.copyfile(image, reference)
+    size, held = image.stat().st_size, image.stat().st_blocks * 512
+
+    _compact(image, block_moves=False)
+    _qemu_compare(reference, image, suffix)
+    _qemu_check(image, suffix)
+    assert _read(tools, image) == _read(tools, reference)
+    assert image.stat().st_size == size
+    # A VHD block starts on a sector: the host's blocks it shares with its
+    # neighbours at either end stay.
+    partial = 0 if suffix == "vhdx" else 2 * os.statvfs(images).f_bsize
+    freed = held - image.stat().st_blocks * 512
+    assert freed >= len(zeroed) * (SPAN[suffix] - partial), f"{freed} bytes given back for {len(zeroed)} blocks"
+
+
 def test_no_zero_scan_keeps_zero_blocks_but_drops_unmapped_ones(images: Path, tools) -> None:
     blocks = 16
     image, block = _dynamic(images, "vhdx", blocks)

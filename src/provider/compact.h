@@ -11,7 +11,9 @@
  *     the copy; the old place is reused or cut off only after that.
  *   - The file shrinks by the space dropped blocks and stale entries held,
  *     as far as moving the last blocks into the holes allows (unless
- *     NO_BLOCK_MOVES: then only free space at the end is cut off).
+ *     NO_BLOCK_MOVES: then only free space at the end is cut off).  Either
+ *     way a dropped block's space is punched out of the file (where its
+ *     file system can), so the host has it back also where it stays a hole.
  *   - Progress: job->total is set once, before any work, and job->done
  *     rises to it on success.
  */

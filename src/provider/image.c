@@ -1,6 +1,7 @@
 /*
  * Opening an image file and handing it to the format that recognises it.
  */
+#define _GNU_SOURCE /* FALLOC_FL_PUNCH_HOLE */
 #include "image.h"
 
 #include <errno.h>
@@ -209,4 +210,14 @@ DWORD vd_image_reads_zeros(struct vd_image *image, uint64_t offset, uint64_t len
     }
     *zeros = true;
     return ERROR_SUCCESS;
+}
+
+DWORD vd_image_punch_unused(struct vd_image *image, uint64_t offset, uint64_t length)
+{
+    if (length == 0 || vd_fallocate(image->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0)
+        return ERROR_SUCCESS;
+    if (errno == EOPNOTSUPP || errno == ENOSYS)
+        return ERROR_SUCCESS;
+    return vd_fail_errno(errno, "%s: giving %llu bytes at file offset %llu back to the host", image->path,
+                         (unsigned long long)length, (unsigned long long)offset);
 }

@@ -193,7 +193,8 @@ struct vd_format {
        compact_drop: the units stop owning file space; a DATA unit then reads
        as zeros, or as the parent (layout.drop_shows_parent: the caller has
        checked that the parent reads zeros there).  Durable on return, so
-       the space may be reused.
+       the space may be reused; a dropped DATA unit's space is punched out
+       of the file by then (vd_image_punch_unused).
        compact_move: unit i is copied to targets[i] (free space, not
        overlapping any unit or fixed range, aligned), made durable, then
        the entries are pointed at the copies; the old places are free once
@@ -261,6 +262,12 @@ DWORD vd_image_chain_zeros(struct vd_image *image, uint64_t offset, uint64_t len
    conservative answer, false when unsure).  Lets a discard skip what
    already reads as zeros instead of writing zeros over a parent. */
 DWORD vd_image_reads_zeros(struct vd_image *image, uint64_t offset, uint64_t length, bool *zeros);
+
+/* Gives [offset, offset + length) of image's file back to the host
+   (PUNCH_HOLE, the file's size kept), for space no structure of the image
+   uses any more.  Where the file system cannot punch, the space just stays
+   allocated: nothing reads it. */
+DWORD vd_image_punch_unused(struct vd_image *image, uint64_t offset, uint64_t length);
 
 /* The format module for a device id, or NULL. */
 const struct vd_format *vd_format_for_device(ULONG device_id);

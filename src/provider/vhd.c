@@ -2138,6 +2138,9 @@ static DWORD vhd_write_bat_entries(struct vd_image *image, const struct vd_compa
     return vhd_sync(image, "reusing the space of moved or dropped blocks");
 }
 
+/* The entries first, flushed; only then the blocks' space punched out of
+   the file (a VHD never reuses it: without moves the host gets it back
+   only so). */
 static DWORD vhd_compact_drop(struct vd_image *image, const struct vd_compact_unit *units, size_t count)
 {
     struct vhd_state *state = image->state;
@@ -2145,6 +2148,8 @@ static DWORD vhd_compact_drop(struct vd_image *image, const struct vd_compact_un
     for (size_t i = 0; i < count; i++)
         state->bat[units[i].id] = VHD_BAT_UNUSED;
     DWORD status = vhd_write_bat_entries(image, units, count);
+    for (size_t i = 0; i < count && status == ERROR_SUCCESS; i++)
+        status = vd_image_punch_unused(image, units[i].file_offset, units[i].length);
     pthread_mutex_unlock(&state->lock);
     return status;
 }

@@ -106,11 +106,15 @@ static DWORD vhdx_compact_set_entries(struct vd_image *image, struct vhdx_state 
 
 /* A data block of a differencing disk becomes ZERO (zeros, hiding the
    parent), of any other NOT_PRESENT (zeros); a stale entry keeps its state
-   and loses its offset.  Durable once vhdx_meta_write has logged it. */
+   and loses its offset.  Durable once vhdx_meta_write has logged it; only
+   then is a dropped block's space punched out of the file, so that the host
+   gets it back also where no block moves into it (NO_BLOCK_MOVES, or a
+   hole no later block fits).  A stale entry's offset is not punched: the
+   space it names may be another block's. */
 DWORD vhdx_compact_drop(struct vd_image *image, const struct vd_compact_unit *units, size_t count)
 {
     struct vhdx_state *s = image->state;
-    uint64_t *entries = malloc((count + 1) * sizeof *entries);
+    uint64_t *entries = calloc(count + 1, sizeof *entries);
     if (!entries)
         return vd_fail(ERROR_OUTOFMEMORY, "%s: BAT changes", image->path);
     pthread_mutex_lock(&s->lock);
@@ -121,6 +125,9 @@ DWORD vhdx_compact_drop(struct vd_image *image, const struct vd_compact_unit *un
                                                     : PAYLOAD_BLOCK_NOT_PRESENT;
     }
     DWORD status = vhdx_compact_set_entries(image, s, units, entries, count);
+    for (size_t i = 0; i < count && status == ERROR_SUCCESS; i++)
+        if (units[i].kind != VD_UNIT_STALE)
+            status = vd_image_punch_unused(image, units[i].file_offset, units[i].length);
     pthread_mutex_unlock(&s->lock);
     free(entries);
     return status;
