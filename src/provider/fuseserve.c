@@ -218,19 +218,44 @@ static void vd_fuse_write(fuse_req_t req, fuse_ino_t ino, const char *buffer, si
     }
 }
 
+/* ZERO_RANGE: the range must read zeros and stay allocated, so that later
+   writes there cannot fail for want of space (what a write of zeros that
+   must not unmap promises).  Zeros are written like any data, through the
+   mirror's tap too, which allocates every block they touch; one chunk per
+   hold of io_lock, so that a long zeroing does not hold off a switch. */
+static DWORD vd_fuse_write_zeroes(struct vd_fuse_server *server, uint64_t offset, uint64_t length)
+{
+    size_t chunk = length < VD_FUSE_MAX_IO ? (size_t)length : VD_FUSE_MAX_IO;
+    void *zeros = calloc(1, chunk);
+    if (!zeros)
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating a buffer of zeros");
+    DWORD status = ERROR_SUCCESS;
+    for (uint64_t done = 0; done < length && status == ERROR_SUCCESS;) {
+        size_t n = length - done < chunk ? (size_t)(length - done) : chunk;
+        pthread_rwlock_rdlock(&server->io_lock);
+        struct vd_image *image = server->image;
+        status = server->tap ? server->tap->write(server->tap, image, zeros, offset + done, n)
+                             : image->format->write(image, zeros, offset + done, n);
+        pthread_rwlock_unlock(&server->io_lock);
+        done += n;
+    }
+    free(zeros);
+    return status;
+}
+
 /* The loop device turns a discard (REQ_OP_DISCARD, and REQ_OP_WRITE_ZEROES
-   that may unmap) into fallocate(PUNCH_HOLE | KEEP_SIZE) on this file, and
-   a write of zeros that must not unmap into ZERO_RANGE | KEEP_SIZE: both
-   become the format's discard, since afterwards the range must read as zeros
-   either way (the format decides what stays allocated).  Anything else
-   would change the file's size or allocate, which a disk cannot: refused. */
+   that may unmap) into fallocate(PUNCH_HOLE | KEEP_SIZE) on this file: the
+   format's discard, which gives the space back where it can.  A write of
+   zeros that must not unmap (BLKZEROOUT, blkdiscard -z) arrives as
+   ZERO_RANGE | KEEP_SIZE: written zeros (vd_fuse_write_zeroes).  Anything
+   else would change the file's size, which a disk cannot: refused. */
 static void vd_fuse_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
                               struct fuse_file_info *fi)
 {
     struct vd_fuse_server *server = fuse_req_userdata(req);
     struct vd_image *image = server->image;
-    if (mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) && mode != (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
-        && mode != FALLOC_FL_ZERO_RANGE) {
+    bool punch = mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+    if (!punch && mode != (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE) && mode != FALLOC_FL_ZERO_RANGE) {
         fuse_reply_err(req, EOPNOTSUPP);
         return;
     }
@@ -238,7 +263,7 @@ static void vd_fuse_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t of
         fuse_reply_err(req, EROFS);
         return;
     }
-    if (!image->format->discard) {
+    if (punch && !image->format->discard) {
         fuse_reply_err(req, EOPNOTSUPP);
         return;
     }
@@ -247,12 +272,15 @@ static void vd_fuse_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t of
         return;
     }
     /* Past the end there is nothing to zero (a file's KEEP_SIZE semantics). */
-    uint64_t end = image->virtual_size, start = (uint64_t)offset;
+    uint64_t end = server->size, start = (uint64_t)offset;
     uint64_t count = start >= end ? 0 : (uint64_t)length < end - start ? (uint64_t)length : end - start;
-    DWORD status = count ? image->format->discard(image, start, count) : ERROR_SUCCESS;
+    DWORD status = count == 0 ? ERROR_SUCCESS
+                   : punch    ? image->format->discard(image, start, count)
+                              : vd_fuse_write_zeroes(server, start, count);
     if (status != ERROR_SUCCESS) {
-        fuse_log(FUSE_LOG_ERR, "virtdisk: discarding %llu bytes at %llu failed (0x%08X): %s\n",
-                 (unsigned long long)count, (unsigned long long)start, (unsigned)status, vd_last_error_detail());
+        fuse_log(FUSE_LOG_ERR, "virtdisk: %s %llu bytes at %llu failed (0x%08X): %s\n",
+                 punch ? "discarding" : "zeroing", (unsigned long long)count, (unsigned long long)start,
+                 (unsigned)status, vd_last_error_detail());
         fuse_reply_err(req, status == ERROR_DISK_FULL ? ENOSPC : EIO);
         return;
     }

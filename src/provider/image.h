@@ -153,7 +153,7 @@ struct vd_format {
     DWORD (*write)(struct vd_image *image, const void *buffer, uint64_t offset, size_t length);
 
     /* Makes [offset, offset + length) of the virtual disk read as zeros (a
-       TRIM, or a write of zeros: the FUSE server's fallocate), also where a
+       TRIM: the FUSE server's fallocate PUNCH_HOLE), also where a
        parent has data, and gives the file space back where the format can:
        whole blocks leave the block map, the rest is punched out of the file
        (zeroed where the file system cannot punch).  An interruption leaves
