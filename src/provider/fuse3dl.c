@@ -5,6 +5,7 @@
 #include "fuse3dl.h"
 
 #include <dlfcn.h>
+#include <errno.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -34,6 +35,7 @@ static struct {
     int (*reply_buf)(fuse_req_t, const char *, size_t);
     int (*reply_entry)(fuse_req_t, const struct fuse_entry_param *);
     int (*reply_err)(fuse_req_t, int);
+    int (*reply_lseek)(fuse_req_t, off_t); /* 3.8 and newer */
     int (*reply_open)(fuse_req_t, const struct fuse_file_info *);
     int (*reply_write)(fuse_req_t, size_t);
     void *(*req_userdata)(fuse_req_t);
@@ -71,6 +73,7 @@ static void vd_fuse3_open(void)
     VD_FUSE3_SYMBOL(reply_buf, "fuse_reply_buf");
     VD_FUSE3_SYMBOL(reply_entry, "fuse_reply_entry");
     VD_FUSE3_SYMBOL(reply_err, "fuse_reply_err");
+    VD_FUSE3_SYMBOL(reply_lseek, "fuse_reply_lseek");
     VD_FUSE3_SYMBOL(reply_open, "fuse_reply_open");
     VD_FUSE3_SYMBOL(reply_write, "fuse_reply_write");
     VD_FUSE3_SYMBOL(req_userdata, "fuse_req_userdata");
@@ -209,6 +212,13 @@ int fuse_reply_entry(fuse_req_t req, const struct fuse_entry_param *e)
 int fuse_reply_err(fuse_req_t req, int err)
 {
     return vd_fuse3.reply_err(req, err);
+}
+
+/* Without it (libfuse before 3.8) ENOSYS: the kernel then stops asking and
+   answers SEEK_DATA/SEEK_HOLE itself, as if the whole file were data. */
+int fuse_reply_lseek(fuse_req_t req, off_t off)
+{
+    return vd_fuse3.reply_lseek ? vd_fuse3.reply_lseek(req, off) : vd_fuse3.reply_err(req, ENOSYS);
 }
 
 int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)

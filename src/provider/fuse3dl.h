@@ -16,6 +16,8 @@
  *     answers ERROR_NOT_SUPPORTED with a detail naming the library and the
  *     package to install when it or a required function is missing.  Call it
  *     (and see it succeed) before any other libfuse function.
+ *   - libfuse before 3.8 (no fuse_reply_lseek) loads too: the server's
+ *     lseek then answers ENOSYS, and the kernel treats the file as all data.
  *   - libfuse before 3.12 (no fuse_loop_cfg_*) loads too:
  *     fuse_loop_cfg_create() then answers NULL, and the caller runs the
  *     single-threaded loop.

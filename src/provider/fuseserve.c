@@ -287,6 +287,47 @@ static void vd_fuse_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t of
     fuse_reply_err(req, 0);
 }
 
+/* SEEK_DATA and SEEK_HOLE (cp --sparse, qemu-img map, anything that copies
+   the file): a hole is where no layer of the chain holds data, so it surely
+   reads zeros (vd_image_chain_zeros); anything else, a parent's data
+   included, is data.  The end of the disk is a hole, as in any file.  Block
+   by block: each answer covers a run of the format's blocks at most. */
+static void vd_fuse_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
+{
+    struct vd_fuse_server *server = fuse_req_userdata(req);
+    if (ino != VD_FUSE_DISK_INO || (whence != SEEK_DATA && whence != SEEK_HOLE)) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    uint64_t end = server->size;
+    if (off < 0 || (uint64_t)off >= end) {
+        fuse_reply_err(req, ENXIO);
+        return;
+    }
+    bool hole_wanted = whence == SEEK_HOLE;
+    uint64_t at = (uint64_t)off;
+    DWORD status = ERROR_SUCCESS;
+    pthread_rwlock_rdlock(&server->io_lock);
+    while (at < end) {
+        bool zeros;
+        uint64_t run;
+        status = vd_image_chain_zeros(server->image, at, end - at, &zeros, &run);
+        if (status != ERROR_SUCCESS || zeros == hole_wanted)
+            break;
+        at += run;
+    }
+    pthread_rwlock_unlock(&server->io_lock);
+    if (status != ERROR_SUCCESS) {
+        fuse_log(FUSE_LOG_ERR, "virtdisk: finding %s from %lld failed (0x%08X): %s\n",
+                 hole_wanted ? "a hole" : "data", (long long)off, (unsigned)status, vd_last_error_detail());
+        fuse_reply_err(req, EIO);
+    } else if (at >= end && !hole_wanted) {
+        fuse_reply_err(req, ENXIO); /* no data after off */
+    } else {
+        fuse_reply_lseek(req, (off_t)(at < end ? at : end));
+    }
+}
+
 static void vd_fuse_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
     struct vd_fuse_server *server = fuse_req_userdata(req);
@@ -340,6 +381,7 @@ static const struct fuse_lowlevel_ops vd_fuse_ops = {
     .fsync = vd_fuse_fsync,
     .fallocate = vd_fuse_fallocate,
     .readdir = vd_fuse_readdir,
+    .lseek = vd_fuse_lseek,
 };
 
 /* ---- the server's life ---------------------------------------------------- */
