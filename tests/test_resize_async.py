@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -294,3 +295,87 @@ def test_raw_asynchronous_fixed_create_returns_a_handle_at_once_and_a_cancel_lea
             pytest.fail("every create ended before it could be cancelled")
     finally:
         lib.CloseHandle(event)
+
+
+def _raw_fixed_create_from(source: Path, image: Path, event) -> tuple[int, Any, Any, Any]:
+    """CreateVirtualDisk of a fixed VHDX from source with an OVERLAPPED: the
+    code, the handle, the OVERLAPPED and the parameters (kept alive by the
+    caller while the job runs)."""
+    storage = ffi.new("VIRTUAL_STORAGE_TYPE *")
+    parameters = ffi.new("CREATE_VIRTUAL_DISK_PARAMETERS *", {"Version": 2})
+    path = ffi.new("WCHAR[]", str(source))
+    parameters.Version2.SourcePath = path
+    handle = ffi.new("HANDLE *")
+    overlapped = ffi.new("OVERLAPPED *", {"hEvent": event})
+    flags = lib.CREATE_VIRTUAL_DISK_FLAG_FULL_PHYSICAL_ALLOCATION
+    code = lib.CreateVirtualDisk(storage, str(image), 0, ffi.NULL, flags, 0, parameters, overlapped, handle)
+    return code, handle, overlapped, (parameters, path)
+
+
+def test_raw_asynchronous_fixed_create_from_a_source_reserves_its_space_in_the_job(tmp_path: Path) -> None:
+    """The reservation is part of the job (progress: the file's bytes, then
+    the source's), not done before ERROR_IO_PENDING; a cancel right away
+    stops it and leaves no file."""
+    size = GiB
+    source = tmp_path / "source.raw"
+    with open(source, "wb") as raw:
+        raw.truncate(size)
+        raw.write(random.Random(3).randbytes(MiB))
+        raw.seek(size - 5 * MiB)
+        raw.write(random.Random(4).randbytes(MiB))
+    event = lib.CreateEventW(ffi.NULL, 1, 0, ffi.NULL)
+    try:
+        image = tmp_path / "fixed.vhdx"
+        code, handle, overlapped, keep = _raw_fixed_create_from(source, image, event)
+        assert code == WinError.ERROR_IO_PENDING
+        assert handle[0] != ffi.NULL and image.exists()
+        seen: list[tuple[int, int]] = []
+        progress = ffi.new("VIRTUAL_DISK_PROGRESS *")
+        while True:
+            signalled = lib.WaitForSingleObject(event, 0) == 0
+            assert lib.GetVirtualDiskOperationProgress(handle[0], overlapped, progress) == 0
+            seen.append((progress.CurrentValue, progress.CompletionValue))
+            if signalled:
+                break
+            lib.WaitForSingleObject(event, 10)
+        assert progress.OperationStatus == 0
+        lib.CloseHandle(handle[0])
+    finally:
+        lib.CloseHandle(event)
+    file_size = image.stat().st_size
+    totals = {total for _, total in seen if total}
+    assert totals == {file_size + size}, "the reservation is not part of the job's progress"
+    currents = [current for current, _ in seen]
+    assert currents == sorted(currents) and currents[-1] == file_size + size
+    assert image.stat().st_blocks * 512 >= size  # fully provisioned
+    compared = subprocess.run(
+        [require_tool("qemu-img"), "compare", "-f", "raw", "-F", "vhdx", str(source), str(image)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    image.unlink()
+
+    # A cancel at once: the reservation stops, and no file stays.
+    for attempt in range(5):
+        event = lib.CreateEventW(ffi.NULL, 1, 0, ffi.NULL)
+        try:
+            image = tmp_path / f"cancelled-{attempt}.vhdx"
+            code, handle, overlapped, keep = _raw_fixed_create_from(source, image, event)
+            assert code == WinError.ERROR_IO_PENDING
+            cancelled = lib.CancelIoEx(handle[0], overlapped)
+            assert lib.WaitForSingleObject(event, 60_000) == 0
+            assert lib.GetVirtualDiskOperationProgress(handle[0], overlapped, progress) == 0
+            lib.CloseHandle(handle[0])
+        finally:
+            lib.CloseHandle(event)
+        if progress.OperationStatus == 0:
+            image.unlink()  # it had ended: another try
+            continue
+        assert cancelled
+        assert progress.OperationStatus == WinError.ERROR_OPERATION_ABORTED
+        assert progress.CurrentValue < progress.CompletionValue
+        assert not image.exists()
+        break
+    else:
+        pytest.fail("every create ended before it could be cancelled")
+    del keep

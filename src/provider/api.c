@@ -307,9 +307,11 @@ static DWORD vd_check_geometry(ULONG device, const struct vd_create_arguments *a
 }
 
 /* An asynchronous create: the file exists, empty of data; the copy from a
-   source (if any) runs as the handle's job.  A fixed disk without a source
-   is laid out over a sparse file and its space reserved by the job
-   (allocate), which is what takes time: the progress is bytes of the file. */
+   source (if any) runs as the handle's job.  A fixed disk is laid out over
+   a sparse file and its space reserved by the job (allocate) before any
+   copy, so that reserving, which is what takes time, shows progress and
+   stops at a cancel: the progress is bytes of the file, then bytes of the
+   source's disk. */
 struct vd_create_job {
     struct vd_source source;
     struct vd_image *image;        /* the handle's */
@@ -321,19 +323,21 @@ struct vd_create_job {
 static DWORD vd_create_work(struct vd_job *job, void *context)
 {
     struct vd_create_job *c = context;
+    struct stat st;
+    if (c->allocate && fstat(c->image->fd, &st) < 0)
+        return vd_fail_errno(errno, "%s", c->path);
+    uint64_t reserve = c->allocate ? (uint64_t)st.st_size : 0;
+    vd_job_set_total(job, reserve + (c->source.path ? c->source.size : 0));
+    DWORD status = ERROR_SUCCESS;
     if (c->allocate) {
-        struct stat st;
-        if (fstat(c->image->fd, &st) < 0)
-            return vd_fail_errno(errno, "%s", c->path);
-        vd_job_set_total(job, (uint64_t)st.st_size);
-        DWORD status = vd_job_fallocate(job, c->image->fd, 0, 0, (uint64_t)st.st_size, c->path);
-        if (status == ERROR_SUCCESS && vd_fdatasync(c->image->fd) < 0)
+        status = vd_job_fallocate(job, c->image->fd, 0, 0, reserve, c->path);
+        if (status == ERROR_SUCCESS && !c->source.path && vd_fdatasync(c->image->fd) < 0)
             status = vd_fail_errno(errno, "flushing %s", c->path);
-        return status;
     }
-    if (!c->source.path)
-        return ERROR_SUCCESS;
-    return vd_source_copy_into(&c->source, c->image, &c->unique_id, job);
+    /* The copy ends with its own fsync. */
+    if (status == ERROR_SUCCESS && c->source.path)
+        status = vd_source_copy_into(&c->source, c->image, &c->unique_id, job);
+    return status;
 }
 
 static void vd_create_done(void *context, DWORD status)
@@ -442,8 +446,9 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
     memset(&request, 0, sizeof request);
     request.fixed = (Flags & CREATE_VIRTUAL_DISK_FLAG_FULL_PHYSICAL_ALLOCATION) != 0;
     request.sparse = request.fixed && (Flags & CREATE_VIRTUAL_DISK_FLAG_SPARSE_FILE);
-    /* Asynchronous, fixed, no source: the job reserves the space. */
-    bool allocate_later = Overlapped && request.fixed && !request.sparse && !args.source_path;
+    /* Asynchronous and fixed: the job reserves the space (before the copy
+       from a source, if any). */
+    bool allocate_later = Overlapped && request.fixed && !request.sparse;
     if (allocate_later)
         request.sparse = true;
     struct vd_image *parent = NULL;

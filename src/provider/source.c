@@ -137,7 +137,6 @@ DWORD vd_source_copy_into(const struct vd_source *source, struct vd_image *targe
        fsync at the end makes it durable. */
     OPEN_VIRTUAL_DISK_FLAG flags = target->open_flags;
     target->open_flags |= OPEN_VIRTUAL_DISK_FLAG_NO_WRITE_HARDENING;
-    vd_job_set_total(job, source->size);
     DWORD status = ERROR_SUCCESS;
     bool wrote = false;
     for (uint64_t offset = 0; offset < source->size && status == ERROR_SUCCESS;) {
@@ -189,6 +188,7 @@ DWORD vd_source_copy(const struct vd_source *source, const char *target_path, UL
     DWORD status = vd_image_open(target_path, device_id, true, OPEN_VIRTUAL_DISK_FLAG_NO_WRITE_HARDENING, &target);
     if (status != ERROR_SUCCESS)
         return status;
+    vd_job_set_total(job, source->size);
     status = vd_source_copy_into(source, target, unique_id, job);
     vd_image_close(target);
     return status;

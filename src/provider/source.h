@@ -33,14 +33,17 @@ void vd_source_close(struct vd_source *source);
    images leave the blocks unallocated, fixed ones were preallocated with
    zeros); the source's block_status() finds unallocated ones without
    reading them.  A VHDX gets its DataWriteGuid back afterwards (unique_id),
-   since writing data changes it.  Progress (bytes of the source's disk) and
-   cancellation (ERROR_OPERATION_ABORTED) go through job. */
+   since writing data changes it.  Progress (bytes of the source's disk, the
+   job's whole total) and cancellation (ERROR_OPERATION_ABORTED) go through
+   job. */
 DWORD vd_source_copy(const struct vd_source *source, const char *target_path, ULONG device_id,
                      const GUID *unique_id, struct vd_job *job);
 
 /* The same into an image already open for writing (an asynchronous
    create's handle): its writes skip write hardening for the copy, as a new
-   file's do, and one fsync ends it. */
+   file's do, and one fsync ends it.  It advances job by the bytes of the
+   source's disk it has gone over; the caller has set the total, which may
+   count work of its own (reserving a fixed disk's space first). */
 DWORD vd_source_copy_into(const struct vd_source *source, struct vd_image *target, const GUID *unique_id,
                           struct vd_job *job);
 
