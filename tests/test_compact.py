@@ -440,3 +440,70 @@ def test_what_a_discard_freed_is_returned_without_a_zero_scan(images: Path, tool
     _compact(image)
     assert image.stat().st_size == before - len(discarded) * SPAN[suffix]
     _qemu_compare(reference, image, suffix)
+
+
+def _pattern(offset: int, length: int, seed: int) -> bytes:
+    """What vdwork's w:OFFSET:LENGTH:SEED writes there."""
+    return bytes(((o // 512) * 131 + seed * 17 + o % 512) & 0xFF for o in range(offset, offset + length))
+
+
+def test_a_differencing_vhdx_chunk_with_no_block_left_loses_its_sector_bitmap(images: Path, tools) -> None:
+    """Blocks partly this file's need their chunk's sector bitmap; once
+    compaction has dropped every block of a chunk, the bitmap goes too
+    (SB_BLOCK_NOT_PRESENT) and its space with it.  A chunk that keeps a
+    block keeps its bitmap, and a later partial write gets a new one."""
+    block = MiB
+    chunk = (1 << 23) * 512 // block  # payload blocks per sector bitmap
+    size = 2 * chunk * block  # two chunks
+    parent = images / "parent.vhdx"
+    virtdisk.create(parent, size, block_size=block).close()
+    _work(tools, parent, [f"w:0:{4 * block}:7", f"w:{chunk * block}:{4 * block}:8", "f"])
+    child = images / "child.vhdx"
+    virtdisk.create(child, parent=parent).close()
+    # Chunk 0: block 1 partly data over the parent's, block 9 partly zeros
+    # over the parent's zeros.  Chunk 1: blocks 6 and 9 as block 9.
+    _work(
+        tools,
+        child,
+        [f"w:{block + 4096}:8192:9", *(f"z:{b * block + 4096}:8192" for b in (9, chunk + 6, chunk + 9)), "f"],
+    )
+    ranges = [f"0:{16 * block}", f"{chunk * block}:{16 * block}"]
+    expected = vdread(tools[1], child, ranges=ranges)
+    assert expected.ok, expected.error
+
+    def states() -> dict[str, int]:
+        data = child.read_bytes()
+        bat = bat_offset(data)
+
+        def state(index: int) -> int:
+            return struct.unpack_from("<Q", data, bat + 8 * index)[0] & 7
+
+        blocks = {f"block {b}": state(b + b // chunk) for b in (1, 9, chunk + 6, chunk + 9)}
+        return {**blocks, "bitmap 0": state(chunk), "bitmap 1": state(2 * chunk + 1)}
+
+    assert states() == {"block 1": 7, "block 9": 7, f"block {chunk + 6}": 7, f"block {chunk + 9}": 7,
+                        "bitmap 0": 6, "bitmap 1": 6}  # fmt: skip
+    before = child.stat().st_size
+
+    _compact(child)
+
+    after = vdread(tools[1], child, ranges=ranges)
+    assert after.ok and after.data == expected.data
+    # ZERO: zeros that hide the parent; SB_BLOCK_NOT_PRESENT: 0.
+    assert states() == {"block 1": 7, "block 9": 2, f"block {chunk + 6}": 2, f"block {chunk + 9}": 2,
+                        "bitmap 0": 6, "bitmap 1": 0}  # fmt: skip
+    assert child.stat().st_size == before - 4 * MiB  # three blocks and a bitmap
+
+    # A partial write into chunk 1 again: a new, clear bitmap.
+    at = (chunk + 3) * block
+    _work(tools, child, [f"w:{at + 512}:1024:11", "f"])
+    assert states()["bitmap 1"] == 6
+    shown = vdread(tools[1], child, ranges=[f"{at}:{block}"])
+    parent_block = vdread(tools[1], parent, ranges=[f"{at}:{block}"])
+    assert shown.ok and parent_block.ok
+    wanted = bytearray(parent_block.data[8:])
+    wanted[512:1536] = _pattern(at + 512, 1024, 11)
+    assert shown.data[8:] == bytes(wanted)
+    rest = bytearray(expected.data)  # the size, then the ranges back to back
+    rest[8 + 19 * block + 512 : 8 + 19 * block + 1536] = _pattern(at + 512, 1024, 11)
+    assert vdread(tools[1], child, ranges=ranges).data == bytes(rest)

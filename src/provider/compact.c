@@ -8,7 +8,9 @@
  *      reading zeros - always where the format states zeros (VHDX), and
  *      in a VHD differencing disk only where its parent reads zeros there
  *      too, since an unallocated block shows the parent.  Entries that
- *      still name space their block does not need (stale) go as well.
+ *      still name space their block does not need (stale) go as well, and
+ *      then the format's metadata that only dropped blocks needed (a VHDX
+ *      chunk's sector bitmap once no block of the chunk is in the file).
  *   2. block moves (unless NO_BLOCK_MOVES): the last unit of the file is
  *      moved into the lowest hole below it that fits, then the next, until
  *      one does not fit.  The format copies, makes the copies durable and
@@ -61,6 +63,12 @@ static int vd_by_virtual_offset(const void *a, const void *b)
     return x->virtual_offset < y->virtual_offset ? -1 : x->virtual_offset > y->virtual_offset;
 }
 
+static int vd_by_number(const void *a, const void *b)
+{
+    const uint64_t *x = a, *y = b;
+    return *x < *y ? -1 : *x > *y;
+}
+
 static int vd_by_file_offset(const void *a, const void *b)
 {
     const struct vd_compact_unit *x = a, *y = b;
@@ -98,11 +106,17 @@ static DWORD vd_compact_drop_pass(struct vd_image *image, struct vd_compact_layo
     /* In disk order: the scan then reads the disk (and any parent) front to back. */
     qsort(layout->units, layout->unit_count, sizeof *layout->units, vd_by_virtual_offset);
     struct vd_compact_unit *drop = malloc((layout->unit_count + 1) * sizeof *drop);
+    struct vd_compact_unit *grouped = malloc((layout->unit_count + 1) * sizeof *grouped);
     uint8_t *buffer = scan ? malloc(VD_COMPACT_CHUNK) : NULL;
-    DWORD status = !drop || (scan && !buffer) ? vd_fail(ERROR_OUTOFMEMORY, "compaction buffers") : ERROR_SUCCESS;
-    size_t dropping = 0, keep = 0;
+    DWORD status = !drop || !grouped || (scan && !buffer) ? vd_fail(ERROR_OUTOFMEMORY, "compaction buffers")
+                                                          : ERROR_SUCCESS;
+    size_t dropping = 0, keep = 0, group_count = 0;
     for (size_t i = 0; i < layout->unit_count && status == ERROR_SUCCESS; i++) {
         struct vd_compact_unit *unit = &layout->units[i];
+        if (unit->kind == VD_UNIT_METADATA && unit->group) {
+            grouped[group_count++] = *unit; /* decided once the data is */
+            continue;
+        }
         bool zero = unit->kind == VD_UNIT_STALE;
         if (unit->kind == VD_UNIT_DATA && scan) {
             if (vd_job_cancelled(job)) {
@@ -126,8 +140,33 @@ static DWORD vd_compact_drop_pass(struct vd_image *image, struct vd_compact_layo
     }
     if (status == ERROR_SUCCESS && dropping)
         status = image->format->compact_drop(image, drop, dropping);
+    /* After the data they served is durably gone, never before: metadata
+       whose group keeps no data unit. */
+    uint64_t *kept_groups = NULL;
+    size_t kept_group_count = 0;
+    if (status == ERROR_SUCCESS && group_count) {
+        kept_groups = malloc((keep + 1) * sizeof *kept_groups);
+        if (!kept_groups)
+            status = vd_fail(ERROR_OUTOFMEMORY, "compaction buffers");
+        for (size_t k = 0; k < keep && kept_groups; k++)
+            if (layout->units[k].kind == VD_UNIT_DATA && layout->units[k].group)
+                kept_groups[kept_group_count++] = layout->units[k].group;
+        if (kept_groups)
+            qsort(kept_groups, kept_group_count, sizeof *kept_groups, vd_by_number);
+    }
+    dropping = 0;
+    for (size_t g = 0; g < group_count && status == ERROR_SUCCESS; g++) {
+        if (bsearch(&grouped[g].group, kept_groups, kept_group_count, sizeof *kept_groups, vd_by_number))
+            layout->units[keep++] = grouped[g];
+        else
+            drop[dropping++] = grouped[g];
+    }
+    free(kept_groups);
+    if (status == ERROR_SUCCESS && dropping)
+        status = image->format->compact_drop(image, drop, dropping);
     free(buffer);
     free(drop);
+    free(grouped);
     *kept = keep;
     return status;
 }

@@ -109,7 +109,8 @@ enum vd_unit_kind {
     VD_UNIT_STALE,    /* space an entry still names though the block reads
                          the same without it (VHDX ZERO/UNMAPPED with an
                          offset): dropped without looking */
-    VD_UNIT_METADATA, /* the format's own (VHDX sector bitmap): kept, movable */
+    VD_UNIT_METADATA, /* the format's own (VHDX sector bitmap): movable;
+                         kept while a DATA unit of its group is */
 };
 
 struct vd_compact_unit {
@@ -118,6 +119,10 @@ struct vd_compact_unit {
     uint64_t virtual_offset;       /* DATA: the disk bytes it holds ... */
     uint64_t virtual_length;       /* ... (the last block may be short) */
     enum vd_unit_kind kind;
+    /* 0, or the group (a VHDX chunk) the unit belongs to: a METADATA unit
+       of a group is dropped, after its DATA units, once none of them is
+       kept.  A METADATA unit of group 0 is always kept. */
+    uint64_t group;
 };
 
 struct vd_compact_layout {
@@ -192,7 +197,8 @@ struct vd_format {
        where the format has no blocks to compact (fixed, ISO).
        compact_drop: the units stop owning file space; a DATA unit then reads
        as zeros, or as the parent (layout.drop_shows_parent: the caller has
-       checked that the parent reads zeros there).  Durable on return, so
+       checked that the parent reads zeros there); a METADATA unit is one no
+       kept unit needs any more.  Durable on return, so
        the space may be reused; a dropped DATA unit's space is punched out
        of the file by then (vd_image_punch_unused).
        compact_move: unit i is copied to targets[i] (free space, not

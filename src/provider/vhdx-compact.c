@@ -44,10 +44,15 @@ DWORD vhdx_compact_layout(struct vd_image *image, struct vd_compact_layout *layo
         uint64_t entry = vhdx_bat_load(s, i), offset = vhdx_bat_file_offset(entry);
         uint32_t state = vhdx_bat_state(entry);
         struct vd_compact_unit *u = &layout->units[units];
+        /* A chunk's sector bitmap is read for its partly present blocks
+           only (§2.5.1.2).  It goes only once no block of the chunk is in
+           the file at all, fully present ones included: the one state in
+           which every reader and writer surely needs none. */
+        uint64_t chunk = i / (s->chunk_ratio + 1ull) + 1;
         if (i % (s->chunk_ratio + 1ull) == s->chunk_ratio) {
             if (state == SB_BLOCK_PRESENT) {
                 *u = (struct vd_compact_unit){.id = i, .file_offset = offset, .length = MiB,
-                                              .kind = VD_UNIT_METADATA};
+                                              .kind = VD_UNIT_METADATA, .group = chunk};
                 units++;
             }
             continue;
@@ -57,7 +62,8 @@ DWORD vhdx_compact_layout(struct vd_image *image, struct vd_compact_layout *layo
             continue;
         uint64_t used = vhdx_block_bytes_used(image, s, block);
         *u = (struct vd_compact_unit){.id = i, .file_offset = offset, .length = used,
-                                      .virtual_offset = block * s->block_size, .virtual_length = used};
+                                      .virtual_offset = block * s->block_size, .virtual_length = used,
+                                      .group = chunk};
         if (state == PAYLOAD_BLOCK_FULLY_PRESENT || state == PAYLOAD_BLOCK_PARTIALLY_PRESENT) {
             u->kind = VD_UNIT_DATA;
             units++;
@@ -106,7 +112,8 @@ static DWORD vhdx_compact_set_entries(struct vd_image *image, struct vhdx_state 
 
 /* A data block of a differencing disk becomes ZERO (zeros, hiding the
    parent), of any other NOT_PRESENT (zeros); a stale entry keeps its state
-   and loses its offset.  Durable once vhdx_meta_write has logged it; only
+   and loses its offset; a sector bitmap no block needs becomes
+   SB_BLOCK_NOT_PRESENT (a bitmap allocated later again starts all clear).  Durable once vhdx_meta_write has logged it; only
    then is a dropped block's space punched out of the file, so that the host
    gets it back also where no block moves into it (NO_BLOCK_MOVES, or a
    hole no later block fits).  A stale entry's offset is not punched: the
@@ -120,9 +127,10 @@ DWORD vhdx_compact_drop(struct vd_image *image, const struct vd_compact_unit *un
     pthread_mutex_lock(&s->lock);
     for (size_t i = 0; i < count; i++) {
         uint32_t state = vhdx_bat_state(vhdx_bat_load(s, units[i].id));
-        entries[i] = units[i].kind == VD_UNIT_STALE ? state
-                     : s->has_parent                ? PAYLOAD_BLOCK_ZERO
-                                                    : PAYLOAD_BLOCK_NOT_PRESENT;
+        entries[i] = units[i].kind == VD_UNIT_STALE      ? state
+                     : units[i].kind == VD_UNIT_METADATA ? SB_BLOCK_NOT_PRESENT
+                     : s->has_parent                     ? PAYLOAD_BLOCK_ZERO
+                                                         : PAYLOAD_BLOCK_NOT_PRESENT;
     }
     DWORD status = vhdx_compact_set_entries(image, s, units, entries, count);
     for (size_t i = 0; i < count && status == ERROR_SUCCESS; i++)
