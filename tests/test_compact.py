@@ -222,7 +222,7 @@ def test_no_block_moves_gives_the_space_of_dropped_blocks_in_the_middle_back_to_
     # neighbours at either end stay.
     partial = 0 if suffix == "vhdx" else 2 * os.statvfs(images).f_bsize
     freed = held - image.stat().st_blocks * 512
-    assert freed >= len(zeroed) * (SPAN[suffix] - partial), f"{freed} bytes given back for {len(zeroed)} blocks"
+    assert freed >= len(zeroed) * (SPAN[suffix] - partial), f"{freed} bytes back for {len(zeroed)} blocks"
 
 
 def test_no_zero_scan_keeps_zero_blocks_but_drops_unmapped_ones(images: Path, tools) -> None:
