@@ -290,8 +290,8 @@ static void vd_fuse_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t of
 /* SEEK_DATA and SEEK_HOLE (cp --sparse, qemu-img map, anything that copies
    the file): a hole is where no layer of the chain holds data, so it surely
    reads zeros (vd_image_chain_zeros); anything else, a parent's data
-   included, is data.  The end of the disk is a hole, as in any file.  Block
-   by block: each answer covers a run of the format's blocks at most. */
+   included, is data.  The end of the disk is a hole, as in any file.  The
+   walk asks the chain one block (or run) at a time. */
 static void vd_fuse_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
 {
     struct vd_fuse_server *server = fuse_req_userdata(req);
