@@ -414,15 +414,18 @@ def test_cli_moves_a_permanently_attached_disk(images: Path) -> None:
         os.pwrite(fd, b"later" * 1000, 7 * MiB)
         os.fsync(fd)
         os.close(fd)
-        # Moved again: the disk is still known (and detached) by the first image's name.
+        # The disk is the target's now: moved again under that name, and
+        # detached under the last one's.
         again = images / "again.vhdx"
-        subprocess.run([*cli, "mirror", "--quiet", str(source), str(again)], check=True, capture_output=True)
+        refused = subprocess.run([*cli, "mirror", "--quiet", str(source), str(again)], capture_output=True)
+        assert refused.returncode != 0 and not again.exists()
+        subprocess.run([*cli, "mirror", "--quiet", str(target), str(again)], check=True, capture_output=True)
         fd = os.open(device, os.O_RDWR)
         os.pwrite(fd, b"last!" * 1000, 9 * MiB)
         os.fsync(fd)
         os.close(fd)
     finally:
-        detached = subprocess.run([*cli, "detach", str(source)], capture_output=True, text=True)
+        detached = subprocess.run([*cli, "detach", str(again)], capture_output=True, text=True)
         if detached.returncode != 0:  # never leave the disk behind a failure
             subprocess.run([*cli, "detach", device], check=False)
     assert detached.returncode == 0, detached.stderr
@@ -467,3 +470,231 @@ def test_mirror_of_a_differencing_disk_copies_its_whole_chain(images: Path) -> N
     assert data == shown
     assert data[2 * MiB : 2 * MiB + 16384] == b"base" * 4096
     assert data[6 * MiB : 6 * MiB + 5000] == b"child" * 1000
+
+
+# ---- after a break the attachment is the target's --------------------------
+
+SMALL = 64 * MiB
+
+# What another process finds after a break, as a program of its own so that
+# none of the test's handles or claims count.  Every step is tried and its
+# outcome (0 or the Win32 code) reported in one JSON object, with the
+# checksum of what the source shows when this process attaches it.
+_AFTER_BREAK = textwrap.dedent(
+    """
+    import hashlib, json, os, sys
+    import virtdisk
+    source, target, device, size, detach = sys.argv[1:4] + [int(sys.argv[4]), sys.argv[5] == "detach"]
+    out = {}
+
+    def attempt(name, call):
+        try:
+            out[name] = call()
+        except OSError as error:
+            out[name] = getattr(error, "winerror", None) or -1
+
+    def attached(path):
+        with virtdisk.open(path, read_only=True) as disk:
+            return disk.info.attached
+    attempt("source_attached", lambda: attached(source))
+    attempt("target_attached", lambda: attached(target))
+
+    def target_device():
+        with virtdisk.open(target, read_only=True) as disk:
+            return disk.physical_path
+    attempt("target_device", target_device)
+
+    def write_target():
+        virtdisk.open(target).close()
+        return 0
+    attempt("write_target", write_target)
+
+    def attach_source():
+        # Free: opened for writing and attached here, on a device of its own.
+        with virtdisk.open(source) as disk:
+            disk.attach(read_only=False)
+            fd = os.open(disk.physical_path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                data = os.pread(fd, size, 0)
+            finally:
+                os.close(fd)
+            return [disk.physical_path, hashlib.sha256(data).hexdigest()]
+    attempt("attach_source", attach_source)
+
+    def detach_target():
+        with virtdisk.open(target, read_only=True) as disk:
+            disk.detach()
+        return 0
+    if detach:
+        attempt("detach_target", detach_target)
+        attempt("target_attached_after", lambda: attached(target))
+    print(json.dumps(out), flush=True)
+    """
+)
+
+
+def _after_break(source: Path, target: Path, device: str, detach: bool) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, "-c", _AFTER_BREAK, str(source), str(target), device, str(SMALL), "detach" if detach else "-"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _write_checksummed(device: str, seed: int) -> None:
+    """Random data in every other MiB of the first SMALL bytes (the rest stays
+    unallocated), flushed."""
+    rng = __import__("random").Random(seed)
+    fd = os.open(device, os.O_RDWR)
+    try:
+        for offset in range(0, SMALL, 2 * MiB):
+            os.pwrite(fd, rng.randbytes(MiB), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _shown(device: str) -> bytes:
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, SMALL, 0)
+    finally:
+        os.close(fd)
+
+
+def _record_names(images: Path) -> list[str]:
+    """The image paths the run directory's live records name under images."""
+    names = []
+    for record in RUN_DIR.glob("*.json"):
+        try:
+            path = json.loads(record.read_text()).get("image", "")
+        except (OSError, ValueError):
+            continue
+        if str(path).startswith(str(images)):
+            names.append(path)
+    return names
+
+
+@pytest.mark.parametrize("suffix", ["vhdx", "vhd"])
+def test_after_a_break_a_permanent_attachment_is_the_targets(images: Path, suffix: str) -> None:
+    source, target = images / f"source.{suffix}", images / f"target.{suffix}"
+    virtdisk.create(source, SMALL).close()
+    with virtdisk.open(source) as disk:
+        disk.attach(read_only=False, permanent=True)
+        device = disk.physical_path
+    try:
+        _write_checksummed(device, 5)
+        with virtdisk.open(source, read_only=True) as disk:
+            writer = subprocess.Popen(
+                [sys.executable, "-c", _WRITER, device, "6", str(SMALL), "random", str(SMALL), str(SMALL)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert writer.stdout is not None and writer.stdin is not None
+                assert writer.stdout.readline().startswith("round ")  # writing before the mirror
+                disk.mirror(target)
+                assert writer.stdout.readline().startswith("round ")  # and while in sync
+                writer.stdin.write("stop\n")
+                writer.stdin.close()
+                tail = writer.stdout.read().splitlines()
+                assert writer.wait(timeout=60) == 0
+            finally:
+                if writer.poll() is None:
+                    writer.kill()
+                    writer.wait()
+            _, written = json.loads(tail[-1])
+            shown_at_break = _shown(device)
+            disk.break_mirror()
+        assert _record_names(images) == [str(target)]
+        # The device now writes the target alone.
+        fd = os.open(device, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"after the break!" * 4096, 3 * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        shown = _shown(device)
+        seen = _after_break(source, target, device, detach=True)
+    finally:
+        if loops_backed_under(images):  # never leave the disk behind a failure
+            subprocess.run([sys.executable, "-m", "virtdisk", "detach", device], check=False)
+    assert seen["source_attached"] is False
+    assert seen["target_attached"] is True
+    assert seen["target_device"] == device
+    assert seen["write_target"] == WinError.ERROR_SHARING_VIOLATION
+    other_device, source_sum = seen["attach_source"]  # type: ignore[misc]
+    assert other_device != device
+    assert source_sum == hashlib.sha256(shown_at_break).hexdigest()
+    assert seen["detach_target"] == 0
+    assert seen["target_attached_after"] is False
+    assert not loops_backed_under(images)
+    assert _record_names(images) == []
+    target_data = _raw(target, images, suffix)
+    assert target_data == shown
+    _check_sums(target_data, {int(o): d for o, d in written.items() if int(o) != 3 * MiB}, 65536)
+
+
+def test_after_a_break_a_process_held_attachment_is_the_targets(images: Path) -> None:
+    source, target = images / "source.vhdx", images / "target.vhdx"
+    virtdisk.create(source, SMALL).close()
+    with virtdisk.open(source) as disk:
+        disk.attach(read_only=False)
+        device = disk.physical_path
+        _write_checksummed(device, 7)
+        disk.mirror(target)
+        shown_at_break = _shown(device)
+        disk.break_mirror()
+        assert _record_names(images) == [str(target)]
+        assert disk.physical_path == device  # this handle's disk, wherever it runs
+        seen = _after_break(source, target, device, detach=False)
+        # This process's other handle on the target detaches the disk.
+        with virtdisk.open(target, read_only=True) as other:
+            other.detach()
+        assert not loops_backed_under(images)
+    assert seen["source_attached"] is False
+    assert seen["target_attached"] is True
+    assert seen["target_device"] == device
+    assert seen["write_target"] == WinError.ERROR_SHARING_VIOLATION
+    # This process's handle, opened for writing on the source file, keeps
+    # its writer claim there until it closes (which detaches the disk).
+    assert seen["attach_source"] == WinError.ERROR_SHARING_VIOLATION
+    assert _raw(target, images, "vhdx") == shown_at_break
+    assert _raw(source, images, "vhdx") == shown_at_break
+
+
+def _vhdiinfo_identifier(image: Path) -> str:
+    out = subprocess.run([require_tool("vhdiinfo"), str(image)], check=True, capture_output=True, text=True).stdout
+    return next(line.split(":", 1)[1].strip() for line in out.splitlines() if "Identifier" in line)
+
+
+@pytest.mark.parametrize("suffix", ["vhdx", "vhd"])
+def test_the_target_keeps_the_disks_identity(images: Path, suffix: str) -> None:
+    source, target = images / f"source.{suffix}", images / f"target.{suffix}"
+    virtdisk.create(source, 16 * MiB).close()
+    with virtdisk.open(source) as disk:
+        disk.attach(read_only=False)
+        disk.mirror(target)
+        disk.break_mirror()
+    with virtdisk.open(source, read_only=True) as disk:
+        before = disk.info
+    with virtdisk.open(target, read_only=True) as disk:
+        after = disk.info
+    if suffix == "vhd":
+        # A VHD's unique id is its only identity: the guest's disk keeps it.
+        assert after.identifier == before.identifier
+        assert _vhdiinfo_identifier(target) == _vhdiinfo_identifier(source) == str(before.identifier)
+    else:
+        # The Page 83 data is the disk's identity; the DataWriteGuid names
+        # a version of one file's contents, and the target's is its own.
+        assert before.virtual_disk_id is not None
+        assert after.virtual_disk_id == before.virtual_disk_id
+        assert after.identifier != before.identifier
+        assert _vhdiinfo_identifier(target) == str(after.identifier)
+        assert _vhdiinfo_identifier(source) == str(before.identifier)

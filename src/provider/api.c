@@ -725,7 +725,11 @@ DWORD WINAPI DetachVirtualDisk(HANDLE VirtualDiskHandle, DETACH_VIRTUAL_DISK_FLA
     if (status == ERROR_SUCCESS && helper) {
         status = vd_served_detach(handle->image);
     } else if (status == ERROR_SUCCESS) {
-        struct vd_disk *disk = handle->disk;
+        /* This process's own attachment, also when a mirror's break moved
+           it from the image file another handle of this process opened. */
+        struct vd_disk *disk = vd_disk_attached_as(number);
+        if (!disk)
+            disk = handle->disk;
         bool own = disk->loop_number == number;
         if (own && disk->served) {
             /* Success means the server is gone and the image flushed. */

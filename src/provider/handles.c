@@ -38,6 +38,17 @@ int vd_handle_attached_loop(const struct vd_handle *handle, bool *helper)
     return vd_share_attached_loop(handle->image, helper);
 }
 
+struct vd_disk *vd_disk_attached_as(int number)
+{
+    struct vd_disk *found = NULL;
+    pthread_mutex_lock(&vd_registry_mutex); /* after the disks lock, as vd_handle_free() takes them */
+    for (struct vd_disk *disk = vd_disks; number >= 0 && disk && !found; disk = disk->next)
+        if (disk->loop_number == number)
+            found = disk;
+    pthread_mutex_unlock(&vd_registry_mutex);
+    return found;
+}
+
 bool vd_handle_has_others(const struct vd_handle *handle)
 {
     return vd_share_held_elsewhere(handle->share_fd, VD_SHARE_HANDLE);

@@ -88,6 +88,11 @@ void vd_disks_unlock(void);
    *helper tells whether a helper process serves it. */
 int vd_handle_attached_loop(const struct vd_handle *handle, bool *helper);
 
+/* This process's disk whose own non-permanent attachment is /dev/loop
+   number (a break may have moved it to another image file: servemirror.h),
+   else NULL.  Called under vd_disks_lock(). */
+struct vd_disk *vd_disk_attached_as(int number);
+
 /* Whether a handle other than this one (in any process) is open on the same
    image file. */
 bool vd_handle_has_others(const struct vd_handle *handle);

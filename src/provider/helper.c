@@ -206,8 +206,11 @@ struct vd_client {
 };
 
 struct vd_supervisor {
-    char base[64];
+    char base[64];      /* the record's and socket's name: the disk's image file */
+    char log_base[64];  /* the log's: the attached image's, whatever a break made the disk */
     char *image_path;
+    dev_t image_dev;    /* the disk's image file (the target after a break) */
+    ino_t image_ino;
     bool permanent;
     int control;        /* the attacher's channel, until it closes (or KEEP) */
     int listener;       /* permanent only */
@@ -221,6 +224,10 @@ struct vd_supervisor {
     char mirror_target[VD_MSG_MAX_PAYLOAD];
     dev_t mirror_dev;
     ino_t mirror_ino;
+    /* The target of the last mirror started, created or existing: the
+       disk's name after a break. */
+    char mirror_path[VD_MSG_MAX_PAYLOAD];
+    int marker_fd;      /* this process's attachment marker (share.h), else -1 */
     int go_fd;          /* closed: the server unmounts (the supervisor is gone) */
     struct vd_loop loop;
     uint64_t backing_dev;
@@ -334,7 +341,7 @@ static void vd_finish(struct vd_supervisor *s, DWORD status, int reply_fd)
     bool clean = status == ERROR_SUCCESS && vd_log_errors == 0;
     vd_log(!clean, "ended (0x%08X)%s", (unsigned)status, clean ? "" : "; log kept");
     if (clean)
-        vd_run_remove(s->base, ".log");
+        vd_run_remove(s->log_base, ".log");
     vd_drop_claims(s);
     if (reply_fd >= 0)
         vd_msg_send_result(reply_fd, status, -1, detail);
@@ -528,6 +535,8 @@ static void vd_note_mirror(struct vd_supervisor *s, uint16_t type, const char *p
         return;
     memcpy(&request, payload, sizeof request);
     s->mirror_target[0] = '\0';
+    if (request.kind == VD_OPERATION_MIRROR)
+        snprintf(s->mirror_path, sizeof s->mirror_path, "%s", payload + sizeof request);
     struct stat st;
     if (request.kind == VD_OPERATION_MIRROR && !(request.flags & MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE) &&
         lstat(payload + sizeof request, &st) == 0) {
@@ -535,6 +544,85 @@ static void vd_note_mirror(struct vd_supervisor *s, uint16_t type, const char *p
         s->mirror_dev = st.st_dev;
         s->mirror_ino = st.st_ino;
     }
+}
+
+/* After a break the disk runs on the mirror's target, as on Windows: the
+   attachment's record, socket, marker and claims move to the target's file
+   (target_fd, the server's handover), and the source is let go of, free to
+   be opened for writing, attached or removed.  The new ones are in place
+   before the old ones go, so that the disk is always found under one of the
+   two names. */
+static void vd_adopt_target(struct vd_supervisor *s, int target_fd)
+{
+    struct stat st;
+    if (!s->mirror_path[0] || fstat(target_fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        vd_log(true, "a break handed over no usable target; the attachment keeps the name %s", s->image_path);
+        return;
+    }
+    char *path = strdup(s->mirror_path);
+    if (!path) {
+        vd_log(true, "out of memory taking over %s", s->mirror_path);
+        return;
+    }
+    char base[sizeof s->base];
+    vd_record_base(st.st_dev, st.st_ino, base, sizeof base);
+    /* The attachment's claim, made as the attach made it on the source. */
+    int attach_claim = -1;
+    if (s->attach_claim >= 0) {
+        struct vd_image view = {.fd = target_fd, .path = path, .file_dev = st.st_dev, .file_ino = st.st_ino,
+                                .share_fd = -1};
+        vd_clear_detail();
+        if (vd_share_claim(&view, VD_SHARE_ATTACH, VD_SHARE_ATTACH, -1, "taking the attachment over",
+                           &attach_claim) != ERROR_SUCCESS)
+            vd_log(true, "no attach claim on %s: %s", path, vd_last_error_detail());
+    }
+    int marker = -1;
+    if (vd_share_mark_attached(target_fd) == ERROR_SUCCESS)
+        marker = fcntl(target_fd, F_DUPFD_CLOEXEC, VD_MARKER_FD_MIN);
+    if (marker < 0)
+        vd_log(true, "could not mark %s as attached from the supervisor", path);
+    struct vd_record record = {.loop = s->loop.number,
+                               .pid = (long)getpid(),
+                               .permanent = s->permanent,
+                               .backing_dev = s->backing_dev,
+                               .backing_ino = s->backing_ino};
+    vd_clear_detail();
+    if (vd_record_write(base, &record, path) != ERROR_SUCCESS)
+        vd_log(true, "could not record %s: %s", path, vd_last_error_detail());
+    if (s->listener >= 0) {
+        struct sockaddr_un address;
+        int listener = -1;
+        if (vd_socket_address(base, (long)getpid(), &address) == ERROR_SUCCESS &&
+            (listener = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) >= 0 &&
+            bind(listener, (struct sockaddr *)&address, sizeof address) == 0 && listen(listener, VD_MAX_CLIENTS) == 0) {
+            close(s->listener);
+            unlink(s->address.sun_path);
+            s->listener = listener;
+            s->address = address;
+        } else {
+            vd_log(true, "could not listen for %s: %s; requests go to the old socket", path, strerror(errno));
+            if (listener >= 0)
+                close(listener);
+        }
+    }
+    vd_run_remove(s->base, ".json");
+    if (s->marker_fd >= 0)
+        close(s->marker_fd);
+    s->marker_fd = marker;
+    if (s->attach_claim >= 0)
+        close(s->attach_claim);
+    s->attach_claim = attach_claim;
+    /* The source's writer claim and its parents': the target is a disk of
+       its own, whose writer claim its server holds (servemirror.h). */
+    for (size_t i = 0; i < s->claim_count; i++)
+        close(s->claims[i]);
+    s->claim_count = 0;
+    vd_share_forget(s->image_dev, s->image_ino);
+    vd_log(false, "the disk on /dev/loop%d now runs on %s (was %s)", s->loop.number, path, s->image_path);
+    snprintf(s->base, sizeof s->base, "%s", base);
+    s->image_path = path; /* the first one is the attach request's, never freed */
+    s->image_dev = st.st_dev;
+    s->image_ino = st.st_ino;
 }
 
 /* Passes a request about an operation to the server and its answer back,
@@ -550,8 +638,10 @@ static void vd_forward_operation(struct vd_supervisor *s, int fd, uint16_t type,
     uint16_t reply_type = 0;
     char reply[VD_MSG_MAX_PAYLOAD];
     size_t reply_length = 0;
+    int handover = -1;
     if (!error)
-        error = vd_msg_recv(s->ops_fd, VD_OPERATION_REPLY_MS, &reply_type, reply, sizeof reply, &reply_length, NULL);
+        error = vd_msg_recv(s->ops_fd, VD_OPERATION_REPLY_MS, &reply_type, reply, sizeof reply, &reply_length,
+                            &handover);
     if (error) {
         vd_log(true, "the server did not answer an operation request: %s", strerror(error));
         close(s->ops_fd);
@@ -560,6 +650,11 @@ static void vd_forward_operation(struct vd_supervisor *s, int fd, uint16_t type,
         return;
     }
     vd_note_mirror(s, type, payload, length, reply_type, reply, reply_length);
+    if (handover >= 0) {
+        if (type == VD_MSG_BREAK_MIRROR)
+            vd_adopt_target(s, handover);
+        close(handover);
+    }
     vd_msg_send(fd, (enum vd_msg_type)reply_type, reply, reply_length, -1);
 }
 
@@ -794,7 +889,7 @@ static DWORD vd_start(struct vd_supervisor *s, int image_fd, const struct vd_msg
     if (marker < 0 || vd_share_mark_attached(marker) != ERROR_SUCCESS)
         vd_log(true, "could not mark %s as attached from the supervisor: %s", s->image_path,
                marker < 0 ? strerror(errno) : vd_last_error_detail());
-    else if (fcntl(marker, F_DUPFD_CLOEXEC, VD_MARKER_FD_MIN) < 0)
+    else if ((s->marker_fd = fcntl(marker, F_DUPFD_CLOEXEC, VD_MARKER_FD_MIN)) < 0)
         vd_log(true, "could not move the marker of %s: %s", s->image_path, strerror(errno));
     if (marker >= 0)
         close(marker); /* the copy above holds the lock: same description */
@@ -855,7 +950,7 @@ static void vd_supervisor_main(int control) __attribute__((noreturn));
 static void vd_supervisor_main(int control)
 {
     struct vd_supervisor s = {.control = control, .listener = -1, .server = -1, .report_fd = -1, .go_fd = -1, .ops_fd = -1,
-                              .loop = {.number = -1, .fd = -1}, .attach_claim = -1};
+                              .loop = {.number = -1, .fd = -1}, .attach_claim = -1, .marker_fd = -1};
     uint16_t type;
     char payload[VD_MSG_MAX_PAYLOAD];
     size_t length;
@@ -880,6 +975,9 @@ static void vd_supervisor_main(int control)
     s.image_path = payload + sizeof request;
     s.permanent = request.permanent;
     vd_record_base(st.st_dev, st.st_ino, s.base, sizeof s.base);
+    memcpy(s.log_base, s.base, sizeof s.log_base);
+    s.image_dev = st.st_dev;
+    s.image_ino = st.st_ino;
     vd_open_log(s.base);
     vd_run_collect_garbage();
     vd_clear_detail();

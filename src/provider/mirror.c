@@ -252,6 +252,13 @@ DWORD WINAPI BreakMirrorVirtualDisk(HANDLE VirtualDiskHandle)
     DWORD status = vd_mirror_route(handle, &served);
     if (status == ERROR_SUCCESS)
         status = vd_mirror_call(handle, served, VD_MSG_BREAK_MIRROR, NULL, 0, NULL);
+    /* The disk runs on the target now, and its helper holds the target's
+       attach claim: this process's claim on the source goes (the handle's
+       own claims on the file it opened last as long as the handle). */
+    if (status == ERROR_SUCCESS && served && handle->disk->attach_claim >= 0) {
+        close(handle->disk->attach_claim);
+        handle->disk->attach_claim = -1;
+    }
     vd_disks_unlock();
     vd_handle_release(handle);
     return status;

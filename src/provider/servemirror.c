@@ -33,7 +33,6 @@ struct vd_mirror {
     struct vd_fuse_server *server;
     struct vd_image *source; /* the served image (not ours) */
     struct vd_image *target; /* ours until a break hands it to the server */
-    struct vd_image *retired; /* the source after a break, no longer written */
     char *target_path;
     bool created;            /* we made the file: an unfinished mirror removes it */
     OPEN_VIRTUAL_DISK_FLAG target_flags;
@@ -201,7 +200,14 @@ static DWORD vd_mirror_create_target(const struct vd_image *source, const char *
         .fixed = source->subtype == VD_SUBTYPE_FIXED,
         .path = path,
     };
-    int error = vd_guid_generate(&request.unique_id);
+    /* The disk keeps its identity (a guest must not see another disk after
+       the move): a VHD's unique id is its only one, and VHDX's is the Page
+       83 data, set below.  VHDX's DataWriteGuid names a version of the
+       file's contents (MS-VHDX 2.2.2.1), the one differencing children link
+       to: the target's is its own, so that the source's children never take
+       the target, which goes on changing, for their parent. */
+    request.unique_id = source->identifier;
+    int error = format->device_id == VIRTUAL_STORAGE_TYPE_DEVICE_VHDX ? vd_guid_generate(&request.unique_id) : 0;
     if (error)
         return vd_fail_errno(error, "generating a unique id");
     /* O_EXCL: never overwrite an existing file (that is EXISTING_FILE's). */
@@ -220,6 +226,11 @@ static DWORD vd_mirror_create_target(const struct vd_image *source, const char *
     close(fd);
     if (status == ERROR_SUCCESS)
         status = vd_image_open(path, format->device_id, true, OPEN_VIRTUAL_DISK_FLAG_NO_WRITE_HARDENING, out);
+    if (status == ERROR_SUCCESS && source->has_virtual_disk_id && (*out)->format->set_virtual_disk_id) {
+        status = (*out)->format->set_virtual_disk_id(*out, &source->virtual_disk_id);
+        if (status != ERROR_SUCCESS)
+            vd_image_close(*out);
+    }
     if (status != ERROR_SUCCESS)
         unlink(path);
     return status;
@@ -371,37 +382,39 @@ DWORD vd_mirror_cancel(struct vd_mirror *m)
     return ERROR_SUCCESS;
 }
 
-DWORD vd_mirror_break(struct vd_mirror *m)
+DWORD vd_mirror_break(struct vd_mirror *m, int *handover)
 {
+    *handover = -1;
     DWORD status = vd_mirror_status(m);
     if (m->phase == VD_MIRROR_OVER || status != ERROR_SUCCESS)
         return vd_fail(ERROR_VHD_INVALID_STATE, "the mirror onto %s is %s", m->target_path,
                        m->phase == VD_MIRROR_OVER        ? "over"
                        : status == ERROR_IO_PENDING      ? "still copying (cancel it to stop)"
                                                          : "failed");
+    struct vd_image *target = m->target;
+    /* The attachment's marker goes to the target before the source lets go
+       of its own: at no moment does neither look attached (an opener for
+       writing would find the target free). */
+    status = vd_share_mark_attached(target->fd);
+    char self[64];
+    snprintf(self, sizeof self, "/proc/self/fd/%d", target->fd);
+    if (status == ERROR_SUCCESS && (*handover = open(self, O_RDONLY | O_NONBLOCK | O_CLOEXEC)) < 0)
+        status = vd_fail_errno(errno, "opening %s for the helper", m->target_path);
+    if (status != ERROR_SUCCESS)
+        return status; /* still in sync: the caller may try again */
     vd_mirror_join(m); /* ended already: the copy is done */
     /* The target equals the source now, and every write from the next
        request on goes to the target alone. */
-    struct vd_image *target = m->target;
     struct vd_image *source = vd_fuse_replace_image(m->server, target);
     m->target = NULL;
     m->source = NULL;
     m->phase = VD_MIRROR_OVER;
-    /* The source stays open, unwritten, until the session ends: its
-       descriptor carries the attachment's marker and the attachment's
-       record is named after it (share.h, servrecord.h), so the disk is
-       still found, and detached, as the source's. */
-    m->retired = source;
     status = vd_image_flush(target);
     DWORD source_status = source->writable ? vd_image_flush(source) : ERROR_SUCCESS;
+    /* The source is no longer the disk: closing it ends its marker here,
+       so that it can be opened, written and attached again. */
+    vd_image_close(source);
     return status == ERROR_SUCCESS ? source_status : status;
-}
-
-struct vd_image *vd_mirror_take_retired(struct vd_mirror *m)
-{
-    struct vd_image *retired = m->retired;
-    m->retired = NULL;
-    return retired;
 }
 
 void vd_mirror_free(struct vd_mirror *m)
@@ -409,7 +422,6 @@ void vd_mirror_free(struct vd_mirror *m)
     if (!m)
         return;
     vd_mirror_stop(m, vd_mirror_status(m) == ERROR_SUCCESS);
-    vd_image_close(m->retired);
     pthread_mutex_destroy(&m->mutex);
     free(m->target_path);
     free(m);

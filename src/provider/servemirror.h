@@ -7,8 +7,9 @@
  * Promises:
  *   - The target is a new image of the source's format, size, sector sizes
  *     and block size (fixed when the source is fixed, else dynamic: a
- *     differencing source's whole disk is copied), with a unique id of its
- *     own; or with MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE an existing VHD or
+ *     differencing source's whole disk is copied), with the source's
+ *     identity (VHD unique id, VHDX Page 83 data; VHDX's DataWriteGuid is
+ *     its own, see servemirror.c); or with MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE an existing VHD or
  *     VHDX of the same virtual size and logical sector size.  Refusals:
  *     ERROR_FILE_EXISTS (a new target's path exists), ERROR_INVALID_PARAMETER
  *     (size, sector size, the source itself), the open's own codes.
@@ -28,10 +29,11 @@
  *     the target fails the mirror (its status), never the guest's write.
  *   - vd_mirror_break(): only in sync (else ERROR_VHD_INVALID_STATE).  From
  *     the next request on the server serves the target ("sets the mirror to
- *     be the active virtual disk"); the source is flushed and no longer
- *     changes.  It stays open until the session ends, so that the attachment
- *     is still found (and detached) as the source's: its marker and record
- *     stay with the source's file.
+ *     be the active virtual disk"); the source is flushed and closed.  The
+ *     attachment's marker (share.h) moves with it: the target's descriptor
+ *     is marked before the source's is closed, and *handover is a new open
+ *     file description of the target, read-only, for the helper to take
+ *     the attachment's record, claims and marker over (helper.h).
  *   - Cancel, at any time before a break: the copy stops, the target is no
  *     longer written, and a target this module created is removed (an
  *     EXISTING_FILE target is left a valid image with partial contents).
@@ -66,11 +68,7 @@ void vd_mirror_state(struct vd_mirror *mirror, struct vd_msg_operation_state *st
 bool vd_mirror_active(struct vd_mirror *mirror);
 
 DWORD vd_mirror_cancel(struct vd_mirror *mirror);
-DWORD vd_mirror_break(struct vd_mirror *mirror);
-
-/* The source a break retired (NULL when none), for the caller to keep open
-   until the session ends and then close. */
-struct vd_image *vd_mirror_take_retired(struct vd_mirror *mirror);
+DWORD vd_mirror_break(struct vd_mirror *mirror, int *handover);
 
 /* Ends whatever is left (as the session's end does, see above) and frees. */
 void vd_mirror_free(struct vd_mirror *mirror);

@@ -25,10 +25,6 @@ struct vd_serve_ops {
     bool ended;
     enum vd_operation_kind kind;
     struct vd_mirror *mirror; /* kind MIRROR */
-    /* Sources that breaks retired: open until the session ends, since the
-       first one carries the attachment's marker (servemirror.h). */
-    struct vd_image **retired;
-    size_t retired_count;
 };
 
 static bool vd_ops_active(const struct vd_serve_ops *ops)
@@ -36,22 +32,13 @@ static bool vd_ops_active(const struct vd_serve_ops *ops)
     return ops->kind == VD_OPERATION_MIRROR && vd_mirror_active(ops->mirror);
 }
 
-/* Ends the last operation, keeping what must outlive it. */
-static DWORD vd_ops_forget(struct vd_serve_ops *ops)
+/* Ends the last operation. */
+static void vd_ops_forget(struct vd_serve_ops *ops)
 {
-    if (ops->kind == VD_OPERATION_MIRROR) {
-        struct vd_image **more = realloc(ops->retired, (ops->retired_count + 1) * sizeof *more);
-        if (!more)
-            return vd_fail(ERROR_OUTOFMEMORY, "keeping a retired image");
-        ops->retired = more;
-        struct vd_image *retired = vd_mirror_take_retired(ops->mirror);
-        if (retired)
-            ops->retired[ops->retired_count++] = retired;
+    if (ops->kind == VD_OPERATION_MIRROR)
         vd_mirror_free(ops->mirror);
-    }
     ops->mirror = NULL;
     ops->kind = VD_OPERATION_NONE;
-    return ERROR_SUCCESS;
 }
 
 static DWORD vd_ops_start(struct vd_serve_ops *ops, const char *payload, size_t length)
@@ -65,10 +52,9 @@ static DWORD vd_ops_start(struct vd_serve_ops *ops, const char *payload, size_t 
         return vd_fail(ERROR_BUSY, "an operation is already running on this disk");
     if (request.kind != VD_OPERATION_MIRROR)
         return vd_fail(ERROR_NOT_SUPPORTED, "operation kind %u is not one this server runs", (unsigned)request.kind);
-    DWORD status = vd_ops_forget(ops);
+    vd_ops_forget(ops);
     struct vd_mirror *mirror;
-    if (status == ERROR_SUCCESS)
-        status = vd_mirror_start(ops->server, request.flags, request.mode, path, &mirror);
+    DWORD status = vd_mirror_start(ops->server, request.flags, request.mode, path, &mirror);
     if (status == ERROR_SUCCESS) {
         ops->kind = VD_OPERATION_MIRROR;
         ops->mirror = mirror;
@@ -88,6 +74,7 @@ static void vd_ops_answer(struct vd_serve_ops *ops, uint16_t type, const char *p
         return;
     }
     DWORD status;
+    int handover = -1;
     if (ops->ended)
         status = vd_fail(ERROR_NOT_READY, "the disk's session has ended");
     else if (type == VD_MSG_OPERATION_START)
@@ -96,11 +83,14 @@ static void vd_ops_answer(struct vd_serve_ops *ops, uint16_t type, const char *p
         status = ops->kind == VD_OPERATION_MIRROR ? vd_mirror_cancel(ops->mirror)
                                                   : vd_fail(ERROR_NOT_FOUND, "no operation is running");
     else if (type == VD_MSG_BREAK_MIRROR && length == 0)
-        status = ops->kind == VD_OPERATION_MIRROR ? vd_mirror_break(ops->mirror)
+        status = ops->kind == VD_OPERATION_MIRROR ? vd_mirror_break(ops->mirror, &handover)
                                                   : vd_fail(ERROR_VHD_INVALID_STATE, "the disk is not mirrored");
     else
         status = vd_fail(ERROR_INVALID_PARAMETER, "not a request the server takes");
-    vd_msg_send_result(ops->channel, status, -1, status == ERROR_SUCCESS ? "" : vd_last_error_detail());
+    vd_msg_send_result_passing(ops->channel, status, -1, status == ERROR_SUCCESS ? "" : vd_last_error_detail(),
+                               handover);
+    if (handover >= 0)
+        close(handover);
 }
 
 static void *vd_ops_thread(void *context)
@@ -129,13 +119,7 @@ static void vd_ops_end(void *context)
     struct vd_serve_ops *ops = context;
     pthread_mutex_lock(&ops->mutex);
     ops->ended = true;
-    if (ops->kind == VD_OPERATION_MIRROR)
-        vd_mirror_free(ops->mirror); /* closes its retired source too */
-    ops->mirror = NULL;
-    ops->kind = VD_OPERATION_NONE;
-    for (size_t i = 0; i < ops->retired_count; i++)
-        vd_image_close(ops->retired[i]);
-    ops->retired_count = 0;
+    vd_ops_forget(ops);
     pthread_mutex_unlock(&ops->mutex);
 }
 

@@ -131,6 +131,11 @@ int vd_msg_recv(int fd, int timeout_ms, uint16_t *type, void *payload, size_t ca
 
 int vd_msg_send_result(int fd, DWORD status, int loop, const char *detail)
 {
+    return vd_msg_send_result_passing(fd, status, loop, detail, -1);
+}
+
+int vd_msg_send_result_passing(int fd, DWORD status, int loop, const char *detail, int pass_fd)
+{
     char payload[VD_MSG_MAX_PAYLOAD];
     struct vd_msg_result result = {.status = status, .loop = loop};
     memcpy(payload, &result, sizeof result);
@@ -138,7 +143,7 @@ int vd_msg_send_result(int fd, DWORD status, int loop, const char *detail)
     size_t text = strnlen(detail ? detail : "", room - 1);
     memcpy(payload + sizeof result, detail ? detail : "", text);
     payload[sizeof result + text] = '\0';
-    return vd_msg_send(fd, VD_MSG_RESULT, payload, sizeof result + text + 1, -1);
+    return vd_msg_send(fd, VD_MSG_RESULT, payload, sizeof result + text + 1, pass_fd);
 }
 
 int vd_msg_parse_result(const void *payload, size_t length, DWORD *status, int *loop, const char **detail)

@@ -58,7 +58,9 @@ enum vd_msg_type {
        did to anything but the disk; answers RESULT once it has stopped */
     VD_MSG_OPERATION_CANCEL = 10,
     /* -> helper, no payload: end a mirror in sync and serve its target
-       from now on (BreakMirrorVirtualDisk); answers RESULT */
+       from now on (BreakMirrorVirtualDisk); answers RESULT.  The server's
+       successful RESULT to its supervisor passes a read-only descriptor of
+       the target, which the supervisor keeps and forwards without. */
     VD_MSG_BREAK_MIRROR = 11,
 };
 
@@ -133,6 +135,9 @@ int vd_msg_recv(int fd, int timeout_ms, uint16_t *type, void *payload, size_t ca
 
 /* Sends a RESULT. */
 int vd_msg_send_result(int fd, DWORD status, int loop, const char *detail);
+
+/* Sends a RESULT passing pass_fd (when >= 0) with it. */
+int vd_msg_send_result_passing(int fd, DWORD status, int loop, const char *detail, int pass_fd);
 
 /* Parses a RESULT payload: *detail points into payload (NUL-terminated). */
 int vd_msg_parse_result(const void *payload, size_t length, DWORD *status, int *loop, const char **detail);

@@ -435,8 +435,10 @@ def _mirror(args: argparse.Namespace) -> int:
             disk.mirror(target, existing=args.existing, progress=progress)
         finally:
             bar.finish()
-        disk.break_mirror()
+        # Asked before the break: after it the device is the target's, and
+        # this handle's image is no longer attached.
         device = disk.physical_path
+        disk.break_mirror()
     result = {
         "image": str(Path(args.image)),
         "target": str(target),
@@ -446,7 +448,7 @@ def _mirror(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{device} now uses {target} ({_human(copied[0])} copied); {args.image} no longer changes")
+        print(f"{device} now uses {target} ({_human(copied[0])} copied); {args.image} is no longer attached")
     return 0
 
 
