@@ -567,6 +567,18 @@ def _shown(device: str) -> bytes:
         os.close(fd)
 
 
+def _holders(image: Path) -> list[int]:
+    """The processes that have image open (any descriptor)."""
+    pids = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == str(image):
+                pids.append(int(fd.parent.parent.name))
+        except OSError:
+            continue  # gone meanwhile
+    return pids
+
+
 def _record_names(images: Path) -> list[str]:
     """The image paths the run directory's live records name under images."""
     names = []
@@ -613,6 +625,9 @@ def test_after_a_break_a_permanent_attachment_is_the_targets(images: Path, suffi
             shown_at_break = _shown(device)
             disk.break_mirror()
         assert _record_names(images) == [str(target)]
+        # Nothing holds the source any more: its helper let go of it.
+        assert _holders(source) == []
+        assert _holders(target) != []
         # The device now writes the target alone.
         fd = os.open(device, os.O_RDWR)
         try:
