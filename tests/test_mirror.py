@@ -713,3 +713,80 @@ def test_the_target_keeps_the_disks_identity(images: Path, suffix: str) -> None:
         assert after.identifier != before.identifier
         assert _vhdiinfo_identifier(target) == str(after.identifier)
         assert _vhdiinfo_identifier(source) == str(before.identifier)
+
+
+# Attaches an image without PERMANENT_LIFETIME and holds it until told to
+# go (closing its handle then detaches the disk); prints the device.
+_HOLDER = textwrap.dedent(
+    """
+    import sys
+    import virtdisk
+    with virtdisk.open(sys.argv[1]) as disk:
+        disk.attach(read_only=False)
+        print(disk.physical_path, flush=True)
+        sys.stdin.readline()
+    print("closed", flush=True)
+    """
+)
+
+
+def test_another_process_mirrors_a_disk_attached_without_permanent_lifetime(images: Path) -> None:
+    source, target = images / "source.vhdx", images / "target.vhdx"
+    virtdisk.create(source, SMALL).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(source)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    writer = None
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        device = holder.stdout.readline().strip()
+        assert device.startswith("/dev/loop"), device
+        _write_checksummed(device, 8)
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, device, "9", str(SMALL), "random", str(SMALL), str(SMALL)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert writer.stdout is not None and writer.stdin is not None
+        assert writer.stdout.readline().startswith("round ")  # writing before the mirror
+        # This process's handle is not the attaching one; it mirrors all the same.
+        with virtdisk.open(source, read_only=True) as disk:
+            seen: list[tuple[int, int]] = []
+            disk.mirror(target, progress=lambda current, total: seen.append((current, total)))
+            assert seen and seen[-1] == (SMALL, SMALL)
+            assert writer.stdout.readline().startswith("round ")  # and while in sync
+            writer.stdin.write("stop\n")
+            writer.stdin.close()
+            tail = writer.stdout.read().splitlines()
+            assert writer.wait(timeout=60) == 0
+            shown_at_break = _shown(device)
+            disk.break_mirror()
+        assert _record_names(images) == [str(target)]
+        # Another process cannot detach it: its attacher's handles hold it.
+        refused = subprocess.run(
+            [sys.executable, "-m", "virtdisk", "detach", str(target)], capture_output=True, text=True
+        )
+        assert refused.returncode != 0 and "ERROR_DEVICE_IN_USE" in refused.stderr, refused.stderr
+        fd = os.open(device, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"after the break!" * 4096, 3 * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        shown = _shown(device)
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "closed"
+        assert holder.wait(timeout=60) == 0
+    finally:
+        for process in (writer, holder):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    assert not loops_backed_under(images)
+    _, written = json.loads(tail[-1])
+    target_data = _raw(target, images, "vhdx")
+    assert target_data == shown
+    _check_sums(target_data, {int(o): d for o, d in written.items() if int(o) != 3 * MiB}, 65536)
+    assert _raw(source, images, "vhdx") == shown_at_break

@@ -213,7 +213,7 @@ struct vd_supervisor {
     ino_t image_ino;
     bool permanent;
     int control;        /* the attacher's channel, until it closes (or KEEP) */
-    int listener;       /* permanent only */
+    int listener;       /* privileged clients' requests (a non-permanent disk's: operations only) */
     struct sockaddr_un address;
     pid_t server;
     int report_fd;      /* the server's reports; end of file when it died */
@@ -671,6 +671,10 @@ static void vd_serve_client(struct vd_supervisor *s, size_t index)
         vd_log(false, "refused a request from pid %ld: no CAP_SYS_ADMIN in its effective set", s->clients[index].pid);
         vd_msg_send_result(fd, ERROR_PRIVILEGE_NOT_HELD, -1,
                            "detaching or mirroring a virtual disk needs CAP_SYS_ADMIN in the effective set");
+    } else if (error == 0 && type == VD_MSG_DETACH && !s->permanent) {
+        vd_msg_send_result(fd, ERROR_DEVICE_IN_USE, -1,
+                           "the disk was attached without PERMANENT_LIFETIME: it is detached by its attaching "
+                           "process, or when that process's handles close");
     } else if (error == 0 && type == VD_MSG_DETACH && length == sizeof(struct vd_msg_detach)) {
         struct vd_msg_detach request;
         memcpy(&request, payload, sizeof request);
@@ -903,7 +907,9 @@ static DWORD vd_start(struct vd_supervisor *s, int image_fd, const struct vd_msg
                                .permanent = request->permanent,
                                .backing_dev = s->backing_dev,
                                .backing_ino = s->backing_ino};
-    if (request->permanent) {
+    /* Every attachment listens: any privileged process's handle may mirror
+       it, as on Windows; only a permanent one takes DETACH (vd_serve_client). */
+    {
         status = vd_socket_address(s->base, (long)getpid(), &s->address);
         if (status == ERROR_SUCCESS) {
             s->listener = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);

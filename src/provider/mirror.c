@@ -6,10 +6,10 @@
  *
  * Which disks: an attached, served one (dynamic, differencing, non-contiguous
  * VHDX), through this process's own channel to its helper (attached here
- * without PERMANENT_LIFETIME) or the permanent helper's socket.  A disk that
- * is not attached answers ERROR_NOT_READY; one loop-mapped directly (fixed
- * VHD, contiguous VHDX) or attached by another process without
- * PERMANENT_LIFETIME answers ERROR_NOT_SUPPORTED.
+ * without PERMANENT_LIFETIME) or the helper's socket (attached permanently,
+ * or by another process).  A disk that is not attached answers
+ * ERROR_NOT_READY; one loop-mapped directly (fixed VHD, contiguous VHDX)
+ * answers ERROR_NOT_SUPPORTED.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -42,15 +42,14 @@ static DWORD vd_mirror_route(struct vd_handle *handle, struct vd_served **served
     int number = vd_handle_attached_loop(handle, &helper);
     if (number < 0)
         return vd_fail(ERROR_NOT_READY, "%s is not attached; a mirror copies an attached disk", handle->image->path);
-    if (helper)
+    /* Served by any process's helper, permanent or not: its socket takes
+       the request from any privileged process, as Windows lets any handle
+       with access to an attached disk mirror it. */
+    if (helper || vd_served_find(handle->image, &helper) >= 0)
         return ERROR_SUCCESS;
-    if (handle->disk->loop_number >= 0)
-        return vd_fail(ERROR_NOT_SUPPORTED, "%s is loop-mapped directly (/dev/loop%d), not served; mirroring runs "
-                                            "in a served disk's server (dynamic or differencing images)",
-                       handle->image->path, number);
-    return vd_fail(ERROR_NOT_SUPPORTED, "%s is attached (/dev/loop%d) by another process without "
-                                        "PERMANENT_LIFETIME, or loop-mapped directly; only its attaching process "
-                                        "can mirror it", handle->image->path, number);
+    return vd_fail(ERROR_NOT_SUPPORTED, "%s is loop-mapped directly (/dev/loop%d), not served; mirroring runs "
+                                        "in a served disk's server (dynamic or differencing images)",
+                   handle->image->path, number);
 }
 
 /* One request and its RESULT (or, for STATUS, its state). */
