@@ -536,6 +536,44 @@ s.send(struct.pack("=IHHI", {MAGIC}, {VERSION}, {DETACH}, len(payload)) + payloa
     assert_nothing_left(run_dir, tmp_path, {device})
 
 
+def test_a_process_held_disk_refuses_detach_on_its_socket(tmp_path: Path, run_dir: Path) -> None:
+    """Its socket is there for other processes' operations (a mirror); the
+    disk itself belongs to its attacher's handles."""
+    path = make_dynamic(tmp_path, "disk.vhdx")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, virtdisk\n"
+            "with virtdisk.open(sys.argv[1]) as d:\n"
+            " d.attach()\n print(d.physical_path, flush=True)\n sys.stdin.readline()",
+            str(path),
+        ],
+        env=env_for(run_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        device = holder.stdout.readline().strip()
+        sockets = list(run_dir.glob("*.sock"))
+        assert len(sockets) == 1
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.connect(str(sockets[0]))
+            s.send(detach_request(boottime_ms() + 10_000))
+            assert result_of(s.recv(4096)) == virtdisk.WinError.ERROR_DEVICE_IN_USE
+        assert Path("/sys/block", Path(device).name, "loop").exists(), "a socket client detached the disk"
+        holder.stdin.write("go\n")
+        holder.stdin.close()
+        assert holder.wait(timeout=60) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert_nothing_left(run_dir, tmp_path, {device})
+
+
 def test_a_silent_client_holds_up_no_detach(tmp_path: Path, run_dir: Path) -> None:
     path = make_dynamic(tmp_path, "disk.vhdx")
     device, sock = attach_permanent(path, run_dir)
