@@ -327,9 +327,13 @@ def test_refusals(images: Path) -> None:
         disk.attach(read_only=False)
         assert _mirror_call(disk, target, 0, overlapped=False) == WinError.ERROR_INVALID_PARAMETER
         assert _mirror_call(disk, target, 0x100) == WinError.ERROR_INVALID_PARAMETER
-        assert _mirror_call(disk, target, lib.MIRROR_VIRTUAL_DISK_FLAG_SKIP_MIRROR_ACTIVATION) == (
-            WinError.ERROR_NOT_SUPPORTED
-        )
+        for flag, why in [
+            (lib.MIRROR_VIRTUAL_DISK_FLAG_SKIP_MIRROR_ACTIVATION, "documents no meaning"),
+            (lib.MIRROR_VIRTUAL_DISK_FLAG_ENABLE_SMB_COMPRESSION, "over SMB"),
+            (lib.MIRROR_VIRTUAL_DISK_FLAG_IS_LIVE_MIGRATION, "live migration"),
+        ]:
+            assert _mirror_call(disk, target, flag) == WinError.ERROR_NOT_SUPPORTED
+            assert why in ffi.string(lib.vd_last_error_detail()).decode()
         assert _mirror_call(disk, source, lib.MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE) == (
             WinError.ERROR_INVALID_PARAMETER  # itself
         )

@@ -169,6 +169,22 @@ static DWORD vd_mirror_target(const WCHAR *path, char **out)
     return ERROR_SUCCESS;
 }
 
+/* The flags this provider does not take, each with why: refused rather
+   than ignored, since a caller who asks for one expects its effect. */
+static DWORD vd_mirror_refuse_flags(MIRROR_VIRTUAL_DISK_FLAG flags)
+{
+    if (flags & MIRROR_VIRTUAL_DISK_FLAG_SKIP_MIRROR_ACTIVATION)
+        return vd_fail(ERROR_NOT_SUPPORTED, "MIRROR_VIRTUAL_DISK_FLAG_SKIP_MIRROR_ACTIVATION is not supported: "
+                                            "Microsoft documents no meaning for it, so none is guessed");
+    if (flags & MIRROR_VIRTUAL_DISK_FLAG_ENABLE_SMB_COMPRESSION)
+        return vd_fail(ERROR_NOT_SUPPORTED, "MIRROR_VIRTUAL_DISK_FLAG_ENABLE_SMB_COMPRESSION is not supported: it "
+                                            "compresses a copy sent over SMB, and this provider writes the target "
+                                            "through the local file system");
+    return vd_fail(ERROR_NOT_SUPPORTED, "MIRROR_VIRTUAL_DISK_FLAG_IS_LIVE_MIGRATION is not supported: it is Hyper-V's "
+                                        "live migration of a virtual machine's storage, which has no counterpart "
+                                        "here");
+}
+
 DWORD WINAPI MirrorVirtualDisk(HANDLE VirtualDiskHandle, MIRROR_VIRTUAL_DISK_FLAG Flags,
                                MIRROR_VIRTUAL_DISK_PARAMETERS *Parameters, OVERLAPPED *Overlapped)
 {
@@ -186,8 +202,7 @@ DWORD WINAPI MirrorVirtualDisk(HANDLE VirtualDiskHandle, MIRROR_VIRTUAL_DISK_FLA
     else if (Flags & ~VD_MIRROR_FLAGS_KNOWN)
         status = vd_fail(ERROR_INVALID_PARAMETER, "mirror flags 0x%08x include unknown bits", (unsigned)Flags);
     else if (Flags & ~(MIRROR_VIRTUAL_DISK_FLAG)MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE)
-        status = vd_fail(ERROR_NOT_SUPPORTED, "mirror flags 0x%08x are not supported on Linux",
-                         (unsigned)(Flags & ~(MIRROR_VIRTUAL_DISK_FLAG)MIRROR_VIRTUAL_DISK_FLAG_EXISTING_FILE));
+        status = vd_mirror_refuse_flags(Flags);
     char *target = NULL;
     if (status == ERROR_SUCCESS)
         status = vd_mirror_target(Parameters->Version1.MirrorVirtualDiskPath, &target);

@@ -659,7 +659,9 @@ class VirtualDisk:
         mirror then stays in sync until :meth:`break_mirror` switches the disk
         to ``target``, or the last handle closes.  Cancelling it removes a
         target it created.  On Linux the disk must be served (dynamic or
-        differencing) and attached by this process, or permanently.
+        differencing), attached by any process.  After the break the
+        attachment is ``target``'s: it is found, listed and detached under
+        that name, and the source is free once no handle holds it.
         """
         path = _absolute(_path_argument("target", target))
         parameters = ffi.new(
