@@ -105,9 +105,13 @@ static DWORD vd_mirror_write(struct vd_fuse_tap *tap, struct vd_image *image, co
 static DWORD vd_mirror_flush(struct vd_fuse_tap *tap)
 {
     struct vd_mirror *m = (struct vd_mirror *)tap;
-    DWORD mirror = vd_mirror_status(m);
-    if (mirror != ERROR_IO_PENDING && mirror != ERROR_SUCCESS)
-        return ERROR_SUCCESS; /* failed: the source alone is the disk */
+    /* Only a target in sync can become the disk.  While copying, nothing of
+       it needs to be durable yet: the copy flushes it once, under the
+       mutex, before it says "in sync", and that covers every write the
+       guest made to it before.  Flushing it here would make each guest
+       flush wait for the writeback of the whole copy so far. */
+    if (vd_mirror_status(m) != ERROR_SUCCESS)
+        return ERROR_SUCCESS;
     DWORD status = vd_image_flush(m->target);
     if (status != ERROR_SUCCESS)
         vd_mirror_fail(m, status);

@@ -22,7 +22,8 @@
  *     source and then, for the part the copy has passed, the target, under
  *     the one mutex the copy takes for each chunk it reads and writes; a
  *     chunk copied later reads the source after any write that touched it.
- *     Guest flushes flush both.
+ *     Guest flushes flush both once in sync (before, the copy flushes the
+ *     target once, when it reaches sync).
  *   - When the copy is done the operation's status becomes ERROR_SUCCESS
  *     and the mirror stays in sync (Windows' "mirror" state) until
  *     vd_mirror_break(), a cancel or the session's end.  A failed write to
