@@ -38,9 +38,14 @@ struct vd_mirror {
     OPEN_VIRTUAL_DISK_FLAG target_flags;
 
     /* Orders each guest write's two halves against each chunk the copy
-       reads and writes; guards copied and the failure below. */
+       reads and writes; guards copied, busy_* and the failure below.  The
+       copy does its I/O outside it, with the chunk marked busy: a guest
+       write that touches the chunk waits (on idle) until it is copied,
+       others go ahead. */
     pthread_mutex_t mutex;
+    pthread_cond_t idle;
     uint64_t copied; /* [0, copied) of the target equals the source */
+    uint64_t busy_start, busy_end; /* the chunk being copied, else empty */
 
     uint64_t total;   /* atomic */
     uint64_t done;    /* atomic */
@@ -87,6 +92,10 @@ static DWORD vd_mirror_write(struct vd_fuse_tap *tap, struct vd_image *image, co
 {
     struct vd_mirror *m = (struct vd_mirror *)tap;
     pthread_mutex_lock(&m->mutex);
+    /* Between the copy's read of its chunk and its write of the target, a
+       change to the source there would be lost to the target. */
+    while (offset < m->busy_end && offset + length > m->busy_start)
+        pthread_cond_wait(&m->idle, &m->mutex);
     DWORD status = image->format->write(image, buffer, offset, length);
     DWORD mirror = vd_mirror_status(m);
     DWORD target_status = ERROR_SUCCESS;
@@ -120,7 +129,7 @@ static DWORD vd_mirror_flush(struct vd_fuse_tap *tap)
 
 /* ---- the copy ------------------------------------------------------------ */
 
-/* Copies one chunk at offset under the mutex; *n is how much it covered. */
+/* Copies one chunk at offset, marked busy; *n is how much it covered. */
 static DWORD vd_mirror_copy_chunk(struct vd_mirror *m, uint8_t *buffer, uint8_t *other, uint64_t offset,
                                   size_t *n)
 {
@@ -159,9 +168,15 @@ static void *vd_mirror_thread(void *context)
             break;
         size_t n = size - offset < VD_MIRROR_CHUNK ? (size_t)(size - offset) : VD_MIRROR_CHUNK;
         pthread_mutex_lock(&m->mutex);
+        m->busy_start = offset;
+        m->busy_end = offset + n;
+        pthread_mutex_unlock(&m->mutex);
         status = vd_mirror_copy_chunk(m, buffer, other, offset, &n);
+        pthread_mutex_lock(&m->mutex);
         if (status == ERROR_SUCCESS)
             m->copied = offset + n;
+        m->busy_start = m->busy_end = 0;
+        pthread_cond_broadcast(&m->idle);
         pthread_mutex_unlock(&m->mutex);
         offset += n;
         if (status == ERROR_SUCCESS)
@@ -307,6 +322,7 @@ DWORD vd_mirror_start(struct vd_fuse_server *server, uint32_t flags, uint32_t mo
     m->status = ERROR_IO_PENDING;
     m->phase = VD_MIRROR_COPYING;
     pthread_mutex_init(&m->mutex, NULL);
+    pthread_cond_init(&m->idle, NULL);
     /* Every write from here on goes through the tap; those in flight have
        finished (they are before the copy reads their chunks). */
     vd_fuse_set_tap(server, &m->tap);
@@ -316,6 +332,7 @@ DWORD vd_mirror_start(struct vd_fuse_server *server, uint32_t flags, uint32_t mo
         vd_image_close(m->target);
         if (m->created)
             unlink(target_path);
+        pthread_cond_destroy(&m->idle);
         pthread_mutex_destroy(&m->mutex);
         free(m->target_path);
         free(m);
@@ -426,6 +443,7 @@ void vd_mirror_free(struct vd_mirror *m)
     if (!m)
         return;
     vd_mirror_stop(m, vd_mirror_status(m) == ERROR_SUCCESS);
+    pthread_cond_destroy(&m->idle);
     pthread_mutex_destroy(&m->mutex);
     free(m->target_path);
     free(m);

@@ -20,8 +20,9 @@
  *     one only where it does not read as zeros already).
  *   - No write is lost: every guest write while the mirror is set writes the
  *     source and then, for the part the copy has passed, the target, under
- *     the one mutex the copy takes for each chunk it reads and writes; a
- *     chunk copied later reads the source after any write that touched it.
+ *     one mutex; a write touching the chunk being copied waits until it is
+ *     (others do not wait for the copy's I/O); a chunk copied later reads
+ *     the source after any write that touched it.
  *     Guest flushes flush both once in sync (before, the copy flushes the
  *     target once, when it reaches sync).
  *   - When the copy is done the operation's status becomes ERROR_SUCCESS
