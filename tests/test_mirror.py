@@ -794,3 +794,78 @@ def test_another_process_mirrors_a_disk_attached_without_permanent_lifetime(imag
     assert target_data == shown
     _check_sums(target_data, {int(o): d for o, d in written.items() if int(o) != 3 * MiB}, 65536)
     assert _raw(source, images, "vhdx") == shown_at_break
+
+
+def test_a_server_killed_around_the_break_leaves_both_images_whole(images: Path) -> None:
+    """A kill loop, bounded in rounds and time: the server dies at a random
+    moment near the break.  Whatever the break's outcome, nothing is left
+    attached or recorded, the source holds what was written before, and a
+    target the break made the disk is kept whole, with what was written to
+    it after."""
+    import random
+    import threading
+
+    rng = random.Random(13)
+    deadline = time.monotonic() + 45
+    outcomes = {True: 0, False: 0}
+    for round_number in range(12):
+        if time.monotonic() > deadline and all(outcomes.values()):
+            break
+        source, target = images / f"source{round_number}.vhdx", images / f"target{round_number}.vhdx"
+        virtdisk.create(source, 16 * MiB).close()
+        before = rng.randbytes(2 * MiB)
+        after = rng.randbytes(MiB)
+        after_written = False
+        disk = virtdisk.open(source)
+        try:
+            disk.attach(read_only=False)
+            device = disk.physical_path
+            fd = os.open(device, os.O_RDWR)
+            os.pwrite(fd, before, MiB)
+            os.fsync(fd)
+            os.close(fd)
+            disk.mirror(target)
+            server = _server_of(device)
+            delay = rng.uniform(0, 0.02)
+            killer = threading.Timer(delay, os.kill, (server, signal.SIGKILL))
+            killer.start()
+            try:
+                disk.break_mirror()
+                broke = True
+            except virtdisk.VirtualDiskError:
+                broke = False
+            if broke:
+                try:
+                    fd = os.open(device, os.O_RDWR)
+                    try:
+                        os.pwrite(fd, after, 8 * MiB)
+                        os.fsync(fd)
+                        after_written = True
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    pass  # the server died: nothing acknowledged
+            killer.join()
+        finally:
+            try:
+                disk.close()
+            except virtdisk.VirtualDiskError:
+                pass  # the server was killed: its final flush failed
+        outcomes[broke] += 1
+        for _ in range(200):  # the helper notices its server's death and ends
+            if not loops_backed_under(images) and not _record_names(images):
+                break
+            time.sleep(0.05)
+        assert not loops_backed_under(images)
+        assert _record_names(images) == []
+        _qemu("check", "-r", "all", "-f", "vhdx", str(source))
+        assert _raw(source, images, "vhdx")[MiB : 3 * MiB] == before
+        if broke:
+            assert target.exists(), "the helper removed the disk's image"
+        if target.exists():
+            _qemu("check", "-r", "all", "-f", "vhdx", str(target))
+            data = _raw(target, images, "vhdx")
+            assert data[MiB : 3 * MiB] == before
+            if after_written:
+                assert data[8 * MiB : 9 * MiB] == after
+    assert outcomes[True] and outcomes[False], outcomes

@@ -643,6 +643,10 @@ static void vd_forward_operation(struct vd_supervisor *s, int fd, uint16_t type,
         error = vd_msg_recv(s->ops_fd, VD_OPERATION_REPLY_MS, &reply_type, reply, sizeof reply, &reply_length,
                             &handover);
     if (error) {
+        /* A break that got no answer may have made the target the disk, and
+           the guest's writes since went to it alone: it is kept. */
+        if (type == VD_MSG_BREAK_MIRROR)
+            s->mirror_target[0] = '\0';
         vd_log(true, "the server did not answer an operation request: %s", strerror(error));
         close(s->ops_fd);
         s->ops_fd = -1;
