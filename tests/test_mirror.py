@@ -10,13 +10,16 @@ after the break.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -540,7 +543,16 @@ _AFTER_BREAK = textwrap.dedent(
 
 def _after_break(source: Path, target: Path, device: str, detach: bool) -> dict[str, object]:
     result = subprocess.run(
-        [sys.executable, "-c", _AFTER_BREAK, str(source), str(target), device, str(SMALL), "detach" if detach else "-"],
+        [
+            sys.executable,
+            "-c",
+            _AFTER_BREAK,
+            str(source),
+            str(target),
+            device,
+            str(SMALL),
+            "detach" if detach else "-",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -552,7 +564,7 @@ def _after_break(source: Path, target: Path, device: str, detach: bool) -> dict[
 def _write_checksummed(device: str, seed: int) -> None:
     """Random data in every other MiB of the first SMALL bytes (the rest stays
     unallocated), flushed."""
-    rng = __import__("random").Random(seed)
+    rng = random.Random(seed)
     fd = os.open(device, os.O_RDWR)
     try:
         for offset in range(0, SMALL, 2 * MiB):
@@ -689,7 +701,9 @@ def test_after_a_break_a_process_held_attachment_is_the_targets(images: Path) ->
 
 
 def _vhdiinfo_identifier(image: Path) -> str:
-    out = subprocess.run([require_tool("vhdiinfo"), str(image)], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [require_tool("vhdiinfo"), str(image)], check=True, capture_output=True, text=True
+    ).stdout
     return next(line.split(":", 1)[1].strip() for line in out.splitlines() if "Identifier" in line)
 
 
@@ -802,9 +816,6 @@ def test_a_server_killed_around_the_break_leaves_both_images_whole(images: Path)
     attached or recorded, the source holds what was written before, and a
     target the break made the disk is kept whole, with what was written to
     it after."""
-    import random
-    import threading
-
     rng = random.Random(13)
     deadline = time.monotonic() + 45
     outcomes = {True: 0, False: 0}
@@ -847,10 +858,8 @@ def test_a_server_killed_around_the_break_leaves_both_images_whole(images: Path)
                     pass  # the server died: nothing acknowledged
             killer.join()
         finally:
-            try:
-                disk.close()
-            except virtdisk.VirtualDiskError:
-                pass  # the server was killed: its final flush failed
+            with contextlib.suppress(virtdisk.VirtualDiskError):
+                disk.close()  # the server was killed: its final flush may fail
         outcomes[broke] += 1
         for _ in range(200):  # the helper notices its server's death and ends
             if not loops_backed_under(images) and not _record_names(images):
