@@ -690,8 +690,9 @@ class VirtualDisk:
     def break_mirror(self) -> None:
         """End a mirror in sync and make its target the disk (BreakMirrorVirtualDisk).
 
-        From then on the attached disk reads and writes the target; the
-        source image no longer changes.
+        From then on the attached disk reads and writes the target, and the
+        attachment is the target's (found, listed and detached under its
+        name); the source image no longer changes and is no longer attached.
         """
         with self._using() as handle:
             code = lib.BreakMirrorVirtualDisk(handle)
