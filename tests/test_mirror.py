@@ -267,6 +267,40 @@ def test_mirror_onto_existing_file_zeroes_what_the_disk_does_not_hold(images: Pa
     _check_sums(data, filled, MiB)
 
 
+@pytest.mark.parametrize("suffix", ["vhdx", "vhd"])
+def test_a_discard_while_mirrored_reaches_the_target(images: Path, suffix: str) -> None:
+    """The target must read zeros where the guest discarded during the
+    mirror, as the device did: after the break the guest reads the target."""
+    source, target = images / f"source.{suffix}", images / f"target.{suffix}"
+    virtdisk.create(source, SIZE).close()
+    discarded = slice(4 * MiB, 12 * MiB)  # written by _fill, every other MiB
+    with virtdisk.open(source) as disk:
+        disk.attach(read_only=False)
+        device = disk.physical_path
+        filled = _fill(device, 5)
+        disk.mirror(target)
+        subprocess.run(
+            [
+                require_tool("blkdiscard"),
+                "-o",
+                str(discarded.start),
+                "-l",
+                str(discarded.stop - discarded.start),
+                device,
+            ],
+            check=True,
+        )
+        disk.break_mirror()
+        shown = _read_device(device)
+    assert shown[discarded] == bytes(discarded.stop - discarded.start)
+    if suffix == "vhdx":  # qemu-img checks no VHD
+        _qemu("check", "-f", "vhdx", str(target))
+    data = _raw(target, images, suffix)
+    assert data[discarded] == shown[discarded], "the target still holds what the guest discarded"
+    assert data == shown
+    _check_sums(data, {o: d for o, d in filled.items() if not discarded.start <= o < discarded.stop}, MiB)
+
+
 def test_cancel_leaves_the_source_and_removes_a_new_target(images: Path) -> None:
     source, target = images / "source.vhdx", images / "target.vhdx"
     virtdisk.create(source, SIZE).close()

@@ -243,6 +243,22 @@ static DWORD vd_fuse_write_zeroes(struct vd_fuse_server *server, uint64_t offset
     return status;
 }
 
+/* A discard, under io_lock like any request that uses the image (a break
+   may replace it).  While a mirror's tap is set, the target must come to
+   read zeros there too, and the tap knows only writes: the range is then
+   written as zeros, and its space comes back at the next compaction. */
+static DWORD vd_fuse_discard(struct vd_fuse_server *server, uint64_t offset, uint64_t length)
+{
+    pthread_rwlock_rdlock(&server->io_lock);
+    bool mirrored = server->tap != NULL;
+    struct vd_image *image = server->image;
+    DWORD status = mirrored                 ? ERROR_SUCCESS
+                   : image->format->discard ? image->format->discard(image, offset, length)
+                                            : vd_fail(ERROR_NOT_SUPPORTED, "the format cannot discard");
+    pthread_rwlock_unlock(&server->io_lock);
+    return mirrored ? vd_fuse_write_zeroes(server, offset, length) : status;
+}
+
 /* The loop device turns a discard (REQ_OP_DISCARD, and REQ_OP_WRITE_ZEROES
    that may unmap) into fallocate(PUNCH_HOLE | KEEP_SIZE) on this file: the
    format's discard, which gives the space back where it can.  A write of
@@ -275,7 +291,7 @@ static void vd_fuse_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t of
     uint64_t end = server->size, start = (uint64_t)offset;
     uint64_t count = start >= end ? 0 : (uint64_t)length < end - start ? (uint64_t)length : end - start;
     DWORD status = count == 0 ? ERROR_SUCCESS
-                   : punch    ? image->format->discard(image, start, count)
+                   : punch    ? vd_fuse_discard(server, start, count)
                               : vd_fuse_write_zeroes(server, start, count);
     if (status != ERROR_SUCCESS) {
         fuse_log(FUSE_LOG_ERR, "virtdisk: %s %llu bytes at %llu failed (0x%08X): %s\n",
