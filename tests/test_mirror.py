@@ -871,14 +871,22 @@ def test_a_server_killed_around_the_break_leaves_both_images_whole(images: Path)
             os.close(fd)
             disk.mirror(target)
             server = _server_of(device)
-            delay = rng.uniform(0, 0.02)
-            killer = threading.Timer(delay, os.kill, (server, signal.SIGKILL))
-            killer.start()
+            # Round 0 kills before the break and round 1 just after it, so
+            # that both outcomes are seen however fast the machine; the
+            # others at a random moment around it.
+            delay = {0: -1.0, 1: None}.get(round_number, rng.uniform(0, 0.02))
+            killer = threading.Timer(max(delay or 0, 0), os.kill, (server, signal.SIGKILL))
+            if delay is not None:
+                killer.start()
+                if delay < 0:
+                    killer.join()
             try:
                 disk.break_mirror()
                 broke = True
             except virtdisk.VirtualDiskError:
                 broke = False
+            if delay is None:
+                killer.start()
             if broke:
                 try:
                     fd = os.open(device, os.O_RDWR)
