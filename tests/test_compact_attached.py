@@ -1,0 +1,198 @@
+"""CompactVirtualDisk's file-system-aware mode: a disk attached read-only,
+compacted while it stays attached and in use.
+
+The compaction runs inside the disk's FUSE server, which reopens the image
+writable and moves blocks under the very block table the guest's reads use.
+Reader processes keep reading the device with O_DIRECT (each read reaches
+the server) and compare every byte with a raw copy taken before, round after
+round, through a barrier: at least one round before the compaction starts and
+one after it ends.  Afterwards the file must have shrunk by exactly the
+blocks that were zeros or that the guest had discarded (blkdiscard on a
+read-write attach before), qemu-img must find the image equal to a copy taken
+before, and its check clean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import virtdisk
+from virtdisk import Access, WinError
+from virtdisk._native import ffi, lib
+
+from .conftest import RUN_DIR, require_tool
+from .test_compact import SPAN, _dynamic, _qemu_check, _qemu_compare, _work, tools  # noqa: F401
+
+pytestmark = pytest.mark.loop
+
+MiB = 1 << 20
+QEMU_FORMAT = {"vhd": "vpc", "vhdx": "vhdx"}
+FS_AWARE = Access.METAOPS | Access.ATTACH_RO | Access.DETACH | Access.GET_INFO
+
+# Reads random pieces of the device with O_DIRECT and compares them with the
+# raw reference; says "round N" after each round of 32 reads, stops when a
+# line arrives on stdin, then prints its count of mismatching reads.  Pieces
+# of 64 KiB to 1 MiB at 64 KiB steps, half of them in the last quarter of the
+# disk, whose blocks are the ones a compaction moves.
+_READER = textwrap.dedent(
+    """
+    import json, mmap, os, random, select, sys
+    device, raw, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rng = random.Random(seed)
+    reference = open(raw, "rb").read()
+    size = len(reference)
+    step = 65536
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    buffer = mmap.mmap(-1, 1 << 20)
+    wrong, reads, round_number = [], 0, 0
+    while True:
+        for i in range(32):
+            length = rng.randrange(1, 17) * step
+            low = size * 3 // 4 if i % 2 else 0
+            offset = rng.randrange(low // step, (size - length) // step + 1) * step
+            view = memoryview(buffer)[:length]
+            got = os.preadv(fd, [view], offset)
+            reads += 1
+            if got != length or view.tobytes() != reference[offset:offset + length]:
+                wrong.append(offset)
+        round_number += 1
+        print(f"round {round_number}", flush=True)
+        if select.select([sys.stdin], [], [], 0)[0]:
+            break
+    os.close(fd)
+    print(json.dumps({"reads": reads, "wrong": wrong[:20], "wrong_count": len(wrong)}), flush=True)
+    """
+)
+
+
+class _Reader:
+    def __init__(self, device: str, raw: Path, seed: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _READER, device, str(raw), str(seed)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def next_round(self) -> int:
+        """Waits for the end of the reader's next round (the barrier)."""
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line.startswith("round "), f"the reader failed: {line!r}"
+        return int(line.split()[1])
+
+    def stop(self) -> dict:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("stop\n")
+        self.process.stdin.close()
+        for line in self.process.stdout:
+            if not line.startswith("round "):
+                assert self.process.wait(timeout=60) == 0
+                return json.loads(line)
+        raise AssertionError("the reader ended without its count")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _raw(image: Path, suffix: str) -> Path:
+    raw = image.with_name(image.name + ".raw")
+    subprocess.run(
+        [require_tool("qemu-img"), "convert", "-f", QEMU_FORMAT[suffix], "-O", "raw", str(image), str(raw)],
+        check=True,
+        capture_output=True,
+    )
+    return raw
+
+
+def _discard(image: Path, offsets: list[int], length: int) -> None:
+    """What a guest's fstrim leaves: the ranges discarded through a
+    read-write attach."""
+    with virtdisk.open(image) as disk:
+        disk.attach()
+        for offset in offsets:
+            subprocess.run(
+                [require_tool("blkdiscard"), "-o", str(offset), "-l", str(length), disk.physical_path], check=True
+            )
+        disk.detach()
+
+
+def _prepared(images: Path, tools, suffix: str, blocks: int) -> tuple[Path, int, int]:  # noqa: F811
+    """A dynamic image with data in every block but the zeroed ones, the
+    ones the guest discarded and two never written (so that it is served,
+    not loop-mapped as one stretch of the file); returns it, its block size
+    and how many blocks a compaction drops."""
+    image, block = _dynamic(images, suffix, blocks)
+    zeroed = list(range(0, blocks // 2, 3))
+    written = [b for b in range(blocks) if b not in (2, blocks // 2)]
+    steps = [f"w:{b * block}:{block}:{b + 1}" for b in written] + [f"z:{b * block}:{block}" for b in zeroed]
+    _work(tools, image, [*steps, "f"])
+    discarded = [blocks // 2 + 1, blocks // 2 + 4]
+    _discard(image, [b * block for b in discarded], block)
+    return image, block, len(zeroed) + len(discarded)
+
+
+def _rises_to_the_total(seen: list[tuple[int, int]]) -> None:
+    assert seen, "no progress reported"
+    currents = [current for current, _ in seen]
+    assert currents == sorted(currents)
+    total = seen[-1][1]
+    assert total > 0 and currents[-1] == total
+
+
+@pytest.mark.parametrize("suffix", ["vhdx", "vhd"])
+def test_compacting_while_attached_read_only_and_read(images: Path, tools, suffix: str) -> None:  # noqa: F811
+    blocks = 96
+    image, block, dropped = _prepared(images, tools, suffix, blocks)
+    reference = images / f"reference.{suffix}"
+    shutil.copyfile(image, reference)
+    raw = _raw(reference, suffix)
+    before = image.stat().st_size
+
+    with virtdisk.open(image, FS_AWARE) as disk:
+        disk.attach(read_only=True)
+        device = disk.physical_path
+        readers = [_Reader(device, raw, seed) for seed in range(3)]
+        try:
+            for reader in readers:
+                reader.next_round()  # every reader reads before the compaction
+            seen: list[tuple[int, int]] = []
+            disk.compact(progress=lambda current, total: seen.append((current, total)))
+            for reader in readers:
+                reader.next_round()  # ... and after it
+                reader.next_round()
+            results = [reader.stop() for reader in readers]
+        finally:
+            for reader in readers:
+                reader.kill()
+        # Still attached, still read-only, and reading as before.
+        fd = os.open(device, os.O_RDWR)
+        try:
+            with pytest.raises(OSError):
+                os.pwrite(fd, b"x" * 512, 0)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert os.pread(fd, blocks * block, 0) == raw.read_bytes()
+        finally:
+            os.close(fd)
+        assert image.stat().st_size == before - dropped * SPAN[suffix]
+        disk.detach()
+
+    for result in results:
+        assert result["wrong_count"] == 0, f"a reader saw wrong bytes at {result['wrong']}"
+        assert result["reads"] >= 96
+    _rises_to_the_total(seen)
+    assert image.stat().st_size == before - dropped * SPAN[suffix]
+    _qemu_compare(reference, image, suffix)
+    _qemu_check(image, suffix)
