@@ -138,6 +138,8 @@ static DWORD vd_open_attached_read_only(const char *path, ULONG device_id, VIRTU
     DWORD status = vd_image_open(path, device_id, false, flags, &image);
     if (status != ERROR_SUCCESS)
         return ERROR_SUCCESS; /* the usual open says what is wrong */
+    /* An attachment going away (a detach just done) is gone, not seen. */
+    vd_share_settle(image);
     bool helper;
     int number = vd_share_attached_loop(image, &helper);
     if (number < 0) {

@@ -78,7 +78,8 @@ static DWORD vd_compact_access(struct vd_handle *handle, bool *attached)
     if (*attached)
         return ERROR_SUCCESS;
     if (!image->writable)
-        return vd_fail(ERROR_ACCESS_DENIED, "%s is open read-only", image->path);
+        return vd_fail(ERROR_VHD_INVALID_STATE, "%s was attached read-only when this handle was opened; open it "
+                                                "again, now that it is detached, to compact it", image->path);
     if (vd_handle_has_others(handle))
         return vd_fail(ERROR_SHARING_VIOLATION, "other handles to %s are open; close them first", image->path);
     return ERROR_SUCCESS;
