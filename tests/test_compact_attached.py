@@ -28,7 +28,6 @@ import pytest
 
 import virtdisk
 from virtdisk import Access, WinError
-from virtdisk._native import ffi, lib
 
 from .conftest import RUN_DIR, require_tool
 from .test_compact import SPAN, _dynamic, _qemu_check, _qemu_compare, _read, _work, tools  # noqa: F401
@@ -127,7 +126,8 @@ def _discard(image: Path, offsets: list[int], length: int) -> None:
         disk.attach()
         for offset in offsets:
             subprocess.run(
-                [require_tool("blkdiscard"), "-o", str(offset), "-l", str(length), disk.physical_path], check=True
+                [require_tool("blkdiscard"), "-o", str(offset), "-l", str(length), disk.physical_path],
+                check=True,
             )
         disk.detach()
 
@@ -205,7 +205,7 @@ def test_a_cancel_leaves_the_attached_disk_consistent_and_a_second_run_finishes(
     images: Path,
     tools,  # noqa: F811
 ) -> None:
-    image, block, dropped = _prepared(images, tools, "vhdx", 96)
+    image, _block, dropped = _prepared(images, tools, "vhdx", 96)
     reference = images / "reference.vhdx"
     shutil.copyfile(image, reference)
     raw = _raw(reference, "vhdx").read_bytes()
@@ -268,7 +268,7 @@ def test_the_command_line_and_the_module_function_compact_a_permanently_attached
     images: Path,
     tools,  # noqa: F811
 ) -> None:
-    image, block, dropped = _prepared(images, tools, "vhd", 64)
+    image, _block, dropped = _prepared(images, tools, "vhd", 64)
     reference = images / "reference.vhd"
     shutil.copyfile(image, reference)
     before = image.stat().st_size
@@ -332,7 +332,7 @@ def test_a_server_killed_while_compacting_leaves_an_image_that_reads_the_same(
     tools,  # noqa: F811
     suffix: str,
 ) -> None:
-    original, block, _ = _prepared(images, tools, suffix, 96)
+    original, _block, _ = _prepared(images, tools, suffix, 96)
     reference = images / f"reference.{suffix}"
     shutil.copyfile(original, reference)
     image = images / f"killed.{suffix}"
@@ -353,7 +353,8 @@ def test_a_server_killed_while_compacting_leaves_an_image_that_reads_the_same(
         if suffix == "vhdx":
             # The log replays (as after a power cut) at qemu-img's repair.
             subprocess.run(
-                [require_tool("qemu-img"), "check", "-r", "all", "-f", "vhdx", str(image)], capture_output=True
+                [require_tool("qemu-img"), "check", "-r", "all", "-f", "vhdx", str(image)],
+                capture_output=True,
             )
         _qemu_compare(reference, image, suffix)
         _qemu_check(image, suffix)
@@ -361,3 +362,59 @@ def test_a_server_killed_while_compacting_leaves_an_image_that_reads_the_same(
     assert rounds >= 3
     assert interrupted, "no kill landed while the compaction ran"
     print(f"{interrupted} of {rounds} kills landed while compacting")
+
+
+@pytest.mark.parametrize("suffix", ["vhdx", "vhd"])
+def test_fstrim_then_compact_while_mounted_read_only(images: Path, suffix: str) -> None:
+    """The WSL recipe: delete files, fstrim, attach read-only, compact.  The
+    file system stays mounted (read-only) through the compaction."""
+    mkfs, fstrim, e2fsck = require_tool("mkfs.ext4"), require_tool("fstrim"), require_tool("e2fsck")
+    image = images / f"ext4.{suffix}"
+    # Blocks smaller than the default 32 MiB of VHDX: ext4 spreads its
+    # metadata, and only wholly discarded blocks leave the file.
+    virtdisk.create(image, 128 * MiB, block_size=MiB if suffix == "vhdx" else 512 * 1024).close()
+    mount_point = images / "mnt"
+    mount_point.mkdir()
+    keep = os.urandom(8 * MiB)
+    with virtdisk.open(image) as disk:
+        disk.attach()
+        # nodiscard: what the compaction returns is what fstrim discarded.
+        subprocess.run([mkfs, "-q", "-F", "-E", "nodiscard", disk.physical_path], check=True)
+        subprocess.run(["mount", disk.physical_path, str(mount_point)], check=True)
+        try:
+            (mount_point / "keep.bin").write_bytes(keep)
+            (mount_point / "big.bin").write_bytes(os.urandom(64 * MiB))
+            subprocess.run(["sync", "-f", str(mount_point)], check=True)
+            (mount_point / "big.bin").unlink()
+            subprocess.run(["sync", "-f", str(mount_point)], check=True)
+            subprocess.run([fstrim, str(mount_point)], check=True)
+        finally:
+            subprocess.run(["umount", str(mount_point)], check=True)
+        disk.detach()
+    before = image.stat().st_size
+
+    with virtdisk.open(image, FS_AWARE) as disk:
+        disk.attach(read_only=True)
+        device = disk.physical_path
+        subprocess.run(["mount", "-o", "ro", device, str(mount_point)], check=True)
+        try:
+            disk.compact()
+        finally:
+            subprocess.run(["umount", str(mount_point)], check=True)
+        fd = os.open(device, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # e2fsck reads what the server serves now
+        os.close(fd)
+        subprocess.run([e2fsck, "-f", "-n", device], check=True, capture_output=True)
+        disk.detach()
+    after = image.stat().st_size
+    print(f"{suffix}: {before} -> {after} bytes after fstrim and an attached compaction")
+    assert before - after >= 48 * MiB
+    # A fresh attachment (nothing cached) reads the kept file.
+    with virtdisk.open(image, Access.ATTACH_RO | Access.DETACH | Access.GET_INFO) as disk:
+        disk.attach(read_only=True)
+        subprocess.run(["mount", "-o", "ro", disk.physical_path, str(mount_point)], check=True)
+        try:
+            assert (mount_point / "keep.bin").read_bytes() == keep
+        finally:
+            subprocess.run(["umount", str(mount_point)], check=True)
+        disk.detach()
