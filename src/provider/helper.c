@@ -575,7 +575,8 @@ static void vd_serve_client(struct vd_supervisor *s, size_t index)
     if ((error == 0 || error == EPROTO) && s->clients[index].refused) {
         vd_log(false, "refused a request from pid %ld: no CAP_SYS_ADMIN in its effective set", s->clients[index].pid);
         vd_msg_send_result(fd, ERROR_PRIVILEGE_NOT_HELD, -1,
-                           "detaching or mirroring a virtual disk needs CAP_SYS_ADMIN in the effective set");
+                           "detaching, mirroring or compacting an attached virtual disk needs CAP_SYS_ADMIN in "
+                           "the effective set");
     } else if (error == 0 && type == VD_MSG_DETACH && length == sizeof(struct vd_msg_detach)) {
         struct vd_msg_detach request;
         memcpy(&request, payload, sizeof request);
