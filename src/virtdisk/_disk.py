@@ -1234,7 +1234,8 @@ def compact(
 ) -> None:
     """Compact the dynamic or differencing disk at ``path`` (Optimize-VHD):
     opens it with METAOPS access, compacts (:meth:`VirtualDisk.compact`) and
-    closes."""
+    closes.  The disk may be detached or attached read-only (then it stays
+    attached while its file shrinks)."""
     with open(path, Access.METAOPS | Access.GET_INFO) as disk:
         disk.compact(zero_scan=zero_scan, block_moves=block_moves, progress=progress)
 
