@@ -40,33 +40,33 @@ static bool vd_ops_active(const struct vd_serve_ops *ops)
            (ops->kind == VD_OPERATION_COMPACT && vd_serve_compact_active(ops->compact));
 }
 
-/* Keeps a retired image open until the session ends. */
-static DWORD vd_ops_retire(struct vd_serve_ops *ops, struct vd_image *retired)
+/* Room for one more retired image, made before an operation may retire
+   one: closing it for want of room would drop the attachment's marker. */
+static DWORD vd_ops_reserve(struct vd_serve_ops *ops)
 {
-    if (!retired)
-        return ERROR_SUCCESS;
     struct vd_image **more = realloc(ops->retired, (ops->retired_count + 1) * sizeof *more);
-    if (!more) {
-        /* Closing it would drop the attachment's marker: better kept
-           unreferenced than the disk no longer found. */
+    if (!more)
         return vd_fail(ERROR_OUTOFMEMORY, "keeping a retired image");
-    }
     ops->retired = more;
-    ops->retired[ops->retired_count++] = retired;
     return ERROR_SUCCESS;
+}
+
+/* Keeps a retired image (or none) open until the session ends, in the room
+   vd_ops_reserve() made. */
+static void vd_ops_retire(struct vd_serve_ops *ops, struct vd_image *retired)
+{
+    if (retired)
+        ops->retired[ops->retired_count++] = retired;
 }
 
 /* Ends the last operation, keeping what must outlive it. */
 static DWORD vd_ops_forget(struct vd_serve_ops *ops)
 {
     if (ops->kind == VD_OPERATION_MIRROR) {
-        struct vd_image **more = realloc(ops->retired, (ops->retired_count + 1) * sizeof *more);
-        if (!more)
-            return vd_fail(ERROR_OUTOFMEMORY, "keeping a retired image");
-        ops->retired = more;
-        struct vd_image *retired = vd_mirror_take_retired(ops->mirror);
-        if (retired)
-            ops->retired[ops->retired_count++] = retired;
+        DWORD status = vd_ops_reserve(ops);
+        if (status != ERROR_SUCCESS)
+            return status;
+        vd_ops_retire(ops, vd_mirror_take_retired(ops->mirror));
         vd_mirror_free(ops->mirror);
     }
     if (ops->kind == VD_OPERATION_COMPACT)
@@ -94,15 +94,17 @@ static DWORD vd_ops_start(struct vd_serve_ops *ops, const char *payload, size_t 
     if (request.kind == VD_OPERATION_COMPACT) {
         struct vd_serve_compact *compact = NULL;
         struct vd_image *retired = NULL;
-        status = vd_serve_compact_start(ops->server, request.flags, &retired, &compact);
+        status = vd_ops_reserve(ops);
+        if (status == ERROR_SUCCESS)
+            status = vd_serve_compact_start(ops->server, request.flags, &retired, &compact);
         /* Kept whether the start went on or not: the server serves the
            writable open from the moment it replaced this one. */
-        DWORD kept = vd_ops_retire(ops, retired);
+        vd_ops_retire(ops, retired);
         if (status == ERROR_SUCCESS) {
             ops->kind = VD_OPERATION_COMPACT;
             ops->compact = compact;
         }
-        return status == ERROR_SUCCESS ? kept : status;
+        return status;
     }
     struct vd_mirror *mirror;
     status = vd_mirror_start(ops->server, request.flags, request.mode, path, &mirror);
