@@ -123,6 +123,53 @@ static ULONG vd_open_rw_depth(const OPEN_VIRTUAL_DISK_PARAMETERS *parameters, VI
     return UINT32_MAX;
 }
 
+/* A handle with METAOPS as its only write access on a disk attached
+   read-only, as Optimize-VHD opens a disk that Mount-VHD -ReadOnly attached:
+   the image opened read-only, since the disk's server owns it and a
+   compaction runs there (compact-api.c); every other change needs the disk
+   detached and refuses.  *opened: false when the disk is not attached (the
+   caller then opens it as usual).  Attached read-write, or open for writing
+   elsewhere: one writer per image, as for any write open. */
+static DWORD vd_open_attached_read_only(const char *path, ULONG device_id, VIRTUAL_DISK_ACCESS_MASK access,
+                                        OPEN_VIRTUAL_DISK_FLAG flags, HANDLE *out, bool *opened)
+{
+    *opened = false;
+    struct vd_image *image;
+    DWORD status = vd_image_open(path, device_id, false, flags, &image);
+    if (status != ERROR_SUCCESS)
+        return ERROR_SUCCESS; /* the usual open says what is wrong */
+    /* An attachment going away (a detach just done) is gone, not seen. */
+    vd_share_settle(image);
+    bool helper;
+    int number = vd_share_attached_loop(image, &helper);
+    if (number < 0) {
+        vd_image_close(image);
+        return ERROR_SUCCESS;
+    }
+    status = vd_handle_create(image, access, out);
+    if (status != ERROR_SUCCESS)
+        return status;
+    struct vd_handle *handle = (struct vd_handle *)*out;
+    if (handle->share_fd < 0) {
+        /* No claims here (share.h): nothing tells read-only from not. */
+        CloseHandle(*out);
+        *out = NULL;
+        return ERROR_SUCCESS;
+    }
+    if (vd_share_held_elsewhere(handle->share_fd, VD_SHARE_WRITE)) {
+        char detail[512];
+        snprintf(detail, sizeof detail, "%s is attached as /dev/loop%d read-write, or open for writing: it cannot "
+                                        "be opened with METAOPS access as well (a disk attached read-only can: "
+                                        "compacting it is Windows' file-system-aware mode)",
+                 handle->image->path, number);
+        CloseHandle(*out);
+        *out = NULL;
+        return vd_fail(ERROR_SHARING_VIOLATION, "%s", detail);
+    }
+    *opened = true;
+    return ERROR_SUCCESS;
+}
+
 DWORD WINAPI OpenVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const WCHAR *Path,
                              VIRTUAL_DISK_ACCESS_MASK VirtualDiskAccessMask, OPEN_VIRTUAL_DISK_FLAG Flags,
                              OPEN_VIRTUAL_DISK_PARAMETERS *Parameters, HANDLE *Handle)
@@ -149,6 +196,17 @@ DWORD WINAPI OpenVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const WCH
     status = vd_path_argument(Path, &path);
     if (status != ERROR_SUCCESS)
         return status;
+    if ((access & VD_WRITE_ACCESS) == VIRTUAL_DISK_ACCESS_METAOPS &&
+        VirtualStorageType->DeviceId != VIRTUAL_STORAGE_TYPE_DEVICE_ISO) {
+        bool opened;
+        status = vd_open_attached_read_only(path, VirtualStorageType->DeviceId, access, Flags, Handle, &opened);
+        if (status != ERROR_SUCCESS || opened) {
+            free(path);
+            if (status == ERROR_SUCCESS)
+                ((struct vd_handle *)*Handle)->rw_depth = vd_open_rw_depth(Parameters, access);
+            return status;
+        }
+    }
     struct vd_image *image;
     status = vd_image_open(path, VirtualStorageType->DeviceId, (access & VD_WRITE_ACCESS) != 0, Flags, &image);
     free(path);

@@ -130,11 +130,16 @@ static struct vd_served *vd_served_new(int control, const char *path)
 /* Hands the helper a copy of every claim the attachment stands on: the
    copies share the claims' open file descriptions, so the claims last until
    the helper lets go, however long after this process it does. */
-static int vd_send_claims(int control, const struct vd_image *image, int attach_claim)
+static int vd_send_claims(int control, const struct vd_image *image, bool read_only, int attach_claim)
 {
     struct vd_msg_claim attach = {.attach = 1}, other = {.attach = 0};
     int error = attach_claim >= 0 ? vd_msg_send(control, VD_MSG_CLAIM, &attach, sizeof attach, attach_claim) : 0;
-    for (const struct vd_image *link = image; !error && link; link = link->parent)
+    /* A read-only attachment keeps the image read-only by its attach claim;
+       the writer claim of the handle that attached it (one opened with
+       METAOPS, as the file-system-aware compaction's is) stays the handle's,
+       or a permanent attachment would hold it for good and refuse the
+       compaction's own METAOPS open. */
+    for (const struct vd_image *link = read_only ? image->parent : image; !error && link; link = link->parent)
         if (link->share_fd >= 0)
             error = vd_msg_send(control, VD_MSG_CLAIM, &other, sizeof other, link->share_fd);
     return error;
@@ -174,7 +179,7 @@ DWORD vd_served_attach(const struct vd_image *image, bool read_only, bool perman
     char payload[VD_MSG_MAX_PAYLOAD];
     memcpy(payload, &request, sizeof request);
     memcpy(payload + sizeof request, image->path, path_length + 1);
-    int error = vd_send_claims(control, image, attach_claim);
+    int error = vd_send_claims(control, image, read_only, attach_claim);
     if (!error)
         error = vd_msg_send(control, VD_MSG_ATTACH, payload, sizeof request + path_length + 1, image->fd);
     if (error)

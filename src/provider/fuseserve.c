@@ -550,6 +550,11 @@ struct vd_image *vd_fuse_image(const struct vd_fuse_server *server)
     return server->image;
 }
 
+bool vd_fuse_writable(const struct vd_fuse_server *server)
+{
+    return server->writable;
+}
+
 DWORD vd_fuse_hide(struct vd_fuse_server *server)
 {
     if (server->hidden)

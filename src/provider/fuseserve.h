@@ -44,6 +44,10 @@ DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server
 /* The image being served (to mark it attached, to name it). */
 struct vd_image *vd_fuse_image(const struct vd_fuse_server *server);
 
+/* Whether the file may be opened for writing (a read-write attachment):
+   fixed for the server's life, whatever image it serves. */
+bool vd_fuse_writable(const struct vd_fuse_server *server);
+
 /* Detaches the mount from the namespace (MNT_DETACH) and removes its
    directory: from now on the session ends when the last open file of it is
    released.  Idempotent. */

@@ -674,7 +674,8 @@ static void vd_serve_client(struct vd_supervisor *s, size_t index)
     if ((error == 0 || error == EPROTO) && s->clients[index].refused) {
         vd_log(false, "refused a request from pid %ld: no CAP_SYS_ADMIN in its effective set", s->clients[index].pid);
         vd_msg_send_result(fd, ERROR_PRIVILEGE_NOT_HELD, -1,
-                           "detaching or mirroring a virtual disk needs CAP_SYS_ADMIN in the effective set");
+                           "detaching, mirroring or compacting an attached virtual disk needs CAP_SYS_ADMIN in "
+                           "the effective set");
     } else if (error == 0 && type == VD_MSG_DETACH && !s->permanent) {
         vd_msg_send_result(fd, ERROR_DEVICE_IN_USE, -1,
                            "the disk was attached without PERMANENT_LIFETIME: it is detached by its attaching "

@@ -44,10 +44,15 @@ static struct vd_handle *vd_metaops_handle(HANDLE value, DWORD *status)
     bool helper;
     if (!(handle->access & VIRTUAL_DISK_ACCESS_METAOPS))
         *status = vd_fail(ERROR_ACCESS_DENIED, "the handle was opened without VIRTUAL_DISK_ACCESS_METAOPS");
-    else if (!image->writable || image->subtype == VD_SUBTYPE_NONE)
+    else if (image->subtype == VD_SUBTYPE_NONE)
         *status = vd_fail(ERROR_VHD_INVALID_TYPE, "%s images cannot be changed", image->format->name);
     else if (vd_handle_attached_loop(handle, &helper) >= 0)
         *status = vd_fail(ERROR_VHD_INVALID_STATE, "%s is attached; detach it before changing it", image->path);
+    else if (!image->writable)
+        /* A METAOPS handle opened while the disk was attached read-only
+           (api.c) holds it read-only. */
+        *status = vd_fail(ERROR_VHD_INVALID_STATE, "%s was attached read-only when this handle was opened; open it "
+                                                   "again, now that it is detached, to change it", image->path);
     else if (vd_handle_has_others(handle))
         *status = vd_fail(ERROR_SHARING_VIOLATION, "other handles to %s are open; close them first", image->path);
     else if (vd_job_running(handle))

@@ -1,130 +1,26 @@
 /*
  * MirrorVirtualDisk and BreakMirrorVirtualDisk: the caller's side.  The
  * mirroring itself runs in the disk's server (servemirror.h), which owns the
- * image; here a request starts it, and an asynchronous job (job.h) follows
- * its progress by asking the server, and cancels it when the caller does.
- *
- * Which disks: an attached, served one (dynamic, differencing, non-contiguous
- * VHDX), through this process's own channel to its helper (attached here
- * without PERMANENT_LIFETIME) or the helper's socket (attached permanently,
- * or by another process).  A disk that is not attached answers
- * ERROR_NOT_READY; one loop-mapped directly (fixed VHD, contiguous VHDX)
- * answers ERROR_NOT_SUPPORTED.
+ * image; here a request starts it, and a job follows it (servedop.h, which
+ * also says which disks can be reached).
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "errors.h"
-#include "fuseattach.h"
 #include "handles.h"
 #include "job.h"
+#include "servedop.h"
 #include "serveproto.h"
 #include "utf16.h"
 
 #define VD_MIRROR_FLAGS_KNOWN 0x0000000Fu
 
-/* How often a job asks the server how far it is. */
-enum { VD_MIRROR_POLL_MS = 50 };
-
-/* Finds the way to the disk's server: *served is this process's channel,
-   or NULL for a permanent helper's socket.  Called under vd_disks_lock(). */
-static DWORD vd_mirror_route(struct vd_handle *handle, struct vd_served **served)
-{
-    *served = handle->disk->served;
-    if (*served)
-        return ERROR_SUCCESS;
-    bool helper = false;
-    int number = vd_handle_attached_loop(handle, &helper);
-    if (number < 0)
-        return vd_fail(ERROR_NOT_READY, "%s is not attached; a mirror copies an attached disk", handle->image->path);
-    /* Served by any process's helper, permanent or not: its socket takes
-       the request from any privileged process, as Windows lets any handle
-       with access to an attached disk mirror it. */
-    if (helper || vd_served_find(handle->image, &helper) >= 0)
-        return ERROR_SUCCESS;
-    return vd_fail(ERROR_NOT_SUPPORTED, "%s is loop-mapped directly (/dev/loop%d), not served; mirroring runs "
-                                        "in a served disk's server (dynamic or differencing images)",
-                   handle->image->path, number);
-}
-
-/* One request and its RESULT (or, for STATUS, its state). */
-static DWORD vd_mirror_call(struct vd_handle *handle, struct vd_served *served, uint16_t type, const void *payload,
-                            size_t length, struct vd_msg_operation_state *state)
-{
-    uint16_t reply_type;
-    char reply[VD_MSG_MAX_PAYLOAD];
-    size_t reply_length;
-    DWORD status = vd_served_request(served, handle->image, type, payload, length, &reply_type, reply, sizeof reply,
-                                     &reply_length);
-    if (status != ERROR_SUCCESS)
-        return status;
-    const char *detail;
-    if (state && reply_type == VD_MSG_OPERATION_STATE &&
-        vd_msg_parse_state(reply, reply_length, state, &detail) == 0) {
-        if (state->status != ERROR_IO_PENDING && state->status != ERROR_SUCCESS)
-            vd_fail(state->status, "%s", detail);
-        return ERROR_SUCCESS;
-    }
-    DWORD result;
-    int loop;
-    if (reply_type == VD_MSG_RESULT && vd_msg_parse_result(reply, reply_length, &result, &loop, &detail) == 0)
-        return result == ERROR_SUCCESS ? ERROR_SUCCESS : vd_fail(result, "%s", detail);
-    return vd_fail(ERROR_GEN_FAILURE, "the helper serving %s answered with a malformed message", handle->image->path);
-}
-
-struct vd_mirror_job {
-    struct vd_handle *handle;
-    bool own; /* through this process's channel (else the permanent socket) */
-};
-
-/* Calls the server as vd_mirror_call() does, finding the way anew: an own
-   attachment detached meanwhile ended the mirror with it. */
-static DWORD vd_mirror_job_call(struct vd_mirror_job *j, uint16_t type, struct vd_msg_operation_state *state)
-{
-    vd_disks_lock();
-    struct vd_served *served = j->handle->disk->served;
-    DWORD status = j->own && !served
-                       ? vd_fail(ERROR_OPERATION_ABORTED, "%s was detached; the mirror ended with it",
-                                 j->handle->image->path)
-                       : vd_mirror_call(j->handle, j->own ? served : NULL, type, NULL, 0, state);
-    vd_disks_unlock();
-    return status;
-}
-
-static DWORD vd_mirror_work(struct vd_job *job, void *context)
-{
-    struct vd_mirror_job *j = context;
-    for (;;) {
-        if (vd_job_cancelled(job)) {
-            DWORD status = vd_mirror_job_call(j, VD_MSG_OPERATION_CANCEL, NULL);
-            if (status != ERROR_SUCCESS && status != ERROR_NOT_FOUND)
-                return status;
-            return vd_fail(ERROR_OPERATION_ABORTED, "the mirror of %s was cancelled", j->handle->image->path);
-        }
-        struct vd_msg_operation_state state;
-        DWORD status = vd_mirror_job_call(j, VD_MSG_OPERATION_STATUS, &state);
-        if (status != ERROR_SUCCESS)
-            return status;
-        if (state.kind != VD_OPERATION_MIRROR)
-            return vd_fail(ERROR_GEN_FAILURE, "the server of %s no longer knows of the mirror",
-                           j->handle->image->path);
-        vd_job_set_total(job, state.total);
-        __atomic_store_n(&job->done, state.done, __ATOMIC_RELAXED);
-        if (state.status != ERROR_IO_PENDING)
-            return state.status; /* the detail was recorded by vd_mirror_call */
-        poll(NULL, 0, VD_MIRROR_POLL_MS);
-    }
-}
-
-static void vd_mirror_job_free(void *context, DWORD status)
-{
-    free(context);
-}
+/* What a mirror needs, for the refusals of vd_served_op_route(). */
+#define VD_MIRROR_NEEDS "mirroring runs in a served disk's server (dynamic or differencing images)"
 
 /* The permissions CreateVirtualDisk would give a new file here (0644 and
    this process's umask), read without changing the umask (umask(2) would,
@@ -221,36 +117,10 @@ DWORD WINAPI MirrorVirtualDisk(HANDLE VirtualDiskHandle, MIRROR_VIRTUAL_DISK_FLA
     }
     if (status == ERROR_SUCCESS)
         status = vd_job_check_overlapped(handle, Overlapped);
-    struct vd_mirror_job *j = NULL;
-    if (status == ERROR_SUCCESS && !(j = calloc(1, sizeof *j)))
-        status = vd_fail(ERROR_OUTOFMEMORY, "allocating a mirror job");
-    if (status == ERROR_SUCCESS) {
-        vd_disks_lock();
-        struct vd_served *served;
-        status = vd_mirror_route(handle, &served);
-        if (status == ERROR_SUCCESS)
-            status = vd_mirror_call(handle, served, VD_MSG_OPERATION_START, payload, length, NULL);
-        j->own = served != NULL;
-        vd_disks_unlock();
-    }
+    if (status == ERROR_SUCCESS)
+        status = vd_served_op_run(handle, Overlapped, VD_OPERATION_MIRROR, payload, length, VD_MIRROR_NEEDS,
+                                  "the mirror");
     free(target);
-    if (status == ERROR_SUCCESS) {
-        j->handle = handle;
-        status = vd_job_start(handle, Overlapped, vd_mirror_work, j, vd_mirror_job_free);
-        if (status != ERROR_IO_PENDING) {
-            /* Started in the server, but nobody would follow it: stop it. */
-            char detail[512];
-            snprintf(detail, sizeof detail, "%s", vd_last_error_detail());
-            vd_disks_lock();
-            struct vd_served *served;
-            if (vd_mirror_route(handle, &served) == ERROR_SUCCESS)
-                vd_mirror_call(handle, served, VD_MSG_OPERATION_CANCEL, NULL, 0, NULL);
-            vd_disks_unlock();
-            vd_fail(status, "%s", detail);
-        }
-    } else {
-        free(j);
-    }
     vd_handle_release(handle);
     return status;
 }
@@ -263,9 +133,9 @@ DWORD WINAPI BreakMirrorVirtualDisk(HANDLE VirtualDiskHandle)
         return vd_handle_refuse(VirtualDiskHandle, ERROR_INVALID_HANDLE);
     vd_disks_lock();
     struct vd_served *served;
-    DWORD status = vd_mirror_route(handle, &served);
+    DWORD status = vd_served_op_route(handle, VD_MIRROR_NEEDS, &served);
     if (status == ERROR_SUCCESS)
-        status = vd_mirror_call(handle, served, VD_MSG_BREAK_MIRROR, NULL, 0, NULL);
+        status = vd_served_op_call(handle, served, VD_MSG_BREAK_MIRROR, NULL, 0, NULL);
     /* The disk runs on the target now, and its helper holds the target's
        attach claim: this process's claim on the source goes (the handle's
        own claims on the file it opened last as long as the handle). */

@@ -13,6 +13,7 @@
 
 #include "errors.h"
 #include "image.h"
+#include "servecompact.h"
 #include "serveproto.h"
 #include "servemirror.h"
 
@@ -25,11 +26,38 @@ struct vd_serve_ops {
     bool ended;
     enum vd_operation_kind kind;
     struct vd_mirror *mirror; /* kind MIRROR */
+    struct vd_serve_compact *compact; /* kind COMPACT */
+    /* Read-only opens that compactions retired: open until the session
+       ends, since the first one carries the attachment's marker
+       (servecompact.h).  A break moves the marker to its target instead
+       (servemirror.h). */
+    struct vd_image **retired;
+    size_t retired_count;
 };
 
 static bool vd_ops_active(const struct vd_serve_ops *ops)
 {
-    return ops->kind == VD_OPERATION_MIRROR && vd_mirror_active(ops->mirror);
+    return (ops->kind == VD_OPERATION_MIRROR && vd_mirror_active(ops->mirror)) ||
+           (ops->kind == VD_OPERATION_COMPACT && vd_serve_compact_active(ops->compact));
+}
+
+/* Room for one more retired image, made before an operation may retire
+   one: closing it for want of room would drop the attachment's marker. */
+static DWORD vd_ops_reserve(struct vd_serve_ops *ops)
+{
+    struct vd_image **more = realloc(ops->retired, (ops->retired_count + 1) * sizeof *more);
+    if (!more)
+        return vd_fail(ERROR_OUTOFMEMORY, "keeping a retired image");
+    ops->retired = more;
+    return ERROR_SUCCESS;
+}
+
+/* Keeps a retired image (or none) open until the session ends, in the room
+   vd_ops_reserve() made. */
+static void vd_ops_retire(struct vd_serve_ops *ops, struct vd_image *retired)
+{
+    if (retired)
+        ops->retired[ops->retired_count++] = retired;
 }
 
 /* Ends the last operation. */
@@ -37,7 +65,10 @@ static void vd_ops_forget(struct vd_serve_ops *ops)
 {
     if (ops->kind == VD_OPERATION_MIRROR)
         vd_mirror_free(ops->mirror);
+    if (ops->kind == VD_OPERATION_COMPACT)
+        vd_serve_compact_free(ops->compact);
     ops->mirror = NULL;
+    ops->compact = NULL;
     ops->kind = VD_OPERATION_NONE;
 }
 
@@ -50,11 +81,27 @@ static DWORD vd_ops_start(struct vd_serve_ops *ops, const char *payload, size_t 
     const char *path = payload + sizeof request;
     if (vd_ops_active(ops))
         return vd_fail(ERROR_BUSY, "an operation is already running on this disk");
-    if (request.kind != VD_OPERATION_MIRROR)
+    if (request.kind != VD_OPERATION_MIRROR && request.kind != VD_OPERATION_COMPACT)
         return vd_fail(ERROR_NOT_SUPPORTED, "operation kind %u is not one this server runs", (unsigned)request.kind);
     vd_ops_forget(ops);
+    DWORD status;
+    if (request.kind == VD_OPERATION_COMPACT) {
+        struct vd_serve_compact *compact = NULL;
+        struct vd_image *retired = NULL;
+        status = vd_ops_reserve(ops);
+        if (status == ERROR_SUCCESS)
+            status = vd_serve_compact_start(ops->server, request.flags, &retired, &compact);
+        /* Kept whether the start went on or not: the server serves the
+           writable open from the moment it replaced this one. */
+        vd_ops_retire(ops, retired);
+        if (status == ERROR_SUCCESS) {
+            ops->kind = VD_OPERATION_COMPACT;
+            ops->compact = compact;
+        }
+        return status;
+    }
     struct vd_mirror *mirror;
-    DWORD status = vd_mirror_start(ops->server, request.flags, request.mode, path, &mirror);
+    status = vd_mirror_start(ops->server, request.flags, request.mode, path, &mirror);
     if (status == ERROR_SUCCESS) {
         ops->kind = VD_OPERATION_MIRROR;
         ops->mirror = mirror;
@@ -70,6 +117,8 @@ static void vd_ops_answer(struct vd_serve_ops *ops, uint16_t type, const char *p
         char detail[512] = "";
         if (ops->kind == VD_OPERATION_MIRROR)
             vd_mirror_state(ops->mirror, &state, detail, sizeof detail);
+        else if (ops->kind == VD_OPERATION_COMPACT)
+            vd_serve_compact_state(ops->compact, &state, detail, sizeof detail);
         vd_msg_send_state(ops->channel, &state, detail);
         return;
     }
@@ -80,8 +129,9 @@ static void vd_ops_answer(struct vd_serve_ops *ops, uint16_t type, const char *p
     else if (type == VD_MSG_OPERATION_START)
         status = vd_ops_start(ops, payload, length);
     else if (type == VD_MSG_OPERATION_CANCEL && length == 0)
-        status = ops->kind == VD_OPERATION_MIRROR ? vd_mirror_cancel(ops->mirror)
-                                                  : vd_fail(ERROR_NOT_FOUND, "no operation is running");
+        status = ops->kind == VD_OPERATION_MIRROR    ? vd_mirror_cancel(ops->mirror)
+                 : ops->kind == VD_OPERATION_COMPACT ? vd_serve_compact_cancel(ops->compact)
+                                                     : vd_fail(ERROR_NOT_FOUND, "no operation is running");
     else if (type == VD_MSG_BREAK_MIRROR && length == 0)
         status = ops->kind == VD_OPERATION_MIRROR ? vd_mirror_break(ops->mirror, &handover)
                                                   : vd_fail(ERROR_VHD_INVALID_STATE, "the disk is not mirrored");
@@ -119,7 +169,10 @@ static void vd_ops_end(void *context)
     struct vd_serve_ops *ops = context;
     pthread_mutex_lock(&ops->mutex);
     ops->ended = true;
-    vd_ops_forget(ops);
+    vd_ops_forget(ops); /* stops a compaction before the image closes */
+    for (size_t i = 0; i < ops->retired_count; i++)
+        vd_image_close(ops->retired[i]);
+    ops->retired_count = 0;
     pthread_mutex_unlock(&ops->mutex);
 }
 

@@ -42,7 +42,7 @@ enum vd_msg_type {
        (the attach claim, the image's writer claim, each parent's) */
     VD_MSG_CLAIM = 6,
     /* Operations that run inside the server, which owns the image and its
-       BAT (mirror; compact builds on the same messages).  The supervisor
+       BAT (mirror, compact).  The supervisor
        forwards each to the server and the server's answer back unchanged;
        one operation at a time per attachment. */
     /* -> helper: struct vd_msg_operation_start + the target path, NUL-
@@ -67,7 +67,7 @@ enum vd_msg_type {
 enum vd_operation_kind {
     VD_OPERATION_NONE = 0,
     VD_OPERATION_MIRROR = 1,  /* flags: MIRROR_VIRTUAL_DISK_FLAG */
-    VD_OPERATION_COMPACT = 2, /* reserved for CompactVirtualDisk */
+    VD_OPERATION_COMPACT = 2, /* flags: COMPACT_VIRTUAL_DISK_FLAG; no path */
 };
 
 struct vd_msg_header {

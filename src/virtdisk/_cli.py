@@ -479,7 +479,7 @@ def _add_long_operations(commands: argparse._SubParsersAction) -> None:  # type:
         "compact",
         help="shrink a dynamic or differencing image: drop zero blocks, close the gaps (Optimize-VHD)",
     )
-    compact.add_argument("path", help="the image (detached)")
+    compact.add_argument("path", help="the image (detached, or attached read-only)")
     compact.add_argument(
         "--no-zero-scan", action="store_true", help="drop only blocks already marked unmapped or zero"
     )

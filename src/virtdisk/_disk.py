@@ -709,8 +709,11 @@ class VirtualDisk:
         as the last blocks move into the holes (not with ``block_moves=False``:
         then only free space at the end of the file is cut off).  In a
         differencing disk a zero block is dropped only where the parent's data
-        stays hidden.  The handle needs METAOPS access and the disk must be
-        detached.  Returns the running :class:`Operation`.
+        stays hidden.  The handle needs METAOPS access; the disk must be
+        detached, or attached read-only (the file-system-aware mode: it stays
+        attached and readable while its file shrinks, and what the guest
+        discarded before is returned too).  Returns the running
+        :class:`Operation`.
         """
         flags = 0
         if not zero_scan:
@@ -1234,7 +1237,8 @@ def compact(
 ) -> None:
     """Compact the dynamic or differencing disk at ``path`` (Optimize-VHD):
     opens it with METAOPS access, compacts (:meth:`VirtualDisk.compact`) and
-    closes."""
+    closes.  The disk may be detached or attached read-only (then it stays
+    attached while its file shrinks)."""
     with open(path, Access.METAOPS | Access.GET_INFO) as disk:
         disk.compact(zero_scan=zero_scan, block_moves=block_moves, progress=progress)
 
