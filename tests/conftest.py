@@ -125,6 +125,27 @@ def backing_file(device: str) -> str | None:
     return text.removesuffix(" (deleted)")
 
 
+def diskseq(device: str) -> int | None:
+    """The kernel's number for the device's current binding (Linux 5.15),
+    None where it has none."""
+    try:
+        return int(Path("/sys/block", Path(device).name, "diskseq").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def still_bound(device: str, seq: int | None) -> bool:
+    """Whether device still holds the binding it had when diskseq() read seq.
+    A freed loop device goes to the machine's next attacher at once (another
+    test, another program), and asking only "is it bound" would count that
+    one; the kernel gives every bind and every unbind a new diskseq, so only
+    the same one is still ours.  Without diskseq, any binding counts."""
+    if not Path("/sys/block", Path(device).name, "loop").exists():
+        return False
+    now = diskseq(device)
+    return seq is None or now is None or now == seq
+
+
 def bound_to(device: str, image: Path) -> bool:
     """Whether device is still bound to image itself (a direct attachment).
     Asking only "is it bound" would count another process that got the

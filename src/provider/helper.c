@@ -389,9 +389,9 @@ static void vd_release(struct vd_supervisor *s, int reply_fd)
        status, udev's probe): the autoclear then happens at its close.  Worth
        a short wait, so that a close followed by a new attach finds the image
        free; a real holder (a mount) keeps it much longer. */
-    for (int waited_ms = 0; vd_loop_is_bound(s->loop.number) && waited_ms < VD_RELEASE_GRACE_MS; waited_ms += 5)
-        usleep(5 * 1000);
-    DWORD status = vd_loop_is_bound(s->loop.number) ? ERROR_BUSY : vd_wait_server(s, VD_SERVER_END_MS);
+    DWORD status = vd_loop_wait_unbound(s->loop.number, s->loop.seq, VD_RELEASE_GRACE_MS)
+                       ? vd_wait_server(s, VD_SERVER_END_MS)
+                       : ERROR_BUSY;
     if (status == ERROR_BUSY) {
         vd_log(false, "/dev/loop%d is still held elsewhere; serving until it is released", s->loop.number);
         vd_reply(reply_fd, ERROR_SUCCESS, s->loop.number);
@@ -415,7 +415,7 @@ static void vd_detach(struct vd_supervisor *s, int reply_fd, const struct vd_msg
                  -1);
         return;
     }
-    DWORD status = vd_loop_detach(s->loop.number, &s->loop.fd);
+    DWORD status = vd_loop_detach(s->loop.number, (dev_t)s->backing_dev, (ino_t)s->backing_ino, &s->loop.fd);
     if (status != ERROR_SUCCESS) {
         vd_log(false, "detach refused (0x%08X): %s", (unsigned)status, vd_last_error_detail());
         vd_reply(reply_fd, status, s->loop.number);
