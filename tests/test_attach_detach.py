@@ -17,7 +17,7 @@ import virtdisk
 from virtdisk import Access, WinError
 from virtdisk._native import ffi, lib
 
-from .conftest import bound_to, require_tool
+from .conftest import bound_to, diskseq, require_tool, still_bound
 
 pytestmark = pytest.mark.loop
 
@@ -32,10 +32,6 @@ def make_fixed_vhd(folder: Path, name: str = "disk.vhd", size: int = 16 * MiB) -
 
 def sysfs_loop(device: str) -> Path:
     return Path("/sys/block", Path(device).name)
-
-
-def is_bound(device: str) -> bool:
-    return (sysfs_loop(device) / "loop").exists()
 
 
 def run_python(code: str, *, preexec_fn=None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -116,9 +112,10 @@ def test_dynamic_vhd_attaches_with_its_size(images: Path) -> None:
     with virtdisk.open(path) as disk:
         disk.attach()
         device = disk.physical_path
+        seq = diskseq(device)
         assert int((sysfs_loop(device) / "size").read_text()) * 512 == 16 * MiB
         assert disk.attached
-    assert not is_bound(device)
+    assert not still_bound(device, seq)
 
 
 # ---- ISO ----------------------------------------------------------------
