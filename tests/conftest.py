@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +146,23 @@ def still_bound(device: str, seq: int | None) -> bool:
         return False
     now = diskseq(device)
     return seq is None or now is None or now == seq
+
+
+def unmount(mount_point: Path, device: str, seconds: float = 30.0) -> None:
+    """Unmounts mount_point, then waits until nothing holds device claimed.
+    A mount namespace another process made while the file system was mounted
+    (unshare -m, as the container tests on this machine do) keeps a copy of
+    the mount, and with it the device, until that namespace ends: the
+    disk is rightly refused a detach until then."""
+    subprocess.run(["umount", str(mount_point)], check=True)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            os.close(os.open(device, os.O_RDONLY | os.O_EXCL))
+            return
+        except OSError as error:
+            if error.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
 
 
 def bound_to(device: str, image: Path) -> bool:

@@ -26,7 +26,7 @@ import pytest
 import virtdisk
 from virtdisk import Access, WinError
 
-from .conftest import RUN_DIR, diskseq, require_tool, still_bound
+from .conftest import RUN_DIR, diskseq, require_tool, still_bound, unmount
 
 pytestmark = pytest.mark.loop
 
@@ -205,7 +205,7 @@ def test_files_written_through_the_mounted_disk_land_in_the_image(
         subprocess.run(["mount", device, str(mount_point)], check=True)
         (mount_point / "hello.txt").write_text(f"hello from {kind}\n")
         (mount_point / "random.bin").write_bytes(payload)
-        subprocess.run(["umount", str(mount_point)], check=True)
+        unmount(mount_point, device)
         disk.detach()
         assert not still_bound(device, seq)
 
@@ -333,7 +333,7 @@ def test_detach_of_a_served_disk_is_refused_while_mounted(images: Path, mount_po
         assert raised.value.winerror == WinError.ERROR_DEVICE_IN_USE
         assert still_bound(device, seq)
         (mount_point / "still.txt").write_text("still served\n")
-        subprocess.run(["umount", str(mount_point)], check=True)
+        unmount(mount_point, device)
         disk.detach()
         assert not still_bound(device, seq)
 
