@@ -738,8 +738,7 @@ DWORD WINAPI DetachVirtualDisk(HANDLE VirtualDiskHandle, DETACH_VIRTUAL_DISK_FLA
             if (status == ERROR_SUCCESS)
                 disk->served = NULL;
         } else {
-            status = vd_loop_detach(number, handle->image->file_dev, handle->image->file_ino,
-                                    own ? &disk->loop_fd : NULL);
+            status = vd_loop_detach(number, own ? &disk->loop_fd : NULL);
         }
         if (own && status == ERROR_SUCCESS) {
             disk->loop_number = -1;

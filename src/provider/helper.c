@@ -423,7 +423,7 @@ static void vd_detach(struct vd_supervisor *s, int reply_fd, const struct vd_msg
                  -1);
         return;
     }
-    DWORD status = vd_loop_detach(s->loop.number, (dev_t)s->backing_dev, (ino_t)s->backing_ino, &s->loop.fd);
+    DWORD status = vd_loop_detach(s->loop.number, &s->loop.fd);
     if (status != ERROR_SUCCESS) {
         vd_log(false, "detach refused (0x%08X): %s", (unsigned)status, vd_last_error_detail());
         vd_reply(reply_fd, status, s->loop.number);

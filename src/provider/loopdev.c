@@ -263,7 +263,7 @@ static void vd_loop_restore_autoclear(int fd, bool autoclear)
     ioctl(fd, LOOP_SET_STATUS64, &info);
 }
 
-DWORD vd_loop_detach(int number, dev_t dev, ino_t ino, int *held_fd)
+DWORD vd_loop_detach(int number, int *held_fd)
 {
     DWORD privilege = vd_loop_require_privilege("detaching a virtual disk");
     if (privilege != ERROR_SUCCESS)
@@ -293,12 +293,6 @@ DWORD vd_loop_detach(int number, dev_t dev, ino_t ino, int *held_fd)
         DWORD status = vd_loop_fail_errno(errno, "reading the state of", number);
         close(probe);
         return status;
-    }
-    /* The number was looked up before this open: the disk may have been
-       detached since, and the number given to another attacher's file. */
-    if (info.lo_device != (uint64_t)dev || info.lo_inode != (uint64_t)ino) {
-        close(probe);
-        return vd_fail(ERROR_NOT_READY, "%s is no longer attached (the device now shows another file)", path);
     }
     bool autoclear = info.lo_flags & LO_FLAGS_AUTOCLEAR;
     /* The binding being detached, read while the probe pins it: once it

@@ -68,9 +68,7 @@ DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out)
    as ERROR_PRIVILEGE_NOT_HELD for EACCES and EPERM. */
 DWORD vd_loop_fail_errno(int error, const char *what, int number);
 
-/* Detaches /dev/loopN, which must be bound to the file (dev, ino) (else
-   ERROR_NOT_READY: the number was looked up earlier and may be another
-   attacher's now).  held_fd points to a descriptor of the device that
+/* Detaches /dev/loopN.  held_fd points to a descriptor of the device that
    the caller holds (a non-permanent attachment's), or is NULL.  On success
    it is closed and set to -1; on refusal it is (or is replaced by) an open
    descriptor again, so a refusal leaves the attachment as it was.
@@ -78,7 +76,7 @@ DWORD vd_loop_fail_errno(int error, const char *what, int number);
    or stays open elsewhere for VD_LOOP_TRANSIENT_MS.  Success means the
    binding it found is gone, even when another attacher has bound the same
    number since; a refusal never touches another attacher's binding. */
-DWORD vd_loop_detach(int number, dev_t dev, ino_t ino, int *held_fd);
+DWORD vd_loop_detach(int number, int *held_fd);
 
 /* The loop device whose backing file is (dev, ino), or -1 when none. */
 int vd_loop_find(dev_t dev, ino_t ino);
