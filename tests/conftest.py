@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,44 @@ def backing_file(device: str) -> str | None:
     except OSError:
         return None
     return text.removesuffix(" (deleted)")
+
+
+def diskseq(device: str) -> int | None:
+    """The kernel's number for the device's current binding (Linux 5.15),
+    None where it has none."""
+    try:
+        return int(Path("/sys/block", Path(device).name, "diskseq").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def still_bound(device: str, seq: int | None) -> bool:
+    """Whether device still holds the binding it had when diskseq() read seq.
+    A freed loop device goes to the machine's next attacher at once (another
+    test, another program), and asking only "is it bound" would count that
+    one; the kernel gives every bind and every unbind a new diskseq, so only
+    the same one is still ours.  Without diskseq, any binding counts."""
+    if not Path("/sys/block", Path(device).name, "loop").exists():
+        return False
+    now = diskseq(device)
+    return seq is None or now is None or now == seq
+
+
+def unmount(mount_point: Path, device: str, seconds: float = 30.0) -> None:
+    """Unmounts mount_point, then waits until nothing holds device claimed.
+    A mount namespace another process made while the file system was mounted
+    (unshare -m, as the container tests on this machine do) keeps a copy of
+    the mount, and with it the device, until that namespace ends: the
+    disk is rightly refused a detach until then."""
+    subprocess.run(["umount", str(mount_point)], check=True)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            os.close(os.open(device, os.O_RDONLY | os.O_EXCL))
+            return
+        except OSError as error:
+            if error.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
 
 
 def bound_to(device: str, image: Path) -> bool:

@@ -17,7 +17,7 @@ import virtdisk
 from virtdisk import Access, WinError
 from virtdisk._native import ffi, lib
 
-from .conftest import bound_to, require_tool
+from .conftest import bound_to, diskseq, require_tool, still_bound, unmount
 
 pytestmark = pytest.mark.loop
 
@@ -32,10 +32,6 @@ def make_fixed_vhd(folder: Path, name: str = "disk.vhd", size: int = 16 * MiB) -
 
 def sysfs_loop(device: str) -> Path:
     return Path("/sys/block", Path(device).name)
-
-
-def is_bound(device: str) -> bool:
-    return (sysfs_loop(device) / "loop").exists()
 
 
 def run_python(code: str, *, preexec_fn=None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -116,9 +112,10 @@ def test_dynamic_vhd_attaches_with_its_size(images: Path) -> None:
     with virtdisk.open(path) as disk:
         disk.attach()
         device = disk.physical_path
+        seq = diskseq(device)
         assert int((sysfs_loop(device) / "size").read_text()) * 512 == 16 * MiB
         assert disk.attached
-    assert not is_bound(device)
+    assert not still_bound(device, seq)
 
 
 # ---- ISO ----------------------------------------------------------------
@@ -364,7 +361,7 @@ def test_detach_is_refused_while_mounted_and_succeeds_after_unmount(images: Path
             disk.detach()
         assert raised.value.winerror == WinError.ERROR_DEVICE_IN_USE
         assert bound_to(device, path)
-        subprocess.run(["umount", str(mount_point)], check=True)
+        unmount(mount_point, device)
         disk.detach()
         assert not bound_to(device, path)
 
@@ -433,7 +430,7 @@ def test_data_written_through_the_disk_lands_in_the_image(images: Path, mount_po
         subprocess.run(["mount", device, str(mount_point)], check=True)
         (mount_point / "hello.txt").write_text("hello from virtdisk\n")
         (mount_point / "random.bin").write_bytes(payload)
-        subprocess.run(["umount", str(mount_point)], check=True)
+        unmount(mount_point, device)
         disk.detach()
     raw = images / "disk.raw"
     subprocess.run([qemu_img, "convert", "-f", "vpc", "-O", "raw", str(path), str(raw)], check=True)

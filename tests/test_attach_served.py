@@ -6,10 +6,12 @@ nothing left behind when a process is killed."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -24,7 +26,7 @@ import pytest
 import virtdisk
 from virtdisk import Access, WinError
 
-from .conftest import RUN_DIR, require_tool
+from .conftest import RUN_DIR, diskseq, require_tool, still_bound, unmount
 
 pytestmark = pytest.mark.loop
 
@@ -33,10 +35,6 @@ MiB = 1 << 20
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def is_bound(device: str) -> bool:
-    return Path("/sys/block", Path(device).name, "loop").exists()
 
 
 def virtdisk_mounts(images: Path) -> set[str]:
@@ -196,6 +194,7 @@ def test_files_written_through_the_mounted_disk_land_in_the_image(
     with virtdisk.open(image) as disk:
         disk.attach()
         device = disk.physical_path
+        seq = diskseq(device)
         sector = disk.info.logical_sector_size
         queue = Path("/sys/block", Path(device).name, "queue")
         assert int((queue / "logical_block_size").read_text()) == sector
@@ -206,9 +205,9 @@ def test_files_written_through_the_mounted_disk_land_in_the_image(
         subprocess.run(["mount", device, str(mount_point)], check=True)
         (mount_point / "hello.txt").write_text(f"hello from {kind}\n")
         (mount_point / "random.bin").write_bytes(payload)
-        subprocess.run(["umount", str(mount_point)], check=True)
+        unmount(mount_point, device)
         disk.detach()
-        assert not is_bound(device)
+        assert not still_bound(device, seq)
 
     # Differencing writes go to the child only.
     assert {p: sha256(p) for p in parents} == parent_hashes
@@ -293,11 +292,12 @@ def test_served_disk_detaches_and_its_server_ends_when_the_last_handle_closes(
     second = virtdisk.open(path, Access.GET_INFO)
     first.attach()
     device = first.physical_path
+    seq = diskseq(device)
     first.close()
-    assert is_bound(device), "another handle is still open: the disk must stay"
+    assert still_bound(device, seq), "another handle is still open: the disk must stay"
     assert second.physical_path == device and second.attached
     second.close()
-    assert not is_bound(device)
+    assert not still_bound(device, seq)
     assert not record_path(path).exists()
 
 
@@ -325,16 +325,17 @@ def test_detach_of_a_served_disk_is_refused_while_mounted(images: Path, mount_po
     with virtdisk.open(path) as disk:
         disk.attach()
         device = disk.physical_path
+        seq = diskseq(device)
         subprocess.run([mkfs, "-q", "-F", device], check=True)
         subprocess.run(["mount", device, str(mount_point)], check=True)
         with pytest.raises(virtdisk.DiskInUseError) as raised:
             disk.detach()
         assert raised.value.winerror == WinError.ERROR_DEVICE_IN_USE
-        assert is_bound(device)
+        assert still_bound(device, seq)
         (mount_point / "still.txt").write_text("still served\n")
-        subprocess.run(["umount", str(mount_point)], check=True)
+        unmount(mount_point, device)
         disk.detach()
-        assert not is_bound(device)
+        assert not still_bound(device, seq)
 
 
 def test_detach_of_a_served_disk_that_is_not_attached_is_error_not_ready(images: Path) -> None:
@@ -363,7 +364,8 @@ def test_permanent_served_disk_outlives_its_process_until_a_later_detach(images:
             disk.attach(permanent=True)
             print(disk.physical_path)
     """)
-    assert is_bound(device)
+    seq = diskseq(device)
+    assert still_bound(device, seq)
     helper = record_of(path)["pid"]
     assert helper in helper_pids()
     with virtdisk.open(path, Access.GET_INFO) as disk:
@@ -373,12 +375,48 @@ def test_permanent_served_disk_outlives_its_process_until_a_later_detach(images:
         block.seek(5 * MiB)
         block.write(b"permanent" * 1000)
     run_python(f"import virtdisk; virtdisk.detach({str(path)!r})")
-    assert not is_bound(device)
-    assert helper not in helper_pids()
+    assert not still_bound(device, seq)
+    assert not attachment_marked(path)
+    wait_ended(helper)  # it answers, then exits
     assert not record_path(path).exists() and not sockets_of(path)
     assert not record_path(path, ".log").exists(), "a clean detach removes the helper's log"
     data = dump_read_only(path, images / "after.raw")
     assert data[5 * MiB : 5 * MiB + 9000] == b"permanent" * 1000
+
+
+def attachment_marked(image: Path) -> bool:
+    """Whether some process holds the image's attachment marker (share.h:
+    a read lock on its byte 2**63 - 3), as the provider's own look-ups see it."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 2**63 - 3, 1, 0)
+        return struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["detach-permanent", "detach-own", "close-last-handle"])
+def test_a_served_disk_leaves_no_marker_once_detach_or_close_returns(how: str, images: Path) -> None:
+    """The helper answers, then ends; whatever it still holds when the
+    caller hears the answer outlives the call.  Its end races the caller
+    (which often runs first), so rounds: before, 4 in 10 rounds found the
+    marker still held."""
+    path = make_dynamic(images, size=8 * MiB)
+    deadline = time.monotonic() + 60
+    for _ in range(20):
+        if time.monotonic() > deadline:
+            break
+        disk = virtdisk.open(path)
+        disk.attach(permanent=how == "detach-permanent")
+        helper = record_of(path)["pid"]
+        if how == "detach-permanent":
+            disk.close()
+            virtdisk.detach(path)
+        elif how == "detach-own":
+            disk.detach()
+        disk.close()
+        assert not attachment_marked(path), "the image still shows an attachment after the call returned"
+        wait_ended(helper)
 
 
 def test_permanent_served_disk_detach_rules(images: Path) -> None:
@@ -386,6 +424,7 @@ def test_permanent_served_disk_detach_rules(images: Path) -> None:
     with virtdisk.open(path) as disk:
         disk.attach(permanent=True, read_only=True)
         device = disk.physical_path
+        seq = diskseq(device)
         other = virtdisk.open(path, Access.GET_INFO)
         with pytest.raises(virtdisk.DiskInUseError) as raised:
             disk.detach()
@@ -396,7 +435,7 @@ def test_permanent_served_disk_detach_rules(images: Path) -> None:
             with pytest.raises(virtdisk.DiskInUseError) as raised:
                 disk.detach()
             assert raised.value.winerror == WinError.ERROR_DEVICE_IN_USE
-            assert is_bound(device), "a refused detach must not detach lazily"
+            assert still_bound(device, seq), "a refused detach must not detach lazily"
         finally:
             os.close(fd)
     with (
@@ -405,7 +444,7 @@ def test_permanent_served_disk_detach_rules(images: Path) -> None:
     ):
         disk.detach()
     virtdisk.detach(path)
-    assert not is_bound(device)
+    assert not still_bound(device, seq)
     with pytest.raises(virtdisk.NotAttachedError):
         virtdisk.detach(path)
 
@@ -430,7 +469,7 @@ while True:
 
 
 @contextmanager
-def writer(path: Path, permanent: bool) -> Iterator[tuple[subprocess.Popen, str]]:
+def writer(path: Path, permanent: bool) -> Iterator[tuple[subprocess.Popen, str, int | None]]:
     child = subprocess.Popen(
         [sys.executable, "-c", WRITER.format(path=str(path), permanent=permanent)],
         stdout=subprocess.PIPE,
@@ -439,17 +478,26 @@ def writer(path: Path, permanent: bool) -> Iterator[tuple[subprocess.Popen, str]
     try:
         device = child.stdout.readline().strip()
         assert child.stdout.readline().strip() == "writing"
-        yield child, device
+        yield child, device, diskseq(device)
     finally:
         child.kill()
         child.wait()
 
 
-def wait_unbound(device: str, seconds: float = 10.0) -> None:
+def wait_unbound(device: str, seq: int | None, seconds: float = 10.0) -> None:
     deadline = time.monotonic() + seconds
-    while is_bound(device) and time.monotonic() < deadline:
+    while still_bound(device, seq) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not is_bound(device), f"{device} is still attached"
+    assert not still_bound(device, seq), f"{device} is still attached"
+
+
+def wait_ended(pid: int, seconds: float = 10.0) -> None:
+    """A killed process ends a moment after its signal (its descriptors
+    close before it becomes a zombie)."""
+    deadline = time.monotonic() + seconds
+    while pid in helper_pids() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pid not in helper_pids(), f"helper {pid} is still running"
 
 
 def assert_image_sound(path: Path) -> None:
@@ -473,10 +521,10 @@ def test_killing_the_attaching_process_mid_write_leaves_nothing_attached(
     name: str, images: Path, no_new_mounts: None
 ) -> None:
     path = make_dynamic(images, name)
-    with writer(path, permanent=False) as (child, device):
+    with writer(path, permanent=False) as (child, device, seq):
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
-    wait_unbound(device)
+    wait_unbound(device, seq)
     assert_image_sound(path)
 
 
@@ -505,12 +553,15 @@ def test_an_attachment_whose_device_is_gone_is_waited_for_not_refused(images: Pa
         )
         try:
             device = holder.stdout.readline().strip()
+            seq = diskseq(device)
             helper = record_of(path)["pid"]
         finally:
             holder.kill()
             holder.wait()
-        while is_bound(device):
-            pass
+        deadline = time.monotonic() + 10
+        while still_bound(device, seq) and time.monotonic() < deadline:
+            pass  # no sleep: the window to catch lasts milliseconds
+        assert not still_bound(device, seq), f"{device} stayed attached after its holder was killed"
         try:
             os.kill(helper, signal.SIGSTOP)
         except ProcessLookupError:
@@ -538,7 +589,7 @@ def test_killing_the_helper_mid_write_leaves_nothing_attached(
     name: str, images: Path, no_new_mounts: None
 ) -> None:
     path = make_dynamic(images, name)
-    with writer(path, permanent=True) as (child, device):
+    with writer(path, permanent=True) as (child, device, seq):
         helper = record_of(path)["pid"]
         server = server_of(helper)
         assert server is not None
@@ -547,8 +598,8 @@ def test_killing_the_helper_mid_write_leaves_nothing_attached(
         time.sleep(0.2)  # writes keep coming while the server is gone
         child.kill()
         child.wait(timeout=10)
-    wait_unbound(device)
-    assert helper not in helper_pids()
+    wait_unbound(device, seq)
+    wait_ended(helper)
     assert_image_sound(path)
     with pytest.raises(virtdisk.NotAttachedError):
         virtdisk.detach(path)

@@ -29,7 +29,7 @@ import pytest
 
 import virtdisk
 
-from .conftest import require_tool
+from .conftest import require_tool, still_bound
 
 pytestmark = pytest.mark.loop
 
@@ -337,7 +337,8 @@ if pid == 0:
         time.sleep(60)
         os._exit(0)
 if mode == "daemon":
-    print(device, pid, flush=True)
+    seq = open(f"/sys/block/{os.path.basename(device)}/diskseq").read().strip()
+    print(device, pid, seq, flush=True)
     os._exit(0)  # the daemon pattern: the parent goes, handles and all, the child stays
 os.waitpid(pid, 0)
 if True:
@@ -373,16 +374,14 @@ def test_a_forked_child_does_not_keep_a_non_permanent_disk_alive(
     path = tmp_path / "disk.vhd"
     virtdisk.create(path, 16 * MiB, fixed=kind == "fixed").close()
     out = run_python(FORK, run_dir, str(path), "daemon").stdout.split()
-    device, child = out[0], int(out[1])
+    device, child, seq = out[0], int(out[1]), int(out[2])
     try:
         # The parent is gone; its child, which inherited everything, lives on.
         deadline = time.monotonic() + GONE_WITHIN
-        while Path("/sys/block", Path(device).name, "loop").exists() and time.monotonic() < deadline:
+        while still_bound(device, seq) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert state_of(child) not in ("", "Z")
-        assert not Path("/sys/block", Path(device).name, "loop").exists(), (
-            "the forked child keeps the disk attached"
-        )
+        assert not still_bound(device, seq), "the forked child keeps the disk attached"
     finally:
         os.kill(child, signal.SIGKILL)
     assert_nothing_left(run_dir, tmp_path, set())

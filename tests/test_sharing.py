@@ -27,7 +27,7 @@ import pytest
 import virtdisk
 from virtdisk import Access
 
-from .conftest import RUN_DIR, require_tool
+from .conftest import RUN_DIR, diskseq, require_tool, still_bound
 
 pytestmark = pytest.mark.loop
 
@@ -35,10 +35,6 @@ MiB = 1 << 20
 SHARING = virtdisk.WinError.ERROR_SHARING_VIOLATION
 ROUNDS = 50
 WORKERS = 4
-
-
-def _is_bound(device: str) -> bool:
-    return Path("/sys/block", Path(device).name, "loop").exists()
 
 
 def _stamp(worker: int, round_: int, length: int) -> bytes:
@@ -383,8 +379,9 @@ def test_a_user_without_the_privilege_cannot_block_root(shared_folder: Path) -> 
         with virtdisk.open(image) as disk:
             disk.attach(permanent=True)
             device = disk.physical_path
+            seq = diskseq(device)
         virtdisk.detach(image)
-        assert not _is_bound(device)
+        assert not still_bound(device, seq)
         with virtdisk.open(image, Access.METAOPS | Access.GET_INFO) as disk:
             disk.resize(16 * MiB)
         # Nor can it see root's handles as its own claims would: root's
@@ -431,6 +428,7 @@ def test_detach_and_close_wait_out_short_lived_openers(images: Path, name: str) 
         disk = virtdisk.open(path)
         disk.attach(permanent=round_ % 2 == 0)
         device = disk.physical_path
+        seq = diskseq(device)
         stop = threading.Event()
         # A thread, not a forked process: a fork would inherit the handle.
         flicker = threading.Thread(target=_flicker, args=(device, stop, 0.02))
@@ -442,7 +440,7 @@ def test_detach_and_close_wait_out_short_lived_openers(images: Path, name: str) 
                 virtdisk.detach(path)  # refused before: ERROR_DEVICE_IN_USE
             else:
                 disk.close()  # before: left attached until the opener closed
-            assert not _is_bound(device)
+            assert not still_bound(device, seq)
         finally:
             stop.set()
             flicker.join()
@@ -457,16 +455,17 @@ def test_detach_still_refuses_a_disk_that_stays_open(images: Path) -> None:
     with virtdisk.open(path) as disk:
         disk.attach(permanent=True)
         device = disk.physical_path
+    seq = diskseq(device)
     holder = os.open(device, os.O_RDONLY)
     try:
         with pytest.raises(virtdisk.DiskInUseError):
             virtdisk.detach(path)
-        assert _is_bound(device)
+        assert still_bound(device, seq)
         assert Path("/sys/block", Path(device).name, "loop", "autoclear").read_text().strip() == "0"
     finally:
         os.close(holder)
     virtdisk.detach(path)
-    assert not _is_bound(device)
+    assert not still_bound(device, seq)
 
 
 # ---- differencing children take their parent's geometry --------------------------

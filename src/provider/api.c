@@ -741,6 +741,7 @@ DWORD WINAPI AttachVirtualDisk(HANDLE VirtualDiskHandle, PSECURITY_DESCRIPTOR Se
             } else {
                 handle->disk->loop_number = loop.number;
                 handle->disk->loop_fd = loop.fd;
+                handle->disk->loop_seq = loop.seq;
             }
         }
     }

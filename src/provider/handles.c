@@ -248,12 +248,14 @@ static void vd_handle_free(struct vd_handle *handle)
 {
     struct vd_disk *disk = handle->disk;
     int loop_fd = -1, loop_number = -1, attach_claim = -1;
+    uint64_t loop_seq = 0;
     struct vd_served *served = NULL;
     vd_disks_lock();
     pthread_mutex_lock(&vd_registry_mutex);
     if (--disk->handle_count == 0) {
         loop_fd = disk->loop_fd;
         loop_number = disk->loop_number;
+        loop_seq = disk->loop_seq;
         attach_claim = disk->attach_claim;
         served = disk->served;
         vd_disk_forget(disk);
@@ -266,7 +268,7 @@ static void vd_handle_free(struct vd_handle *handle)
            wait for that, so that the disk is gone when CloseHandle returns
            and attaching the image again does not find it still attached.
            A disk held open for longer detaches when that holder lets go. */
-        vd_loop_wait_unbound(loop_number, VD_LOOP_TRANSIENT_MS);
+        vd_loop_wait_unbound(loop_number, loop_seq, VD_LOOP_TRANSIENT_MS);
     }
     if (served)
         vd_served_end(served);

@@ -26,6 +26,7 @@
 #define VD_PROVIDER_HANDLES_H
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 #include "fuseattach.h"
@@ -40,6 +41,7 @@ struct vd_disk {
     unsigned handle_count;
     int loop_number;        /* a non-permanent attachment made here, else -1 */
     int loop_fd;            /* held open to keep a direct attachment alive, else -1 */
+    uint64_t loop_seq;      /* that device's binding (loopdev.h), 0 when unknown */
     struct vd_served *served; /* the helper's channel when the image is served */
     int attach_claim;       /* that attachment's ATTACH claim (share.h), else -1 */
     struct vd_disk *next;

@@ -324,9 +324,10 @@ static void vd_drop_claims(struct vd_supervisor *s)
     s->claim_count = 0;
 }
 
-/* Removes the attachment's files and ends its claims, then answers reply_fd
-   (or -1), and ends the supervisor: whoever hears the answer finds nothing
-   of it left, and may open the image for writing at once. */
+/* Removes the attachment's files and ends its claims and its marker, then
+   answers reply_fd (or -1), and ends the supervisor: whoever hears the
+   answer finds nothing of it left, and may open the image for writing at
+   once. */
 static void vd_finish(struct vd_supervisor *s, DWORD status, int reply_fd) __attribute__((noreturn));
 
 static void vd_finish(struct vd_supervisor *s, DWORD status, int reply_fd)
@@ -343,6 +344,13 @@ static void vd_finish(struct vd_supervisor *s, DWORD status, int reply_fd)
     if (clean)
         vd_run_remove(s->log_base, ".log");
     vd_drop_claims(s);
+    /* The marker too, before the answer: exiting would drop it only after
+       the requester has heard "detached" and gone on (the answer's reader
+       often runs first), and an image that still shows a marker counts as
+       on its way out. */
+    if (s->marker_fd >= 0)
+        close(s->marker_fd);
+    s->marker_fd = -1;
     if (reply_fd >= 0)
         vd_msg_send_result(reply_fd, status, -1, detail);
     _exit(clean ? 0 : 1);
@@ -389,9 +397,9 @@ static void vd_release(struct vd_supervisor *s, int reply_fd)
        status, udev's probe): the autoclear then happens at its close.  Worth
        a short wait, so that a close followed by a new attach finds the image
        free; a real holder (a mount) keeps it much longer. */
-    for (int waited_ms = 0; vd_loop_is_bound(s->loop.number) && waited_ms < VD_RELEASE_GRACE_MS; waited_ms += 5)
-        usleep(5 * 1000);
-    DWORD status = vd_loop_is_bound(s->loop.number) ? ERROR_BUSY : vd_wait_server(s, VD_SERVER_END_MS);
+    DWORD status = vd_loop_wait_unbound(s->loop.number, s->loop.seq, VD_RELEASE_GRACE_MS)
+                       ? vd_wait_server(s, VD_SERVER_END_MS)
+                       : ERROR_BUSY;
     if (status == ERROR_BUSY) {
         vd_log(false, "/dev/loop%d is still held elsewhere; serving until it is released", s->loop.number);
         vd_reply(reply_fd, ERROR_SUCCESS, s->loop.number);

@@ -367,6 +367,7 @@ DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out)
         case VD_LOOP_BOUND:
             out->number = number;
             out->fd = fd;
+            out->seq = vd_loop_binding_seq(fd);
             vd_loop_finder_close(&finder);
             return ERROR_SUCCESS;
         case VD_LOOP_TAKEN:

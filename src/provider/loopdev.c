@@ -24,6 +24,10 @@
 
 #include "errors.h"
 
+#ifndef BLKGETDISKSEQ
+#define BLKGETDISKSEQ _IOR(0x12, 128, uint64_t) /* <linux/fs.h>, Linux 5.15 */
+#endif
+
 DWORD vd_loop_fail_errno(int error, const char *what, int number)
 {
     if (error == EACCES || error == EPERM)
@@ -70,12 +74,40 @@ bool vd_loop_is_bound(int number)
     return stat(path, &st) == 0;
 }
 
-bool vd_loop_wait_unbound(int number, int ms)
+uint64_t vd_loop_binding_seq(int fd)
+{
+    uint64_t seq = 0;
+    if (ioctl(fd, BLKGETDISKSEQ, &seq) < 0)
+        return 0;
+    return seq;
+}
+
+uint64_t vd_loop_current_seq(int number)
+{
+    char path[64], text[32];
+    snprintf(path, sizeof path, "/sys/block/loop%d/diskseq", number);
+    if (!vd_read_sysfs(path, text, sizeof text))
+        return 0;
+    return strtoull(text, NULL, 10);
+}
+
+bool vd_loop_still_bound(int number, uint64_t seq)
+{
+    if (!vd_loop_is_bound(number))
+        return false;
+    /* Bound, but maybe by someone else already: the unbind took a new
+       sequence number, and so did the next bind.  An unreadable one says
+       nothing either way. */
+    uint64_t now = seq ? vd_loop_current_seq(number) : 0;
+    return now == 0 || now == seq;
+}
+
+bool vd_loop_wait_unbound(int number, uint64_t seq, int ms)
 {
     /* sysfs, not the device node: opening /dev/loopN would itself be one of
        the openers being waited for. */
     long waited_us = 0, step_us = 1000;
-    while (vd_loop_is_bound(number)) {
+    while (vd_loop_still_bound(number, seq)) {
         if (waited_us >= ms * 1000L)
             return false;
         struct timespec pause = {0, step_us * 1000};
@@ -263,6 +295,9 @@ DWORD vd_loop_detach(int number, int *held_fd)
         return status;
     }
     bool autoclear = info.lo_flags & LO_FLAGS_AUTOCLEAR;
+    /* The binding being detached, read while the probe pins it: once it
+       ends, /dev/loopN may be someone else's within microseconds. */
+    uint64_t seq = vd_loop_binding_seq(probe);
 
     /* A device in rundown fails every request, including the writeback of
        its dirty pages at the last close: written but unsynced data would be
@@ -300,13 +335,18 @@ DWORD vd_loop_detach(int number, int *held_fd)
        trying this device) close within moments, so wait for them; only a
        disk that stays open is refused. */
     close(probe);
-    if (vd_loop_wait_unbound(number, VD_LOOP_TRANSIENT_MS))
+    if (vd_loop_wait_unbound(number, seq, VD_LOOP_TRANSIENT_MS))
         return ERROR_SUCCESS;
     int check = open(path, O_RDONLY | O_CLOEXEC);
-    if (check < 0 || !vd_loop_is_bound(number)) {
+    /* What check holds is ours only while it carries our binding's number:
+       a new binding there is another attacher's, to be left alone, and
+       means ours is gone. */
+    uint64_t check_seq = check >= 0 ? vd_loop_binding_seq(check) : 0;
+    bool someone_elses = seq && check_seq && check_seq != seq;
+    if (check < 0 || someone_elses || !vd_loop_still_bound(number, seq)) {
         if (check >= 0)
             close(check);
-        if (!vd_loop_is_bound(number))
+        if (someone_elses || !vd_loop_still_bound(number, seq))
             return ERROR_SUCCESS; /* the last holder let go just now */
         return vd_fail(ERROR_DEVICE_IN_USE, "%s is still attached after detaching", path);
     }

@@ -50,6 +50,7 @@ struct vd_loop_request {
 struct vd_loop {
     int number;              /* N of /dev/loopN */
     int fd;                  /* /dev/loopN, open O_RDWR or O_RDONLY */
+    uint64_t seq;            /* the binding's sequence number (see vd_loop_binding_seq) */
 };
 
 /* ERROR_SUCCESS when this process may attach and detach (CAP_SYS_ADMIN),
@@ -72,22 +73,42 @@ DWORD vd_loop_fail_errno(int error, const char *what, int number);
    it is closed and set to -1; on refusal it is (or is replaced by) an open
    descriptor again, so a refusal leaves the attachment as it was.
    Refuses with ERROR_DEVICE_IN_USE while the device is mounted or claimed,
-   or stays open elsewhere for VD_LOOP_TRANSIENT_MS. */
+   or stays open elsewhere for VD_LOOP_TRANSIENT_MS.  Success means the
+   binding it found is gone, even when another attacher has bound the same
+   number since; a refusal never touches another attacher's binding. */
 DWORD vd_loop_detach(int number, int *held_fd);
 
 /* The loop device whose backing file is (dev, ino), or -1 when none. */
 int vd_loop_find(dev_t dev, ino_t ino);
 
-/* Whether /dev/loopN is bound to a file. */
+/* Whether /dev/loopN is bound to a file (to any: see vd_loop_still_bound). */
 bool vd_loop_is_bound(int number);
+
+/* A device number names a binding only until it ends: the moment it does,
+   any attacher on the machine may bind the same /dev/loopN to its own file.
+   The kernel numbers bindings (diskseq, Linux 5.15: every bind and every
+   unbind takes a new number), so "is my disk still there" asks for the
+   number seen while it was ours.  vd_loop_binding_seq() reads it through a
+   descriptor of the device (which pins the binding while it is read); 0
+   means the kernel does not say, and then only the device number is
+   compared, as before 5.15 nothing else can be. */
+uint64_t vd_loop_binding_seq(int fd);
+
+/* The binding seq of /dev/loopN as sysfs shows it now, without opening the
+   device (an opener delays a detach); 0 when unknown. */
+uint64_t vd_loop_current_seq(int number);
+
+/* Whether /dev/loopN is still bound with binding seq (0: bound at all). */
+bool vd_loop_still_bound(int number, uint64_t seq);
 
 /* How long a detach, or the close of a non-permanent attachment, waits for
    other openers of the device that are only passing through (blkid, udev,
    lookups, attaches probing for a free device). */
 enum { VD_LOOP_TRANSIENT_MS = 1000 };
 
-/* Waits up to ms for /dev/loopN to be unbound; whether it is. */
-bool vd_loop_wait_unbound(int number, int ms);
+/* Waits up to ms for the binding seq of /dev/loopN to end (0: for the
+   device to be unbound); whether it did. */
+bool vd_loop_wait_unbound(int number, uint64_t seq, int ms);
 
 /* Whether /dev/loopN is bound to the file (dev, ino), asked of the device
    itself (LOOP_GET_STATUS64): exact also for a backing file that has no name

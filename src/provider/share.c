@@ -297,6 +297,9 @@ void vd_share_settle(const struct vd_image *image)
 {
     bool helper;
     int number = vd_share_attached_loop(image, &helper);
+    /* Read at once: the wait below is for this binding, not for another
+       attacher's that gets the number next. */
+    uint64_t seq = number >= 0 ? vd_loop_current_seq(number) : 0;
     if (number < 0) {
         /* A marker with no device behind it: a served attachment whose
            device is gone while its helper still lets go of its claims (it
@@ -321,7 +324,7 @@ void vd_share_settle(const struct vd_image *image)
        served, before its helper's. */
     struct timespec start, now, pause = {0, 2000000};
     clock_gettime(CLOCK_MONOTONIC, &start);
-    if (!vd_loop_wait_unbound(number, VD_SETTLE_MS))
+    if (!vd_loop_wait_unbound(number, seq, VD_SETTLE_MS))
         return;
     for (;;) {
         /* Then its server's writer claims, which its helper gives up just
