@@ -549,22 +549,183 @@ def test_a_merge_does_not_write_into_a_parent_another_child_uses(images: Path) -
 
 
 def _lock_file(image: Path) -> Path:
+    """The lock file of image (there must be exactly one)."""
     st = image.stat()
-    return RUN_DIR / f"{st.st_dev:x}-{st.st_ino:x}.lock"
+    found = list(RUN_DIR.glob(f"{st.st_dev:x}-{st.st_ino:x}-*.lock"))
+    assert len(found) == 1, found
+    return found[0]
 
 
-def test_the_last_claim_to_go_removes_the_lock_file(images: Path) -> None:
-    """A lock file for every image ever opened would grow the run directory
-    without bound."""
+def _lock_files(image: Path) -> list[Path]:
+    st = image.stat()
+    return list(RUN_DIR.glob(f"{st.st_dev:x}-{st.st_ino:x}-*.lock"))
+
+
+def _birth_time(path: Path) -> tuple[int, int]:
+    """(seconds, nanoseconds) of path's birth time, by stat(1); (0, 0) where
+    the file system keeps none."""
+    seconds = int(subprocess.run(["stat", "-c", "%W", str(path)], capture_output=True, text=True, check=True).stdout)
+    if seconds <= 0:
+        return 0, 0
+    human = subprocess.run(["stat", "-c", "%w", str(path)], capture_output=True, text=True, check=True).stdout
+    fraction = human.split()[1].partition(".")[2]
+    return seconds, int(fraction.ljust(9, "0")[:9]) if fraction else 0
+
+
+def _claims_on(lock: Path, offset: int) -> bool:
+    """Whether some open file description read-locks byte offset of lock."""
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        asked = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, offset, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, asked)
+        return struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
+def test_a_lock_file_is_named_after_the_image_files_device_inode_and_birth_time(images: Path) -> None:
+    path = images / "disk.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    st = path.stat()
+    seconds, nanoseconds = _birth_time(path)
+    with virtdisk.open(path):
+        assert _lock_file(path).name == f"{st.st_dev:x}-{st.st_ino:x}-{seconds:x}-{nanoseconds:x}.lock"
+
+
+def test_a_lock_file_outlives_its_claims_and_the_next_open_reuses_it(images: Path) -> None:
+    """Creating and removing a lock file for every open cost a quarter of an
+    open; the run directory stays bounded by sweeps instead (share.h)."""
     path = images / "disk.vhdx"
     virtdisk.create(path, 8 * MiB).close()
     first = virtdisk.open(path)
     second = virtdisk.open(path, Access.GET_INFO)
-    assert _lock_file(path).exists()
+    lock = _lock_file(path)
+    inode = lock.stat().st_ino
+    assert _claims_on(lock, 100) and _claims_on(lock, 101), "the handles' HANDLE and WRITE claims"
     first.close()
-    assert _lock_file(path).exists(), "a handle is still open: its claim lives in the file"
+    assert _claims_on(lock, 100) and not _claims_on(lock, 101), "the read-only handle's HANDLE only"
     second.close()
-    assert not _lock_file(path).exists()
+    assert not _claims_on(lock, 100)
+    assert _lock_file(path).stat().st_ino == inode, "kept after the last claim ended"
+    with virtdisk.open(path):
+        assert _lock_file(path).stat().st_ino == inode, "the next open uses the same file"
+        assert _claims_on(lock, 101)
+
+
+def test_a_claim_on_a_deleted_image_does_not_hold_a_new_file_with_its_inode(images: Path) -> None:
+    """A claim can outlive its image file (a helper serving a deleted image);
+    a new file that gets the freed inode is another image, unclaimed.  The
+    stray claim here is the test's own lock on the old lock file, standing
+    in for such a claimant (a test double)."""
+    old = images / "old.vhdx"
+    virtdisk.create(old, 8 * MiB).close()
+    virtdisk.open(old).close()
+    old_inode = old.stat().st_ino
+    stray = os.open(_lock_file(old), os.O_RDONLY)
+    try:
+        for offset in (101, 201):  # WRITE held and denied, as a writer's claim
+            fcntl.fcntl(stray, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, offset, 1, 0))
+        old.unlink()
+        # The file system hands a freed inode out again, soon if not at once.
+        for attempt in range(200):
+            new = images / f"new{attempt}.vhdx"
+            new.write_bytes(b"")
+            if new.stat().st_ino == old_inode:
+                break
+            new.unlink()
+        else:
+            pytest.skip("the file system did not reuse the inode in 200 files")
+        new.unlink()
+        virtdisk.create(new, 8 * MiB).close()
+        if new.stat().st_ino != old_inode:
+            pytest.skip("the inode was not reused by the image itself")
+        with virtdisk.open(new):  # for writing: refused if the stray claim applied
+            pass
+    finally:
+        os.close(stray)
+
+
+def _list_disks() -> None:
+    """Lists attached disks: the run directory's clean-up sweeps lock files."""
+    virtdisk.attached_disks()
+
+
+def _claimant_checking_its_lock_file(path: Path) -> Contender:
+    """Opens for writing; while holding, its claim must be on the file the
+    lock file's name leads to, whatever the sweeper did meanwhile."""
+
+    def contend(index: int, round_: int, settled: Callable[[], None]) -> tuple[bool, object]:
+        try:
+            disk = virtdisk.open(path)
+        except virtdisk.VirtualDiskError as error:
+            return False, error.winerror
+        with disk:
+            visible = all(_claims_on(lock, 101) for lock in _lock_files(path)) and len(_lock_files(path)) == 1
+            settled()
+            if not visible:
+                return True, "the claim is not on the named lock file"
+        return True, 0
+
+    return contend
+
+
+def _sweeper(index: int, round_: int, settled: Callable[[], None]) -> tuple[bool, object]:
+    """Sweeps the run directory a few times while the claimants race."""
+    for _ in range(3):
+        _list_disks()
+    settled()
+    return False, SHARING
+
+
+def test_sweeps_racing_claimants_never_remove_a_claimed_lock_file(images: Path) -> None:
+    """Between rounds every claim has ended, so each round's sweeps may remove
+    the lock file while the claimants open it: one of them still wins, and
+    its claim is on the file the name leads to (a claim published on a
+    removed file would be seen by nobody, and two writers would both win)."""
+    path = images / "disk.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    table = race([_claimant_checking_its_lock_file(path) for _ in range(WORKERS - 1)] + [_sweeper])
+    assert_exactly_one_winner(table)
+    for round_, outcomes in enumerate(table):
+        codes = [code for _, won, code in outcomes if won]
+        assert codes == [0], f"round {round_}: {outcomes}"
+
+
+def test_a_sweep_removes_unclaimed_lock_files_only(images: Path) -> None:
+    kept, dropped = images / "kept.vhdx", images / "dropped.vhdx"
+    for path in (kept, dropped):
+        virtdisk.create(path, 8 * MiB).close()
+    virtdisk.open(dropped).close()
+    with virtdisk.open(kept):
+        assert _lock_files(dropped)
+        _list_disks()
+        assert _lock_files(kept), "claimed: kept"
+        assert not _lock_files(dropped), "unclaimed: removed"
+
+
+def test_creating_many_lock_files_sweeps_the_unclaimed_ones(images: Path) -> None:
+    """Without a list or an attach, the run directory stays bounded: the
+    process whose creation brings the shared count to its limit sweeps."""
+    counter = RUN_DIR / "lock-files.count"
+    paths = [images / f"disk{i}.vhdx" for i in range(3)]
+    for path in paths:
+        virtdisk.create(path, 8 * MiB).close()
+    held = virtdisk.open(paths[1])
+    try:
+        _list_disks()  # sweeps: the next opens of the others create theirs
+        assert not _lock_files(paths[2])
+        virtdisk.open(paths[0]).close()
+        assert _lock_files(paths[0])
+        # Lock files counted as created elsewhere, up to one short of the
+        # limit (the test plays the other processes: a test double).
+        with counter.open("ab") as count:
+            count.write(b"+" * max(0, 1023 - counter.stat().st_size))
+        virtdisk.open(paths[2]).close()  # creates one: the sweep
+        assert not _lock_files(paths[0]), "unclaimed: swept"
+        assert _lock_files(paths[1]), "claimed: kept"
+        assert counter.stat().st_size < 1023, "the count starts again"
+    finally:
+        held.close()
 
 
 def test_a_permanent_attachment_keeps_its_lock_file_after_its_handles_close(images: Path) -> None:
@@ -573,10 +734,12 @@ def test_a_permanent_attachment_keeps_its_lock_file_after_its_handles_close(imag
     with virtdisk.open(path) as disk:
         disk.attach(permanent=True)
     try:
-        assert _lock_file(path).exists()
+        # The helper serving it holds WRITE, not the closed handle's HANDLE.
+        assert _claims_on(_lock_file(path), 101)
+        assert not _claims_on(_lock_file(path), 100), "no handle is open"
         with pytest.raises(virtdisk.VirtualDiskError) as refused:
             virtdisk.open(path).close()
         assert refused.value.winerror == SHARING
     finally:
         virtdisk.detach(path)
-    assert not _lock_file(path).exists()
+    assert not _claims_on(_lock_file(path), 101), "the helper let go of its claims"

@@ -480,7 +480,7 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
             status = vd_share_claim(parent, 0, VD_SHARE_WRITE, -1, "creating a differencing disk over it",
                                     &parent->share_fd);
         if (status == ERROR_SUCCESS)
-            status = vd_share_open_chain(parent, -1);
+            status = vd_share_open_chain(parent, 0, -1);
         if (status == ERROR_SUCCESS)
             status = vd_inherit_geometry(&args, parent, &request);
         if (status == ERROR_SUCCESS) {

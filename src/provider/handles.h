@@ -49,7 +49,6 @@ struct vd_handle {
     VIRTUAL_DISK_ACCESS_MASK access;
     struct vd_image *image;
     struct vd_disk *disk;
-    int share_fd;           /* the handle's HANDLE claim (share.h), else -1 */
     unsigned users;         /* calls in progress plus one while open */
     struct vd_job *jobs;    /* asynchronous operations started on it (job.h) */
     ULONG rw_depth;         /* OPEN_VIRTUAL_DISK_PARAMETERS' RWDepth: how many
