@@ -691,6 +691,76 @@ def test_sweeps_racing_claimants_never_remove_a_claimed_lock_file(images: Path) 
         assert codes == [0], f"round {round_}: {outcomes}"
 
 
+def _open_close_loop(path: str, iterations: int, barrier, writers, faults) -> None:
+    barrier.wait(timeout=60)
+    for _ in range(iterations):
+        try:
+            disk = virtdisk.open(path)
+        except virtdisk.VirtualDiskError as error:
+            if error.winerror != SHARING:
+                faults.put(repr(error))
+            continue
+        with disk:
+            with writers.get_lock():
+                writers.value += 1
+                alone = writers.value == 1
+            visible = [_claims_on(lock, 101) for lock in _lock_files(Path(path))]
+            with writers.get_lock():
+                writers.value -= 1
+            if not alone:
+                faults.put("two writers at once")
+            if visible != [True]:
+                faults.put(f"the claim is not on the named lock file: {visible}")
+
+
+def _sweep_loop(path: str, iterations: int, barrier) -> None:
+    """The provider's sweep (a list) and, between, a tight one of the
+    test's own that follows the same protocol (a test double: under the
+    mutex, not waited for, only with no claim on it), to hit the window
+    between a claimant's open and its mutex more often."""
+    barrier.wait(timeout=60)
+    for iteration in range(iterations):
+        if iteration % 20 == 0:
+            _list_disks()
+        for lock in _lock_files(Path(path)):
+            with contextlib.suppress(OSError):
+                fd = os.open(lock, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if not any(_claims_on(lock, offset) for offset in (100, 101, 102, 200, 201, 202)):
+                        if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                            os.unlink(lock)
+                finally:
+                    os.close(fd)
+
+
+def test_sweeps_never_let_two_writers_in_nor_hide_a_claim(images: Path) -> None:
+    """Writers open and close one image over and over while another process
+    sweeps: a lock file removed between a claimant's open of it and its
+    mutex must send the claimant to a new file, or its claim would sit on a
+    removed file where nobody sees it, and a second writer would get in."""
+    path = images / "disk.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(WORKERS)
+    writers, faults = context.Value("i", 0), context.Queue()
+    processes = [
+        context.Process(target=_open_close_loop, args=(str(path), 400, barrier, writers, faults))
+        for _ in range(WORKERS - 1)
+    ] + [context.Process(target=_sweep_loop, args=(str(path), 4000, barrier))]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        if process.is_alive():
+            process.kill()
+        assert process.exitcode == 0
+    found = []
+    while not faults.empty():
+        found.append(faults.get(timeout=5))
+    assert not found, found[:5]
+
+
 def test_a_sweep_removes_unclaimed_lock_files_only(images: Path) -> None:
     kept, dropped = images / "kept.vhdx", images / "dropped.vhdx"
     for path in (kept, dropped):
