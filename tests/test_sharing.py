@@ -564,7 +564,9 @@ def _lock_files(image: Path) -> list[Path]:
 def _birth_time(path: Path) -> tuple[int, int]:
     """(seconds, nanoseconds) of path's birth time, by stat(1); (0, 0) where
     the file system keeps none."""
-    seconds = int(subprocess.run(["stat", "-c", "%W", str(path)], capture_output=True, text=True, check=True).stdout)
+    seconds = int(
+        subprocess.run(["stat", "-c", "%W", str(path)], capture_output=True, text=True, check=True).stdout
+    )
     if seconds <= 0:
         return 0, 0
     human = subprocess.run(["stat", "-c", "%w", str(path)], capture_output=True, text=True, check=True).stdout
@@ -727,9 +729,9 @@ def _sweep_loop(path: str, iterations: int, barrier) -> None:
                 fd = os.open(lock, os.O_RDONLY)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    if not any(_claims_on(lock, offset) for offset in (100, 101, 102, 200, 201, 202)):
-                        if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                            os.unlink(lock)
+                    unclaimed = not any(_claims_on(lock, offset) for offset in (100, 101, 102, 200, 201, 202))
+                    if unclaimed and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                        os.unlink(lock)
                 finally:
                     os.close(fd)
 
@@ -759,6 +761,61 @@ def test_sweeps_never_let_two_writers_in_nor_hide_a_claim(images: Path) -> None:
     while not faults.empty():
         found.append(faults.get(timeout=5))
     assert not found, found[:5]
+
+
+def _hold_writer(path: str, go, opened, release) -> None:
+    go.wait(60)
+    try:
+        disk = virtdisk.open(path)
+    except virtdisk.VirtualDiskError as error:
+        opened.put(error.winerror)
+        return
+    opened.put(0)
+    release.wait(60)
+    disk.close()
+
+
+def test_a_claimant_whose_lock_file_is_swept_under_it_claims_on_the_new_one(images: Path) -> None:
+    """The window the race above can only hope to hit, made certain: the
+    test plays the sweeper (a test double following the sweep's protocol),
+    holding the lock file's mutex while a claimant has it open and waits,
+    then removing it and letting go.  The claimant must notice and claim on
+    a new lock file, where the next writer sees it."""
+    path = images / "disk.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    lock = _lock_file(path)
+    context = multiprocessing.get_context("fork")
+    go, opened, release = context.Event(), context.Queue(), context.Event()
+    claimant = context.Process(target=_hold_writer, args=(str(path), go, opened, release))
+    claimant.start()  # before the mutex is taken: it must not inherit that
+    mutex = os.open(lock, os.O_RDONLY)
+    fcntl.flock(mutex, fcntl.LOCK_EX)
+    go.set()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                links = [os.readlink(entry) for entry in Path(f"/proc/{claimant.pid}/fd").iterdir()]
+                if str(lock) in links:
+                    break
+            time.sleep(0.001)
+        else:
+            pytest.fail("the claimant never opened the lock file")
+        lock.unlink()
+        os.close(mutex)
+        mutex = -1
+        assert opened.get(timeout=30) == 0
+        assert _claims_on(_lock_file(path), 101), "the claim is on the file the name leads to"
+        with pytest.raises(virtdisk.VirtualDiskError) as refused:
+            virtdisk.open(path).close()
+        assert refused.value.winerror == SHARING
+    finally:
+        if mutex >= 0:
+            os.close(mutex)
+        release.set()
+        claimant.join(30)
+        if claimant.is_alive():
+            claimant.kill()
 
 
 def test_a_sweep_removes_unclaimed_lock_files_only(images: Path) -> None:
