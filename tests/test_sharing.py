@@ -607,8 +607,9 @@ def test_a_lock_file_outlives_its_claims_and_the_next_open_reuses_it(images: Pat
     first.close()
     assert _claims_on(lock, 100) and not _claims_on(lock, 101), "the read-only handle's HANDLE only"
     second.close()
+    # At once: another process's list or attach may sweep it from now on.
+    assert lock.stat().st_ino == inode, "kept after the last claim ended"
     assert not _claims_on(lock, 100)
-    assert _lock_file(path).stat().st_ino == inode, "kept after the last claim ended"
     with virtdisk.open(path):
         assert _lock_file(path).stat().st_ino == inode, "the next open uses the same file"
         assert _claims_on(lock, 101)
@@ -816,6 +817,31 @@ def test_a_claimant_whose_lock_file_is_swept_under_it_claims_on_the_new_one(imag
         claimant.join(30)
         if claimant.is_alive():
             claimant.kill()
+
+
+def test_a_forked_child_holds_none_of_its_parents_claims(images: Path) -> None:
+    """The child's copies of the handles are the parent's, unusable there:
+    once the parent closes its handle, the image is free, however long the
+    child lives."""
+    parent, child = images / "parent.vhdx", images / "child.vhdx"
+    virtdisk.create(parent, 8 * MiB).close()
+    virtdisk.create(child, parent=parent).close()
+    disk = virtdisk.open(child)
+    context = multiprocessing.get_context("fork")
+    release = context.Event()
+    forked = context.Process(target=release.wait, args=(60,))
+    forked.start()
+    try:
+        disk.close()
+        with virtdisk.open(child):  # the child's WRITE and HANDLE are gone
+            pass
+        with virtdisk.open(parent):  # and its hold on the parent
+            pass
+    finally:
+        release.set()
+        forked.join(30)
+        if forked.is_alive():
+            forked.kill()
 
 
 def test_a_sweep_removes_unclaimed_lock_files_only(images: Path) -> None:

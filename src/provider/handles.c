@@ -86,16 +86,24 @@ static struct vd_disk *vd_disk_for(dev_t dev, ino_t ino)
 
 DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, HANDLE *out)
 {
-    if (image->writable)
-        vd_share_settle(image);
     /* The handle's HANDLE and the image's WRITE in one claim: one lock file
        opened, one mutex round. */
     DWORD status = vd_share_open_chain(image, VD_SHARE_HANDLE, -1);
-    if (status == ERROR_SUCCESS && image->writable) {
+    if (image->writable) {
         /* After the WRITE claim, no attach can start; one that finished
-           before has its marker in place (share.h). */
+           before has its marker in place (share.h).  Usually nothing is
+           attached: the claim and one look at the marker are all.  An
+           attachment on its way out may still hold its claims (its server's
+           WRITE) or its device: then the claims are given back, its end
+           waited for (vd_share_settle()), and both made again. */
         bool helper;
-        int number = vd_share_attached_loop(image, &helper);
+        int number = status == ERROR_SUCCESS ? vd_share_attached_loop(image, &helper) : -1;
+        if (status == ERROR_SHARING_VIOLATION || number >= 0) {
+            vd_share_end_chain(image);
+            vd_share_settle(image);
+            status = vd_share_open_chain(image, VD_SHARE_HANDLE, -1);
+            number = status == ERROR_SUCCESS ? vd_share_attached_loop(image, &helper) : -1;
+        }
         if (number >= 0)
             status = vd_fail(ERROR_SHARING_VIOLATION,
                              "%s is attached as /dev/loop%d: it cannot be opened for writing as well (open it "
@@ -218,14 +226,13 @@ static void vd_fork_child(void)
         disk->dev = (dev_t)-1;
         disk->ino = (ino_t)-1;
     }
-    /* Nor does an inherited handle's claim outlive the parent's handle. */
+    /* Nor do an inherited handle's claims (its own, its image's and its
+       parents') outlive the parent's handle. */
     for (struct vd_handle *handle = vd_handles; handle; handle = handle->next) {
         if (!handle->inherited)
             handle->owner = getppid(); /* the process that forked this one */
         handle->inherited = true;
-        if (handle->image->share_fd >= 0)
-            close(handle->image->share_fd);
-        handle->image->share_fd = -1;
+        vd_share_end_chain(handle->image);
     }
     pthread_mutex_unlock(&vd_registry_mutex);
     pthread_mutex_unlock(&vd_disk_mutex);

@@ -324,14 +324,18 @@ DWORD vd_share_open_chain(struct vd_image *image, unsigned hold, int except_fd)
     for (struct vd_image *parent = image->parent; status == ERROR_SUCCESS && parent; parent = parent->parent)
         status = vd_share_claim(parent, 0, VD_SHARE_WRITE, -1, "using it as the parent of a differencing disk",
                                 &parent->share_fd);
-    if (status != ERROR_SUCCESS) {
-        for (struct vd_image *link = image; link; link = link->parent) {
-            if (link->share_fd >= 0)
-                close(link->share_fd);
-            link->share_fd = -1;
-        }
-    }
+    if (status != ERROR_SUCCESS)
+        vd_share_end_chain(image);
     return status;
+}
+
+void vd_share_end_chain(struct vd_image *image)
+{
+    for (struct vd_image *link = image; link; link = link->parent) {
+        if (link->share_fd >= 0)
+            close(link->share_fd);
+        link->share_fd = -1;
+    }
 }
 
 DWORD vd_share_claim_writer(const struct vd_image *image, int *fd)

@@ -90,6 +90,9 @@ bool vd_share_denied_elsewhere(int fd, unsigned perm);
    failure nothing is claimed. */
 DWORD vd_share_open_chain(struct vd_image *image, unsigned hold, int except_fd);
 
+/* Ends the claims vd_share_open_chain() made (each closed, set to -1). */
+void vd_share_end_chain(struct vd_image *image);
+
 /* A claim of its own for what an opened writable image's claim holds
    besides its handle (WRITE, held and denied), for a process that keeps
    an attachment's claims after the handle has closed; *fd -1 when the
