@@ -649,8 +649,24 @@ def test_a_claim_on_a_deleted_image_does_not_hold_a_new_file_with_its_inode(imag
 
 
 def _list_disks() -> None:
-    """Lists attached disks: the run directory's clean-up sweeps lock files."""
+    """Lists attached disks: the run directory's clean-up sweeps lock files
+    (those there at the previous sweep, no claim on them)."""
     virtdisk.attached_disks()
+
+
+def _sweep_all() -> None:
+    """Two sweeps: the second removes every unclaimed lock file made before
+    the first."""
+    for _ in range(2):
+        _tick()
+        _list_disks()
+
+
+def _tick() -> None:
+    """Waits out the file system clock's grain (a few milliseconds: its
+    timestamps come from a coarse clock), so that what comes next is
+    stamped later than what came before."""
+    time.sleep(0.05)
 
 
 def _claimant_checking_its_lock_file(path: Path) -> Contender:
@@ -819,6 +835,11 @@ def test_a_claimant_whose_lock_file_is_swept_under_it_claims_on_the_new_one(imag
             claimant.kill()
 
 
+def _started_then_wait(started, release) -> None:
+    started.set()
+    release.wait(60)
+
+
 def test_a_forked_child_holds_none_of_its_parents_claims(images: Path) -> None:
     """The child's copies of the handles are the parent's, unusable there:
     once the parent closes its handle, the image is free, however long the
@@ -828,10 +849,12 @@ def test_a_forked_child_holds_none_of_its_parents_claims(images: Path) -> None:
     virtdisk.create(child, parent=parent).close()
     disk = virtdisk.open(child)
     context = multiprocessing.get_context("fork")
-    release = context.Event()
-    forked = context.Process(target=release.wait, args=(60,))
+    started, release = context.Event(), context.Event()
+    forked = context.Process(target=_started_then_wait, args=(started, release))
     forked.start()
     try:
+        # Until its fork handler has run, the child's copies hold the claims.
+        assert started.wait(60)
         disk.close()
         with virtdisk.open(child):  # the child's WRITE and HANDLE are gone
             pass
@@ -851,32 +874,44 @@ def test_a_sweep_removes_unclaimed_lock_files_only(images: Path) -> None:
     virtdisk.open(dropped).close()
     with virtdisk.open(kept):
         assert _lock_files(dropped)
-        _list_disks()
+        _sweep_all()
         assert _lock_files(kept), "claimed: kept"
         assert not _lock_files(dropped), "unclaimed: removed"
 
 
-def test_creating_many_lock_files_sweeps_the_unclaimed_ones(images: Path) -> None:
-    """Without a list or an attach, the run directory stays bounded: the
-    process whose creation brings the shared count to its limit sweeps."""
+def _fill_count_to_one_short() -> None:
+    """Counts lock files as created elsewhere, up to one short of a sweep
+    (the test plays the other processes: a test double)."""
     counter = RUN_DIR / "lock-files.count"
-    paths = [images / f"disk{i}.vhdx" for i in range(3)]
-    for path in paths:
+    with counter.open("ab") as count:
+        count.write(b"+" * max(0, 1023 - count.tell()))
+
+
+def test_creating_many_lock_files_sweeps_those_older_than_the_previous_sweep(images: Path) -> None:
+    """Without a list or an attach, the run directory stays bounded: the
+    process whose creation brings the shared count to its limit sweeps; a
+    lock file made since the previous sweep stays for one more (an inventory
+    going round its images reuses it), so the bound is twice the limit."""
+    counter = RUN_DIR / "lock-files.count"
+    paths = [images / f"disk{i}.vhdx" for i in range(4)]
+    for path in paths[:3]:
         virtdisk.create(path, 8 * MiB).close()
     held = virtdisk.open(paths[1])
     try:
-        _list_disks()  # sweeps: the next opens of the others create theirs
-        assert not _lock_files(paths[2])
-        virtdisk.open(paths[0]).close()
-        assert _lock_files(paths[0])
-        # Lock files counted as created elsewhere, up to one short of the
-        # limit (the test plays the other processes: a test double).
-        with counter.open("ab") as count:
-            count.write(b"+" * max(0, 1023 - counter.stat().st_size))
-        virtdisk.open(paths[2]).close()  # creates one: the sweep
-        assert not _lock_files(paths[0]), "unclaimed: swept"
-        assert _lock_files(paths[1]), "claimed: kept"
+        _sweep_all()
+        assert not _lock_files(paths[0]) and not _lock_files(paths[2])
+        virtdisk.open(paths[0]).close()  # made after the last sweep
+        _tick()
+        _fill_count_to_one_short()
+        virtdisk.open(paths[2]).close()  # creates the 1024th: a sweep
+        _tick()
         assert counter.stat().st_size < 1023, "the count starts again"
+        assert _lock_files(paths[0]), "made since the previous sweep: kept"
+        shutil.copyfile(paths[2], paths[3])  # a new file: its lock file is new
+        _fill_count_to_one_short()
+        virtdisk.open(paths[3]).close()  # another sweep
+        assert not _lock_files(paths[0]), "there at the previous sweep, unclaimed: swept"
+        assert _lock_files(paths[1]), "claimed: kept"
     finally:
         held.close()
 

@@ -37,6 +37,9 @@ enum { VD_HOLD_BYTE = 100, VD_DENY_BYTE = 200, VD_PERMISSIONS = 3 };
    (vd_share_count_created()). */
 #define VD_SHARE_COUNTER "lock-files.count"
 
+/* Touched by every sweep: its modification time is the last sweep's. */
+#define VD_SHARE_SWEPT "lock-files.swept"
+
 
 /* The mutex is held for a few lock calls; a holder that does not let go
    within this time is stopped or stuck, and the caller is better told than
@@ -168,9 +171,54 @@ static DWORD vd_share_conflict(int check_fd, unsigned hold, unsigned deny, const
     return ERROR_SUCCESS;
 }
 
-/* Removes, in the run directory dir, every lock file no claim is on. */
-static void vd_share_sweep(int dir)
+/* Removes name in the run directory dir when no claim is on it and it was
+   created before born_before. */
+static void vd_share_remove_if_unclaimed(int dir, const char *name, struct timespec born_before)
 {
+    /* Asked through a description of its own: a claim inherited by a helper
+       shares the releaser's description, whose locks that one would not
+       see.  Under the mutex (not waited for: a claimant holding it is about
+       to use the file), and only while the name still means this file; a
+       claimant that opened the file before the unlink finds it unlinked
+       once it holds the mutex, and opens the name anew.  A lock file's
+       ctime is its creation: nothing changes it after. */
+    int lock = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (lock < 0)
+        return;
+    struct flock any = {.l_type = F_WRLCK,
+                        .l_whence = SEEK_SET,
+                        .l_start = VD_HOLD_BYTE,
+                        .l_len = VD_DENY_BYTE + VD_PERMISSIONS - VD_HOLD_BYTE};
+    struct stat mine, named;
+    bool old = false;
+    if (fstat(lock, &mine) == 0 && S_ISREG(mine.st_mode))
+        old = mine.st_ctim.tv_sec < born_before.tv_sec ||
+              (mine.st_ctim.tv_sec == born_before.tv_sec && mine.st_ctim.tv_nsec < born_before.tv_nsec);
+    if (old && flock(lock, LOCK_EX | LOCK_NB) == 0 && fcntl(lock, F_OFD_GETLK, &any) == 0 &&
+        any.l_type == F_UNLCK && fstatat(dir, name, &named, AT_SYMLINK_NOFOLLOW) == 0 &&
+        mine.st_dev == named.st_dev && mine.st_ino == named.st_ino)
+        unlinkat(dir, name, 0);
+    close(lock);
+}
+
+void vd_share_sweep(int dir)
+{
+    /* Only what was there at the previous sweep goes: a lock file created
+       since may be about to be used again (an inventory going round its
+       images), and sweeping it would make every open create one.  The
+       previous sweep's time is the mark file's modification time; the
+       first sweep, finding none, removes nothing. */
+    struct timespec born_before = {0, 0};
+    int mark = openat(dir, VD_SHARE_SWEPT, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    struct stat st;
+    if (mark >= 0 && fstat(mark, &st) == 0 && S_ISREG(st.st_mode))
+        born_before = st.st_mtim;
+    if (mark < 0)
+        mark = openat(dir, VD_SHARE_SWEPT, O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
+    if (mark < 0)
+        return;
+    futimens(mark, NULL);
+    close(mark);
     int copy = openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     DIR *listing = copy >= 0 ? fdopendir(copy) : NULL;
     if (!listing) {
@@ -182,7 +230,7 @@ static void vd_share_sweep(int dir)
     for (struct dirent *entry; (entry = readdir(listing)) != NULL;) {
         size_t length = strlen(entry->d_name);
         if (length > suffix && strcmp(entry->d_name + length - suffix, VD_SHARE_LOCK_SUFFIX) == 0)
-            vd_share_remove_if_unclaimed(dir, entry->d_name);
+            vd_share_remove_if_unclaimed(dir, entry->d_name, born_before);
     }
     closedir(listing);
 }
@@ -210,8 +258,9 @@ static void vd_share_count_created(int dir)
     close(counter);
 }
 
-DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny, int except_fd, const char *what,
-                     int *fd)
+/* vd_share_claim(), but checked for conflicts only when check. */
+static DWORD vd_share_publish(const struct vd_image *image, unsigned hold, unsigned deny, int except_fd,
+                              const char *what, bool check, int *fd)
 {
     *fd = -1;
     if (!vd_share_may_claim())
@@ -224,7 +273,7 @@ DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny,
     /* The mutex makes check-and-publish one step: without it two claimants
        could each publish, then each see the other and both give up (or, in
        the other order, both go ahead).  A sweep removes a lock file, under
-       its mutex, once no claim is left on it (vd_share_remove_if_unclaimed()):
+       its mutex, once no claim is left on it (vd_share_sweep()):
        a claimant that opened it just before must not publish on the removed
        file, where nobody looks, so it starts again on a new one. */
     for (int attempt = 0;; attempt++) {
@@ -256,7 +305,8 @@ DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny,
         close(claim);
     }
     if (status == ERROR_SUCCESS) {
-        status = vd_share_conflict(except_fd >= 0 ? except_fd : claim, hold, deny, image, what);
+        if (check)
+            status = vd_share_conflict(except_fd >= 0 ? except_fd : claim, hold, deny, image, what);
         if (status == ERROR_SUCCESS &&
             (vd_read_lock_bits(claim, VD_HOLD_BYTE, hold) < 0 || vd_read_lock_bits(claim, VD_DENY_BYTE, deny) < 0))
             status = vd_fail_errno(errno, "publishing a claim on %s", image->path);
@@ -273,28 +323,10 @@ DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny,
     return ERROR_SUCCESS;
 }
 
-void vd_share_remove_if_unclaimed(int dir, const char *name)
+DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny, int except_fd, const char *what,
+                     int *fd)
 {
-    /* Asked through a description of its own: a claim inherited by a helper
-       shares the releaser's description, whose locks that one would not
-       see.  Under the mutex (not waited for: a claimant holding it is about
-       to use the file), and only while the name still means this file; a
-       claimant that opened the file before the unlink finds it unlinked
-       once it holds the mutex, and opens the name anew. */
-    int lock = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-    if (lock < 0)
-        return;
-    struct flock any = {.l_type = F_WRLCK,
-                        .l_whence = SEEK_SET,
-                        .l_start = VD_HOLD_BYTE,
-                        .l_len = VD_DENY_BYTE + VD_PERMISSIONS - VD_HOLD_BYTE};
-    struct stat mine, named;
-    if (fstat(lock, &mine) == 0 && S_ISREG(mine.st_mode) && flock(lock, LOCK_EX | LOCK_NB) == 0 &&
-        fcntl(lock, F_OFD_GETLK, &any) == 0 && any.l_type == F_UNLCK &&
-        fstatat(dir, name, &named, AT_SYMLINK_NOFOLLOW) == 0 && mine.st_dev == named.st_dev &&
-        mine.st_ino == named.st_ino)
-        unlinkat(dir, name, 0);
-    close(lock);
+    return vd_share_publish(image, hold, deny, except_fd, what, true, fd);
 }
 
 bool vd_share_held_elsewhere(int fd, unsigned perm)
@@ -343,7 +375,11 @@ DWORD vd_share_claim_writer(const struct vd_image *image, int *fd)
     *fd = -1;
     if (!image->writable || image->share_fd < 0)
         return ERROR_SUCCESS;
-    return vd_share_claim(image, VD_SHARE_WRITE, VD_SHARE_WRITE, image->share_fd, "attaching read-write", fd);
+    /* Not checked: the image's own claim holds and denies the same already,
+       checked when it was made, and a check now would see the ATTACH claim
+       of the very attachment this is for (which denies WRITE when it is
+       read-only). */
+    return vd_share_publish(image, VD_SHARE_WRITE, VD_SHARE_WRITE, -1, "serving", false, fd);
 }
 
 DWORD vd_share_mark_attached(int image_fd)

@@ -21,22 +21,23 @@
  *     where the file system keeps none), so they follow the file whatever
  *     path opens it, and a claim that outlives its image file (a helper's,
  *     after the image was deleted) is not taken for one on a new file that
- *     got the same inode.
+ *     got the same inode.  A user who cannot manage loop devices cannot
+ *     open them: such a process makes no claims and cannot take, fake or
+ *     block anyone's, and sees none (its opens are checked only by file
+ *     permissions; it cannot attach or detach anyway).
  *   - A lock file outlives its claims, so that opening an image again costs
  *     one open of it, not a create and an unlink.  The run directory stays
  *     bounded all the same: every process that creates a lock file counts
  *     it in the directory's shared count (VD_SHARE_COUNTER), and whichever
- *     brings the count to VD_SHARE_SWEEP_EVERY resets it and removes every
- *     lock file no claim is on; so does the run directory's clean-up
- *     (servrecord.h) on every list and attach.  So the directory holds the
- *     lock files of live claims plus fewer than VD_SHARE_SWEEP_EVERY others
- *     (give or take those created during a sweep).  A lock file is removed
- *     only under its mutex with no claim on it; a claimant that opened it
- *     just before sees it unlinked once it holds the mutex, and opens the
- *     name anew.  A user who cannot manage loop devices cannot
- *     open them: such a process makes no claims and cannot take, fake or
- *     block anyone's, and sees none (its opens are checked only by file
- *     permissions; it cannot attach or detach anyway).
+ *     brings the count to VD_SHARE_SWEEP_EVERY resets it and sweeps; so
+ *     does the run directory's clean-up (servrecord.h) on every list and
+ *     attach.  A sweep removes the lock files no claim is on that were
+ *     there at the previous sweep (one created since may be about to be
+ *     used again).  So the directory holds the lock files of live claims
+ *     plus fewer than 2 * VD_SHARE_SWEEP_EVERY others (give or take those
+ *     created during a sweep).  A lock file is removed only under its
+ *     mutex with no claim on it; a claimant that opened it just before sees
+ *     it unlinked once it holds the mutex, and opens the name anew.
  *   - "Attached" is the kernel's fact, not a claim: the open file
  *     description a loop device (or its FUSE server) holds on the image
  *     carries a marker lock, which lives exactly as long as the attachment;
@@ -72,9 +73,10 @@ DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny,
 /* Lock files created, by all processes together, between two sweeps. */
 enum { VD_SHARE_SWEEP_EVERY = 1024 };
 
-/* Removes the lock file name in the run directory dir when no claim is on
-   it; for the run directory's clean-up and the sweep. */
-void vd_share_remove_if_unclaimed(int dir, const char *name);
+/* Removes from the run directory dir the lock files no claim is on that
+   were already there at the previous sweep; for the run directory's
+   clean-up, and the creator of every VD_SHARE_SWEEP_EVERY-th lock file. */
+void vd_share_sweep(int dir);
 
 /* Whether a claim other than the one on fd holds (denies) perm; false for
    fd -1. */
