@@ -16,6 +16,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -879,41 +880,71 @@ def test_a_sweep_removes_unclaimed_lock_files_only(images: Path) -> None:
         assert not _lock_files(dropped), "unclaimed: removed"
 
 
-def _fill_count_to_one_short() -> None:
-    """Counts lock files as created elsewhere, up to one short of a sweep
-    (the test plays the other processes: a test double)."""
-    counter = RUN_DIR / "lock-files.count"
+SWEEPS_BY_COUNT = """
+import os, shutil, sys, time
+from pathlib import Path
+import virtdisk
+
+run, images = Path(os.environ["VIRTDISK_RUN_DIR"]), Path(sys.argv[1])
+counter = run / "lock-files.count"
+
+
+def locks(image):
+    st = image.stat()
+    return list(run.glob(f"{st.st_dev:x}-{st.st_ino:x}-*.lock"))
+
+
+def fill_count_to_one_short():
+    # Lock files counted as created elsewhere (the test plays the other
+    # processes: a test double).
     with counter.open("ab") as count:
         count.write(b"+" * max(0, 1023 - count.tell()))
+
+
+def tick():
+    # The file system's timestamps come from a coarse clock.
+    time.sleep(0.05)
+
+
+paths = [images / f"disk{i}.vhdx" for i in range(5)]
+for path in paths[:3]:
+    virtdisk.create(path, 8 << 20).close()
+held = virtdisk.open(paths[1])
+virtdisk.open(paths[0]).close()
+tick()
+fill_count_to_one_short()
+shutil.copyfile(paths[2], paths[3])  # a new file: its lock file is new
+virtdisk.open(paths[3]).close()  # creates the 1024th: a sweep
+assert counter.stat().st_size < 1023, "the count starts again"
+assert locks(paths[0]), "made since the previous sweep (none): kept"
+tick()
+shutil.copyfile(paths[2], paths[4])
+fill_count_to_one_short()
+virtdisk.open(paths[4]).close()  # another sweep
+assert not locks(paths[0]), "there at the previous sweep, unclaimed: swept"
+assert locks(paths[1]), "claimed: kept"
+held.close()
+print("ok")
+"""
 
 
 def test_creating_many_lock_files_sweeps_those_older_than_the_previous_sweep(images: Path) -> None:
     """Without a list or an attach, the run directory stays bounded: the
     process whose creation brings the shared count to its limit sweeps; a
     lock file made since the previous sweep stays for one more (an inventory
-    going round its images reuses it), so the bound is twice the limit."""
-    counter = RUN_DIR / "lock-files.count"
-    paths = [images / f"disk{i}.vhdx" for i in range(4)]
-    for path in paths[:3]:
-        virtdisk.create(path, 8 * MiB).close()
-    held = virtdisk.open(paths[1])
-    try:
-        _sweep_all()
-        assert not _lock_files(paths[0]) and not _lock_files(paths[2])
-        virtdisk.open(paths[0]).close()  # made after the last sweep
-        _tick()
-        _fill_count_to_one_short()
-        virtdisk.open(paths[2]).close()  # creates the 1024th: a sweep
-        _tick()
-        assert counter.stat().st_size < 1023, "the count starts again"
-        assert _lock_files(paths[0]), "made since the previous sweep: kept"
-        shutil.copyfile(paths[2], paths[3])  # a new file: its lock file is new
-        _fill_count_to_one_short()
-        virtdisk.open(paths[3]).close()  # another sweep
-        assert not _lock_files(paths[0]), "there at the previous sweep, unclaimed: swept"
-        assert _lock_files(paths[1]), "claimed: kept"
-    finally:
-        held.close()
+    going round its images reuses it), so the bound is twice the limit.  In
+    a run directory of its own, where no other process sweeps."""
+    run = images / "run"
+    run.mkdir(mode=0o700)
+    env = dict(os.environ, VIRTDISK_RUN_DIR=str(run))
+    result = subprocess.run(
+        [sys.executable, "-c", SWEEPS_BY_COUNT, str(images)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 def test_a_permanent_attachment_keeps_its_lock_file_after_its_handles_close(images: Path) -> None:

@@ -142,6 +142,18 @@ int vd_run_open_lock(int dirfd, const char *name, bool *created)
     return fd;
 }
 
+int vd_run_open_shared(int dirfd, const char *name, int flags, bool *created)
+{
+    *created = false;
+    flags |= O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC;
+    int fd = openat(dirfd, name, flags);
+    if (fd < 0 && errno == ENOENT) {
+        fd = openat(dirfd, name, flags | O_CREAT, 0600);
+        *created = fd >= 0;
+    }
+    return fd;
+}
+
 DWORD vd_run_create(int dirfd, const char *name, int flags, mode_t mode, int *fd)
 {
     *fd = openat(dirfd, name, flags | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);

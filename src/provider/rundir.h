@@ -21,7 +21,9 @@
  *   - Files are only ever created with vd_run_create(): openat on that
  *     descriptor with O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, so no name in
  *     the directory can redirect a write elsewhere; lock files, never
- *     written, with vd_run_open_lock(): O_CREAT|O_NOFOLLOW, read-only.
+ *     written, with vd_run_open_lock(): O_CREAT|O_NOFOLLOW, read-only; the
+ *     few files every process shares (the sharing claims' count and sweep
+ *     mark) with vd_run_open_shared(): O_CREAT|O_NOFOLLOW, never blocking.
  */
 #ifndef VD_PROVIDER_RUNDIR_H
 #define VD_PROVIDER_RUNDIR_H
@@ -59,6 +61,12 @@ DWORD vd_run_dir_kept(int *dirfd, bool check);
    a symbolic link, never blocks; the caller, which examines the file
    anyway, checks that it is a regular file.  -1 (errno) on failure. */
 int vd_run_open_lock(int dirfd, const char *name, bool *created);
+
+/* Opens name in the run directory dirfd with flags (O_WRONLY, O_APPEND,
+   ...), creating it empty (mode 0600) when absent: for a small file every
+   process shares.  O_NOFOLLOW, O_NONBLOCK and O_CLOEXEC are always added;
+   *created tells whether this call made it.  -1 (errno) on failure. */
+int vd_run_open_shared(int dirfd, const char *name, int flags, bool *created);
 
 /* Creates name (one path component) in the run directory dirfd, exclusively:
    flags are O_WRONLY/O_RDWR plus extras such as O_APPEND; O_CREAT, O_EXCL,

@@ -209,14 +209,13 @@ void vd_share_sweep(int dir)
        previous sweep's time is the mark file's modification time; the
        first sweep, finding none, removes nothing. */
     struct timespec born_before = {0, 0};
-    int mark = openat(dir, VD_SHARE_SWEPT, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    bool created;
+    int mark = vd_run_open_shared(dir, VD_SHARE_SWEPT, O_WRONLY, &created);
     struct stat st;
-    if (mark >= 0 && fstat(mark, &st) == 0 && S_ISREG(st.st_mode))
-        born_before = st.st_mtim;
-    if (mark < 0)
-        mark = openat(dir, VD_SHARE_SWEPT, O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
     if (mark < 0)
         return;
+    if (!created && fstat(mark, &st) == 0 && S_ISREG(st.st_mode))
+        born_before = st.st_mtim;
     futimens(mark, NULL);
     close(mark);
     int copy = openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -241,8 +240,8 @@ void vd_share_sweep(int dir)
    this. */
 static void vd_share_count_created(int dir)
 {
-    int counter = openat(dir, VD_SHARE_COUNTER, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC,
-                         0600);
+    bool created;
+    int counter = vd_run_open_shared(dir, VD_SHARE_COUNTER, O_WRONLY | O_APPEND, &created);
     if (counter < 0)
         return;
     struct stat st;
