@@ -7,6 +7,10 @@ In one run on the same images:
     rounds of its ratio to the bare read measured in the same round (target
     for open+info+close: within 4x of it), and the system calls each makes
     (strace);
+  - the floor under those ratios: the system calls a dynamic VHDX's open
+    for information must make (the format's reads, the sharing claim, what
+    the information asks of the kernel), timed in C by open_floor.c, each
+    level against the C bare read and the Python one above;
   - an inventory: ``open()``+``info``+close of N images (half VHD, half
     VHDX, each its own file), reading what an inventory lists (path, format,
     type, virtual and physical size, identifier, parent), against the bare
@@ -84,7 +88,7 @@ def cpu_per_call(function: Callable[[], object], iterations: int) -> float:
     return (time.process_time() - start) / iterations
 
 
-def bench_open(images: dict[str, tuple[Path, str]], iterations: int, rounds: int = 15) -> None:
+def bench_open(images: dict[str, tuple[Path, str]], iterations: int, rounds: int = 15) -> dict[str, float]:
     """Each round times every contender once, interleaved, in processor
     time, and divides by the bare read of the same round; the median of those
     ratios is reported: on a busy machine a round's contenders share its
@@ -103,6 +107,7 @@ def bench_open(images: dict[str, tuple[Path, str]], iterations: int, rounds: int
         f"(x{iterations}, median of {rounds} rounds' ratios, processor time)"
     )
     print(f"{'image':18} {'bare':>8} {'raw API':>16} {'open+close':>16} {'open+info+close':>16}")
+    bares: dict[str, float] = {}
     for name, (path, _) in images.items():
         text = str(path)
 
@@ -130,11 +135,44 @@ def bench_open(images: dict[str, tuple[Path, str]], iterations: int, rounds: int
             for key, function in contenders.items():
                 times[key].append(cpu_per_call(function, iterations))
         bare_median = statistics.median(times["bare"])
+        bares[name] = bare_median
         row = f"{name:18} {bare_median * 1e6:6.1f}us"
         for key in ("raw", "open", "info"):
             ratio = statistics.median(t / b for t, b in zip(times[key], times["bare"]))
             row += f" {statistics.median(times[key]) * 1e6:6.1f}us {ratio:5.1f}x"
         print(row)
+    return bares
+
+
+FLOOR_IMAGE = "dynamic VHDX 64M"
+
+
+def bench_floor(images: dict[str, tuple[Path, str]], folder: Path, iterations: int, bare: float) -> None:
+    """The system calls an open for information cannot do without, in C
+    (open_floor.c says which): how close the ratios above can come to 1x."""
+    compiler = shutil.which("cc")
+    print(
+        f"\n== the floor: {FLOOR_IMAGE}'s system calls alone, in C (open_floor.c, x{iterations}, best of 15)"
+    )
+    if compiler is None:
+        print("no C compiler: not measured")
+        return
+    binary, locks = folder / "open_floor", folder / "floor-locks"
+    locks.mkdir()
+    subprocess.run(
+        [compiler, "-O2", "-o", str(binary), str(Path(__file__).with_name("open_floor.c"))], check=True
+    )
+    result = subprocess.run(
+        [str(binary), str(images[FLOOR_IMAGE][0]), str(locks), str(iterations)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    print(f"{'level':8} {'C':>8} {'vs C bare':>9} {'vs Python bare':>15}")
+    for line in result.stdout.splitlines():
+        level, micros, ratio = line.split()
+        seconds = float(micros.rstrip("us")) / 1e6
+        print(f"{level:8} {micros:>8} {ratio:>9} {seconds / bare:14.1f}x")
 
 
 SYSCALL_PROBE = """
@@ -405,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(name)
         print(f"images in {folder} ({os.statvfs(folder).f_bsize}-byte blocks)")
         images = make_images(folder)
-        bench_open(images, args.iterations * 5)
+        bares = bench_open(images, args.iterations * 5)
+        bench_floor(images, folder, args.iterations * 5, bares[FLOOR_IMAGE])
         count_syscalls(images)
         if args.inventory:
             bench_inventory(folder, args.inventory)

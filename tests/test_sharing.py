@@ -16,6 +16,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -548,22 +549,401 @@ def test_a_merge_does_not_write_into_a_parent_another_child_uses(images: Path) -
 
 
 def _lock_file(image: Path) -> Path:
+    """The lock file of image (there must be exactly one)."""
     st = image.stat()
-    return RUN_DIR / f"{st.st_dev:x}-{st.st_ino:x}.lock"
+    found = list(RUN_DIR.glob(f"{st.st_dev:x}-{st.st_ino:x}-*.lock"))
+    assert len(found) == 1, found
+    return found[0]
 
 
-def test_the_last_claim_to_go_removes_the_lock_file(images: Path) -> None:
-    """A lock file for every image ever opened would grow the run directory
-    without bound."""
+def _lock_files(image: Path) -> list[Path]:
+    st = image.stat()
+    return list(RUN_DIR.glob(f"{st.st_dev:x}-{st.st_ino:x}-*.lock"))
+
+
+def _birth_time(path: Path) -> tuple[int, int]:
+    """(seconds, nanoseconds) of path's birth time, by stat(1); (0, 0) where
+    the file system keeps none."""
+    seconds = int(
+        subprocess.run(["stat", "-c", "%W", str(path)], capture_output=True, text=True, check=True).stdout
+    )
+    if seconds <= 0:
+        return 0, 0
+    human = subprocess.run(["stat", "-c", "%w", str(path)], capture_output=True, text=True, check=True).stdout
+    fraction = human.split()[1].partition(".")[2]
+    return seconds, int(fraction.ljust(9, "0")[:9]) if fraction else 0
+
+
+def _claims_on(lock: Path, offset: int) -> bool:
+    """Whether some open file description read-locks byte offset of lock."""
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        asked = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, offset, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, asked)
+        return struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
+def test_a_lock_file_is_named_after_the_image_files_device_inode_and_birth_time(images: Path) -> None:
+    path = images / "disk.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    st = path.stat()
+    seconds, nanoseconds = _birth_time(path)
+    with virtdisk.open(path):
+        assert _lock_file(path).name == f"{st.st_dev:x}-{st.st_ino:x}-{seconds:x}-{nanoseconds:x}.lock"
+
+
+def test_a_lock_file_outlives_its_claims_and_the_next_open_reuses_it(images: Path) -> None:
+    """Creating and removing a lock file for every open cost a quarter of an
+    open; the run directory stays bounded by sweeps instead (share.h)."""
     path = images / "disk.vhdx"
     virtdisk.create(path, 8 * MiB).close()
     first = virtdisk.open(path)
     second = virtdisk.open(path, Access.GET_INFO)
-    assert _lock_file(path).exists()
+    lock = _lock_file(path)
+    inode = lock.stat().st_ino
+    assert _claims_on(lock, 100) and _claims_on(lock, 101), "the handles' HANDLE and WRITE claims"
     first.close()
-    assert _lock_file(path).exists(), "a handle is still open: its claim lives in the file"
+    assert _claims_on(lock, 100) and not _claims_on(lock, 101), "the read-only handle's HANDLE only"
     second.close()
-    assert not _lock_file(path).exists()
+    # At once: another process's list or attach may sweep it from now on.
+    assert lock.stat().st_ino == inode, "kept after the last claim ended"
+    assert not _claims_on(lock, 100)
+    with virtdisk.open(path):
+        assert _lock_file(path).stat().st_ino == inode, "the next open uses the same file"
+        assert _claims_on(lock, 101)
+
+
+def test_a_claim_on_a_deleted_image_does_not_hold_a_new_file_with_its_inode(images: Path) -> None:
+    """A claim can outlive its image file (a helper serving a deleted image);
+    a new file that gets the freed inode is another image, unclaimed.  The
+    stray claim here is the test's own lock on the old lock file, standing
+    in for such a claimant (a test double)."""
+    old = images / "old.vhdx"
+    virtdisk.create(old, 8 * MiB).close()
+    virtdisk.open(old).close()
+    old_inode = old.stat().st_ino
+    stray = os.open(_lock_file(old), os.O_RDONLY)
+    try:
+        for offset in (101, 201):  # WRITE held and denied, as a writer's claim
+            fcntl.fcntl(stray, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, offset, 1, 0))
+        old.unlink()
+        # The file system hands a freed inode out again, soon if not at once.
+        for attempt in range(200):
+            new = images / f"new{attempt}.vhdx"
+            new.write_bytes(b"")
+            if new.stat().st_ino == old_inode:
+                break
+            new.unlink()
+        else:
+            pytest.skip("the file system did not reuse the inode in 200 files")
+        new.unlink()
+        virtdisk.create(new, 8 * MiB).close()
+        if new.stat().st_ino != old_inode:
+            pytest.skip("the inode was not reused by the image itself")
+        with virtdisk.open(new):  # for writing: refused if the stray claim applied
+            pass
+    finally:
+        os.close(stray)
+
+
+def _list_disks() -> None:
+    """Lists attached disks: the run directory's clean-up sweeps lock files
+    (those there at the previous sweep, no claim on them)."""
+    virtdisk.attached_disks()
+
+
+def _sweep_all() -> None:
+    """Two sweeps: the second removes every unclaimed lock file made before
+    the first."""
+    for _ in range(2):
+        _tick()
+        _list_disks()
+
+
+def _tick() -> None:
+    """Waits out the file system clock's grain (a few milliseconds: its
+    timestamps come from a coarse clock), so that what comes next is
+    stamped later than what came before."""
+    time.sleep(0.05)
+
+
+def _claimant_checking_its_lock_file(path: Path) -> Contender:
+    """Opens for writing; while holding, its claim must be on the file the
+    lock file's name leads to, whatever the sweeper did meanwhile."""
+
+    def contend(index: int, round_: int, settled: Callable[[], None]) -> tuple[bool, object]:
+        try:
+            disk = virtdisk.open(path)
+        except virtdisk.VirtualDiskError as error:
+            return False, error.winerror
+        with disk:
+            visible = all(_claims_on(lock, 101) for lock in _lock_files(path)) and len(_lock_files(path)) == 1
+            settled()
+            if not visible:
+                return True, "the claim is not on the named lock file"
+        return True, 0
+
+    return contend
+
+
+def _sweeper(index: int, round_: int, settled: Callable[[], None]) -> tuple[bool, object]:
+    """Sweeps the run directory a few times while the claimants race."""
+    for _ in range(3):
+        _list_disks()
+    settled()
+    return False, SHARING
+
+
+def test_sweeps_racing_claimants_never_remove_a_claimed_lock_file(images: Path) -> None:
+    """Between rounds every claim has ended, so each round's sweeps may remove
+    the lock file while the claimants open it: one of them still wins, and
+    its claim is on the file the name leads to (a claim published on a
+    removed file would be seen by nobody, and two writers would both win)."""
+    path = images / "disk.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    table = race([_claimant_checking_its_lock_file(path) for _ in range(WORKERS - 1)] + [_sweeper])
+    assert_exactly_one_winner(table)
+    for round_, outcomes in enumerate(table):
+        codes = [code for _, won, code in outcomes if won]
+        assert codes == [0], f"round {round_}: {outcomes}"
+
+
+def _open_close_loop(path: str, iterations: int, barrier, writers, faults) -> None:
+    barrier.wait(timeout=60)
+    for _ in range(iterations):
+        try:
+            disk = virtdisk.open(path)
+        except virtdisk.VirtualDiskError as error:
+            if error.winerror != SHARING:
+                faults.put(repr(error))
+            continue
+        with disk:
+            with writers.get_lock():
+                writers.value += 1
+                alone = writers.value == 1
+            visible = [_claims_on(lock, 101) for lock in _lock_files(Path(path))]
+            with writers.get_lock():
+                writers.value -= 1
+            if not alone:
+                faults.put("two writers at once")
+            if visible != [True]:
+                faults.put(f"the claim is not on the named lock file: {visible}")
+
+
+def _sweep_loop(path: str, iterations: int, barrier) -> None:
+    """The provider's sweep (a list) and, between, a tight one of the
+    test's own that follows the same protocol (a test double: under the
+    mutex, not waited for, only with no claim on it), to hit the window
+    between a claimant's open and its mutex more often."""
+    barrier.wait(timeout=60)
+    for iteration in range(iterations):
+        if iteration % 20 == 0:
+            _list_disks()
+        for lock in _lock_files(Path(path)):
+            with contextlib.suppress(OSError):
+                fd = os.open(lock, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    unclaimed = not any(_claims_on(lock, offset) for offset in (100, 101, 102, 200, 201, 202))
+                    if unclaimed and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                        os.unlink(lock)
+                finally:
+                    os.close(fd)
+
+
+def test_sweeps_never_let_two_writers_in_nor_hide_a_claim(images: Path) -> None:
+    """Writers open and close one image over and over while another process
+    sweeps: a lock file removed between a claimant's open of it and its
+    mutex must send the claimant to a new file, or its claim would sit on a
+    removed file where nobody sees it, and a second writer would get in."""
+    path = images / "disk.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(WORKERS)
+    writers, faults = context.Value("i", 0), context.Queue()
+    processes = [
+        context.Process(target=_open_close_loop, args=(str(path), 400, barrier, writers, faults))
+        for _ in range(WORKERS - 1)
+    ] + [context.Process(target=_sweep_loop, args=(str(path), 4000, barrier))]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        if process.is_alive():
+            process.kill()
+        assert process.exitcode == 0
+    found = []
+    while not faults.empty():
+        found.append(faults.get(timeout=5))
+    assert not found, found[:5]
+
+
+def _hold_writer(path: str, go, opened, release) -> None:
+    go.wait(60)
+    try:
+        disk = virtdisk.open(path)
+    except virtdisk.VirtualDiskError as error:
+        opened.put(error.winerror)
+        return
+    opened.put(0)
+    release.wait(60)
+    disk.close()
+
+
+def test_a_claimant_whose_lock_file_is_swept_under_it_claims_on_the_new_one(images: Path) -> None:
+    """The window the race above can only hope to hit, made certain: the
+    test plays the sweeper (a test double following the sweep's protocol),
+    holding the lock file's mutex while a claimant has it open and waits,
+    then removing it and letting go.  The claimant must notice and claim on
+    a new lock file, where the next writer sees it."""
+    path = images / "disk.vhdx"
+    virtdisk.create(path, 8 * MiB).close()
+    lock = _lock_file(path)
+    context = multiprocessing.get_context("fork")
+    go, opened, release = context.Event(), context.Queue(), context.Event()
+    claimant = context.Process(target=_hold_writer, args=(str(path), go, opened, release))
+    claimant.start()  # before the mutex is taken: it must not inherit that
+    mutex = os.open(lock, os.O_RDONLY)
+    fcntl.flock(mutex, fcntl.LOCK_EX)
+    go.set()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                links = [os.readlink(entry) for entry in Path(f"/proc/{claimant.pid}/fd").iterdir()]
+                if str(lock) in links:
+                    break
+            time.sleep(0.001)
+        else:
+            pytest.fail("the claimant never opened the lock file")
+        lock.unlink()
+        os.close(mutex)
+        mutex = -1
+        assert opened.get(timeout=30) == 0
+        assert _claims_on(_lock_file(path), 101), "the claim is on the file the name leads to"
+        with pytest.raises(virtdisk.VirtualDiskError) as refused:
+            virtdisk.open(path).close()
+        assert refused.value.winerror == SHARING
+    finally:
+        if mutex >= 0:
+            os.close(mutex)
+        release.set()
+        claimant.join(30)
+        if claimant.is_alive():
+            claimant.kill()
+
+
+def _started_then_wait(started, release) -> None:
+    started.set()
+    release.wait(60)
+
+
+def test_a_forked_child_holds_none_of_its_parents_claims(images: Path) -> None:
+    """The child's copies of the handles are the parent's, unusable there:
+    once the parent closes its handle, the image is free, however long the
+    child lives."""
+    parent, child = images / "parent.vhdx", images / "child.vhdx"
+    virtdisk.create(parent, 8 * MiB).close()
+    virtdisk.create(child, parent=parent).close()
+    disk = virtdisk.open(child)
+    context = multiprocessing.get_context("fork")
+    started, release = context.Event(), context.Event()
+    forked = context.Process(target=_started_then_wait, args=(started, release))
+    forked.start()
+    try:
+        # Until its fork handler has run, the child's copies hold the claims.
+        assert started.wait(60)
+        disk.close()
+        with virtdisk.open(child):  # the child's WRITE and HANDLE are gone
+            pass
+        with virtdisk.open(parent):  # and its hold on the parent
+            pass
+    finally:
+        release.set()
+        forked.join(30)
+        if forked.is_alive():
+            forked.kill()
+
+
+def test_a_sweep_removes_unclaimed_lock_files_only(images: Path) -> None:
+    kept, dropped = images / "kept.vhdx", images / "dropped.vhdx"
+    for path in (kept, dropped):
+        virtdisk.create(path, 8 * MiB).close()
+    virtdisk.open(dropped).close()
+    with virtdisk.open(kept):
+        assert _lock_files(dropped)
+        _sweep_all()
+        assert _lock_files(kept), "claimed: kept"
+        assert not _lock_files(dropped), "unclaimed: removed"
+
+
+SWEEPS_BY_COUNT = """
+import os, shutil, sys, time
+from pathlib import Path
+import virtdisk
+
+run, images = Path(os.environ["VIRTDISK_RUN_DIR"]), Path(sys.argv[1])
+counter = run / "lock-files.count"
+
+
+def locks(image):
+    st = image.stat()
+    return list(run.glob(f"{st.st_dev:x}-{st.st_ino:x}-*.lock"))
+
+
+def fill_count_to_one_short():
+    # Lock files counted as created elsewhere (the test plays the other
+    # processes: a test double).
+    with counter.open("ab") as count:
+        count.write(b"+" * max(0, 1023 - count.tell()))
+
+
+def tick():
+    # The file system's timestamps come from a coarse clock.
+    time.sleep(0.05)
+
+
+paths = [images / f"disk{i}.vhdx" for i in range(5)]
+for path in paths[:3]:
+    virtdisk.create(path, 8 << 20).close()
+held = virtdisk.open(paths[1])
+virtdisk.open(paths[0]).close()
+tick()
+fill_count_to_one_short()
+shutil.copyfile(paths[2], paths[3])  # a new file: its lock file is new
+virtdisk.open(paths[3]).close()  # creates the 1024th: a sweep
+assert counter.stat().st_size < 1023, "the count starts again"
+assert locks(paths[0]), "made since the previous sweep (none): kept"
+tick()
+shutil.copyfile(paths[2], paths[4])
+fill_count_to_one_short()
+virtdisk.open(paths[4]).close()  # another sweep
+assert not locks(paths[0]), "there at the previous sweep, unclaimed: swept"
+assert locks(paths[1]), "claimed: kept"
+held.close()
+print("ok")
+"""
+
+
+def test_creating_many_lock_files_sweeps_those_older_than_the_previous_sweep(images: Path) -> None:
+    """Without a list or an attach, the run directory stays bounded: the
+    process whose creation brings the shared count to its limit sweeps; a
+    lock file made since the previous sweep stays for one more (an inventory
+    going round its images reuses it), so the bound is twice the limit.  In
+    a run directory of its own, where no other process sweeps."""
+    run = images / "run"
+    run.mkdir(mode=0o700)
+    env = dict(os.environ, VIRTDISK_RUN_DIR=str(run))
+    result = subprocess.run(
+        [sys.executable, "-c", SWEEPS_BY_COUNT, str(images)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 def test_a_permanent_attachment_keeps_its_lock_file_after_its_handles_close(images: Path) -> None:
@@ -572,10 +952,12 @@ def test_a_permanent_attachment_keeps_its_lock_file_after_its_handles_close(imag
     with virtdisk.open(path) as disk:
         disk.attach(permanent=True)
     try:
-        assert _lock_file(path).exists()
+        # The helper serving it holds WRITE, not the closed handle's HANDLE.
+        assert _claims_on(_lock_file(path), 101)
+        assert not _claims_on(_lock_file(path), 100), "no handle is open"
         with pytest.raises(virtdisk.VirtualDiskError) as refused:
             virtdisk.open(path).close()
         assert refused.value.winerror == SHARING
     finally:
         virtdisk.detach(path)
-    assert not _lock_file(path).exists()
+    assert not _claims_on(_lock_file(path), 101), "the helper let go of its claims"

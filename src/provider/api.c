@@ -150,13 +150,13 @@ static DWORD vd_open_attached_read_only(const char *path, ULONG device_id, VIRTU
     if (status != ERROR_SUCCESS)
         return status;
     struct vd_handle *handle = (struct vd_handle *)*out;
-    if (handle->share_fd < 0) {
+    if (handle->image->share_fd < 0) {
         /* No claims here (share.h): nothing tells read-only from not. */
         CloseHandle(*out);
         *out = NULL;
         return ERROR_SUCCESS;
     }
-    if (vd_share_held_elsewhere(handle->share_fd, VD_SHARE_WRITE)) {
+    if (vd_share_held_elsewhere(handle->image->share_fd, VD_SHARE_WRITE)) {
         char detail[512];
         snprintf(detail, sizeof detail, "%s is attached as /dev/loop%d read-write, or open for writing: it cannot "
                                         "be opened with METAOPS access as well (a disk attached read-only can: "
@@ -538,7 +538,7 @@ DWORD WINAPI CreateVirtualDisk(VIRTUAL_STORAGE_TYPE *VirtualStorageType, const W
             status = vd_share_claim(parent, 0, VD_SHARE_WRITE, -1, "creating a differencing disk over it",
                                     &parent->share_fd);
         if (status == ERROR_SUCCESS)
-            status = vd_share_open_chain(parent, -1);
+            status = vd_share_open_chain(parent, 0, -1);
         if (status == ERROR_SUCCESS)
             status = vd_inherit_geometry(&args, parent, &request);
         if (status == ERROR_SUCCESS) {

@@ -23,6 +23,7 @@
 #include "rundir.h"
 #include "serveproto.h"
 #include "servrecord.h"
+#include "share.h"
 
 extern char **environ;
 
@@ -129,17 +130,20 @@ static struct vd_served *vd_served_new(int control, const char *path)
 
 /* Hands the helper a copy of every claim the attachment stands on: the
    copies share the claims' open file descriptions, so the claims last until
-   the helper lets go, however long after this process it does. */
-static int vd_send_claims(int control, const struct vd_image *image, bool read_only, int attach_claim)
+   the helper lets go, however long after this process it does.  The image's
+   own claim also holds its handle's HANDLE, which must end with the handle:
+   the helper gets a writer's claim of its own instead (writer, -1 for a
+   read-only attachment, whose attach claim keeps the image read-only: the
+   handle that attached it, one opened with METAOPS as the file-system-aware
+   compaction's is, keeps its own writer claim, or a permanent attachment
+   would hold one for good and refuse the compaction's own METAOPS open). */
+static int vd_send_claims(int control, const struct vd_image *image, int attach_claim, int writer)
 {
     struct vd_msg_claim attach = {.attach = 1}, other = {.attach = 0};
     int error = attach_claim >= 0 ? vd_msg_send(control, VD_MSG_CLAIM, &attach, sizeof attach, attach_claim) : 0;
-    /* A read-only attachment keeps the image read-only by its attach claim;
-       the writer claim of the handle that attached it (one opened with
-       METAOPS, as the file-system-aware compaction's is) stays the handle's,
-       or a permanent attachment would hold it for good and refuse the
-       compaction's own METAOPS open. */
-    for (const struct vd_image *link = read_only ? image->parent : image; !error && link; link = link->parent)
+    if (!error && writer >= 0)
+        error = vd_msg_send(control, VD_MSG_CLAIM, &other, sizeof other, writer);
+    for (const struct vd_image *link = image->parent; !error && link; link = link->parent)
         if (link->share_fd >= 0)
             error = vd_msg_send(control, VD_MSG_CLAIM, &other, sizeof other, link->share_fd);
     return error;
@@ -170,16 +174,26 @@ DWORD vd_served_attach(const struct vd_image *image, bool read_only, bool perman
     struct vd_served *served = vd_served_new(-1, image->path);
     if (!served)
         return vd_fail(ERROR_OUTOFMEMORY, "allocating an attachment");
-    int control;
+    int writer = -1;
+    status = read_only ? ERROR_SUCCESS : vd_share_claim_writer(image, &writer);
+    if (status != ERROR_SUCCESS) {
+        free(served);
+        return status;
+    }
+    int control = -1;
     status = vd_spawn_helper(&control);
     if (status != ERROR_SUCCESS) {
+        if (writer >= 0)
+            close(writer);
         free(served);
         return status;
     }
     char payload[VD_MSG_MAX_PAYLOAD];
     memcpy(payload, &request, sizeof request);
     memcpy(payload + sizeof request, image->path, path_length + 1);
-    int error = vd_send_claims(control, image, read_only, attach_claim);
+    int error = vd_send_claims(control, image, attach_claim, writer);
+    if (writer >= 0)
+        close(writer); /* the helper's copy keeps it */
     if (!error)
         error = vd_msg_send(control, VD_MSG_ATTACH, payload, sizeof request + path_length + 1, image->fd);
     if (error)

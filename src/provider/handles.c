@@ -51,7 +51,7 @@ struct vd_disk *vd_disk_attached_as(int number)
 
 bool vd_handle_has_others(const struct vd_handle *handle)
 {
-    return vd_share_held_elsewhere(handle->share_fd, VD_SHARE_HANDLE);
+    return vd_share_held_elsewhere(handle->image->share_fd, VD_SHARE_HANDLE);
 }
 
 bool vd_image_has_handles(const struct vd_image *image)
@@ -86,17 +86,24 @@ static struct vd_disk *vd_disk_for(dev_t dev, ino_t ino)
 
 DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, HANDLE *out)
 {
-    int share_fd = -1;
-    if (image->writable)
-        vd_share_settle(image);
-    DWORD status = vd_share_open_chain(image, -1);
-    if (status == ERROR_SUCCESS)
-        status = vd_share_claim(image, VD_SHARE_HANDLE, 0, -1, "opening a handle", &share_fd);
-    if (status == ERROR_SUCCESS && image->writable) {
+    /* The handle's HANDLE and the image's WRITE in one claim: one lock file
+       opened, one mutex round. */
+    DWORD status = vd_share_open_chain(image, VD_SHARE_HANDLE, -1);
+    if (image->writable) {
         /* After the WRITE claim, no attach can start; one that finished
-           before has its marker in place (share.h). */
+           before has its marker in place (share.h).  Usually nothing is
+           attached: the claim and one look at the marker are all.  An
+           attachment on its way out may still hold its claims (its server's
+           WRITE) or its device: then the claims are given back, its end
+           waited for (vd_share_settle()), and both made again. */
         bool helper;
-        int number = vd_share_attached_loop(image, &helper);
+        int number = status == ERROR_SUCCESS ? vd_share_attached_loop(image, &helper) : -1;
+        if (status == ERROR_SHARING_VIOLATION || number >= 0) {
+            vd_share_end_chain(image);
+            vd_share_settle(image);
+            status = vd_share_open_chain(image, VD_SHARE_HANDLE, -1);
+            number = status == ERROR_SUCCESS ? vd_share_attached_loop(image, &helper) : -1;
+        }
         if (number >= 0)
             status = vd_fail(ERROR_SHARING_VIOLATION,
                              "%s is attached as /dev/loop%d: it cannot be opened for writing as well (open it "
@@ -110,12 +117,9 @@ DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, 
             status = vd_fail(ERROR_OUTOFMEMORY, "allocating a handle");
     }
     if (status != ERROR_SUCCESS) {
-        if (share_fd >= 0)
-            close(share_fd);
         vd_image_close(image);
         return status;
     }
-    handle->share_fd = share_fd;
     handle->access = access;
     handle->image = image;
     handle->users = 1;
@@ -125,7 +129,6 @@ DWORD vd_handle_create(struct vd_image *image, VIRTUAL_DISK_ACCESS_MASK access, 
     handle->disk = vd_disk_for(image->file_dev, image->file_ino);
     if (!handle->disk) {
         pthread_mutex_unlock(&vd_registry_mutex);
-        close(share_fd);
         free(handle);
         vd_image_close(image);
         return vd_fail(ERROR_OUTOFMEMORY, "allocating a disk record");
@@ -223,14 +226,13 @@ static void vd_fork_child(void)
         disk->dev = (dev_t)-1;
         disk->ino = (ino_t)-1;
     }
-    /* Nor does an inherited handle's claim outlive the parent's handle. */
+    /* Nor do an inherited handle's claims (its own, its image's and its
+       parents') outlive the parent's handle. */
     for (struct vd_handle *handle = vd_handles; handle; handle = handle->next) {
         if (!handle->inherited)
             handle->owner = getppid(); /* the process that forked this one */
         handle->inherited = true;
-        if (handle->share_fd >= 0)
-            close(handle->share_fd);
-        handle->share_fd = -1;
+        vd_share_end_chain(handle->image);
     }
     pthread_mutex_unlock(&vd_registry_mutex);
     pthread_mutex_unlock(&vd_disk_mutex);
@@ -275,20 +277,9 @@ static void vd_handle_free(struct vd_handle *handle)
     if (attach_claim >= 0)
         close(attach_claim);
     vd_disks_unlock();
-    if (handle->share_fd >= 0)
-        close(handle->share_fd); /* ends the HANDLE claim */
-    /* The image's own claims end with it; then the chain's lock files go
-       unless something else (a helper, another handle) still claims them. */
-    dev_t devs[VD_SHARE_MAX_CHAIN];
-    ino_t inos[VD_SHARE_MAX_CHAIN];
-    size_t links = 0;
-    for (const struct vd_image *link = handle->image; link && links < VD_SHARE_MAX_CHAIN; link = link->parent) {
-        devs[links] = link->file_dev;
-        inos[links++] = link->file_ino;
-    }
+    /* The handle's claims end with its image; their lock files stay for
+       the next open (share.h). */
     vd_image_close(handle->image);
-    for (size_t i = 0; i < links; i++)
-        vd_share_forget(devs[i], inos[i]);
     vd_job_free_all(handle);
     free(handle);
 }

@@ -9,7 +9,8 @@
  *     closes it meanwhile (the last release frees it).
  *   - Every open handle holds a HANDLE claim (share.h), so any privileged
  *     process can ask "are there other handles to this image?"; a handle
- *     opened for writing also holds its image's WRITE claim, and every
+ *     opened for writing also holds its image's WRITE claim (in the same
+ *     claim: one lock-file open and one mutex round per open), and every
  *     handle holds its parents read-only, for as long as it is open.
  *   - A disk attached without PERMANENT_LIFETIME by this process is detached
  *     when its last handle in this process closes, and by the kernel when the
@@ -17,8 +18,8 @@
  *     a serving helper's channel: fuseattach.h).
  *   - Handles are per process, as on Windows: in a forked child every
  *     inherited handle is refused with ERROR_INVALID_HANDLE and a detail that
- *     says so, and the child holds none of the parent's attachments (their
- *     descriptors are closed at fork), so it neither keeps them alive nor
+ *     says so, and the child holds none of the parent's attachments or claims
+ *     (their descriptors are closed at fork), so it neither keeps them alive nor
  *     ends them.  CloseHandle of an inherited handle frees the child's copy
  *     and touches nothing else.
  */
@@ -51,7 +52,6 @@ struct vd_handle {
     VIRTUAL_DISK_ACCESS_MASK access;
     struct vd_image *image;
     struct vd_disk *disk;
-    int share_fd;           /* the handle's HANDLE claim (share.h), else -1 */
     unsigned users;         /* calls in progress plus one while open */
     struct vd_job *jobs;    /* asynchronous operations started on it (job.h) */
     ULONG rw_depth;         /* OPEN_VIRTUAL_DISK_PARAMETERS' RWDepth: how many

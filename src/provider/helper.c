@@ -624,8 +624,7 @@ static void vd_adopt_target(struct vd_supervisor *s, int target_fd)
        its own, whose writer claim its server holds (servemirror.h). */
     for (size_t i = 0; i < s->claim_count; i++)
         close(s->claims[i]);
-    s->claim_count = 0;
-    vd_share_forget(s->image_dev, s->image_ino);
+    s->claim_count = 0; /* the source's lock file stays for its next open (share.h) */
     vd_log(false, "the disk on /dev/loop%d now runs on %s (was %s)", s->loop.number, path, s->image_path);
     snprintf(s->base, sizeof s->base, "%s", base);
     s->image_path = path; /* the first one is the attach request's, never freed */

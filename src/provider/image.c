@@ -1,7 +1,7 @@
 /*
  * Opening an image file and handing it to the format that recognises it.
  */
-#define _GNU_SOURCE /* FALLOC_FL_PUNCH_HOLE */
+#define _GNU_SOURCE /* FALLOC_FL_PUNCH_HOLE, statx */
 #include "image.h"
 
 #include <errno.h>
@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include "bytes.h"
@@ -34,25 +35,46 @@ const struct vd_format *vd_format_for_device(ULONG device_id)
     return NULL;
 }
 
+static bool vd_probe_formats(const uint8_t *head, size_t head_length, const uint8_t *tail, size_t tail_length,
+                             uint64_t file_size, const struct vd_format **format)
+{
+    for (size_t i = 0; i < sizeof vd_formats / sizeof vd_formats[0]; i++) {
+        if (vd_formats[i]->probe(head, head_length, tail, tail_length, file_size)) {
+            *format = vd_formats[i];
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The head read is kept in image->probe_head for the format's open(), which
+   reads the same bytes first. */
 static DWORD vd_probe(struct vd_image *image, const struct vd_format **format)
 {
     static _Thread_local uint8_t head[VD_PROBE_HEAD];
     uint8_t tail[VD_PROBE_TAIL];
+    size_t head_length = image->file_size < VD_PROBE_SHORT_HEAD ? (size_t)image->file_size : VD_PROBE_SHORT_HEAD;
+    int error = vd_pread_full(image->fd, head, head_length, 0);
+    if (error)
+        return vd_fail_errno(error, "reading %s to recognise its format", image->path);
+    image->probe_head = head;
+    image->probe_head_length = head_length;
+    /* A VHDX (or a dynamic VHD's copy of its footer) is told by its head
+       alone, without reading the tail; the order of the formats is kept, as
+       only the head decides for any format ahead of the one found. */
+    if (vd_probe_formats(head, head_length, NULL, 0, image->file_size, format))
+        return ERROR_SUCCESS;
     size_t tail_length = image->file_size < VD_PROBE_TAIL ? (size_t)image->file_size : VD_PROBE_TAIL;
-    int error = vd_pread_full(image->fd, tail, tail_length, image->file_size - tail_length);
-    size_t head_length = 0;
-    for (size_t want = VD_PROBE_SHORT_HEAD; !error && head_length < image->file_size; want = VD_PROBE_HEAD) {
-        size_t length = image->file_size < want ? (size_t)image->file_size : want;
+    error = vd_pread_full(image->fd, tail, tail_length, image->file_size - tail_length);
+    if (!error && vd_probe_formats(head, head_length, tail, tail_length, image->file_size, format))
+        return ERROR_SUCCESS;
+    if (!error && head_length < image->file_size) {
+        size_t length = image->file_size < VD_PROBE_HEAD ? (size_t)image->file_size : VD_PROBE_HEAD;
         error = vd_pread_full(image->fd, head + head_length, length - head_length, head_length);
         head_length = length;
-        for (size_t i = 0; !error && i < sizeof vd_formats / sizeof vd_formats[0]; i++) {
-            if (vd_formats[i]->probe(head, head_length, tail, tail_length, image->file_size)) {
-                *format = vd_formats[i];
-                return ERROR_SUCCESS;
-            }
-        }
-        if (want == VD_PROBE_HEAD)
-            break;
+        image->probe_head_length = head_length;
+        if (!error && vd_probe_formats(head, head_length, tail, tail_length, image->file_size, format))
+            return ERROR_SUCCESS;
     }
     if (error)
         return vd_fail_errno(error, "reading %s to recognise its format", image->path);
@@ -103,22 +125,28 @@ DWORD vd_image_open(const char *path, ULONG device_id, bool writable,
         status = vd_fail_errno(errno, "opening %s", path);
         goto fail;
     }
-    struct stat st;
-    if (fstat(image->fd, &st) < 0) {
+    /* statx rather than fstat, at the same cost: the birth time names the
+       file's lock file (share.h). */
+    struct statx st;
+    if (statx(image->fd, "", AT_EMPTY_PATH | AT_STATX_SYNC_AS_STAT, STATX_BASIC_STATS | STATX_BTIME, &st) < 0) {
         status = vd_fail_errno(errno, "examining %s", path);
         goto fail;
     }
-    if (!S_ISREG(st.st_mode)) {
+    if (!S_ISREG(st.stx_mode)) {
         status = vd_fail(ERROR_VIRTDISK_NOT_VIRTUAL_DISK, "%s is not a regular file", path);
         goto fail;
     }
     /* F_SETFL changes only the status flags (O_APPEND, O_NONBLOCK, ...), of
        which the open above set none but O_NONBLOCK: no F_GETFL needed. */
     fcntl(image->fd, F_SETFL, 0);
-    image->file_size = (uint64_t)st.st_size;
-    image->file_dev = st.st_dev;
-    image->file_ino = st.st_ino;
-    image->file_block_size = st.st_blksize > 0 ? (uint32_t)st.st_blksize : 0;
+    image->file_size = st.stx_size;
+    image->file_dev = makedev(st.stx_dev_major, st.stx_dev_minor);
+    image->file_ino = st.stx_ino;
+    if (st.stx_mask & STATX_BTIME) {
+        image->file_btime_sec = st.stx_btime.tv_sec;
+        image->file_btime_nsec = st.stx_btime.tv_nsec;
+    }
+    image->file_block_size = st.stx_blksize;
     image->path = vd_resolved_path(image->fd, path);
     if (!image->path) {
         status = vd_fail_errno(errno, "resolving %s", path);
@@ -132,6 +160,8 @@ DWORD vd_image_open(const char *path, ULONG device_id, bool writable,
     }
     image->format = format;
     status = format->open(image);
+    image->probe_head = NULL; /* the probe's buffer is reused by the next open */
+    image->probe_head_length = 0;
     if (status != ERROR_SUCCESS) {
         /* The format may have set state before failing; its close() frees it. */
         goto fail;

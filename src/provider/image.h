@@ -41,9 +41,13 @@ struct vd_image {
     uint64_t file_size;
     dev_t file_dev;      /* identity of the file, for finding its loop device */
     ino_t file_ino;
+    int64_t file_btime_sec;   /* birth time (statx), 0 where the file system keeps none */
+    uint32_t file_btime_nsec;
     uint32_t file_block_size; /* the file system's preferred I/O size (st_blksize) */
     OPEN_VIRTUAL_DISK_FLAG open_flags;
     int share_fd;        /* this open's sharing claim (share.h), else -1; closed with the image */
+    const uint8_t *probe_head; /* during format->open() only: the file's first bytes, as read to */
+    size_t probe_head_length;  /* recognise its format (length 0 when it was named, not probed) */
 
     /* Filled by format->open(). */
     const struct vd_format *format;

@@ -98,15 +98,16 @@ DWORD vd_run_dir(int *dirfd)
 static pthread_mutex_t vd_run_dir_kept_mutex = PTHREAD_MUTEX_INITIALIZER;
 static int vd_run_dir_kept_fd = -1;
 
-DWORD vd_run_dir_kept(int *dirfd)
+DWORD vd_run_dir_kept(int *dirfd, bool check)
 {
     *dirfd = -1;
     pthread_mutex_lock(&vd_run_dir_kept_mutex);
     DWORD status = ERROR_SUCCESS;
     struct stat st;
     char buffer[64];
-    bool usable = vd_run_dir_kept_fd >= 0 && fstat(vd_run_dir_kept_fd, &st) == 0 && st.st_nlink > 0 &&
-                  !vd_run_dir_fault(&st, buffer, sizeof buffer);
+    bool usable = vd_run_dir_kept_fd >= 0 &&
+                  (!check || (fstat(vd_run_dir_kept_fd, &st) == 0 && st.st_nlink > 0 &&
+                              !vd_run_dir_fault(&st, buffer, sizeof buffer)));
     if (!usable) {
         int fresh;
         status = vd_run_dir(&fresh);
@@ -127,9 +128,30 @@ DWORD vd_run_dir_kept(int *dirfd)
     return status;
 }
 
-int vd_run_open_lock(int dirfd, const char *name)
+int vd_run_open_lock(int dirfd, const char *name, bool *created)
 {
-    return openat(dirfd, name, O_RDONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
+    *created = false;
+    /* Without O_CREAT first: a lock file outlives its claims (share.h), so
+       it is usually there, and creating costs a second call only when it is
+       not. */
+    int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        fd = openat(dirfd, name, O_RDONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
+        *created = fd >= 0;
+    }
+    return fd;
+}
+
+int vd_run_open_shared(int dirfd, const char *name, int flags, bool *created)
+{
+    *created = false;
+    flags |= O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC;
+    int fd = openat(dirfd, name, flags);
+    if (fd < 0 && errno == ENOENT) {
+        fd = openat(dirfd, name, flags | O_CREAT, 0600);
+        *created = fd >= 0;
+    }
+    return fd;
 }
 
 DWORD vd_run_create(int dirfd, const char *name, int flags, mode_t mode, int *fd)

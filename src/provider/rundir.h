@@ -21,11 +21,14 @@
  *   - Files are only ever created with vd_run_create(): openat on that
  *     descriptor with O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, so no name in
  *     the directory can redirect a write elsewhere; lock files, never
- *     written, with vd_run_open_lock(): O_CREAT|O_NOFOLLOW, read-only.
+ *     written, with vd_run_open_lock(): O_CREAT|O_NOFOLLOW, read-only; the
+ *     few files every process shares (the sharing claims' count and sweep
+ *     mark) with vd_run_open_shared(): O_CREAT|O_NOFOLLOW, never blocking.
  */
 #ifndef VD_PROVIDER_RUNDIR_H
 #define VD_PROVIDER_RUNDIR_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <sys/types.h>
 
@@ -43,17 +46,27 @@ DWORD vd_run_dir(int *dirfd);
 
 /* The run directory as vd_run_dir() opens and checks it, through one
    descriptor the process keeps (the caller does not close it): opening and
-   checking the path anew costs as much as a sharing claim itself.  Each
-   call checks it again (fstat: a directory of root's, mode 0700, not
-   removed); a removed directory is opened anew, its number kept. */
-DWORD vd_run_dir_kept(int *dirfd);
+   checking the path anew costs as much as a sharing claim itself.  It is
+   checked when first opened and, with check, again (fstat: a directory of
+   root's, mode 0700, not removed), a removed directory opened anew under
+   the same number.  Without check the descriptor is trusted: only root
+   can change or remove the directory, and a caller that finds a name
+   missing that must be there (ENOENT from creating in a removed
+   directory) asks again with check. */
+DWORD vd_run_dir_kept(int *dirfd, bool check);
 
 /* Opens name in the run directory dirfd read-only, creating it empty (mode
-   0600) when absent, in one call: for lock files, which nobody writes.
-   Never follows a symbolic link, never blocks; the caller, which examines
-   the file anyway, checks that it is a regular file.  -1 (errno) on
-   failure. */
-int vd_run_open_lock(int dirfd, const char *name);
+   0600) when absent: for lock files, which nobody writes.  One call when
+   the file exists, two when it is created (*created tells).  Never follows
+   a symbolic link, never blocks; the caller, which examines the file
+   anyway, checks that it is a regular file.  -1 (errno) on failure. */
+int vd_run_open_lock(int dirfd, const char *name, bool *created);
+
+/* Opens name in the run directory dirfd with flags (O_WRONLY, O_APPEND,
+   ...), creating it empty (mode 0600) when absent: for a small file every
+   process shares.  O_NOFOLLOW, O_NONBLOCK and O_CLOEXEC are always added;
+   *created tells whether this call made it.  -1 (errno) on failure. */
+int vd_run_open_shared(int dirfd, const char *name, int flags, bool *created);
 
 /* Creates name (one path component) in the run directory dirfd, exclusively:
    flags are O_WRONLY/O_RDWR plus extras such as O_APPEND; O_CREAT, O_EXCL,

@@ -300,7 +300,7 @@ DWORD vd_mirror_start(struct vd_fuse_server *server, uint32_t flags, uint32_t mo
                               : vd_mirror_open_target(source, target_path, &m->target);
     /* The target's writer claim, held while it is open here. */
     if (status == ERROR_SUCCESS)
-        status = vd_share_open_chain(m->target, -1);
+        status = vd_share_open_chain(m->target, 0, -1);
     if (status != ERROR_SUCCESS) {
         if (m->target) {
             vd_image_close(m->target);

@@ -294,8 +294,6 @@ void vd_run_collect_garbage(void)
             long pid = vd_name_pid(dot + 1, strncmp(dot, ".json.", 6) == 0 ? "json." : "");
             if (pid > 0 && !vd_run_pid_alive(pid))
                 unlinkat(dir_fd, name, 0);
-        } else if (strcmp(dot, ".lock") == 0) {
-            vd_share_remove_if_unclaimed(dir_fd, name);
         } else if (strcmp(dot, ".log") == 0 && length < sizeof logs->name) {
             struct stat st;
             if (fstatat(dir_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
@@ -313,6 +311,7 @@ void vd_run_collect_garbage(void)
         }
     }
     closedir(dir);
+    vd_share_sweep(dir_fd);
     if (log_count > VD_RUN_MAX_LOGS) {
         qsort(logs, log_count, sizeof *logs, vd_log_newer_first);
         for (size_t i = VD_RUN_MAX_LOGS; i < log_count; i++) {

@@ -17,7 +17,8 @@
  *   - vd_run_collect_garbage() removes what dead helpers left: records,
  *     temporaries, sockets, mount folders (lazily unmounting a dead server's
  *     mount first: its connection is already aborted, so nothing blocks),
- *     and keeps at most VD_RUN_MAX_LOGS logs, the newest.
+ *     and keeps at most VD_RUN_MAX_LOGS logs, the newest; and it sweeps
+ *     the lock files of sharing claims (share.h).
  */
 #ifndef VD_PROVIDER_SERVRECORD_H
 #define VD_PROVIDER_SERVRECORD_H

@@ -11,11 +11,13 @@
 #define _GNU_SOURCE
 #include "share.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -28,6 +30,16 @@
 #include "rundir.h"
 
 enum { VD_HOLD_BYTE = 100, VD_DENY_BYTE = 200, VD_PERMISSIONS = 3 };
+
+#define VD_SHARE_LOCK_SUFFIX ".lock"
+
+/* The run directory's count of lock files created since its last sweep
+   (vd_share_count_created()). */
+#define VD_SHARE_COUNTER "lock-files.count"
+
+/* Touched by every sweep: its modification time is the last sweep's. */
+#define VD_SHARE_SWEPT "lock-files.swept"
+
 
 /* The mutex is held for a few lock calls; a holder that does not let go
    within this time is stopped or stuck, and the caller is better told than
@@ -63,10 +75,34 @@ static int vd_read_lock(int fd, off_t offset)
     return fcntl(fd, F_OFD_SETLK, &lock);
 }
 
+/* Read-locks byte base + p for every permission p in bits, a run of
+   adjacent bits in one call. */
+static int vd_read_lock_bits(int fd, off_t base, unsigned bits)
+{
+    for (int p = 0; p < VD_PERMISSIONS;) {
+        if (!(bits & (1u << p))) {
+            p++;
+            continue;
+        }
+        int first = p;
+        while (p < VD_PERMISSIONS && (bits & (1u << p)))
+            p++;
+        struct flock lock = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = base + first, .l_len = p - first};
+        if (fcntl(fd, F_OFD_SETLK, &lock) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static bool vd_range_locked_elsewhere(int fd, off_t offset, off_t length)
+{
+    struct flock lock = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = offset, .l_len = length};
+    return fcntl(fd, F_OFD_GETLK, &lock) == 0 && lock.l_type != F_UNLCK;
+}
+
 static bool vd_locked_elsewhere(int fd, off_t offset)
 {
-    struct flock lock = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = offset, .l_len = 1};
-    return fcntl(fd, F_OFD_GETLK, &lock) == 0 && lock.l_type != F_UNLCK;
+    return vd_range_locked_elsewhere(fd, offset, 1);
 }
 
 /* Whether this process may make claims: the lock files are root's, as
@@ -77,27 +113,12 @@ static bool vd_share_may_claim(void)
     return vd_manage_volume_privilege_state(&state) == ERROR_SUCCESS && state == VD_PRIVILEGE_ENABLED;
 }
 
-static void vd_share_lock_name(dev_t dev, ino_t ino, char *name, size_t size)
+/* The image file's device, inode and birth time: the inode alone could be
+   a deleted image's, reused, whose claims a helper still holds. */
+static void vd_share_lock_name(const struct vd_image *image, char *name, size_t size)
 {
-    snprintf(name, size, "%" PRIx64 "-%" PRIx64 ".lock", (uint64_t)dev, (uint64_t)ino);
-}
-
-/* Opens (creating when absent) the lock file of image; the caller checks
-   that it is a regular file (vd_share_claim() examines it anyway).  Every
-   open makes a claim, so this is one system call: the run directory's
-   descriptor is kept (rundir.h). */
-static DWORD vd_share_lock_file(const struct vd_image *image, int *fd)
-{
-    int dir;
-    DWORD status = vd_run_dir_kept(&dir);
-    if (status != ERROR_SUCCESS)
-        return status;
-    char name[64];
-    vd_share_lock_name(image->file_dev, image->file_ino, name, sizeof name);
-    *fd = vd_run_open_lock(dir, name);
-    if (*fd < 0)
-        return vd_fail_errno(errno, "cannot open the lock file of %s in %s", image->path, vd_run_dir_path());
-    return ERROR_SUCCESS;
+    snprintf(name, size, "%" PRIx64 "-%" PRIx64 "-%" PRIx64 "-%" PRIx32 "%s", (uint64_t)image->file_dev,
+             (uint64_t)image->file_ino, (uint64_t)image->file_btime_sec, image->file_btime_nsec, VD_SHARE_LOCK_SUFFIX);
 }
 
 static DWORD vd_share_lock_mutex(int fd, const struct vd_image *image)
@@ -120,6 +141,25 @@ static DWORD vd_share_lock_mutex(int fd, const struct vd_image *image)
 static DWORD vd_share_conflict(int check_fd, unsigned hold, unsigned deny, const struct vd_image *image,
                                const char *what)
 {
+    /* Nobody denies HANDLE, so holding it conflicts with nothing. */
+    hold &= ~(unsigned)VD_SHARE_HANDLE;
+    if (!hold && !deny)
+        return ERROR_SUCCESS;
+    /* Usually no other claim touches these bytes: one look at the span from
+       the first to the last says so; they are looked at one by one only to
+       name a conflict, or when a claim between them does not matter. */
+    off_t first = INT64_MAX, last = 0;
+    for (int p = 0; p < VD_PERMISSIONS; p++) {
+        off_t bytes[2] = {(hold & (1u << p)) ? VD_DENY_BYTE + p : -1, (deny & (1u << p)) ? VD_HOLD_BYTE + p : -1};
+        for (int i = 0; i < 2; i++) {
+            if (bytes[i] >= 0 && bytes[i] < first)
+                first = bytes[i];
+            if (bytes[i] > last)
+                last = bytes[i];
+        }
+    }
+    if (!vd_range_locked_elsewhere(check_fd, first, last - first + 1))
+        return ERROR_SUCCESS;
     for (int p = 0; p < VD_PERMISSIONS; p++) {
         if ((hold & (1u << p)) && vd_locked_elsewhere(check_fd, VD_DENY_BYTE + p))
             return vd_fail(ERROR_SHARING_VIOLATION, "%s on %s conflicts with %s", what, image->path,
@@ -131,58 +171,17 @@ static DWORD vd_share_conflict(int check_fd, unsigned hold, unsigned deny, const
     return ERROR_SUCCESS;
 }
 
-DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny, int except_fd, const char *what,
-                     int *fd)
-{
-    *fd = -1;
-    if (!vd_share_may_claim())
-        return ERROR_SUCCESS;
-    int claim;
-    DWORD status;
-    /* The mutex makes check-and-publish one step: without it two claimants
-       could each publish, then each see the other and both give up (or, in
-       the other order, both go ahead).  A lock file is removed, under its
-       mutex, once no claim is left on it (vd_share_forget()): a claimant that
-       opened it just before must not publish on the removed file, where
-       nobody looks, so it starts again on the new one. */
-    for (int attempt = 0;; attempt++) {
-        status = vd_share_lock_file(image, &claim);
-        if (status != ERROR_SUCCESS)
-            return status;
-        status = vd_share_lock_mutex(claim, image);
-        struct stat st;
-        if (status == ERROR_SUCCESS && fstat(claim, &st) < 0)
-            status = vd_fail_errno(errno, "examining the lock file of %s", image->path);
-        else if (status == ERROR_SUCCESS && !S_ISREG(st.st_mode))
-            status = vd_fail(ERROR_SHARING_VIOLATION, "the lock file of %s in %s is not a regular file",
-                             image->path, vd_run_dir_path());
-        if (status != ERROR_SUCCESS || st.st_nlink > 0 || attempt == 8)
-            break;
-        close(claim);
-    }
-    if (status == ERROR_SUCCESS) {
-        status = vd_share_conflict(except_fd >= 0 ? except_fd : claim, hold, deny, image, what);
-        for (int p = 0; status == ERROR_SUCCESS && p < VD_PERMISSIONS; p++) {
-            if (((hold & (1u << p)) && vd_read_lock(claim, VD_HOLD_BYTE + p) < 0) ||
-                ((deny & (1u << p)) && vd_read_lock(claim, VD_DENY_BYTE + p) < 0))
-                status = vd_fail_errno(errno, "publishing a claim on %s", image->path);
-        }
-        flock(claim, LOCK_UN);
-    }
-    if (status != ERROR_SUCCESS) {
-        close(claim); /* drops whatever was published */
-        return status;
-    }
-    *fd = claim;
-    return ERROR_SUCCESS;
-}
-
-void vd_share_remove_if_unclaimed(int dir, const char *name)
+/* Removes name in the run directory dir when no claim is on it and it was
+   created before born_before. */
+static void vd_share_remove_if_unclaimed(int dir, const char *name, struct timespec born_before)
 {
     /* Asked through a description of its own: a claim inherited by a helper
        shares the releaser's description, whose locks that one would not
        see.  Under the mutex (not waited for: a claimant holding it is about
-       to use the file), and only while the name still means this file. */
+       to use the file), and only while the name still means this file; a
+       claimant that opened the file before the unlink finds it unlinked
+       once it holds the mutex, and opens the name anew.  A lock file's
+       ctime is its creation: nothing changes it after. */
     int lock = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     if (lock < 0)
         return;
@@ -191,22 +190,142 @@ void vd_share_remove_if_unclaimed(int dir, const char *name)
                         .l_start = VD_HOLD_BYTE,
                         .l_len = VD_DENY_BYTE + VD_PERMISSIONS - VD_HOLD_BYTE};
     struct stat mine, named;
-    if (fstat(lock, &mine) == 0 && S_ISREG(mine.st_mode) && flock(lock, LOCK_EX | LOCK_NB) == 0 &&
-        fcntl(lock, F_OFD_GETLK, &any) == 0 && any.l_type == F_UNLCK &&
-        fstatat(dir, name, &named, AT_SYMLINK_NOFOLLOW) == 0 && mine.st_dev == named.st_dev &&
-        mine.st_ino == named.st_ino)
+    bool old = false;
+    if (fstat(lock, &mine) == 0 && S_ISREG(mine.st_mode))
+        old = mine.st_ctim.tv_sec < born_before.tv_sec ||
+              (mine.st_ctim.tv_sec == born_before.tv_sec && mine.st_ctim.tv_nsec < born_before.tv_nsec);
+    if (old && flock(lock, LOCK_EX | LOCK_NB) == 0 && fcntl(lock, F_OFD_GETLK, &any) == 0 &&
+        any.l_type == F_UNLCK && fstatat(dir, name, &named, AT_SYMLINK_NOFOLLOW) == 0 &&
+        mine.st_dev == named.st_dev && mine.st_ino == named.st_ino)
         unlinkat(dir, name, 0);
     close(lock);
 }
 
-void vd_share_forget(dev_t dev, ino_t ino)
+void vd_share_sweep(int dir)
 {
-    int dir;
-    if (vd_run_dir_kept(&dir) != ERROR_SUCCESS)
+    /* Only what was there at the previous sweep goes: a lock file created
+       since may be about to be used again (an inventory going round its
+       images), and sweeping it would make every open create one.  The
+       previous sweep's time is the mark file's modification time; the
+       first sweep, finding none, removes nothing. */
+    struct timespec born_before = {0, 0};
+    bool created;
+    int mark = vd_run_open_shared(dir, VD_SHARE_SWEPT, O_WRONLY, &created);
+    struct stat st;
+    if (mark < 0)
         return;
-    char name[64];
-    vd_share_lock_name(dev, ino, name, sizeof name);
-    vd_share_remove_if_unclaimed(dir, name);
+    if (!created && fstat(mark, &st) == 0 && S_ISREG(st.st_mode))
+        born_before = st.st_mtim;
+    futimens(mark, NULL);
+    close(mark);
+    int copy = openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *listing = copy >= 0 ? fdopendir(copy) : NULL;
+    if (!listing) {
+        if (copy >= 0)
+            close(copy);
+        return;
+    }
+    size_t suffix = strlen(VD_SHARE_LOCK_SUFFIX);
+    for (struct dirent *entry; (entry = readdir(listing)) != NULL;) {
+        size_t length = strlen(entry->d_name);
+        if (length > suffix && strcmp(entry->d_name + length - suffix, VD_SHARE_LOCK_SUFFIX) == 0)
+            vd_share_remove_if_unclaimed(dir, entry->d_name, born_before);
+    }
+    closedir(listing);
+}
+
+/* Counts a lock file just created, in a file of the run directory every
+   process appends a byte to: whoever brings it to VD_SHARE_SWEEP_EVERY
+   empties it and sweeps.  Only the calls that create a lock file pay for
+   this. */
+static void vd_share_count_created(int dir)
+{
+    bool created;
+    int counter = vd_run_open_shared(dir, VD_SHARE_COUNTER, O_WRONLY | O_APPEND, &created);
+    if (counter < 0)
+        return;
+    struct stat st;
+    /* The byte count is read after the write, not atomically with it: two
+       creators may both see the limit reached; the flock picks one, which
+       looks again. */
+    if (write(counter, "+", 1) == 1 && fstat(counter, &st) == 0 && S_ISREG(st.st_mode) &&
+        st.st_size >= VD_SHARE_SWEEP_EVERY && flock(counter, LOCK_EX | LOCK_NB) == 0) {
+        if (fstat(counter, &st) == 0 && st.st_size >= VD_SHARE_SWEEP_EVERY && ftruncate(counter, 0) == 0)
+            vd_share_sweep(dir);
+        flock(counter, LOCK_UN);
+    }
+    close(counter);
+}
+
+/* vd_share_claim(), but checked for conflicts only when check. */
+static DWORD vd_share_publish(const struct vd_image *image, unsigned hold, unsigned deny, int except_fd,
+                              const char *what, bool check, int *fd)
+{
+    *fd = -1;
+    if (!vd_share_may_claim())
+        return ERROR_SUCCESS;
+    char name[96];
+    vd_share_lock_name(image, name, sizeof name);
+    int claim = -1, dir = -1;
+    bool created = false;
+    DWORD status;
+    /* The mutex makes check-and-publish one step: without it two claimants
+       could each publish, then each see the other and both give up (or, in
+       the other order, both go ahead).  A sweep removes a lock file, under
+       its mutex, once no claim is left on it (vd_share_sweep()):
+       a claimant that opened it just before must not publish on the removed
+       file, where nobody looks, so it starts again on a new one. */
+    for (int attempt = 0;; attempt++) {
+        /* The kept run directory is checked again only when something is
+           wrong: a lock file removed under us may mean the directory went. */
+        status = vd_run_dir_kept(&dir, attempt > 0);
+        if (status != ERROR_SUCCESS)
+            return status;
+        bool made;
+        claim = vd_run_open_lock(dir, name, &made);
+        if (claim < 0 && attempt == 0 && (errno == ENOENT || errno == ENOTDIR || errno == EBADF))
+            continue; /* creating in a removed directory: look at it again */
+        if (claim < 0)
+            return vd_fail_errno(errno, "cannot open the lock file of %s in %s", image->path, vd_run_dir_path());
+        created |= made;
+        status = vd_share_lock_mutex(claim, image);
+        struct stat st;
+        if (status == ERROR_SUCCESS && fstat(claim, &st) < 0)
+            status = vd_fail_errno(errno, "examining the lock file of %s", image->path);
+        else if (status == ERROR_SUCCESS && !S_ISREG(st.st_mode))
+            status = vd_fail(ERROR_SHARING_VIOLATION, "the lock file of %s in %s is not a regular file",
+                             image->path, vd_run_dir_path());
+        else if (status == ERROR_SUCCESS && st.st_nlink == 0 && attempt == 8)
+            status = vd_fail(ERROR_SHARING_VIOLATION,
+                             "the lock file of %s in %s is removed as often as it is made", image->path,
+                             vd_run_dir_path());
+        if (status != ERROR_SUCCESS || st.st_nlink > 0)
+            break;
+        close(claim);
+    }
+    if (status == ERROR_SUCCESS) {
+        if (check)
+            status = vd_share_conflict(except_fd >= 0 ? except_fd : claim, hold, deny, image, what);
+        if (status == ERROR_SUCCESS &&
+            (vd_read_lock_bits(claim, VD_HOLD_BYTE, hold) < 0 || vd_read_lock_bits(claim, VD_DENY_BYTE, deny) < 0))
+            status = vd_fail_errno(errno, "publishing a claim on %s", image->path);
+        flock(claim, LOCK_UN);
+    }
+    if (status != ERROR_SUCCESS) {
+        close(claim); /* drops whatever was published */
+        return status;
+    }
+    /* Counted once published: the sweep this may start sees the claim. */
+    if (created)
+        vd_share_count_created(dir);
+    *fd = claim;
+    return ERROR_SUCCESS;
+}
+
+DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny, int except_fd, const char *what,
+                     int *fd)
+{
+    return vd_share_publish(image, hold, deny, except_fd, what, true, fd);
 }
 
 bool vd_share_held_elsewhere(int fd, unsigned perm)
@@ -225,23 +344,41 @@ bool vd_share_denied_elsewhere(int fd, unsigned perm)
     return false;
 }
 
-DWORD vd_share_open_chain(struct vd_image *image, int except_fd)
+DWORD vd_share_open_chain(struct vd_image *image, unsigned hold, int except_fd)
 {
     DWORD status = ERROR_SUCCESS;
-    if (image->writable)
-        status = vd_share_claim(image, VD_SHARE_WRITE, VD_SHARE_WRITE, except_fd, "opening for writing",
-                                &image->share_fd);
+    unsigned deny = image->writable ? VD_SHARE_WRITE : 0;
+    hold |= deny;
+    if (hold)
+        status = vd_share_claim(image, hold, deny, except_fd,
+                                image->writable ? "opening for writing" : "opening a handle", &image->share_fd);
     for (struct vd_image *parent = image->parent; status == ERROR_SUCCESS && parent; parent = parent->parent)
         status = vd_share_claim(parent, 0, VD_SHARE_WRITE, -1, "using it as the parent of a differencing disk",
                                 &parent->share_fd);
-    if (status != ERROR_SUCCESS) {
-        for (struct vd_image *link = image; link; link = link->parent) {
-            if (link->share_fd >= 0)
-                close(link->share_fd);
-            link->share_fd = -1;
-        }
-    }
+    if (status != ERROR_SUCCESS)
+        vd_share_end_chain(image);
     return status;
+}
+
+void vd_share_end_chain(struct vd_image *image)
+{
+    for (struct vd_image *link = image; link; link = link->parent) {
+        if (link->share_fd >= 0)
+            close(link->share_fd);
+        link->share_fd = -1;
+    }
+}
+
+DWORD vd_share_claim_writer(const struct vd_image *image, int *fd)
+{
+    *fd = -1;
+    if (!image->writable || image->share_fd < 0)
+        return ERROR_SUCCESS;
+    /* Not checked: the image's own claim holds and denies the same already,
+       checked when it was made, and a check now would see the ATTACH claim
+       of the very attachment this is for (which denies WRITE when it is
+       read-only). */
+    return vd_share_publish(image, VD_SHARE_WRITE, VD_SHARE_WRITE, -1, "serving", false, fd);
 }
 
 DWORD vd_share_mark_attached(int image_fd)

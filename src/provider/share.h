@@ -17,11 +17,27 @@
  *     conflict, and publish nothing.  The mutex is held only for that step,
  *     and waited for a bounded time.
  *   - Lock files live in the run directory (rundir.h: root's, mode 0700),
- *     named after the image file's device and inode, so they follow the file
- *     whatever path opens it.  A user who cannot manage loop devices cannot
+ *     named after the image file's device, inode and birth time (statx; 0
+ *     where the file system keeps none), so they follow the file whatever
+ *     path opens it, and a claim that outlives its image file (a helper's,
+ *     after the image was deleted) is not taken for one on a new file that
+ *     got the same inode.  A user who cannot manage loop devices cannot
  *     open them: such a process makes no claims and cannot take, fake or
  *     block anyone's, and sees none (its opens are checked only by file
  *     permissions; it cannot attach or detach anyway).
+ *   - A lock file outlives its claims, so that opening an image again costs
+ *     one open of it, not a create and an unlink.  The run directory stays
+ *     bounded all the same: every process that creates a lock file counts
+ *     it in the directory's shared count (VD_SHARE_COUNTER), and whichever
+ *     brings the count to VD_SHARE_SWEEP_EVERY resets it and sweeps; so
+ *     does the run directory's clean-up (servrecord.h) on every list and
+ *     attach.  A sweep removes the lock files no claim is on that were
+ *     there at the previous sweep (one created since may be about to be
+ *     used again).  So the directory holds the lock files of live claims
+ *     plus fewer than 2 * VD_SHARE_SWEEP_EVERY others (give or take those
+ *     created during a sweep).  A lock file is removed only under its
+ *     mutex with no claim on it; a claimant that opened it just before sees
+ *     it unlinked once it holds the mutex, and opens the name anew.
  *   - "Attached" is the kernel's fact, not a claim: the open file
  *     description a loop device (or its FUSE server) holds on the image
  *     carries a marker lock, which lives exactly as long as the attachment;
@@ -54,19 +70,13 @@ enum {
 DWORD vd_share_claim(const struct vd_image *image, unsigned hold, unsigned deny, int except_fd, const char *what,
                      int *fd);
 
-/* Removes the lock file of the image file (dev, ino) when no claim is left
-   on it, so that the run directory does not grow by a file for every image
-   ever opened; for whoever has just ended the last claims it knows of. */
-void vd_share_forget(dev_t dev, ino_t ino);
+/* Lock files created, by all processes together, between two sweeps. */
+enum { VD_SHARE_SWEEP_EVERY = 1024 };
 
-/* The links of a chain whose lock files a closing handle removes at once
-   (deeper ones go at the run directory's next clean-up); formats open at
-   most 64. */
-enum { VD_SHARE_MAX_CHAIN = 80 };
-
-/* Removes the lock file name in the run directory dir when no claim is on
-   it (one a killed process left); for the run directory's clean-up. */
-void vd_share_remove_if_unclaimed(int dir, const char *name);
+/* Removes from the run directory dir the lock files no claim is on that
+   were already there at the previous sweep; for the run directory's
+   clean-up, and the creator of every VD_SHARE_SWEEP_EVERY-th lock file. */
+void vd_share_sweep(int dir);
 
 /* Whether a claim other than the one on fd holds (denies) perm; false for
    fd -1. */
@@ -74,12 +84,22 @@ bool vd_share_held_elsewhere(int fd, unsigned perm);
 bool vd_share_denied_elsewhere(int fd, unsigned perm);
 
 /* The claims an opened image and its differencing chain make for as long
-   as they are open: a writable image holds WRITE and denies WRITE (one
-   writer); every parent denies WRITE (it is read through the child).  The
-   descriptors go to image->share_fd and each parent's, closed by
-   vd_image_close().  except_fd as for vd_share_claim(); on failure nothing
-   is claimed. */
-DWORD vd_share_open_chain(struct vd_image *image, int except_fd);
+   as they are open: the image holds hold (a handle's HANDLE) and, when
+   writable, holds and denies WRITE (one writer), all in one claim; every
+   parent denies WRITE (it is read through the child).  The descriptors go
+   to image->share_fd (-1 when the image claims nothing) and each parent's,
+   closed by vd_image_close().  except_fd as for vd_share_claim(); on
+   failure nothing is claimed. */
+DWORD vd_share_open_chain(struct vd_image *image, unsigned hold, int except_fd);
+
+/* Ends the claims vd_share_open_chain() made (each closed, set to -1). */
+void vd_share_end_chain(struct vd_image *image);
+
+/* A claim of its own for what an opened writable image's claim holds
+   besides its handle (WRITE, held and denied), for a process that keeps
+   an attachment's claims after the handle has closed; *fd -1 when the
+   image is not writable or claims nothing. */
+DWORD vd_share_claim_writer(const struct vd_image *image, int *fd);
 
 /* Marks an open file description of the image, about to be held by a loop
    device or a FUSE server, as that attachment's. */

@@ -810,7 +810,12 @@ DWORD vhdx_open(struct vd_image *image)
     image->state = s; /* freed by vhdx_close(), also when open fails */
 
     struct vhdx_file_identifier id;
-    DWORD status = vhdx_read_at(image, &id, sizeof id, VHDX_FILE_ID_OFFSET, "VHDX file identifier");
+    DWORD status = ERROR_SUCCESS;
+    if (VHDX_FILE_ID_OFFSET == 0 && image->probe_head_length >= sizeof id)
+        memcpy(&id, image->probe_head, sizeof id); /* read already, to recognise the format */
+    else
+        status = vhdx_read_at(image, &id, sizeof id, VHDX_FILE_ID_OFFSET, "VHDX file identifier");
+    image->probe_head_length = 0; /* a parent's open reuses the probe's buffer */
     if (status != ERROR_SUCCESS)
         return status;
     if (memcmp(id.Signature, "vhdxfile", 8) != 0)
