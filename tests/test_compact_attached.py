@@ -290,6 +290,30 @@ def test_the_command_line_and_the_module_function_compact_a_permanently_attached
     _qemu_compare(reference, image, "vhd")
 
 
+def test_another_process_compacts_a_disk_attached_without_permanent_lifetime(
+    images: Path,
+    tools,  # noqa: F811
+) -> None:
+    """As with a mirror, any privileged process's handle reaches the disk's
+    server, not only the attacher's."""
+    image, _block, dropped = _prepared(images, tools, "vhdx", 64)
+    reference = images / "reference.vhdx"
+    shutil.copyfile(image, reference)
+    before = image.stat().st_size
+    with virtdisk.open(image, read_only=True) as disk:
+        disk.attach(read_only=True)
+        run = subprocess.run(
+            [sys.executable, "-c", "import sys, virtdisk; virtdisk.compact(sys.argv[1])", str(image)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        assert image.stat().st_size == before - dropped * SPAN["vhdx"]
+        assert disk.info.attached
+    _qemu_compare(reference, image, "vhdx")
+
+
 def test_a_differencing_disk_compacts_attached_and_keeps_its_parent_hidden(
     images: Path,
     tools,  # noqa: F811
