@@ -222,3 +222,24 @@ def ioctl_fault_double(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
     )
     return library
+
+
+@pytest.fixture
+def mount_point(images: Path):
+    """An empty folder to mount on, unmounted (if still mounted) afterwards."""
+    folder = images / "mnt"
+    folder.mkdir()
+    yield folder
+    subprocess.run(["umount", "-q", str(folder)], check=False)
+
+
+def server_of(device: str) -> int:
+    """The pid of the FUSE server behind a served device: the child of the
+    helper its record names."""
+    for record in RUN_DIR.glob("*.json"):
+        entry = json.loads(record.read_text())
+        if entry.get("device") == device:
+            helper = int(entry["pid"])
+            children = Path(f"/proc/{helper}/task/{helper}/children").read_text().split()
+            return int(children[0])
+    raise AssertionError(f"no record for {device}")

@@ -341,14 +341,6 @@ def test_detach_is_refused_while_the_device_is_open_elsewhere(images: Path) -> N
         assert not bound_to(device, path)
 
 
-@pytest.fixture
-def mount_point(images: Path):
-    folder = images / "mnt"
-    folder.mkdir()
-    yield folder
-    subprocess.run(["umount", "-q", str(folder)], check=False)
-
-
 def test_detach_is_refused_while_mounted_and_succeeds_after_unmount(images: Path, mount_point: Path) -> None:
     mkfs = require_tool("mkfs.ext4")
     path = make_fixed_vhd(images, size=32 * MiB)

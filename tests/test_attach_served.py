@@ -156,14 +156,6 @@ KINDS = {
 QEMU_FORMAT = {".vhd": "vpc", ".vhdx": "vhdx"}
 
 
-@pytest.fixture
-def mount_point(images: Path) -> Iterator[Path]:
-    folder = images / "mnt"
-    folder.mkdir()
-    yield folder
-    subprocess.run(["umount", "-q", str(folder)], check=False)
-
-
 def read_device(device: str) -> bytes:
     with open(device, "rb") as block:
         return block.read()

@@ -30,7 +30,7 @@ import virtdisk
 from virtdisk import Access, WinError
 from virtdisk._native import ffi, lib
 
-from .conftest import RUN_DIR, require_tool
+from .conftest import require_tool, server_of
 from .test_compact import SPAN, _dynamic, _qemu_check, _qemu_compare, _read, _work, tools  # noqa: F401
 
 pytestmark = pytest.mark.loop
@@ -340,18 +340,6 @@ def test_a_differencing_disk_compacts_attached_and_keeps_its_parent_hidden(
     assert _read(tools, child) == expected
 
 
-def _server_of(device: str) -> int:
-    """The pid of the FUSE server behind a served device: the child of the
-    helper its record names."""
-    for record in RUN_DIR.glob("*.json"):
-        entry = json.loads(record.read_text())
-        if entry.get("device") == device:
-            helper = int(entry["pid"])
-            children = Path(f"/proc/{helper}/task/{helper}/children").read_text().split()
-            return int(children[0])
-    raise AssertionError(f"no record for {device}")
-
-
 @pytest.mark.parametrize("suffix", ["vhdx", "vhd"])
 def test_a_server_killed_while_compacting_leaves_an_image_that_reads_the_same(
     images: Path,
@@ -371,7 +359,7 @@ def test_a_server_killed_while_compacting_leaves_an_image_that_reads_the_same(
             disk.attach(read_only=True)
             operation = disk.begin_compact()
             time.sleep(rng.uniform(0, 0.25))
-            os.kill(_server_of(disk.physical_path), signal.SIGKILL)
+            os.kill(server_of(disk.physical_path), signal.SIGKILL)
             try:
                 operation.wait()
             except virtdisk.VirtualDiskError:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,14 +62,6 @@ while True:
     if i == 4:
         print("writing", flush=True)
 """
-
-
-@pytest.fixture
-def mount_point(images: Path) -> Iterator[Path]:
-    folder = images / "mnt"
-    folder.mkdir()
-    yield folder
-    subprocess.run(["umount", "-q", str(folder)], check=False)
 
 
 def sha256_of(path: Path) -> str:

@@ -319,14 +319,6 @@ def test_a_read_only_served_disk_refuses_discard_and_stays_unchanged(images: Pat
 # ---- a file system on top --------------------------------------------------------------
 
 
-@pytest.fixture
-def mount_point(images: Path) -> Iterator[Path]:
-    folder = images / "mnt"
-    folder.mkdir()
-    yield folder
-    subprocess.run(["umount", "-q", str(folder)], check=False)
-
-
 @pytest.mark.parametrize(
     "kind, online", [("dynamic-vhdx", False), ("dynamic-vhd", False), ("dynamic-vhdx", True)]
 )

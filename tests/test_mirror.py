@@ -29,7 +29,7 @@ import virtdisk
 from virtdisk import WinError
 from virtdisk._native import ffi, lib
 
-from .conftest import RUN_DIR, loops_backed_under, require_tool
+from .conftest import RUN_DIR, loops_backed_under, require_tool, server_of
 
 pytestmark = pytest.mark.loop
 
@@ -114,12 +114,12 @@ def _fill(device: str, seed: int) -> dict[int, str]:
     return sums
 
 
-def _read_device(device: str) -> bytes:
+def _read_device(device: str, length: int = SIZE) -> bytes:
     fd = os.open(device, os.O_RDONLY)
     try:
         # Whatever the page cache holds, the device's own answer.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return os.pread(fd, SIZE, 0)
+        return os.pread(fd, length, 0)
     finally:
         os.close(fd)
 
@@ -395,18 +395,6 @@ def test_refusals(images: Path) -> None:
     assert not target.exists()
 
 
-def _server_of(device: str) -> int:
-    """The pid of the FUSE server behind a served device: the child of the
-    helper its record names."""
-    for record in RUN_DIR.glob("*.json"):
-        entry = json.loads(record.read_text())
-        if entry.get("device") == device:
-            helper = int(entry["pid"])
-            children = Path(f"/proc/{helper}/task/{helper}/children").read_text().split()
-            return int(children[0])
-    raise AssertionError(f"no record for {device}")
-
-
 def test_killed_server_leaves_the_source_intact(images: Path) -> None:
     source, target = images / "source.vhdx", images / "target.vhdx"
     virtdisk.create(source, SIZE).close()
@@ -416,7 +404,7 @@ def test_killed_server_leaves_the_source_intact(images: Path) -> None:
         filled = _fill(device, 6)
         shown = _read_device(device)
         operation = disk.begin_mirror(target)
-        os.kill(_server_of(device), signal.SIGKILL)
+        os.kill(server_of(device), signal.SIGKILL)
         deadline = time.monotonic() + 30
         with pytest.raises(virtdisk.VirtualDiskError):
             while not operation.done:
@@ -608,15 +596,6 @@ def _write_checksummed(device: str, seed: int) -> None:
         os.close(fd)
 
 
-def _shown(device: str) -> bytes:
-    fd = os.open(device, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return os.pread(fd, SMALL, 0)
-    finally:
-        os.close(fd)
-
-
 def _holders(image: Path) -> list[int]:
     """The processes that have image open (any descriptor)."""
     pids = []
@@ -672,7 +651,7 @@ def test_after_a_break_a_permanent_attachment_is_the_targets(images: Path, suffi
                     writer.kill()
                     writer.wait()
             _, written = json.loads(tail[-1])
-            shown_at_break = _shown(device)
+            shown_at_break = _read_device(device, SMALL)
             disk.break_mirror()
         assert _record_names(images) == [str(target)]
         # Nothing holds the source any more: its helper let go of it.
@@ -685,7 +664,7 @@ def test_after_a_break_a_permanent_attachment_is_the_targets(images: Path, suffi
             os.fsync(fd)
         finally:
             os.close(fd)
-        shown = _shown(device)
+        shown = _read_device(device, SMALL)
         seen = _after_break(source, target, device, detach=True)
     finally:
         if loops_backed_under(images):  # never leave the disk behind a failure
@@ -714,7 +693,7 @@ def test_after_a_break_a_process_held_attachment_is_the_targets(images: Path) ->
         device = disk.physical_path
         _write_checksummed(device, 7)
         disk.mirror(target)
-        shown_at_break = _shown(device)
+        shown_at_break = _read_device(device, SMALL)
         disk.break_mirror()
         assert _record_names(images) == [str(target)]
         assert disk.physical_path == device  # this handle's disk, wherever it runs
@@ -812,7 +791,7 @@ def test_another_process_mirrors_a_disk_attached_without_permanent_lifetime(imag
             writer.stdin.close()
             tail = writer.stdout.read().splitlines()
             assert writer.wait(timeout=60) == 0
-            shown_at_break = _shown(device)
+            shown_at_break = _read_device(device, SMALL)
             disk.break_mirror()
         assert _record_names(images) == [str(target)]
         # Another process cannot detach it: its attacher's handles hold it.
@@ -826,7 +805,7 @@ def test_another_process_mirrors_a_disk_attached_without_permanent_lifetime(imag
             os.fsync(fd)
         finally:
             os.close(fd)
-        shown = _shown(device)
+        shown = _read_device(device, SMALL)
         holder.stdin.write("go\n")
         holder.stdin.flush()
         assert holder.stdout.readline().strip() == "closed"
@@ -870,7 +849,7 @@ def test_a_server_killed_around_the_break_leaves_both_images_whole(images: Path)
             os.fsync(fd)
             os.close(fd)
             disk.mirror(target)
-            server = _server_of(device)
+            server = server_of(device)
             # Round 0 kills before the break and round 1 just after it, so
             # that both outcomes are seen however fast the machine; the
             # others at a random moment around it.
