@@ -210,12 +210,7 @@ def test_mirror_while_written_then_break(images: Path, suffix: str) -> None:
         assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:])), seen
         disk.break_mirror()
         # After the break the device writes the target alone.
-        fd = os.open(device, os.O_RDWR)
-        try:
-            os.pwrite(fd, b"after the break!" * 4096, 3 * MiB)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_after_break(device)
         shown = _read_device(device)
     # Closing the last handle detached the disk and flushed the target.
     assert not loops_backed_under(images)
@@ -596,6 +591,16 @@ def _write_checksummed(device: str, seed: int) -> None:
         os.close(fd)
 
 
+def _write_after_break(device: str) -> None:
+    """64 KiB at 3 MiB, which only the target may come to hold."""
+    fd = os.open(device, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"after the break!" * 4096, 3 * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _holders(image: Path) -> list[int]:
     """The processes that have image open (any descriptor)."""
     pids = []
@@ -658,12 +663,7 @@ def test_after_a_break_a_permanent_attachment_is_the_targets(images: Path, suffi
         assert _holders(source) == []
         assert _holders(target) != []
         # The device now writes the target alone.
-        fd = os.open(device, os.O_RDWR)
-        try:
-            os.pwrite(fd, b"after the break!" * 4096, 3 * MiB)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_after_break(device)
         shown = _read_device(device, SMALL)
         seen = _after_break(source, target, device, detach=True)
     finally:
@@ -799,12 +799,7 @@ def test_another_process_mirrors_a_disk_attached_without_permanent_lifetime(imag
             [sys.executable, "-m", "virtdisk", "detach", str(target)], capture_output=True, text=True
         )
         assert refused.returncode != 0 and "ERROR_DEVICE_IN_USE" in refused.stderr, refused.stderr
-        fd = os.open(device, os.O_RDWR)
-        try:
-            os.pwrite(fd, b"after the break!" * 4096, 3 * MiB)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_after_break(device)
         shown = _read_device(device, SMALL)
         holder.stdin.write("go\n")
         holder.stdin.flush()
