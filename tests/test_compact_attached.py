@@ -32,6 +32,7 @@ from virtdisk._native import ffi, lib
 
 from .conftest import require_tool, server_of
 from .test_compact import SPAN, _dynamic, _qemu_check, _qemu_compare, _read, _work, tools  # noqa: F401
+from .test_mirror import _holders
 
 pytestmark = pytest.mark.loop
 
@@ -312,6 +313,25 @@ def test_another_process_compacts_a_disk_attached_without_permanent_lifetime(
         assert image.stat().st_size == before - dropped * SPAN["vhdx"]
         assert disk.info.attached
     _qemu_compare(reference, image, "vhdx")
+
+
+def test_after_a_compaction_and_a_mirrors_break_the_server_holds_only_the_target(
+    images: Path,
+    tools,  # noqa: F811
+) -> None:
+    """The compaction's writable open is the attachment's: a later mirror's
+    break lets go of the source as it would of any served image."""
+    image, _block, _dropped = _prepared(images, tools, "vhdx", 64)
+    target = images / "target.vhdx"
+    with virtdisk.open(image, FS_AWARE) as disk:
+        disk.attach(read_only=True)
+        server = server_of(disk.physical_path)
+        disk.compact()
+        assert _holders(image).count(server) == 1  # the read-only open went
+        disk.mirror(target)
+        disk.break_mirror()
+        assert server not in _holders(image)
+        assert server in _holders(target)
 
 
 def test_a_differencing_disk_compacts_attached_and_keeps_its_parent_hidden(

@@ -12,6 +12,7 @@
 #include "compact.h"
 #include "errors.h"
 #include "job.h"
+#include "share.h"
 
 #define VD_COMPACT_FLAGS_KNOWN (COMPACT_VIRTUAL_DISK_FLAG_NO_ZERO_SCAN | COMPACT_VIRTUAL_DISK_FLAG_NO_BLOCK_MOVES)
 
@@ -55,10 +56,8 @@ static DWORD vd_serve_compact_reopen(const struct vd_image *served, struct vd_im
     return ERROR_SUCCESS;
 }
 
-DWORD vd_serve_compact_start(struct vd_fuse_server *server, uint32_t flags, struct vd_image **retired,
-                             struct vd_serve_compact **out)
+DWORD vd_serve_compact_start(struct vd_fuse_server *server, uint32_t flags, struct vd_serve_compact **out)
 {
-    *retired = NULL;
     if (flags & ~(uint32_t)VD_COMPACT_FLAGS_KNOWN)
         return vd_fail(ERROR_INVALID_PARAMETER, "compact flags 0x%08x include unknown bits", (unsigned)flags);
     struct vd_image *served = vd_fuse_image(server);
@@ -84,10 +83,21 @@ DWORD vd_serve_compact_start(struct vd_fuse_server *server, uint32_t flags, stru
             free(c);
             return status;
         }
-        /* From the next request on the guest reads through the writable
-           open, whose block table the compaction changes; the requests in
-           flight on the old one have finished (vd_fuse_replace_image). */
-        *retired = vd_fuse_replace_image(server, image);
+        /* The writable open is the attachment's from now on: it takes the
+           marker before the read-only one lets go of its own (at no moment
+           does the disk look detached), and the read-only one closes, so
+           that only the disk's current open holds the file (as after a
+           mirror's break, which must leave its source free).  From the next
+           request on the guest reads through the writable open, whose block
+           table the compaction changes; the requests in flight on the old
+           one have finished (vd_fuse_replace_image). */
+        status = vd_share_mark_attached(image->fd);
+        if (status != ERROR_SUCCESS) {
+            vd_image_close(image);
+            free(c);
+            return status;
+        }
+        vd_image_close(vd_fuse_replace_image(server, image));
     }
     c->image = image;
     c->flags = flags;

@@ -37,11 +37,10 @@
 struct vd_serve_compact;
 
 /* Starts compacting the server's image with COMPACT_VIRTUAL_DISK_FLAG flags
-   on a thread of its own.  *retired: the read-only open the writable one
-   replaced (NULL when the image was writable already), for the caller to
-   keep open until the session ends and then close. */
-DWORD vd_serve_compact_start(struct vd_fuse_server *server, uint32_t flags, struct vd_image **retired,
-                             struct vd_serve_compact **out);
+   on a thread of its own.  A read-only image is first replaced by a
+   writable open of the same file, which takes the attachment's marker; the
+   read-only open is closed. */
+DWORD vd_serve_compact_start(struct vd_fuse_server *server, uint32_t flags, struct vd_serve_compact **out);
 
 /* Progress and status (ERROR_IO_PENDING while running). */
 void vd_serve_compact_state(struct vd_serve_compact *compact, struct vd_msg_operation_state *state, char *detail,

@@ -27,37 +27,12 @@ struct vd_serve_ops {
     enum vd_operation_kind kind;
     struct vd_mirror *mirror; /* kind MIRROR */
     struct vd_serve_compact *compact; /* kind COMPACT */
-    /* Read-only opens that compactions retired: open until the session
-       ends, since the first one carries the attachment's marker
-       (servecompact.h).  A break moves the marker to its target instead
-       (servemirror.h). */
-    struct vd_image **retired;
-    size_t retired_count;
 };
 
 static bool vd_ops_active(const struct vd_serve_ops *ops)
 {
     return (ops->kind == VD_OPERATION_MIRROR && vd_mirror_active(ops->mirror)) ||
            (ops->kind == VD_OPERATION_COMPACT && vd_serve_compact_active(ops->compact));
-}
-
-/* Room for one more retired image, made before an operation may retire
-   one: closing it for want of room would drop the attachment's marker. */
-static DWORD vd_ops_reserve(struct vd_serve_ops *ops)
-{
-    struct vd_image **more = realloc(ops->retired, (ops->retired_count + 1) * sizeof *more);
-    if (!more)
-        return vd_fail(ERROR_OUTOFMEMORY, "keeping a retired image");
-    ops->retired = more;
-    return ERROR_SUCCESS;
-}
-
-/* Keeps a retired image (or none) open until the session ends, in the room
-   vd_ops_reserve() made. */
-static void vd_ops_retire(struct vd_serve_ops *ops, struct vd_image *retired)
-{
-    if (retired)
-        ops->retired[ops->retired_count++] = retired;
 }
 
 /* Ends the last operation. */
@@ -87,13 +62,7 @@ static DWORD vd_ops_start(struct vd_serve_ops *ops, const char *payload, size_t 
     DWORD status;
     if (request.kind == VD_OPERATION_COMPACT) {
         struct vd_serve_compact *compact = NULL;
-        struct vd_image *retired = NULL;
-        status = vd_ops_reserve(ops);
-        if (status == ERROR_SUCCESS)
-            status = vd_serve_compact_start(ops->server, request.flags, &retired, &compact);
-        /* Kept whether the start went on or not: the server serves the
-           writable open from the moment it replaced this one. */
-        vd_ops_retire(ops, retired);
+        status = vd_serve_compact_start(ops->server, request.flags, &compact);
         if (status == ERROR_SUCCESS) {
             ops->kind = VD_OPERATION_COMPACT;
             ops->compact = compact;
@@ -170,9 +139,6 @@ static void vd_ops_end(void *context)
     pthread_mutex_lock(&ops->mutex);
     ops->ended = true;
     vd_ops_forget(ops); /* stops a compaction before the image closes */
-    for (size_t i = 0; i < ops->retired_count; i++)
-        vd_image_close(ops->retired[i]);
-    ops->retired_count = 0;
     pthread_mutex_unlock(&ops->mutex);
 }
 
