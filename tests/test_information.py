@@ -19,7 +19,7 @@ import virtdisk
 from virtdisk import WinError
 from virtdisk._native import ffi, lib
 
-from .conftest import require_tool
+from .conftest import make_image, require_tool
 
 MiB = 1 << 20
 VHD_EPOCH = 946684800
@@ -321,3 +321,30 @@ def test_disk_info_made_quickly_equals_the_dataclass_made_by_its_init(tmp_path: 
     assert made.__dict__ == virtdisk.DiskInfo(**values).__dict__
     with pytest.raises(AttributeError):
         made.virtual_size = 1  # type: ignore[misc]
+
+
+@pytest.mark.skipif(not hasattr(lib, "vd_get_information_batch"), reason="the batched call is Linux's")
+def test_info_unpacked_from_the_batch_equals_info_read_field_by_field(tmp_path: Path) -> None:
+    """DiskInfo of an image without a parent is unpacked from the batch's
+    bytes (_BatchQuery.disk_info); it must equal, field for field and type
+    for type, what reading each answer's fields through cffi gives.  A
+    differencing disk is left to the field-by-field path (None)."""
+    from virtdisk import _disk
+
+    (tmp_path / "iso").mkdir()
+    cases = _images_of_every_kind(tmp_path)
+    cases += [(make_image("iso", tmp_path / "iso"), {}), (make_image("dynamic-vhdx-4096", tmp_path), {})]
+    for path, options in cases:
+        disk = virtdisk.open(path, read_only=True, **options)  # type: ignore[arg-type]
+        with disk, disk._using() as handle:
+            unpacked = _disk._BatchQuery(handle, path).disk_info()
+            by_field = disk._info(_disk._BatchQuery(handle, path))
+        if by_field.disk_type == virtdisk.DiskType.DIFFERENCING:
+            assert unpacked is None, path
+            continue
+        assert unpacked is not None, path
+        assert type(unpacked) is virtdisk.DiskInfo
+        for name in virtdisk.DiskInfo.__dataclass_fields__:
+            mine, theirs = getattr(unpacked, name), getattr(by_field, name)
+            assert (mine, type(mine)) == (theirs, type(theirs)), (path, name)
+        assert unpacked.__dict__ == by_field.__dict__
