@@ -103,3 +103,19 @@ def test_opening_without_write_access_writes_nothing(tmp_path: Path, kind: str, 
             assert info.virtual_size > 0
 
     assert {path: _state(path) for path in files} == before
+
+
+def test_the_iso_suffix_alone_makes_the_default_access_read_only(tmp_path: Path) -> None:
+    """open() without access or read_only asks read-only access of an image
+    whose suffix is .iso in any case, and only then: not of a file named
+    ".iso" (a suffix-less hidden file) nor of "x.iso.vhdx"."""
+    iso = _iso(tmp_path)
+    read_write = Access.ATTACH_RO | Access.ATTACH_RW | Access.DETACH | Access.GET_INFO
+    for name in ("DISC.ISO", "disc.Iso"):
+        with virtdisk.open(iso.rename(tmp_path / name)) as disk:
+            assert disk.access == Access.ATTACH_RO | Access.DETACH | Access.GET_INFO, name
+        iso = tmp_path / name
+    for name in (".iso", "disc.iso.vhdx"):
+        virtdisk.create(tmp_path / name, 8 << 20, storage_type=virtdisk.StorageType.VHDX).close()
+        with virtdisk.open(tmp_path / name) as disk:
+            assert disk.access == read_write, name

@@ -1219,10 +1219,14 @@ def open(
     ``storage_type`` None lets the image's contents decide its format.
     """
     image = _path_argument("path", path)
+    text = str(image)
     if access is not None:
         access = _access_argument(access)
     else:
-        read_only = read_only or image.suffix.lower() == ".iso" or storage_type == StorageType.ISO
+        # The text's end first: Path.suffix costs more than the rest of this
+        # argument handling, and a suffix ".iso" is always the text's end.
+        is_iso = text[-4:].lower() == ".iso" and image.suffix.lower() == ".iso"
+        read_only = read_only or is_iso or storage_type == StorageType.ISO
         access = _READ_ONLY_ACCESS if read_only else _DEFAULT_ACCESS
     flags = OpenFlag.NO_PARENTS if no_parents else OpenFlag.NONE
     # The shared constant for the common depth; a merge asks for more.
@@ -1236,7 +1240,6 @@ def open(
             },
         )
     handle = ffi.new("HANDLE *")
-    text = str(image)
     code = lib.OpenVirtualDisk(
         _STORAGE_TYPES[_storage_type_for(image, storage_type)], text, access, flags, parameters, handle
     )
