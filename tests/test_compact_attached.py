@@ -15,6 +15,7 @@ before, and its check clean.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -207,30 +208,42 @@ def test_a_cancel_leaves_the_attached_disk_consistent_and_a_second_run_finishes(
     images: Path,
     tools,  # noqa: F811
 ) -> None:
-    image, _block, dropped = _prepared(images, tools, "vhdx", 96)
-    reference = images / "reference.vhdx"
-    shutil.copyfile(image, reference)
-    raw = _raw(reference, "vhdx").read_bytes()
-    before = image.stat().st_size
-    with virtdisk.open(image, FS_AWARE) as disk:
-        disk.attach(read_only=True)
-        operation = disk.begin_compact()
-        operation.cancel()
-        with pytest.raises(virtdisk.OperationCancelledError):
-            operation.wait()
-        assert image.stat().st_size <= before
-        fd = os.open(disk.physical_path, os.O_RDONLY | os.O_DIRECT)
-        try:
-            buffer = memoryview(__import__("mmap").mmap(-1, len(raw)))
-            assert os.preadv(fd, [buffer], 0) == len(raw) and buffer == raw
-        finally:
-            os.close(fd)
-        # The server takes a new compaction after a cancelled one.
-        disk.compact()
-        assert image.stat().st_size == before - dropped * SPAN["vhdx"]
-        disk.detach()
-    _qemu_compare(reference, image, "vhdx")
-    _qemu_check(image, "vhdx")
+    # A cancel can lose the race with the end (as CancelIoEx can on
+    # Windows): then the finished compaction is checked and a fresh image
+    # tried, and the test fails only if every cancel came too late.
+    for attempt in range(3):
+        folder = images / f"attempt-{attempt}"
+        folder.mkdir()
+        image, _block, dropped = _prepared(folder, tools, "vhdx", 96)
+        reference = folder / "reference.vhdx"
+        shutil.copyfile(image, reference)
+        raw = _raw(reference, "vhdx").read_bytes()
+        before = image.stat().st_size
+        with virtdisk.open(image, FS_AWARE) as disk:
+            disk.attach(read_only=True)
+            operation = disk.begin_compact()
+            operation.cancel()
+            try:
+                operation.wait()
+                cancelled = False
+            except virtdisk.OperationCancelledError:
+                cancelled = True
+            assert image.stat().st_size <= before
+            fd = os.open(disk.physical_path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                buffer = memoryview(mmap.mmap(-1, len(raw)))
+                assert os.preadv(fd, [buffer], 0) == len(raw) and buffer == raw
+            finally:
+                os.close(fd)
+            # The server takes a new compaction after a cancelled one.
+            disk.compact()
+            assert image.stat().st_size == before - dropped * SPAN["vhdx"]
+            disk.detach()
+        _qemu_compare(reference, image, "vhdx")
+        _qemu_check(image, "vhdx")
+        if cancelled:
+            return
+    pytest.fail("every compaction ended before its cancel reached the server")
 
 
 def test_refusals_name_the_fix(images: Path) -> None:

@@ -15,7 +15,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/futex.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "errors.h"
@@ -346,12 +349,39 @@ bool vd_job_cancel(struct vd_handle *handle, OVERLAPPED *overlapped)
     pthread_mutex_lock(&vd_jobs_mutex);
     for (struct vd_job *job = handle->jobs; job; job = job->next) {
         if ((!overlapped || job->overlapped == overlapped) && vd_job_status(job) == ERROR_IO_PENDING) {
-            __atomic_store_n(&job->cancel, true, __ATOMIC_RELAXED);
+            __atomic_store_n(&job->cancel, 1, __ATOMIC_RELAXED);
+            syscall(SYS_futex, &job->cancel, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
             found = true;
         }
     }
     pthread_mutex_unlock(&vd_jobs_mutex);
     return found;
+}
+
+bool vd_job_wait_cancel(struct vd_job *job, int milliseconds)
+{
+    struct timespec now, deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += milliseconds / 1000;
+    deadline.tv_nsec += (long)(milliseconds % 1000) * 1000000;
+    if (deadline.tv_nsec >= 1000000000) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000;
+    }
+    while (!vd_job_cancelled(job)) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        struct timespec left = {deadline.tv_sec - now.tv_sec, deadline.tv_nsec - now.tv_nsec};
+        if (left.tv_nsec < 0) {
+            left.tv_sec--;
+            left.tv_nsec += 1000000000;
+        }
+        if (left.tv_sec < 0)
+            return false;
+        /* Returns at once if the word is no longer 0 (a cancel raced in),
+           when woken by vd_job_cancel, or at the timeout. */
+        syscall(SYS_futex, &job->cancel, FUTEX_WAIT_PRIVATE, 0, &left, NULL, 0);
+    }
+    return true;
 }
 
 void vd_job_free_all(struct vd_handle *handle)

@@ -40,7 +40,8 @@ struct vd_handle;
 struct vd_job {
     uint64_t done;           /* atomic: CurrentValue */
     uint64_t total;          /* atomic: CompletionValue */
-    bool cancel;             /* atomic: set by CancelIoEx or CloseHandle */
+    uint32_t cancel;         /* atomic, 0 or 1: set by CancelIoEx or CloseHandle
+                                (a futex word: vd_job_wait_cancel sleeps on it) */
     DWORD status;            /* atomic: ERROR_IO_PENDING until the end */
     bool ended;              /* atomic: the thread no longer uses the record */
     char detail[512];        /* the job thread's vd_last_error_detail() */
@@ -71,6 +72,11 @@ static inline bool vd_job_cancelled(const struct vd_job *job)
 {
     return __atomic_load_n(&job->cancel, __ATOMIC_RELAXED);
 }
+
+/* Sleeps up to milliseconds or until the job is cancelled, whichever comes
+   first; true when cancelled.  For work that waits on something else (a
+   server's progress): a cancel then acts at once, not a poll period later. */
+bool vd_job_wait_cancel(struct vd_job *job, int milliseconds);
 
 /* Checks an OVERLAPPED before an asynchronous call commits to anything:
    its event must be NULL or an eventfd of this process, and no job of this

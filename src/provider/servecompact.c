@@ -133,7 +133,7 @@ bool vd_serve_compact_active(struct vd_serve_compact *c)
 static void vd_serve_compact_join(struct vd_serve_compact *c)
 {
     if (c->thread_started) {
-        __atomic_store_n(&c->job.cancel, true, __ATOMIC_RELAXED);
+        __atomic_store_n(&c->job.cancel, 1, __ATOMIC_RELAXED);
         pthread_join(c->thread, NULL);
         c->thread_started = false;
     }

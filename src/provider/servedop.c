@@ -5,7 +5,6 @@
 #define _GNU_SOURCE
 #include "servedop.h"
 
-#include <poll.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,7 +13,8 @@
 #include "fuseattach.h"
 #include "job.h"
 
-/* How often a job asks the server how far it is. */
+/* How often a job asks the server how far it is; a cancel does not wait
+   for the next time. */
 enum { VD_SERVED_OP_POLL_MS = 50 };
 
 DWORD vd_served_op_route(struct vd_handle *handle, const char *needs, struct vd_served **served)
@@ -110,7 +110,7 @@ static DWORD vd_served_op_work(struct vd_job *job, void *context)
         __atomic_store_n(&job->done, state.done, __ATOMIC_RELAXED);
         if (state.status != ERROR_IO_PENDING)
             return state.status; /* the detail was recorded by vd_served_op_call */
-        poll(NULL, 0, VD_SERVED_OP_POLL_MS);
+        vd_job_wait_cancel(job, VD_SERVED_OP_POLL_MS);
     }
 }
 
