@@ -31,7 +31,7 @@ import virtdisk
 from virtdisk import Access, WinError
 from virtdisk._native import ffi, lib
 
-from .conftest import require_tool, server_of
+from .conftest import require_tool, server_of, unmount
 from .test_compact import SPAN, _dynamic, _qemu_check, _qemu_compare, _read, _work, tools  # noqa: F401
 from .test_mirror import _holders
 
@@ -436,7 +436,7 @@ def test_fstrim_then_compact_while_mounted_read_only(images: Path, suffix: str) 
             subprocess.run(["sync", "-f", str(mount_point)], check=True)
             subprocess.run([fstrim, str(mount_point)], check=True)
         finally:
-            subprocess.run(["umount", str(mount_point)], check=True)
+            unmount(mount_point, disk.physical_path)
         disk.detach()
     before = image.stat().st_size
 
@@ -447,7 +447,7 @@ def test_fstrim_then_compact_while_mounted_read_only(images: Path, suffix: str) 
         try:
             disk.compact()
         finally:
-            subprocess.run(["umount", str(mount_point)], check=True)
+            unmount(mount_point, device)
         fd = os.open(device, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # e2fsck reads what the server serves now
         os.close(fd)
@@ -463,5 +463,5 @@ def test_fstrim_then_compact_while_mounted_read_only(images: Path, suffix: str) 
         try:
             assert (mount_point / "keep.bin").read_bytes() == keep
         finally:
-            subprocess.run(["umount", str(mount_point)], check=True)
+            unmount(mount_point, disk.physical_path)
         disk.detach()

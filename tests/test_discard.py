@@ -24,7 +24,7 @@ import pytest
 
 import virtdisk
 
-from .conftest import require_tool
+from .conftest import require_tool, unmount
 from .vhdxlog import bat_offset
 
 pytestmark = pytest.mark.loop
@@ -365,7 +365,7 @@ def test_fstrim_gives_the_space_of_deleted_files_back_to_the_host(
         assert states_used - states_after >= (64 if online else 100) * MiB // BLOCK
     subprocess.run(["mount", device, str(mount_point)], check=True)
     assert (mount_point / "keep.bin").read_bytes() == keep
-    subprocess.run(["umount", str(mount_point)], check=True)
+    unmount(mount_point, device)
     disk.detach()
     disk.close()
     raw = images / "fs.raw"
