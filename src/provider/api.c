@@ -776,8 +776,9 @@ DWORD WINAPI DetachVirtualDisk(HANDLE VirtualDiskHandle, DETACH_VIRTUAL_DISK_FLA
                          "other handles to %s are open; close them before detaching", handle->image->path);
     int number = -1;
     bool helper = false;
+    struct vd_loop_binding found;
     if (status == ERROR_SUCCESS) {
-        number = vd_handle_attached_loop(handle, &helper);
+        number = vd_handle_attached_binding(handle, &helper, &found);
         if (number < 0)
             status = vd_fail(ERROR_NOT_READY, "%s is not attached", handle->image->path);
     }
@@ -795,8 +796,12 @@ DWORD WINAPI DetachVirtualDisk(HANDLE VirtualDiskHandle, DETACH_VIRTUAL_DISK_FLA
             status = vd_served_detach_own(disk->served);
             if (status == ERROR_SUCCESS)
                 disk->served = NULL;
+        } else if (own) {
+            status = vd_loop_detach(number, &disk->loop_fd);
         } else {
-            status = vd_loop_detach(number, own ? &disk->loop_fd : NULL);
+            /* Found by a lookup (a permanent disk, or another process's):
+               acted on only through a descriptor that still shows it. */
+            status = vd_loop_detach_found(&found);
         }
         if (own && status == ERROR_SUCCESS) {
             disk->loop_number = -1;

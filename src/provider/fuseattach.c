@@ -268,7 +268,7 @@ void vd_served_forget(struct vd_served *served)
     served->control = -1;
 }
 
-int vd_served_find(const struct vd_image *image, bool *helper)
+int vd_served_find(const struct vd_image *image, bool *helper, struct vd_loop_binding *found)
 {
     char base[64];
     struct vd_record record;
@@ -277,9 +277,12 @@ int vd_served_find(const struct vd_image *image, bool *helper)
         return -1;
     /* A record outlives a killed helper; the device it names may even have
        been reused since.  Only the device's own answer counts. */
-    if (!vd_loop_is_backed_by(record.loop, (dev_t)record.backing_dev, (ino_t)record.backing_ino))
+    uint64_t seq = 0;
+    if (!vd_loop_is_backed_by(record.loop, (dev_t)record.backing_dev, (ino_t)record.backing_ino, &seq))
         return -1;
     *helper = record.permanent;
+    if (found)
+        *found = (struct vd_loop_binding){record.loop, record.backing_dev, record.backing_ino, seq};
     return record.loop;
 }
 
@@ -362,7 +365,7 @@ static void vd_image_search_visit(const char *base, void *context)
     struct vd_record record;
     if (search->found || !vd_record_read(base, &record) || record.loop != search->number ||
         !vd_run_pid_alive(record.pid) ||
-        !vd_loop_is_backed_by(record.loop, (dev_t)record.backing_dev, (ino_t)record.backing_ino))
+        !vd_loop_is_backed_by(record.loop, (dev_t)record.backing_dev, (ino_t)record.backing_ino, NULL))
         return;
     if (vd_record_image(base, search->path, search->size))
         search->found = strlen(search->path);

@@ -32,6 +32,7 @@
 #include <stdint.h>
 
 #include "image.h"
+#include "loopdev.h"
 #include "virtdisk.h"
 
 struct vd_served;
@@ -59,8 +60,10 @@ DWORD vd_served_detach_own(struct vd_served *served);
 void vd_served_forget(struct vd_served *served);
 
 /* The loop device of a FUSE attachment of image made by any process, or -1.
-   *helper tells whether the helper takes detach requests (a permanent one). */
-int vd_served_find(const struct vd_image *image, bool *helper);
+   *helper tells whether the helper takes detach requests (a permanent one).
+   *found (when not NULL) gets the binding seen: the device maps the
+   server's FUSE file, not the image. */
+int vd_served_find(const struct vd_image *image, bool *helper, struct vd_loop_binding *found);
 
 /* Detaches the image's permanent attachment through its helper's socket. */
 DWORD vd_served_detach(const struct vd_image *image);

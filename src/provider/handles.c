@@ -32,10 +32,18 @@ void vd_disks_unlock(void)
 
 int vd_handle_attached_loop(const struct vd_handle *handle, bool *helper)
 {
+    struct vd_loop_binding found;
+    return vd_handle_attached_binding(handle, helper, &found);
+}
+
+int vd_handle_attached_binding(const struct vd_handle *handle, bool *helper, struct vd_loop_binding *found)
+{
     *helper = false;
-    if (handle->disk->loop_number >= 0)
+    if (handle->disk->loop_number >= 0) {
+        *found = (struct vd_loop_binding){.number = handle->disk->loop_number, .seq = handle->disk->loop_seq};
         return handle->disk->loop_number;
-    return vd_share_attached_loop(handle->image, helper);
+    }
+    return vd_share_attached_binding(handle->image, helper, found);
 }
 
 struct vd_disk *vd_disk_attached_as(int number)

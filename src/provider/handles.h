@@ -90,6 +90,11 @@ void vd_disks_unlock(void);
    *helper tells whether a helper process serves it. */
 int vd_handle_attached_loop(const struct vd_handle *handle, bool *helper);
 
+/* vd_handle_attached_loop(), and *found gets the binding seen
+   (vd_share_attached_binding); for this process's own attachment only its
+   number and seq: its held descriptor is what pins it. */
+int vd_handle_attached_binding(const struct vd_handle *handle, bool *helper, struct vd_loop_binding *found);
+
 /* This process's disk whose own non-permanent attachment is /dev/loop
    number (a break may have moved it to another image file: servemirror.h),
    else NULL.  Called under vd_disks_lock(). */

@@ -142,8 +142,9 @@ static int vd_loop_scan(bool (*visit)(int number, void *context), void *context)
     return found;
 }
 
-/* LOOP_GET_STATUS64 of /dev/loopN; false when it is not there or not bound. */
-static bool vd_loop_status(int number, struct loop_info64 *info)
+/* LOOP_GET_STATUS64 of /dev/loopN; false when it is not there or not bound.
+   *seq (when not NULL) gets the seq of the binding that answered. */
+static bool vd_loop_status(int number, struct loop_info64 *info, uint64_t *seq)
 {
     char path[32];
     vd_loop_path(number, path, sizeof path);
@@ -151,40 +152,104 @@ static bool vd_loop_status(int number, struct loop_info64 *info)
     if (fd < 0)
         return false;
     bool bound = ioctl(fd, LOOP_GET_STATUS64, info) == 0;
+    if (bound && seq)
+        *seq = vd_loop_binding_seq(fd);
     close(fd);
     return bound;
 }
 
-bool vd_loop_is_backed_by(int number, dev_t dev, ino_t ino)
+bool vd_loop_is_backed_by(int number, dev_t dev, ino_t ino, uint64_t *seq)
 {
     struct loop_info64 info;
-    return vd_loop_status(number, &info) && info.lo_device == (uint64_t)dev && info.lo_inode == (uint64_t)ino;
+    return vd_loop_status(number, &info, seq) && info.lo_device == (uint64_t)dev && info.lo_inode == (uint64_t)ino;
 }
 
-struct vd_file_identity {
+/* Whether the descriptor fd of a loop device shows binding: the same
+   backing file, and the same seq when both sides know one.  *seq_out (when
+   not NULL) gets the seq fd shows.  errno is ESTALE or ENXIO when not. */
+static bool vd_loop_fd_shows(int fd, const struct vd_loop_binding *binding, uint64_t *seq_out)
+{
+    struct loop_info64 info;
+    if (ioctl(fd, LOOP_GET_STATUS64, &info) < 0) {
+        errno = ENXIO;
+        return false;
+    }
+    uint64_t seq = vd_loop_binding_seq(fd);
+    if (seq_out)
+        *seq_out = seq;
+    if (info.lo_device != binding->dev || info.lo_inode != binding->ino || (binding->seq && seq && seq != binding->seq)) {
+        errno = ESTALE;
+        return false;
+    }
+    return true;
+}
+
+int vd_loop_open_binding(const struct vd_loop_binding *binding, int flags)
+{
+    char path[32];
+    vd_loop_path(binding->number, path, sizeof path);
+    int fd = open(path, flags | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    /* Checked after the open, not before: from the open on, fd pins
+       whatever binding it shows, so a binding that passes here is the one
+       every later call through fd reaches. */
+    if (!vd_loop_fd_shows(fd, binding, NULL)) {
+        int error = errno;
+        close(fd);
+        errno = error;
+        return -1;
+    }
+    return fd;
+}
+
+struct vd_file_search {
     dev_t dev;
     ino_t ino;
+    uint64_t seq; /* the seq of the binding that matched */
 };
 
-static bool vd_loop_backs(int number, void *context)
+/* Whether /dev/loopN's backing file, as sysfs names it, is the file
+   sought; *seq gets the binding that showed it. */
+static bool vd_loop_backs_once(int number, const struct vd_file_search *file, uint64_t *seq, bool *steady)
 {
-    const struct vd_file_identity *file = context;
     char path[64], backing[PATH_MAX + 16];
+    *seq = vd_loop_current_seq(number);
     snprintf(path, sizeof path, "/sys/block/loop%d/loop/backing_file", number);
     if (!vd_read_sysfs(path, backing, sizeof backing))
         return false;
     /* The kernel's d_path follows renames; a deleted backing file can no
        longer be the image anyone opens by name, so it never matches. */
     struct stat st;
-    if (stat(backing, &st) < 0)
-        return false;
-    return st.st_dev == file->dev && st.st_ino == file->ino;
+    bool matches = stat(backing, &st) == 0 && st.st_dev == file->dev && st.st_ino == file->ino;
+    /* The name and the seq are two reads: they belong together only when
+       no unbind or bind came between them. */
+    *steady = vd_loop_current_seq(number) == *seq;
+    return matches;
 }
 
-int vd_loop_find(dev_t dev, ino_t ino)
+static bool vd_loop_backs(int number, void *context)
 {
-    struct vd_file_identity file = {dev, ino};
-    return vd_loop_scan(vd_loop_backs, &file);
+    struct vd_file_search *file = context;
+    for (int tries = 0; tries < 3; tries++) {
+        uint64_t seq;
+        bool steady;
+        bool matches = vd_loop_backs_once(number, file, &seq, &steady);
+        if (steady) {
+            file->seq = seq;
+            return matches;
+        }
+    }
+    return false; /* rebound again and again: not a binding to report */
+}
+
+int vd_loop_find(dev_t dev, ino_t ino, struct vd_loop_binding *found)
+{
+    struct vd_file_search file = {dev, ino, 0};
+    int number = vd_loop_scan(vd_loop_backs, &file);
+    if (found && number >= 0)
+        *found = (struct vd_loop_binding){number, (uint64_t)dev, (uint64_t)ino, file.seq};
+    return number;
 }
 
 struct vd_loop_visitor {
@@ -210,7 +275,7 @@ static int vd_compare_int(const void *a, const void *b)
 static bool vd_loop_is_ours(int number)
 {
     struct loop_info64 info;
-    return vd_loop_status(number, &info) &&
+    return vd_loop_status(number, &info, NULL) &&
            strncmp((const char *)info.lo_file_name, VD_LOOP_NAME_PREFIX, strlen(VD_LOOP_NAME_PREFIX)) == 0;
 }
 
@@ -263,25 +328,28 @@ static void vd_loop_restore_autoclear(int fd, bool autoclear)
     ioctl(fd, LOOP_SET_STATUS64, &info);
 }
 
-DWORD vd_loop_detach(int number, int *held_fd)
+/* Detaches binding, reached through pin: a descriptor that shows it (the
+   caller's own holder, or one vd_loop_open_binding() checked).  pin is
+   consumed.  held_fd as for vd_loop_detach(), or NULL. */
+static DWORD vd_loop_detach_pinned(const struct vd_loop_binding *binding, int pin, int *held_fd)
 {
-    DWORD privilege = vd_loop_require_privilege("detaching a virtual disk");
-    if (privilege != ERROR_SUCCESS)
-        return privilege;
+    int number = binding->number;
     char path[32];
     vd_loop_path(number, path, sizeof path);
 
     /* O_EXCL on a block device fails with EBUSY while it is mounted or
        otherwise claimed; holding it also keeps a new mount from starting
-       while we decide. */
+       while we decide.  It is opened only now, while pin keeps the device
+       on this binding: an exclusive open of a device that turned out to be
+       someone else's would make their mount fail meanwhile. */
     int probe = open(path, O_RDONLY | O_EXCL | O_CLOEXEC);
+    int error = errno;
+    if (pin != (held_fd ? *held_fd : -1))
+        close(pin);
     if (probe < 0) {
-        int error = errno;
         if (error == EBUSY)
             return vd_fail(ERROR_DEVICE_IN_USE,
                            "%s is in use (mounted or opened exclusively); unmount it first", path);
-        if (error == ENXIO || error == ENOENT)
-            return vd_fail(ERROR_NOT_READY, "%s is no longer attached", path);
         return vd_loop_fail_errno(error, "opening", number);
     }
     if (vd_loop_partition_claimed(number)) {
@@ -297,7 +365,8 @@ DWORD vd_loop_detach(int number, int *held_fd)
     bool autoclear = info.lo_flags & LO_FLAGS_AUTOCLEAR;
     /* The binding being detached, read while the probe pins it: once it
        ends, /dev/loopN may be someone else's within microseconds. */
-    uint64_t seq = vd_loop_binding_seq(probe);
+    struct vd_loop_binding ours = *binding;
+    ours.seq = vd_loop_binding_seq(probe);
 
     /* A device in rundown fails every request, including the writeback of
        its dirty pages at the last close: written but unsynced data would be
@@ -335,18 +404,14 @@ DWORD vd_loop_detach(int number, int *held_fd)
        trying this device) close within moments, so wait for them; only a
        disk that stays open is refused. */
     close(probe);
-    if (vd_loop_wait_unbound(number, seq, VD_LOOP_TRANSIENT_MS))
+    if (vd_loop_wait_unbound(number, ours.seq, VD_LOOP_TRANSIENT_MS))
         return ERROR_SUCCESS;
-    int check = open(path, O_RDONLY | O_CLOEXEC);
-    /* What check holds is ours only while it carries our binding's number:
-       a new binding there is another attacher's, to be left alone, and
-       means ours is gone. */
-    uint64_t check_seq = check >= 0 ? vd_loop_binding_seq(check) : 0;
-    bool someone_elses = seq && check_seq && check_seq != seq;
-    if (check < 0 || someone_elses || !vd_loop_still_bound(number, seq)) {
-        if (check >= 0)
-            close(check);
-        if (someone_elses || !vd_loop_still_bound(number, seq))
+    /* What check holds is ours only while it shows our binding: a new
+       binding there is another attacher's, to be left alone, and means
+       ours is gone. */
+    int check = vd_loop_open_binding(&ours, O_RDONLY);
+    if (check < 0) {
+        if (errno == ESTALE || !vd_loop_still_bound(number, ours.seq))
             return ERROR_SUCCESS; /* the last holder let go just now */
         return vd_fail(ERROR_DEVICE_IN_USE, "%s is still attached after detaching", path);
     }
@@ -358,5 +423,38 @@ DWORD vd_loop_detach(int number, int *held_fd)
         close(check);
     return vd_fail(ERROR_DEVICE_IN_USE, "%s is open elsewhere; close it first (fuser -v %s shows who)", path,
                    path);
-    return ERROR_SUCCESS;
+}
+
+DWORD vd_loop_detach(int number, int *held_fd)
+{
+    DWORD privilege = vd_loop_require_privilege("detaching a virtual disk");
+    if (privilege != ERROR_SUCCESS)
+        return privilege;
+    /* The holder pins the binding: what it shows is ours by definition. */
+    struct vd_loop_binding ours = {.number = number};
+    struct loop_info64 info;
+    if (!held_fd || *held_fd < 0)
+        return vd_fail(ERROR_INVALID_HANDLE, "/dev/loop%d is not held by this process", number);
+    if (ioctl(*held_fd, LOOP_GET_STATUS64, &info) < 0)
+        return vd_loop_fail_errno(errno, "reading the state of", number);
+    ours.dev = info.lo_device;
+    ours.ino = info.lo_inode;
+    ours.seq = vd_loop_binding_seq(*held_fd);
+    return vd_loop_detach_pinned(&ours, *held_fd, held_fd);
+}
+
+DWORD vd_loop_detach_found(const struct vd_loop_binding *found)
+{
+    DWORD privilege = vd_loop_require_privilege("detaching a virtual disk");
+    if (privilege != ERROR_SUCCESS)
+        return privilege;
+    int pin = vd_loop_open_binding(found, O_RDONLY);
+    if (pin < 0) {
+        int error = errno;
+        if (error == ESTALE || error == ENXIO || error == ENOENT)
+            return vd_fail(ERROR_NOT_READY, "/dev/loop%d is no longer attached%s", found->number,
+                           error == ESTALE ? " (it now holds another attachment, left alone)" : "");
+        return vd_loop_fail_errno(error, "opening", found->number);
+    }
+    return vd_loop_detach_pinned(found, pin, NULL);
 }

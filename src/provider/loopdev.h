@@ -19,6 +19,10 @@
  *     to close that window.
  *   - vd_loop_detach() either detaches synchronously or refuses: it never
  *     leaves the kernel's lazy "detach on last close" behind.
+ *   - Nothing acts on a device by its number alone: a detach acts through a
+ *     descriptor that this process held since the attach, or one that it
+ *     checked shows the binding its lookup found (vd_loop_open_binding), so
+ *     it never touches a binding another attacher made in between.
  *   - Lookups go through sysfs and need no privilege; attach and detach need
  *     CAP_SYS_ADMIN and answer ERROR_PRIVILEGE_NOT_HELD without it, before
  *     touching any device.
@@ -68,18 +72,45 @@ DWORD vd_loop_attach(const struct vd_loop_request *request, struct vd_loop *out)
    as ERROR_PRIVILEGE_NOT_HELD for EACCES and EPERM. */
 DWORD vd_loop_fail_errno(int error, const char *what, int number);
 
-/* Detaches /dev/loopN.  held_fd points to a descriptor of the device that
-   the caller holds (a non-permanent attachment's), or is NULL.  On success
-   it is closed and set to -1; on refusal it is (or is replaced by) an open
-   descriptor again, so a refusal leaves the attachment as it was.
+/* What a lookup found: /dev/loopN mapping the file (dev, ino), which is the
+   image for a disk mapped directly and the FUSE file for a served one, in
+   the binding numbered seq (0: the kernel does not number bindings).  The
+   number alone names nothing for long: the moment that binding ends, any
+   attacher on the machine may bind /dev/loopN to its own file. */
+struct vd_loop_binding {
+    int number;
+    uint64_t dev, ino;
+    uint64_t seq;
+};
+
+/* Opens /dev/loopN (flags as for open(), O_CLOEXEC added) and checks on
+   that descriptor that it shows the binding found: the same backing file
+   and, when both are known, the same seq.  An open descriptor pins the
+   binding it shows (another LOOP_CLR_FD then only sets autoclear), so
+   whatever is done through it is done to that binding.  -1 with errno
+   ESTALE when the device shows another binding, ENXIO when none. */
+int vd_loop_open_binding(const struct vd_loop_binding *binding, int flags);
+
+/* Detaches this process's own attachment on /dev/loopN, whose descriptor
+   it holds in *held_fd (which pins it).  On success *held_fd is closed and
+   set to -1; on refusal it is (or is replaced by) an open descriptor of the
+   same binding again, so a refusal leaves the attachment as it was.
    Refuses with ERROR_DEVICE_IN_USE while the device is mounted or claimed,
    or stays open elsewhere for VD_LOOP_TRANSIENT_MS.  Success means the
-   binding it found is gone, even when another attacher has bound the same
-   number since; a refusal never touches another attacher's binding. */
+   binding is gone, even when another attacher has bound the same number
+   since; nothing ever touches another attacher's binding. */
 DWORD vd_loop_detach(int number, int *held_fd);
 
-/* The loop device whose backing file is (dev, ino), or -1 when none. */
-int vd_loop_find(dev_t dev, ino_t ino);
+/* Detaches the binding a lookup found (nobody in this process holds it),
+   with vd_loop_detach()'s rules; acts only through a descriptor opened
+   with vd_loop_open_binding(), so when that binding has ended since the
+   lookup it answers ERROR_NOT_READY and touches nothing. */
+DWORD vd_loop_detach_found(const struct vd_loop_binding *found);
+
+/* The loop device whose backing file is (dev, ino), or -1 when none;
+   *found (when not NULL) gets the binding it saw, read from sysfs without
+   opening the device (an opener delays a detach). */
+int vd_loop_find(dev_t dev, ino_t ino, struct vd_loop_binding *found);
 
 /* Whether /dev/loopN is bound to a file (to any: see vd_loop_still_bound). */
 bool vd_loop_is_bound(int number);
@@ -112,8 +143,9 @@ bool vd_loop_wait_unbound(int number, uint64_t seq, int ms);
 
 /* Whether /dev/loopN is bound to the file (dev, ino), asked of the device
    itself (LOOP_GET_STATUS64): exact also for a backing file that has no name
-   any more, such as the file of a detached FUSE mount. */
-bool vd_loop_is_backed_by(int number, dev_t dev, ino_t ino);
+   any more, such as the file of a detached FUSE mount.  *seq (when not
+   NULL) gets that binding's seq, read through the same descriptor. */
+bool vd_loop_is_backed_by(int number, dev_t dev, ino_t ino, uint64_t *seq);
 
 /* Calls visit(number, context) for every bound loop device that this provider
    attached (by its lo_file_name marker), in increasing order. */

@@ -29,7 +29,7 @@ DWORD vd_served_op_route(struct vd_handle *handle, const char *needs, struct vd_
     /* Served by any process's helper, permanent or not: its socket takes
        the request from any privileged process, as Windows lets any handle
        with access to an attached disk run these. */
-    if (helper || vd_served_find(handle->image, &helper) >= 0)
+    if (helper || vd_served_find(handle->image, &helper, NULL) >= 0)
         return ERROR_SUCCESS;
     return vd_fail(ERROR_NOT_SUPPORTED, "%s is loop-mapped directly (/dev/loop%d), not served; %s",
                    handle->image->path, number, needs);

@@ -390,6 +390,12 @@ DWORD vd_share_mark_attached(int image_fd)
 
 int vd_share_attached_loop(const struct vd_image *image, bool *helper)
 {
+    struct vd_loop_binding found;
+    return vd_share_attached_binding(image, helper, &found);
+}
+
+int vd_share_attached_binding(const struct vd_image *image, bool *helper, struct vd_loop_binding *found)
+{
     *helper = false;
     /* No marker: certainly not attached by this provider, in O(1).  Nobody
        but the attachment can remove its marker, so this answer cannot be
@@ -397,10 +403,10 @@ int vd_share_attached_loop(const struct vd_image *image, bool *helper)
        believed when a root-owned record or a loop device confirms it. */
     if (!vd_locked_elsewhere(image->fd, VD_ATTACHED_LOCK_OFFSET))
         return -1;
-    int number = vd_served_find(image, helper);
+    int number = vd_served_find(image, helper, found);
     if (number >= 0)
         return number;
-    return vd_loop_find(image->file_dev, image->file_ino);
+    return vd_loop_find(image->file_dev, image->file_ino, found);
 }
 
 /* Whether /dev/loopN detaches by itself when its last opener closes. */
@@ -433,10 +439,11 @@ static void vd_wait_unmarked(int image_fd, long timeout_ms)
 void vd_share_settle(const struct vd_image *image)
 {
     bool helper;
-    int number = vd_share_attached_loop(image, &helper);
-    /* Read at once: the wait below is for this binding, not for another
-       attacher's that gets the number next. */
-    uint64_t seq = number >= 0 ? vd_loop_current_seq(number) : 0;
+    struct vd_loop_binding found;
+    int number = vd_share_attached_binding(image, &helper, &found);
+    /* The binding the lookup saw: the wait below is for it, not for
+       another attacher's that gets the number next. */
+    uint64_t seq = number >= 0 ? found.seq : 0;
     if (number < 0) {
         /* A marker with no device behind it: a served attachment whose
            device is gone while its helper still lets go of its claims (it
@@ -449,6 +456,10 @@ void vd_share_settle(const struct vd_image *image)
        helper; a live non-permanent one by its attaching process's ATTACH
        claim.  What is left is one on its way out. */
     if (helper || !vd_loop_autoclears(number))
+        return;
+    /* The flag is the found binding's only if that binding still holds the
+       number; if not, it has ended, which is what this waits for. */
+    if (seq && vd_loop_current_seq(number) != seq)
         return;
     int probe;
     if (vd_share_claim(image, 0, 0, -1, "looking", &probe) != ERROR_SUCCESS || probe < 0)

@@ -52,6 +52,7 @@
 #include <sys/types.h>
 
 #include "image.h"
+#include "loopdev.h"
 #include "virtdisk.h"
 
 /* Permissions, as bits of a claim's hold and deny sets. */
@@ -109,6 +110,12 @@ DWORD vd_share_mark_attached(int image_fd);
    it (a verified marker), else -1; *helper tells whether a helper process
    serves it (a permanent FUSE attachment). */
 int vd_share_attached_loop(const struct vd_image *image, bool *helper);
+
+/* vd_share_attached_loop(), and *found gets the binding seen: what a
+   caller that acts on the device must check it still shows
+   (vd_loop_open_binding), since the number may be another attacher's by
+   then.  Only a lookup's answer: nothing here pins the binding. */
+int vd_share_attached_binding(const struct vd_image *image, bool *helper, struct vd_loop_binding *found);
 
 /* For a caller about to claim the image: a non-permanent attachment that no
    process holds any more (its last handle has closed, but a passing opener
