@@ -101,7 +101,10 @@ DETACHER = textwrap.dedent("""
 @contextmanager
 def racer(device: str, backing: Path) -> Iterator[subprocess.Popen]:
     child = subprocess.Popen(
-        [sys.executable, "-c", RACER, device, str(backing)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", RACER, device, str(backing)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         yield child
@@ -131,9 +134,13 @@ def parked_at_open(pid: int, device: str) -> bool:
         fields = Path(f"/proc/{pid}/syscall").read_text().split()
         if len(fields) < 3 or int(fields[0]) != OPENAT:
             return False
+        address, name = int(fields[2], 16), b""
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
-            memory.seek(int(fields[2], 16))
-            name = memory.read(64).split(b"\0", 1)[0]
+            # Up to each page's end: the next page may not be mapped.
+            while b"\0" not in name and len(name) < 4096:
+                memory.seek(address + len(name))
+                name += memory.read(4096 - (address + len(name)) % 4096)
+        name = name.split(b"\0", 1)[0]
     except (OSError, ValueError):
         return False
     return name == os.fsencode(device)
@@ -161,76 +168,148 @@ def read_device(device: str, size: int) -> bytes:
         os.close(fd)
 
 
+class ParkedDetacher:
+    """A process that runs DETACHER on target under strace, which stops its
+    first openat() of park_at until the test lets it go."""
+
+    def __init__(self, strace: str, park_at: str, target: str) -> None:
+        self.park_at = park_at
+        self.process = subprocess.Popen(
+            [strace, "-o", "/dev/null", "-P", park_at, "-e", "trace=openat",
+             "-e", "inject=openat:delay_enter=60000000:when=1",
+             sys.executable, "-c", DETACHER, target],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        self.child: int | None = None
+
+    def wait_parked(self) -> None:
+        """The barrier: the detacher has done its lookups and is about to
+        open what it found."""
+        pid = self.process.pid
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            self.child = int(children[0]) if children else None
+            if self.child is not None and parked_at_open(self.child, self.park_at):
+                return
+            assert self.process.poll() is None, "the detacher ended before its open"
+            time.sleep(0.005)
+        pytest.fail(f"the detacher never reached its open of {self.park_at}")
+
+    def release(self) -> dict:
+        """Lets it go on (the tracer's death resumes the parked open) and
+        returns what it printed."""
+        assert self.child is not None and parked_at_open(self.child, self.park_at), "it went on too early"
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        ready, _, _ = select.select([self.process.stdout], [], [], 60)
+        assert ready, "the detacher hangs"
+        return json.loads(self.process.stdout.readline())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+
+
+def check_racer(device: str, their_seq: int, checksum: str, outcome: dict) -> None:
+    """The racer's device is as it made it: its binding, its flags, its data."""
+    assert still_bound(device, their_seq), f"the detach tore down the racer's device: {outcome}"
+    autoclear = Path("/sys/block", Path(device).name, "loop", "autoclear").read_text().strip()
+    assert autoclear == "0", "the detach changed the racer's device"
+    assert hashlib.sha256(read_device(device, MiB)).hexdigest() == checksum, (
+        "the racer's device shows other data"
+    )
+
+
+def racer_file(folder: Path) -> tuple[Path, str]:
+    backing = folder / "racer.img"
+    content = os.urandom(MiB)
+    backing.write_bytes(content)
+    return backing, hashlib.sha256(content).hexdigest()
+
+
+def attach_permanent(path: Path) -> tuple[str, int | None]:
+    with virtdisk.open(path) as disk:
+        disk.attach(permanent=True)
+        device = disk.physical_path
+    return device, diskseq(device)
+
+
 def test_a_detach_by_lookup_never_touches_a_binding_made_after_its_lookup(images: Path) -> None:
     strace = require_tool("strace")
     path = images / "disk.vhd"
     virtdisk.create(path, 8 * MiB, fixed=True).close()
-    backing = images / "racer.img"
-    content = os.urandom(MiB)
-    backing.write_bytes(content)
-    checksum = hashlib.sha256(content).hexdigest()
+    backing, checksum = racer_file(images)
     rounds = raced = 0
     deadline = time.monotonic() + 90
     while rounds < 6 and time.monotonic() < deadline:
         rounds += 1
-        with virtdisk.open(path) as disk:
-            disk.attach(permanent=True)
-            device = disk.physical_path
-        seq = diskseq(device)
-        detacher = subprocess.Popen(
-            [strace, "-o", "/dev/null", "-P", device, "-e", "trace=openat",
-             "-e", "inject=openat:delay_enter=60000000:when=1",
-             sys.executable, "-c", DETACHER, str(path)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+        device, seq = attach_permanent(path)
+        detacher = ParkedDetacher(strace, device, str(path))
         try:
             with racer(device, backing) as other:
-                # Barrier: the detacher has looked its disk up and is about
-                # to open the device it found.
-                child = None
-                wait_until = time.monotonic() + 30
-                while time.monotonic() < wait_until:
-                    children = Path(f"/proc/{detacher.pid}/task/{detacher.pid}/children").read_text().split()
-                    child = int(children[0]) if children else None
-                    if child is not None and parked_at_open(child, device):
-                        break
-                    assert detacher.poll() is None, "the detacher ended before opening the device"
-                    time.sleep(0.005)
-                else:
-                    pytest.fail("the detacher never reached its open of the device")
+                detacher.wait_parked()
                 end_binding(device, seq)
                 answer = ask(other, "bind")
                 their_seq = int(answer[1]) if answer[:1] == ["took"] and answer[1].isdigit() else None
-                assert parked_at_open(child, device), "the detacher went on before the test let it"
-                # Let it go: the tracer's death resumes the parked open.
-                os.kill(detacher.pid, signal.SIGKILL)
-                detacher.wait(timeout=30)
-                outcome = json.loads(child_output(detacher))
+                outcome = detacher.release()
                 if their_seq is not None:
                     raced += 1
-                    assert still_bound(device, their_seq), f"the detach tore down the racer's device: {outcome}"
-                    autoclear = Path("/sys/block", Path(device).name, "loop", "autoclear").read_text().strip()
-                    assert autoclear == "0", "the detach changed the racer's device"
-                    got = read_device(device, MiB)
-                    assert hashlib.sha256(got).hexdigest() == checksum, "the racer's device shows other data"
+                    check_racer(device, their_seq, checksum, outcome)
                     # Our disk was gone before the detach acted: a clear refusal.
                     assert not outcome["detached"], outcome
                     assert outcome["winerror"] == virtdisk.WinError.ERROR_NOT_READY, outcome
                     assert device in outcome["message"], outcome
                 assert ask(other, "free") == ["freed"]
         finally:
-            if detacher.poll() is None:
-                detacher.kill()
-                detacher.wait()
+            detacher.stop()
         # Nothing of ours is left: the image opens for writing again.
         virtdisk.open(path).close()
     assert raced, f"the racer never got the number ({rounds} rounds)"
 
 
-def child_output(detacher: subprocess.Popen) -> str:
-    """The detacher's one line of outcome (it inherited the pipe from
-    strace), waited for a bounded time."""
-    ready, _, _ = select.select([detacher.stdout], [], [], 60)
-    assert ready, "the detacher hangs"
-    return detacher.stdout.readline()
+def test_a_detach_by_device_detaches_nothing_once_the_device_holds_another_binding(images: Path) -> None:
+    """``virtdisk detach /dev/loopN`` finds the image on the device, then
+    detaches that image.  If meanwhile the image was detached, the number
+    bound by someone else and the image attached again as another device,
+    the image is not what /dev/loopN holds any more: nothing is detached."""
+    strace = require_tool("strace")
+    path = images / "disk.vhd"
+    virtdisk.create(path, 8 * MiB, fixed=True).close()
+    backing, checksum = racer_file(images)
+    rounds = raced = 0
+    deadline = time.monotonic() + 90
+    while rounds < 4 and time.monotonic() < deadline:
+        rounds += 1
+        device, seq = attach_permanent(path)
+        # Parked at its open of the image: after reading what the device holds.
+        detacher = ParkedDetacher(strace, str(path), device)
+        moved = None
+        try:
+            with racer(device, backing) as other:
+                detacher.wait_parked()
+                virtdisk.detach(path)
+                assert not still_bound(device, seq)
+                answer = ask(other, "bind")
+                their_seq = int(answer[1]) if answer[:1] == ["took"] and answer[1].isdigit() else None
+                moved, moved_seq = attach_permanent(path)
+                outcome = detacher.release()
+                if their_seq is not None:
+                    raced += 1
+                    assert moved != device
+                    check_racer(device, their_seq, checksum, outcome)
+                    assert still_bound(moved, moved_seq), f"the image was detached from {moved}: {outcome}"
+                    assert not outcome["detached"], outcome
+                    assert outcome["winerror"] == virtdisk.WinError.ERROR_NOT_READY, outcome
+                    assert device in outcome["message"], outcome
+                assert ask(other, "free") == ["freed"]
+        finally:
+            detacher.stop()
+            if moved is not None:
+                with suppress(virtdisk.NotAttachedError):
+                    virtdisk.detach(path)
+        virtdisk.open(path).close()
+    assert raced, f"the racer never got the number ({rounds} rounds)"

@@ -1397,10 +1397,33 @@ def detach(path: StrPath) -> None:
     disk the Linux provider serves) after it was deleted.
     """
     image = _path_argument("path", path)
+    device = None
     if sys.platform != "win32" and _is_block_device(image):
-        image = _image_of_device(str(image))
+        device = str(image)
+        image = _image_of_device(device)
     with open(image, Access.DETACH | Access.GET_INFO) as disk:
+        if device is not None:
+            _check_still_on(disk, device)
         disk.detach()
+
+
+def _check_still_on(disk: VirtualDisk, device: str) -> None:
+    """Named by its device, the disk is the image found on it a moment ago,
+    which may have been detached since and attached again as another
+    device: detaching it there is not what was asked.  Checked while the
+    handle is open, which refuses other processes' detaches of it."""
+    with disk._using() as handle:
+        code, physical = _physical_path(handle)
+    if code != WinError.ERROR_SUCCESS or os.path.realpath(physical) != os.path.realpath(device):
+        now = (
+            f"is attached as {physical} now" if code == WinError.ERROR_SUCCESS else "is not attached any more"
+        )
+        raise NotAttachedError(
+            WinError.ERROR_NOT_READY,
+            "DetachVirtualDisk",
+            device,
+            detail=f"{device} no longer holds {disk._path}, which {now}; nothing was detached",
+        )
 
 
 def _served_link(device: str) -> Path | None:
