@@ -43,7 +43,8 @@ OPENAT = 257  # x86_64
 # The racer: binds exactly /dev/loopN to its own file the moment the number
 # is free (LOOP_CONFIGURE answers EBUSY while it is not), permanent as plain
 # losetup makes it, and holds no descriptor afterwards, so that a detach
-# that took its device for ours would tear it down.  Real ioctls on a real
+# that took its device for ours would tear it down (or, on request,
+# read-only and autoclear, held open: other flags for a lister to confuse).  Real ioctls on a real
 # device, in a process of its own; it frees only what it bound (by seq).
 RACER = textwrap.dedent("""
     import errno, fcntl, os, struct, sys, time
@@ -52,12 +53,15 @@ RACER = textwrap.dedent("""
     name = os.path.basename(device)
     def seq():
         return open(f"/sys/block/{name}/diskseq").read().strip()
-    mine = None
+    mine = held = None
     for line in sys.stdin:
-        if line.strip() == "bind":
-            file_fd = os.open(backing, os.O_RDWR)
+        if line.split()[:1] == ["bind"]:
+            # "bind": writable and permanent; "bind held": read-only and
+            # autoclear, held open by the racer until "free".
+            hold = line.split()[1:] == ["held"]
+            file_fd = os.open(backing, os.O_RDONLY if hold else os.O_RDWR)
             config = struct.pack("=II5Q4I64s64s32s2Q8Q", file_fd, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                 0, b"lookup-race-test", b"", b"", 0, 0, *[0] * 8)
+                                 5 if hold else 0, b"lookup-race-test", b"", b"", 0, 0, *[0] * 8)
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 try:
@@ -69,15 +73,21 @@ RACER = textwrap.dedent("""
                 try:
                     fcntl.ioctl(fd, LOOP_CONFIGURE, config)
                     mine = seq()
-                    break
                 except OSError as error:
                     if error.errno != errno.EBUSY:
                         raise
-                finally:
-                    os.close(fd)
+                if mine and hold:
+                    held = fd
+                    break
+                os.close(fd)
+                if mine:
+                    break
             os.close(file_fd)
             print("took", mine or "nothing", flush=True)
         elif line.strip() == "free":
+            if held is not None:
+                os.close(held)  # autoclear: the device goes with it
+                held = mine = None
             if mine is not None and os.path.exists(f"/sys/block/{name}/loop") and seq() == mine:
                 fd = os.open(device, os.O_RDONLY)
                 fcntl.ioctl(fd, LOOP_CLR_FD)
@@ -95,6 +105,28 @@ DETACHER = textwrap.dedent("""
         print(json.dumps({"detached": True}), flush=True)
     except virtdisk.VirtualDiskError as error:
         print(json.dumps({"detached": False, "winerror": error.winerror, "message": str(error)}), flush=True)
+""")
+
+
+# The reporter: GetStorageDependencyInformation of the disk (version 2,
+# the leaf's entry): its device and what the flags say of it.
+REPORTER = textwrap.dedent("""
+    import json, sys, virtdisk
+    from virtdisk._native import ffi, lib
+    disk = virtdisk.open(sys.argv[1], virtdisk.Access.GET_INFO)
+    buffer = ffi.new("char[]", 4096)
+    info = ffi.cast("STORAGE_DEPENDENCY_INFO *", buffer)
+    info.Version = 2
+    used = ffi.new("ULONG *")
+    code = lib.GetStorageDependencyInformation(disk._handle, lib.GET_STORAGE_DEPENDENCY_FLAG_DISK_HANDLE,
+                                               4096, info, used)
+    entry = ffi.cast("STORAGE_DEPENDENCY_INFO_TYPE_2 *", info.Version2Entries)[0]
+    name, flags = entry.DependencyDeviceName, entry.DependencyTypeFlags
+    print(json.dumps({"code": int(code),
+                      "device": "" if name == ffi.NULL else ffi.string(name),
+                      "read_only": bool(flags & lib.DEPENDENT_DISK_FLAG_READ_ONLY),
+                      "permanent": bool(flags & lib.DEPENDENT_DISK_FLAG_PERMANENT_LIFETIME)}),
+          flush=True)
 """)
 
 
@@ -168,16 +200,17 @@ def read_device(device: str, size: int) -> bytes:
         os.close(fd)
 
 
-class ParkedDetacher:
-    """A process that runs DETACHER on target under strace, which stops its
-    first openat() of park_at until the test lets it go."""
+class Parked:
+    """A process that runs script (DETACHER, REPORTER) on target under
+    strace, which stops its first openat() of park_at until the test lets
+    it go."""
 
-    def __init__(self, strace: str, park_at: str, target: str) -> None:
+    def __init__(self, strace: str, park_at: str, target: str, script: str = DETACHER) -> None:
         self.park_at = park_at
         self.process = subprocess.Popen(
             [strace, "-o", "/dev/null", "-P", park_at, "-e", "trace=openat",
              "-e", "inject=openat:delay_enter=60000000:when=1",
-             sys.executable, "-c", DETACHER, target],
+             sys.executable, "-c", script, target],
             stdout=subprocess.PIPE,
             text=True,
         )  # fmt: skip
@@ -214,11 +247,11 @@ class ParkedDetacher:
         self.process.stdout.close()
 
 
-def check_racer(device: str, their_seq: int, checksum: str, outcome: dict) -> None:
+def check_racer(device: str, their_seq: int, checksum: str, outcome: dict, autoclear: str = "0") -> None:
     """The racer's device is as it made it: its binding, its flags, its data."""
     assert still_bound(device, their_seq), f"the detach tore down the racer's device: {outcome}"
-    autoclear = Path("/sys/block", Path(device).name, "loop", "autoclear").read_text().strip()
-    assert autoclear == "0", "the detach changed the racer's device"
+    now = Path("/sys/block", Path(device).name, "loop", "autoclear").read_text().strip()
+    assert now == autoclear, "the detach changed the racer's device"
     assert hashlib.sha256(read_device(device, MiB)).hexdigest() == checksum, (
         "the racer's device shows other data"
     )
@@ -248,7 +281,7 @@ def test_a_detach_by_lookup_never_touches_a_binding_made_after_its_lookup(images
     while rounds < 6 and time.monotonic() < deadline:
         rounds += 1
         device, seq = attach_permanent(path)
-        detacher = ParkedDetacher(strace, device, str(path))
+        detacher = Parked(strace, device, str(path))
         try:
             with racer(device, backing) as other:
                 detacher.wait_parked()
@@ -286,7 +319,7 @@ def test_a_detach_by_device_detaches_nothing_once_the_device_holds_another_bindi
         rounds += 1
         device, seq = attach_permanent(path)
         # Parked at its open of the image: after reading what the device holds.
-        detacher = ParkedDetacher(strace, str(path), device)
+        detacher = Parked(strace, str(path), device)
         moved = None
         try:
             with racer(device, backing) as other:
@@ -311,5 +344,43 @@ def test_a_detach_by_device_detaches_nothing_once_the_device_holds_another_bindi
             if moved is not None:
                 with suppress(virtdisk.NotAttachedError):
                     virtdisk.detach(path)
+        virtdisk.open(path).close()
+    assert raced, f"the racer never got the number ({rounds} rounds)"
+
+
+def test_the_dependency_information_of_a_disk_never_shows_a_later_binding_of_its_number(images: Path) -> None:
+    """GetStorageDependencyInformation finds the disk's device, then reads
+    its flags (read-only, permanent) by number.  A disk detached in between,
+    its number bound by another attacher with other flags: the answer is the
+    disk detached, never attached with the other binding's flags."""
+    strace = require_tool("strace")
+    path = images / "disk.vhd"
+    virtdisk.create(path, 8 * MiB, fixed=True).close()
+    backing, checksum = racer_file(images)
+    rounds = raced = 0
+    deadline = time.monotonic() + 90
+    while rounds < 4 and time.monotonic() < deadline:
+        rounds += 1
+        device, seq = attach_permanent(path)
+        # Parked at its first read of the flags: after finding the device.
+        reporter = Parked(strace, f"/sys/block/{Path(device).name}/ro", str(path), REPORTER)
+        try:
+            with racer(device, backing) as other:
+                reporter.wait_parked()
+                end_binding(device, seq)
+                answer = ask(other, "bind held")
+                their_seq = int(answer[1]) if answer[:1] == ["took"] and answer[1].isdigit() else None
+                outcome = reporter.release()
+                assert outcome["code"] == 0, outcome
+                if their_seq is not None:
+                    raced += 1
+                    check_racer(device, their_seq, checksum, outcome, autoclear="1")
+                    # Our disk as it was (read-write, permanent) or detached.
+                    assert outcome["device"] == "" or (
+                        outcome["device"] == device and not outcome["read_only"] and outcome["permanent"]
+                    ), f"the disk was described with another binding's flags: {outcome}"
+                assert ask(other, "free") == ["freed"]
+        finally:
+            reporter.stop()
         virtdisk.open(path).close()
     assert raced, f"the racer never got the number ({rounds} rounds)"

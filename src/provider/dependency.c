@@ -219,8 +219,14 @@ DWORD WINAPI GetStorageDependencyInformation(HANDLE ObjectHandle, GET_STORAGE_DE
     struct vd_handle *handle = vd_handle_acquire(ObjectHandle);
     if (handle) {
         bool helper;
-        int loop = vd_handle_attached_loop(handle, &helper);
+        struct vd_loop_binding found;
+        int loop = vd_handle_attached_binding(handle, &helper, &found);
         status = vd_describe(handle->image, loop, StorageDependencyInfo, StorageDependencyInfoSize, &used);
+        /* The device's flags were read by number: they are this disk's only
+           if the binding found still holds it.  If not, the disk has been
+           detached meanwhile (and the number may be someone else's). */
+        if (loop >= 0 && found.seq && vd_loop_current_seq(loop) != found.seq)
+            status = vd_describe(handle->image, -1, StorageDependencyInfo, StorageDependencyInfoSize, &used);
         vd_handle_release(handle);
     } else {
         intptr_t fd = (intptr_t)ObjectHandle;
