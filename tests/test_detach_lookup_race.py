@@ -130,6 +130,18 @@ REPORTER = textwrap.dedent("""
 """)
 
 
+# The lister: what attached_disks() says of one device.
+LISTER = textwrap.dedent("""
+    import json, sys, virtdisk
+    found = [
+        {"image": str(disk.image_path), "read_only": disk.read_only, "permanent": disk.permanent}
+        for disk in virtdisk.attached_disks()
+        if disk.physical_path == sys.argv[1]
+    ]
+    print(json.dumps(found), flush=True)
+""")
+
+
 @contextmanager
 def racer(device: str, backing: Path) -> Iterator[subprocess.Popen]:
     child = subprocess.Popen(
@@ -382,5 +394,52 @@ def test_the_dependency_information_of_a_disk_never_shows_a_later_binding_of_its
                 assert ask(other, "free") == ["freed"]
         finally:
             reporter.stop()
+        virtdisk.open(path).close()
+    assert raced, f"the racer never got the number ({rounds} rounds)"
+
+
+def test_the_list_never_mixes_a_disk_with_a_later_binding_of_its_number(images: Path) -> None:
+    """attached_disks() lists the provider's devices, then reads what each
+    holds (image, read-only, permanent) by number.  The disk detached in
+    between and its number bound by another attacher with other flags: the
+    list shows the disk as it was, or not at all, never the other binding's
+    flags or file."""
+    strace = require_tool("strace")
+    path = images / "disk.vhd"
+    virtdisk.create(path, 8 * MiB, fixed=True).close()
+    backing, checksum = racer_file(images)
+    rounds = raced = 0
+    deadline = time.monotonic() + 90
+    while rounds < 4 and time.monotonic() < deadline:
+        rounds += 1
+        device, seq = attach_permanent(path)
+        # Parked at its read of the read-only flag: after the list, after
+        # reading the disk's image and lifetime.
+        lister = Parked(strace, f"/sys/block/{Path(device).name}/ro", device, LISTER)
+        try:
+            with racer(device, backing) as other:
+                lister.wait_parked()
+                # Ended as losetup -d would; not waited for, since a lister
+                # that holds the device open keeps it until it lets go.
+                fd = os.open(device, os.O_RDONLY)
+                try:
+                    fcntl.ioctl(fd, LOOP_CLR_FD)
+                finally:
+                    os.close(fd)
+                other.stdin.write("bind held\n")
+                other.stdin.flush()
+                outcome = lister.release()
+                answer = other.stdout.readline().split()
+                their_seq = int(answer[1]) if answer[:1] == ["took"] and answer[1].isdigit() else None
+                assert outcome in ([], [{"image": str(path), "read_only": False, "permanent": True}]), (
+                    f"the list described the disk with another binding's file or flags: {outcome}"
+                )
+                assert not still_bound(device, seq), "the disk outlived its LOOP_CLR_FD"
+                if their_seq is not None:
+                    raced += 1
+                    check_racer(device, their_seq, checksum, outcome, autoclear="1")
+                assert ask(other, "free") == ["freed"]
+        finally:
+            lister.stop()
         virtdisk.open(path).close()
     assert raced, f"the racer never got the number ({rounds} rounds)"

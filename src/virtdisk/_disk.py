@@ -1534,8 +1534,40 @@ def _attached_disk(entry: str) -> AttachedDisk | None:
     return AttachedDisk(physical, Path(entry))
 
 
-def _attached_loop(device: str) -> AttachedDisk:
-    """Linux: what sysfs and the provider's records tell about a loop device."""
+# struct loop_info64 of <linux/loop.h>: 232 bytes, lo_file_name at 56; the
+# provider names its devices "virtdisk:<image>" (src/provider/loopdev.h).
+_LOOP_GET_STATUS64 = 0x4C05
+_LOOP_INFO64_SIZE = 232
+_LOOP_NAME_AT = 56
+_LOOP_NAME_PREFIX = b"virtdisk:"
+
+
+def _attached_loop(device: str) -> AttachedDisk | None:
+    """Linux: what sysfs and the provider's records tell about a loop device,
+    or None when it no longer holds one of the provider's disks.  All of it
+    is read by number, and a number is anyone's again the moment its binding
+    ends: so the device is opened first, which pins the binding it shows
+    (a detach meanwhile waits for this short-lived opener), checked to be
+    the provider's, and read while held."""
+    import fcntl
+
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # gone, or being torn down
+    try:
+        try:
+            info = fcntl.ioctl(fd, _LOOP_GET_STATUS64, bytes(_LOOP_INFO64_SIZE))
+        except OSError:
+            return None  # unbound since it was listed
+        if not info[_LOOP_NAME_AT:].startswith(_LOOP_NAME_PREFIX):
+            return None  # another attacher's binding since
+        return _describe_loop(device)
+    finally:
+        os.close(fd)
+
+
+def _describe_loop(device: str) -> AttachedDisk:
     sysfs = Path("/sys/block", Path(device).name)
 
     def flag(relative: str) -> bool | None:
