@@ -165,9 +165,9 @@ bool vd_loop_is_backed_by(int number, dev_t dev, ino_t ino, uint64_t *seq)
 }
 
 /* Whether the descriptor fd of a loop device shows binding: the same
-   backing file, and the same seq when both sides know one.  *seq_out (when
-   not NULL) gets the seq fd shows.  errno is ESTALE or ENXIO when not. */
-static bool vd_loop_fd_shows(int fd, const struct vd_loop_binding *binding, uint64_t *seq_out)
+   backing file, and the same seq when both sides know one.  errno is
+   ESTALE (another binding) or ENXIO (none) when not. */
+static bool vd_loop_fd_shows(int fd, const struct vd_loop_binding *binding)
 {
     struct loop_info64 info;
     if (ioctl(fd, LOOP_GET_STATUS64, &info) < 0) {
@@ -175,9 +175,8 @@ static bool vd_loop_fd_shows(int fd, const struct vd_loop_binding *binding, uint
         return false;
     }
     uint64_t seq = vd_loop_binding_seq(fd);
-    if (seq_out)
-        *seq_out = seq;
-    if (info.lo_device != binding->dev || info.lo_inode != binding->ino || (binding->seq && seq && seq != binding->seq)) {
+    bool same_file = info.lo_device == binding->dev && info.lo_inode == binding->ino;
+    if (!same_file || (binding->seq && seq && seq != binding->seq)) {
         errno = ESTALE;
         return false;
     }
@@ -194,7 +193,7 @@ int vd_loop_open_binding(const struct vd_loop_binding *binding, int flags)
     /* Checked after the open, not before: from the open on, fd pins
        whatever binding it shows, so a binding that passes here is the one
        every later call through fd reaches. */
-    if (!vd_loop_fd_shows(fd, binding, NULL)) {
+    if (!vd_loop_fd_shows(fd, binding)) {
         int error = errno;
         close(fd);
         errno = error;
