@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import select
 import signal
 import subprocess
@@ -38,7 +39,8 @@ pytestmark = pytest.mark.loop
 
 MiB = 1 << 20
 LOOP_CLR_FD = 0x4C01
-OPENAT = 257  # x86_64
+# openat(2)'s number, as /proc/PID/syscall shows it.
+OPENAT = {"x86_64": 257, "aarch64": 56}.get(platform.machine())
 
 # The racer: binds exactly /dev/loopN to its own file the moment the number
 # is free (LOOP_CONFIGURE answers EBUSY while it is not), permanent as plain
@@ -176,7 +178,7 @@ def parked_at_open(pid: int, device: str) -> bool:
     it there, after its lookup and before it acts on the device."""
     try:
         fields = Path(f"/proc/{pid}/syscall").read_text().split()
-        if len(fields) < 3 or int(fields[0]) != OPENAT:
+        if OPENAT is None or len(fields) < 3 or int(fields[0]) != OPENAT:
             return False
         address, name = int(fields[2], 16), b""
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
@@ -231,6 +233,7 @@ class Parked:
     def wait_parked(self) -> None:
         """The barrier: the detacher has done its lookups and is about to
         open what it found."""
+        assert OPENAT is not None, f"openat's system call number on {platform.machine()} is not known here"
         pid = self.process.pid
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
