@@ -1651,8 +1651,8 @@ def _holds_device(pid: int, device: str) -> bool:
     """Whether the record's server still holds its loop device open (as it
     does while it serves): loop device names are reused, and a record can
     outlive its attachment in a process that lives on.  Asked of the
-    process rather than of the device, because an open of the device, however
-    brief, makes a concurrent detach refuse it as in use."""
+    process, not of the device: an open of its own would only say that some
+    binding has the number, not that this server's still does."""
     for fd in Path("/proc", str(pid), "fd").glob("*"):
         try:
             if os.readlink(fd) == device:
