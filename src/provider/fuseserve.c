@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -50,8 +51,7 @@ struct vd_fuse_server {
     ULONG sector;
     bool writable;
     struct fuse_session *session;
-    char *mount_dir;
-    bool hidden;
+    int root_fd; /* the mount's root (O_PATH), in no namespace; -1 once let go */
 
     /* Taken shared by every read, write and flush, exclusively to change
        image or tap: a change waits for the requests in flight. */
@@ -400,6 +400,110 @@ static const struct fuse_lowlevel_ops vd_fuse_ops = {
     .lseek = vd_fuse_lseek,
 };
 
+/* ---- the mount, seen by nobody ---------------------------------------------- */
+
+/* Test-only (tests/test_mount_namespace.py): with this set to 1 the process
+   stops itself (SIGSTOP) while the file system is mounted and not yet
+   detached, so that a test can copy mount namespaces at that very moment. */
+#define VD_FUSE_TEST_STOP_MOUNTED "VIRTDISK_TEST_STOP_MOUNTED"
+
+/* Where a mount namespace cannot be had (a seccomp filter, systemd's
+   RestrictNamespaces=, user.max_mnt_namespaces reached): the mount is made
+   where the process lives, and only visible for the moment between mount
+   and detach. */
+static void vd_fuse_note_no_namespace(const char *what, int error)
+{
+    fuse_log(FUSE_LOG_WARNING,
+             "virtdisk: no mount namespace of the server's own (%s: %s); the mount is visible until it is "
+             "detached\n",
+             what, strerror(error));
+}
+
+/* Mounts the session on mount_dir and keeps only a descriptor of the mount's
+   root (server->root_fd), the mount itself detached from every namespace
+   (MNT_DETACH): the kernel ends the session once that descriptor and every
+   file opened through it are closed.
+
+   The mount is made in a mount namespace of this process's own (private:
+   nothing propagates out of it), and the process returns to its own
+   namespace, root and working directory before anything else happens.  A
+   mount made where others live could be copied while it exists (unshare -m,
+   clone(CLONE_NEWNS), a container starting) or bound elsewhere, and a copy
+   outlives the detach here: the session would never end, and the detach of
+   the disk would wait on a namespace it does not know.  This one lives for
+   the few system calls below, in one process that no other shares, so
+   nothing can copy it; and no other process ever sees the mount, its
+   propagation or its events (systemd's mount units, udisks).
+
+   The process must have one thread: setns(CLONE_NEWNS) refuses a process
+   that shares its file system context.  No FUSE request is needed here (the
+   O_PATH open of the root calls nothing of the file system), so no server
+   thread has to run yet. */
+static DWORD vd_fuse_mount_hidden(struct vd_fuse_server *server, const struct vd_image *image, const char *mount_dir)
+{
+    int home_ns = open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC);
+    int home_root = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    int home_cwd = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    DWORD status = ERROR_SUCCESS;
+    bool own_ns = false;
+    if (home_root < 0 || home_cwd < 0) {
+        status = vd_fail_errno(errno, "opening the server's root and working directory");
+    } else if (home_ns < 0) {
+        vd_fuse_note_no_namespace("/proc/self/ns/mnt", errno);
+    } else if (unshare(CLONE_NEWNS) < 0) {
+        vd_fuse_note_no_namespace("unshare", errno);
+    } else {
+        own_ns = true;
+        /* The copy's mounts keep their propagation: under a shared mount
+           (systemd makes / shared) a mount here would appear in the peers. */
+        if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+            status = vd_fail_errno(errno, "making the server's mount namespace private");
+    }
+    bool mounted = false;
+    if (status == ERROR_SUCCESS && fuse_session_mount(server->session, mount_dir) != 0) {
+        status = access("/dev/fuse", F_OK) == 0
+                     ? vd_fail(ERROR_NOT_SUPPORTED, "mounting the FUSE server on %s failed (see stderr)", mount_dir)
+                     : vd_fail(ERROR_NOT_SUPPORTED, "serving a %s %s image needs FUSE, and /dev/fuse is missing",
+                               image->subtype == VD_SUBTYPE_DIFFERENCING ? "differencing" : "dynamic",
+                               image->format->name);
+    } else if (status == ERROR_SUCCESS) {
+        mounted = true;
+        const char *stop = getenv(VD_FUSE_TEST_STOP_MOUNTED);
+        if (stop && strcmp(stop, "1") == 0)
+            raise(SIGSTOP);
+        server->root_fd = open(mount_dir, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (server->root_fd < 0)
+            status = vd_fail_errno(errno, "opening the root of the FUSE mount %s", mount_dir);
+    }
+    if (mounted && umount2(mount_dir, MNT_DETACH | UMOUNT_NOFOLLOW) < 0 && status == ERROR_SUCCESS)
+        status = vd_fail_errno(errno, "detaching the FUSE mount %s", mount_dir);
+    /* Back home, as the process was: setns() moves root and working
+       directory to the namespace's own, and the caller may have had others
+       (a chroot). */
+    if (own_ns && (setns(home_ns, CLONE_NEWNS) < 0 || fchdir(home_root) < 0 || chroot(".") < 0 ||
+                   fchdir(home_cwd) < 0)) {
+        int error = errno;
+        /* Staying would hold a copy of every mount of the system: this
+           process must not go on. */
+        if (status == ERROR_SUCCESS)
+            status = vd_fail_errno(error, "returning to the server's mount namespace");
+    }
+    if (status != ERROR_SUCCESS) {
+        if (server->root_fd >= 0)
+            close(server->root_fd);
+        server->root_fd = -1;
+        fuse_session_destroy(server->session);
+        server->session = NULL;
+    }
+    if (home_ns >= 0)
+        close(home_ns);
+    if (home_root >= 0)
+        close(home_root);
+    if (home_cwd >= 0)
+        close(home_cwd);
+    return status;
+}
+
 /* ---- the server's life ---------------------------------------------------- */
 
 static void vd_fuse_free(struct vd_fuse_server *server)
@@ -407,7 +511,8 @@ static void vd_fuse_free(struct vd_fuse_server *server)
     pthread_mutex_destroy(&server->mutex);
     pthread_rwlock_destroy(&server->io_lock);
     pthread_cond_destroy(&server->ended_cond);
-    free(server->mount_dir);
+    if (server->root_fd >= 0)
+        close(server->root_fd);
     free(server);
 }
 
@@ -463,6 +568,7 @@ DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server
     server->size = image->virtual_size;
     server->sector = image->logical_sector_size;
     server->writable = writable;
+    server->root_fd = -1;
     pthread_mutex_init(&server->mutex, NULL);
     /* Writer preference: a tap change must not wait behind a steady stream
        of guest requests. */
@@ -474,29 +580,30 @@ DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server
     pthread_cond_init(&server->ended_cond, NULL);
 
     int run_dir = -1;
+    char *mount_dir = NULL;
     DWORD status = vd_fuse3_load();
     if (status == ERROR_SUCCESS)
         status = vd_run_dir(&run_dir);
     if (status == ERROR_SUCCESS) {
         char name[48];
         /* The server's pid in the name tells a later garbage collection
-           whether the mount's server is gone (servrecord.h). */
+           whether the folder's server is gone (servrecord.h). */
         char prefix[32];
         snprintf(prefix, sizeof prefix, "mnt.%ld.", (long)getpid());
         status = vd_run_make_dir(run_dir, prefix, name, sizeof name);
         close(run_dir);
         /* By name from here: mount(2) takes a path.  The directory was
            checked to be root's own, so the name cannot be redirected. */
-        if (status == ERROR_SUCCESS && asprintf(&server->mount_dir, "%s/%s", vd_run_dir_path(), name) < 0) {
-            server->mount_dir = NULL;
+        if (status == ERROR_SUCCESS && asprintf(&mount_dir, "%s/%s", vd_run_dir_path(), name) < 0) {
+            mount_dir = NULL;
             status = vd_fail(ERROR_OUTOFMEMORY, "allocating a mount path");
         }
     }
     if (status == ERROR_SUCCESS) {
         /* The source column of /proc/mounts names the image served, as the
            run directory names its files (servrecord.h): which mount serves
-           what is plain to an administrator, and to tests that count only
-           their own. */
+           what is plain to an administrator (nsenter into the server while
+           it mounts, or the fallback below). */
         char options[96];
         snprintf(options, sizeof options, "fsname=virtdisk:%jx-%jx,subtype=virtdisk",
                  (uintmax_t)image->file_dev, (uintmax_t)image->file_ino);
@@ -507,15 +614,11 @@ DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server
         if (!server->session)
             status = vd_fail(ERROR_NOT_SUPPORTED, "libfuse3 could not create a session (see stderr)");
     }
-    if (status == ERROR_SUCCESS && fuse_session_mount(server->session, server->mount_dir) != 0) {
-        status = access("/dev/fuse", F_OK) == 0
-                     ? vd_fail(ERROR_NOT_SUPPORTED, "mounting the FUSE server on %s failed (see stderr)",
-                               server->mount_dir)
-                     : vd_fail(ERROR_NOT_SUPPORTED, "serving a %s %s image needs FUSE, and /dev/fuse is missing",
-                               image->subtype == VD_SUBTYPE_DIFFERENCING ? "differencing" : "dynamic",
-                               image->format->name);
-        fuse_session_destroy(server->session);
-        server->session = NULL;
+    if (status == ERROR_SUCCESS)
+        status = vd_fuse_mount_hidden(server, image, mount_dir);
+    if (mount_dir) {
+        rmdir(mount_dir); /* empty again in every namespace: the mount left it */
+        free(mount_dir);
     }
     if (status == ERROR_SUCCESS) {
         int fd = fuse_session_fd(server->session);
@@ -529,14 +632,13 @@ DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (error) {
             status = vd_fail_errno(error, "starting the FUSE server thread");
-            umount2(server->mount_dir, MNT_DETACH);
+            close(server->root_fd); /* the mount's last holder: the session ends */
+            server->root_fd = -1;
             fuse_session_destroy(server->session);
             server->session = NULL;
         }
     }
     if (status != ERROR_SUCCESS) {
-        if (server->mount_dir && server->mount_dir[0])
-            rmdir(server->mount_dir);
         vd_image_close(image);
         vd_fuse_free(server);
         return status;
@@ -555,15 +657,16 @@ bool vd_fuse_writable(const struct vd_fuse_server *server)
     return server->writable;
 }
 
-DWORD vd_fuse_hide(struct vd_fuse_server *server)
+int vd_fuse_root(const struct vd_fuse_server *server)
 {
-    if (server->hidden)
-        return ERROR_SUCCESS;
-    if (umount2(server->mount_dir, MNT_DETACH) < 0)
-        return vd_fail_errno(errno, "detaching the FUSE mount %s", server->mount_dir);
-    rmdir(server->mount_dir);
-    server->hidden = true;
-    return ERROR_SUCCESS;
+    return server->root_fd;
+}
+
+void vd_fuse_let_go(struct vd_fuse_server *server)
+{
+    if (server->root_fd >= 0)
+        close(server->root_fd);
+    server->root_fd = -1;
 }
 
 void vd_fuse_set_tap(struct vd_fuse_server *server, struct vd_fuse_tap *tap)
@@ -589,11 +692,6 @@ void vd_fuse_set_end_hook(struct vd_fuse_server *server, void (*hook)(void *cont
     server->end_hook = hook;
     server->end_context = context;
     pthread_mutex_unlock(&server->mutex);
-}
-
-const char *vd_fuse_mount_dir(const struct vd_fuse_server *server)
-{
-    return server->mount_dir;
 }
 
 DWORD vd_fuse_wait_end(struct vd_fuse_server *server)

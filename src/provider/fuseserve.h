@@ -1,6 +1,6 @@
 /*
- * Serving a virtual disk's flat bytes as one file on a private FUSE mount
- * (libfuse3, low-level API), so that a loop device can be attached on it: the
+ * Serving a virtual disk's flat bytes as one file on a FUSE mount that no
+ * process sees (libfuse3, low-level API), so that a loop device can be attached on it: the
  * way to a block device for images the kernel cannot map directly (dynamic,
  * differencing, non-contiguous VHDX), on a kernel with loop and FUSE only.
  *
@@ -14,11 +14,19 @@
  *     gone.  The serving helper (helper.h) is the only caller.
  *   - fsync() of the file, and the end of the session, flush the image
  *     (format->flush, else fdatasync); vd_fuse_wait_end() reports that flush.
- *   - The mount lives in a fresh folder mnt.<pid>.<random> of the run
- *     directory (rundir.h).  After it is lazily unmounted (vd_fuse_hide(), or
- *     by the helper's supervisor) it lives on as long as something (the loop
- *     device) holds the file; the kernel ends the session when the last
- *     holder lets go, and the server then ends by itself.
+ *   - The mount is made in a mount namespace of the calling process's own,
+ *     private, on a fresh folder mnt.<pid>.<random> of the run directory
+ *     (rundir.h), and detached (MNT_DETACH) before the process returns to
+ *     its own namespace: no other process can see, copy or bind it, and
+ *     nothing of it propagates.  What is left is a descriptor of its root
+ *     (vd_fuse_root()); files are opened relative to it.  The kernel ends
+ *     the session when that descriptor is let go of (vd_fuse_let_go()) and
+ *     the last file opened through it (the loop device's) is released; the
+ *     server then ends by itself.  Where no namespace can be made (unshare
+ *     refused), the mount is made in the caller's namespace and detached as
+ *     quickly, and libfuse's log says so.
+ *   - The caller has one thread when it calls vd_fuse_serve() (setns()
+ *     needs it); the server's threads start afterwards.
  *   - One /dev/fuse descriptor per server (no clone_fd), opened close-on-exec
  *     and never duplicated: when the serving process dies, the connection is
  *     aborted, and I/O on the file fails with EIO instead of waiting.
@@ -48,10 +56,14 @@ struct vd_image *vd_fuse_image(const struct vd_fuse_server *server);
    fixed for the server's life, whatever image it serves. */
 bool vd_fuse_writable(const struct vd_fuse_server *server);
 
-/* Detaches the mount from the namespace (MNT_DETACH) and removes its
-   directory: from now on the session ends when the last open file of it is
-   released.  Idempotent. */
-DWORD vd_fuse_hide(struct vd_fuse_server *server);
+/* The mount's root directory (an O_PATH descriptor, in no namespace), to
+   open VD_FUSE_DISK_NAME relative to, or to pass to the process that does;
+   -1 once let go of. */
+int vd_fuse_root(const struct vd_fuse_server *server);
+
+/* Closes the root's descriptor: from now on the session ends when the last
+   file opened through it is released.  Idempotent. */
+void vd_fuse_let_go(struct vd_fuse_server *server);
 
 /* Waits for the session to end, however long, then frees the server and
    returns the final flush's status. */
@@ -83,8 +95,5 @@ struct vd_image *vd_fuse_replace_image(struct vd_fuse_server *server, struct vd_
    served image's close: whatever uses the image from outside the server's
    requests (an operation's thread) must stop using it then. */
 void vd_fuse_set_end_hook(struct vd_fuse_server *server, void (*hook)(void *context), void *context);
-
-/* The mount folder (valid while the server is). */
-const char *vd_fuse_mount_dir(const struct vd_fuse_server *server);
 
 #endif

@@ -129,41 +129,39 @@ struct vd_server_report {
     uint32_t kind;
     uint32_t status;
     uint32_t errors;
-    char text[1024]; /* READY: the mount folder; else the detail */
+    char text[1024]; /* the detail of a failure */
 };
 
-static void vd_report(int fd, enum vd_report_kind kind, DWORD status, const char *text)
+/* One report, one message (the channel is SOCK_SEQPACKET); fd (or -1)
+   travels with it. */
+static void vd_report(int socket_fd, enum vd_report_kind kind, DWORD status, const char *text, int fd)
 {
     struct vd_server_report report = {.kind = kind, .status = status, .errors = vd_log_errors};
     snprintf(report.text, sizeof report.text, "%s", text ? text : "");
-    if (write(fd, &report, sizeof report) < 0) {
-        /* The supervisor is gone: nobody to tell. */
+    struct iovec part = {.iov_base = &report, .iov_len = sizeof report};
+    union {
+        struct cmsghdr align;
+        char space[CMSG_SPACE(sizeof(int))];
+    } control;
+    struct msghdr message = {.msg_iov = &part, .msg_iovlen = 1};
+    if (fd >= 0) {
+        memset(&control, 0, sizeof control);
+        message.msg_control = control.space;
+        message.msg_controllen = sizeof control.space;
+        struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+        header->cmsg_level = SOL_SOCKET;
+        header->cmsg_type = SCM_RIGHTS;
+        header->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(header), &fd, sizeof fd);
     }
+    while (sendmsg(socket_fd, &message, MSG_NOSIGNAL) < 0 && errno == EINTR)
+        continue; /* any other failure: the supervisor is gone, nobody to tell */
 }
 
-struct vd_watch {
-    int go_fd;
-    char *mount_dir;
-};
-
-/* Waits for the supervisor to go away; then the mount must not stay
-   visible, whether or not a loop device holds its file. */
-static void *vd_server_watch(void *context)
-{
-    struct vd_watch *watch = context;
-    char byte;
-    while (read(watch->go_fd, &byte, 1) != 0 && errno == EINTR)
-        continue;
-    if (umount2(watch->mount_dir, MNT_DETACH | UMOUNT_NOFOLLOW) == 0)
-        vd_log(false, "the supervisor is gone; unmounted %s", watch->mount_dir);
-    rmdir(watch->mount_dir);
-    return NULL;
-}
-
-static void vd_server_main(struct vd_image *image, bool writable, int report_fd, int go_fd, int ops_fd)
+static void vd_server_main(struct vd_image *image, bool writable, int report_fd, int ops_fd)
     __attribute__((noreturn));
 
-static void vd_server_main(struct vd_image *image, bool writable, int report_fd, int go_fd, int ops_fd)
+static void vd_server_main(struct vd_image *image, bool writable, int report_fd, int ops_fd)
 {
     prctl(PR_SET_NAME, "virtdisk-fuse");
     fuse_set_log_func(vd_fuse_log);
@@ -173,26 +171,22 @@ static void vd_server_main(struct vd_image *image, bool writable, int report_fd,
     if (status == ERROR_SUCCESS)
         status = vd_share_mark_attached(vd_fuse_image(server)->fd);
     if (status != ERROR_SUCCESS) {
-        vd_report(report_fd, VD_REPORT_READY, status, vd_last_error_detail());
+        vd_report(report_fd, VD_REPORT_READY, status, vd_last_error_detail(), -1);
         _exit(1);
     }
     /* Without it the disk is served all the same; operations are refused. */
     if (vd_serve_ops_start(server, ops_fd) != ERROR_SUCCESS)
         vd_log(true, "no operations for this disk: %s", vd_last_error_detail());
-    static struct vd_watch watch;
-    watch.go_fd = go_fd;
-    watch.mount_dir = strdup(vd_fuse_mount_dir(server));
-    pthread_t watcher;
-    if (!watch.mount_dir || pthread_create(&watcher, NULL, vd_server_watch, &watch) != 0) {
-        vd_fuse_hide(server);
-        vd_report(report_fd, VD_REPORT_READY, ERROR_OUTOFMEMORY, "starting the server's watcher");
-        _exit(1);
-    }
-    vd_report(report_fd, VD_REPORT_READY, ERROR_SUCCESS, watch.mount_dir);
+    /* The mount's root goes to the supervisor, which opens the file (this
+       process never opens its own mount); from then on the mount lives only
+       in what the supervisor holds.  If it dies before it takes the root,
+       the message dies with its socket, and the session with it. */
+    vd_report(report_fd, VD_REPORT_READY, ERROR_SUCCESS, "", vd_fuse_root(server));
+    vd_fuse_let_go(server);
     /* Serve until the kernel ends the session: the loop device let go of the
        file, and the mount is gone. */
     status = vd_fuse_wait_end(server);
-    vd_report(report_fd, VD_REPORT_ENDED, status, vd_last_error_detail());
+    vd_report(report_fd, VD_REPORT_ENDED, status, vd_last_error_detail(), -1);
     _exit(status == ERROR_SUCCESS ? 0 : 1);
 }
 
@@ -228,7 +222,6 @@ struct vd_supervisor {
        disk's name after a break. */
     char mirror_path[VD_MSG_MAX_PAYLOAD];
     int marker_fd;      /* this process's attachment marker (share.h), else -1 */
-    int go_fd;          /* closed: the server unmounts (the supervisor is gone) */
     struct vd_loop loop;
     uint64_t backing_dev;
     uint64_t backing_ino;
@@ -243,30 +236,51 @@ struct vd_supervisor {
 };
 
 /* Reads one report within timeout_ms: 0, ETIMEDOUT, or EPIPE (the server
-   died without a word). */
-static int vd_read_report(int fd, int timeout_ms, struct vd_server_report *report)
+   died without a word).  A descriptor that came with it goes to *fd when fd
+   is not NULL (else it is closed); *fd is -1 when none came. */
+static int vd_read_report(int socket_fd, int timeout_ms, struct vd_server_report *report, int *fd)
 {
+    if (fd)
+        *fd = -1;
     uint64_t deadline = vd_msg_now_ms() + (uint64_t)timeout_ms;
-    size_t got = 0;
-    while (got < sizeof *report) {
+    for (;;) {
         uint64_t now = vd_msg_now_ms();
         if (now >= deadline)
             return ETIMEDOUT;
-        struct pollfd ready = {.fd = fd, .events = POLLIN};
+        struct pollfd ready = {.fd = socket_fd, .events = POLLIN};
         int n = poll(&ready, 1, (int)(deadline - now));
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
             return n == 0 ? ETIMEDOUT : errno;
-        ssize_t r = read(fd, (char *)report + got, sizeof *report - got);
+        struct iovec part = {.iov_base = report, .iov_len = sizeof *report};
+        union {
+            struct cmsghdr align;
+            char space[CMSG_SPACE(sizeof(int))];
+        } control;
+        struct msghdr message = {
+            .msg_iov = &part, .msg_iovlen = 1, .msg_control = control.space, .msg_controllen = sizeof control.space};
+        ssize_t r = recvmsg(socket_fd, &message, MSG_CMSG_CLOEXEC);
         if (r < 0 && errno == EINTR)
             continue;
-        if (r <= 0)
-            return EPIPE;
-        got += (size_t)r;
+        int received = -1;
+        for (struct cmsghdr *header = r > 0 ? CMSG_FIRSTHDR(&message) : NULL; header;
+             header = CMSG_NXTHDR(&message, header))
+            if (header->cmsg_level == SOL_SOCKET && header->cmsg_type == SCM_RIGHTS &&
+                header->cmsg_len == CMSG_LEN(sizeof(int)))
+                memcpy(&received, CMSG_DATA(header), sizeof received);
+        if (r != (ssize_t)sizeof *report || (message.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+            if (received >= 0)
+                close(received);
+            return EPIPE; /* the end of the channel, or not a report of the server's */
+        }
+        if (fd)
+            *fd = received;
+        else if (received >= 0)
+            close(received);
+        report->text[sizeof report->text - 1] = '\0';
+        return 0;
     }
-    report->text[sizeof report->text - 1] = '\0';
-    return 0;
 }
 
 static void vd_reap(pid_t pid)
@@ -296,7 +310,7 @@ static void vd_abort_connection(const struct vd_supervisor *s)
 static DWORD vd_wait_server(struct vd_supervisor *s, int timeout_ms)
 {
     struct vd_server_report report;
-    int error = vd_read_report(s->report_fd, timeout_ms, &report);
+    int error = vd_read_report(s->report_fd, timeout_ms, &report, NULL);
     if (error == ETIMEDOUT)
         return vd_fail(ERROR_BUSY, "the server of %s is still serving after %d ms", s->image_path, timeout_ms);
     vd_reap(s->server);
@@ -754,7 +768,7 @@ static void vd_supervise(struct vd_supervisor *s)
                file behind our back (an administrator's losetup -d), or it
                died. */
             struct vd_server_report report;
-            if (vd_read_report(s->report_fd, 1000, &report) == 0 && report.kind == VD_REPORT_ENDED) {
+            if (vd_read_report(s->report_fd, 1000, &report, NULL) == 0 && report.kind == VD_REPORT_ENDED) {
                 vd_reap(s->server);
                 if (s->loop.fd >= 0)
                     close(s->loop.fd);
@@ -794,22 +808,15 @@ static DWORD vd_start(struct vd_supervisor *s, int image_fd, const struct vd_msg
         vd_image_close(image);
         return vd_fail(ERROR_FILE_NOT_FOUND, "%s changed while being attached", s->image_path);
     }
-    int report[2], go[2], ops[2];
-    if (pipe2(report, O_CLOEXEC) < 0) {
+    int report[2], ops[2];
+    /* Reports carry the mount's root (SCM_RIGHTS): a socket, not a pipe. */
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, report) < 0) {
         vd_image_close(image);
-        return vd_fail_errno(errno, "creating the server's report pipe");
-    }
-    if (pipe2(go, O_CLOEXEC) < 0) {
-        close(report[0]);
-        close(report[1]);
-        vd_image_close(image);
-        return vd_fail_errno(errno, "creating the server's pipe");
+        return vd_fail_errno(errno, "creating the server's report channel");
     }
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, ops) < 0) {
         close(report[0]);
         close(report[1]);
-        close(go[0]);
-        close(go[1]);
         vd_image_close(image);
         return vd_fail_errno(errno, "creating the server's operations channel");
     }
@@ -817,26 +824,24 @@ static DWORD vd_start(struct vd_supervisor *s, int image_fd, const struct vd_msg
     s->server = fork();
     if (s->server == 0) {
         close(report[0]);
-        close(go[1]);
         close(ops[0]);
         close(s->control);
         close(image_fd); /* the handle's own: its lock must end with the handle */
         vd_drop_claims(s); /* the supervisor's to hold: they end with it */
-        vd_server_main(image, !request->read_only, report[1], go[0], ops[1]);
+        vd_server_main(image, !request->read_only, report[1], ops[1]);
     }
     int fork_error = errno;
     vd_image_close(image); /* the server has its own copies */
     close(report[1]);
-    close(go[0]);
     close(ops[1]);
     s->ops_fd = ops[0];
     s->report_fd = report[0];
-    s->go_fd = go[1];
     if (s->server < 0)
         return vd_fail_errno(fork_error, "starting the server process");
 
     struct vd_server_report ready;
-    int error = vd_read_report(s->report_fd, VD_ATTACH_REQUEST_MS, &ready);
+    int root_fd = -1;
+    int error = vd_read_report(s->report_fd, VD_ATTACH_REQUEST_MS, &ready, &root_fd);
     if (error) {
         kill(s->server, SIGKILL);
         vd_reap(s->server);
@@ -844,15 +849,20 @@ static DWORD vd_start(struct vd_supervisor *s, int image_fd, const struct vd_msg
                        error == ETIMEDOUT ? "hung" : "died");
     }
     if (ready.status != ERROR_SUCCESS) {
+        if (root_fd >= 0)
+            close(root_fd);
         vd_reap(s->server);
         return vd_fail(ready.status, "%s", ready.text);
     }
-    const char *mount_dir = ready.text;
-    char disk_path[1100];
-    snprintf(disk_path, sizeof disk_path, "%s/%s", mount_dir, VD_FUSE_DISK_NAME);
-    int disk_fd = open(disk_path, (request->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    /* The mount is in no namespace (fuseserve.h): the file is reached only
+       through its root, which the server handed over. */
+    int disk_fd = root_fd < 0 ? (errno = EBADF, -1)
+                              : openat(root_fd, VD_FUSE_DISK_NAME,
+                                       (request->read_only ? O_RDONLY : O_RDWR) | O_NOFOLLOW | O_CLOEXEC);
     if (disk_fd < 0)
-        status = vd_fail_errno(errno, "opening %s, the FUSE view of %s", disk_path, s->image_path);
+        status = vd_fail_errno(errno, "opening the FUSE view of %s", s->image_path);
+    if (root_fd >= 0)
+        close(root_fd); /* from here the file alone holds the mount */
     struct stat disk_st;
     if (status == ERROR_SUCCESS && fstat(disk_fd, &disk_st) < 0)
         status = vd_fail_errno(errno, "examining the FUSE view of %s", s->image_path);
@@ -875,12 +885,7 @@ static DWORD vd_start(struct vd_supervisor *s, int image_fd, const struct vd_msg
         status = vd_loop_attach(&loop_request, &s->loop);
     }
     if (disk_fd >= 0)
-        close(disk_fd); /* the loop device holds its own reference */
-    /* Hidden from here on: the session lives while the loop device holds the
-       file, and ends when it lets go. */
-    if (umount2(mount_dir, MNT_DETACH | UMOUNT_NOFOLLOW) < 0 && status == ERROR_SUCCESS)
-        status = vd_fail_errno(errno, "detaching the FUSE mount %s", mount_dir);
-    rmdir(mount_dir);
+        close(disk_fd); /* the loop device holds its own reference: the session lives while it does */
     if (status != ERROR_SUCCESS) {
         if (s->loop.fd >= 0) {
             close(s->loop.fd); /* autoclear: the only holder closing detaches */
@@ -967,7 +972,7 @@ static void vd_supervisor_main(int control) __attribute__((noreturn));
 
 static void vd_supervisor_main(int control)
 {
-    struct vd_supervisor s = {.control = control, .listener = -1, .server = -1, .report_fd = -1, .go_fd = -1, .ops_fd = -1,
+    struct vd_supervisor s = {.control = control, .listener = -1, .server = -1, .report_fd = -1, .ops_fd = -1,
                               .loop = {.number = -1, .fd = -1}, .attach_claim = -1, .marker_fd = -1};
     uint16_t type;
     char payload[VD_MSG_MAX_PAYLOAD];

@@ -6,11 +6,14 @@
  * must never open its own mount (fuseserve.h).
  *
  *   vdserve IMAGE     prints the served file's path and a newline, serves
- *                     until its standard input ends, then unmounts and
- *                     waits for the session to end.
+ *                     until its standard input ends, then lets go of the
+ *                     mount and waits for the session to end.
  *
- * Exit 0, or 2 with "0xCODE detail" on stderr.  The mount lives in the run
- * directory ($VIRTDISK_RUN_DIR: the test's own).
+ * Exit 0, or 2 with "0xCODE detail" on stderr.  The mount is in no
+ * namespace (fuseserve.h): the path printed goes through this process's
+ * descriptor of its root, /proc/<pid>/fd/<n>/disk, which root may open.
+ * The mount folder is made in the run directory ($VIRTDISK_RUN_DIR: the
+ * test's own).
  */
 #include <stdio.h>
 #include <unistd.h>
@@ -40,12 +43,12 @@ int main(int argc, char **argv)
     status = vd_fuse_serve(image, false, &server);
     if (status != ERROR_SUCCESS)
         return fail(status);
-    printf("%s/%s\n", vd_fuse_mount_dir(server), VD_FUSE_DISK_NAME);
+    printf("/proc/%ld/fd/%d/%s\n", (long)getpid(), vd_fuse_root(server), VD_FUSE_DISK_NAME);
     fflush(stdout);
     char byte;
     while (read(STDIN_FILENO, &byte, 1) > 0)
         continue;
-    vd_fuse_hide(server);
+    vd_fuse_let_go(server);
     status = vd_fuse_wait_end(server);
     return status == ERROR_SUCCESS ? 0 : fail(status);
 }
