@@ -88,10 +88,10 @@ def helpers_of(run_dir: Path) -> dict[int, str]:
 
 
 def mounts_seen_by(pid: int | str, run_dir: Path) -> list[str]:
-    """The mounts under run_dir in pid's mount namespace, and any of the
-    provider's FUSE file systems anywhere in it."""
+    """The mounts under run_dir (the test's own) in pid's mount namespace;
+    a root holder's bind of one shows as its pin folder, under tmp_path."""
     lines = _read(Path(f"/proc/{pid}/mountinfo")).splitlines()
-    return [line for line in lines if f" {run_dir}/" in line or " fuse.virtdisk " in line]
+    return [line for line in lines if f" {run_dir}/" in line or f" {run_dir.parent}/pin." in line]
 
 
 def wait_for(condition, what: str) -> None:
@@ -283,3 +283,58 @@ def attach_and_copy(
         if attacher.poll() is None:
             attacher.kill()
             attacher.wait()
+
+
+@pytest.fixture(scope="module")
+def unshare_refusing_double(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/doubles/unshare_refusing_double.c built for LD_PRELOAD."""
+    library = tmp_path_factory.mktemp("doubles") / "unshare_refusing_double.so"
+    source = Path(__file__).parent / "doubles" / "unshare_refusing_double.c"
+    subprocess.run([require_tool("gcc"), "-shared", "-fPIC", "-O1", "-Wall", "-o", str(library), str(source)], check=True)
+    return library
+
+
+def test_without_a_namespace_the_mount_shows_only_until_it_is_detached(
+    tmp_path: Path, run_dir: Path, unshare_refusing_double: Path
+) -> None:
+    # unshare refused (a seccomp filter, RestrictNamespaces=): the server
+    # mounts where it lives, detaches at once, and serves all the same.
+    image = tmp_path / "disk.vhdx"
+    virtdisk.create(image, 64 * MiB).close()
+    extra = {STOP: "1", "LD_PRELOAD": str(unshare_refusing_double)}
+    attacher = subprocess.Popen(
+        [sys.executable, "-c", ATTACH, str(image)],
+        env=env_for(run_dir, **extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        servers: list[int] = []
+
+        def stopped() -> bool:
+            assert attacher.poll() is None, f"the attacher ended early: {attacher.communicate()[1]}"
+            servers[:] = [pid for pid, comm in helpers_of(run_dir).items() if comm == "virtdisk-fuse"]
+            return len(servers) == 1 and state_of(servers[0]) == "T"
+
+        wait_for(stopped, "the server stopping while mounted")
+        # The fallback was taken: the mount is in the host's namespace.
+        assert [line for line in mounts_seen_by("self", run_dir) if " fuse.virtdisk " in line]
+        os.kill(servers[0], signal.SIGCONT)
+        out, err = attacher.communicate(timeout=120)
+        assert attacher.returncode == 0, err
+    finally:
+        if attacher.poll() is None:
+            attacher.kill()
+            attacher.wait()
+    device = out.strip()
+    assert mounts_seen_by("self", run_dir) == []
+    assert not [name for name in os.listdir(run_dir) if name.startswith("mnt.")]
+    digest = run_python(WRITE, run_dir, device, str(MiB)).strip()
+    detach = subprocess.run(
+        [sys.executable, "-m", "virtdisk", "detach", str(image)],
+        env=env_for(run_dir), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert detach.returncode == 0, detach.stderr
+    wait_for(lambda: not helpers_of(run_dir), "the helper ending")
+    run_python(READ_BACK, run_dir, str(image), f"{MiB}={digest}")
