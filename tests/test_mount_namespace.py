@@ -17,6 +17,7 @@ server's namespace by propagation would show in it too."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -195,6 +196,23 @@ os.close(fd)
 print(hashlib.sha256(data).hexdigest())
 """
 
+# Holds the device open (so it stays bound to the dead server's file), reads
+# once the test has killed the server, and prints the errno.
+READ_AFTER_KILL = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+buffer = mmap.mmap(-1, 1 << 16)
+os.preadv(fd, [buffer], 0)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    for i in range(1, 256):  # O_DIRECT, new offsets: nothing cached answers
+        os.preadv(fd, [buffer], i << 16)
+    print("read on")
+except OSError as error:
+    print(error.errno)
+"""
+
 READ_BACK = """
 import hashlib, os, sys, virtdisk
 with virtdisk.open(sys.argv[1]) as disk:
@@ -208,6 +226,73 @@ with virtdisk.open(sys.argv[1]) as disk:
 """
 
 
+class StoppedAttach:
+    """A permanent attach of image whose server has stopped itself while
+    its file system is mounted and not yet detached."""
+
+    def __init__(self, image: Path, run_dir: Path, **extra: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", ATTACH, str(image)],
+            env=env_for(run_dir, **{STOP: "1"}, **extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        servers: list[int] = []
+
+        def stopped() -> bool:
+            assert self.process.poll() is None, f"the attacher ended early: {self.process.communicate()[1]}"
+            servers[:] = [pid for pid, comm in helpers_of(run_dir).items() if comm == "virtdisk-fuse"]
+            return len(servers) == 1 and state_of(servers[0]) == "T"
+
+        try:
+            wait_for(stopped, "the server stopping while mounted")
+        except BaseException:
+            self.close()
+            raise
+        self.server = servers[0]
+
+    def go_on(self) -> str:
+        """Lets the server go on; the attach's device."""
+        os.kill(self.server, signal.SIGCONT)
+        out, err = self.process.communicate(timeout=120)
+        assert self.process.returncode == 0, err
+        return out.strip()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+def read_after_kill(device: str, server: int, run_dir: Path) -> str:
+    """What a reader of device that holds it open meets once server is
+    killed: the errno, or "read on"."""
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READ_AFTER_KILL, device],
+        env=env_for(run_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert reader.stdin and reader.stdout
+    try:
+        assert reader.stdout.readline().strip() == "ready"
+        os.kill(server, signal.SIGKILL)
+        reader.stdin.write("go\n")
+        reader.stdin.flush()
+        return reader.stdout.readline().strip()
+    finally:
+        reader.stdin.close()
+        reader.wait(timeout=WAIT)
+        reader.stdout.close()
+
+
+def detach(image: Path, run_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "virtdisk", "detach", str(image)],
+        env=env_for(run_dir), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
 def test_a_copied_namespace_neither_sees_nor_holds_the_mount(tmp_path: Path, run_dir: Path) -> None:
     kinds = ["root"] + (["user"] if user_namespaces_work() else [])
     if IN_CI:
@@ -216,27 +301,39 @@ def test_a_copied_namespace_neither_sees_nor_holds_the_mount(tmp_path: Path, run
     virtdisk.create(image, 64 * MiB).close()
     written: dict[int, str] = {}
     for round_number in range(ROUNDS):
-        pins = [tmp_path / f"pin.{round_number}.{kind}" for kind in kinds]
-        for pin in pins:
-            pin.mkdir()
         holders: list[Holder] = []
+        attach = StoppedAttach(image, run_dir)
         try:
-            device, seen = attach_and_copy(image, run_dir, kinds, pins, holders)
+            # The stop is inside the window: the server's own namespace holds the mount ...
+            assert [line for line in mounts_seen_by(attach.server, run_dir) if " fuse.virtdisk " in line]
+            # ... and the host's does not, not even by propagation into the shared run directory.
+            assert mounts_seen_by("self", run_dir) == [], (
+                "the server's mount is visible in the host's namespace"
+            )
+            for kind in kinds:
+                pin = tmp_path / f"pin.{round_number}.{kind}"
+                pin.mkdir()
+                holders.append(Holder(kind, run_dir, pin))
+            seen = {holder.kind: holder.ready() for holder in holders}  # the barrier: every copy made
             assert seen == {kind: 0 for kind in kinds}, "a copied namespace saw the server's mount"
+            device = attach.go_on()
             seq = diskseq(device)
             offset = (round_number * 3 + 1) * MiB
             written[offset] = run_python(WRITE, run_dir, device, str(offset)).strip()
-            detach = subprocess.run(
-                [sys.executable, "-m", "virtdisk", "detach", str(image)],
-                env=env_for(run_dir), capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
-            assert detach.returncode == 0, f"round {round_number}: {detach.stderr}"
+            if round_number == ROUNDS - 1:
+                # A server that dies ends all the same: its device fails
+                # reads at once, and the helper lets go of it.
+                assert read_after_kill(device, attach.server, run_dir) == str(errno.EIO)
+                wait_for(lambda: not helpers_of(run_dir), "the helper of a killed server ending")
+            else:
+                detach(image, run_dir)
             assert not still_bound(device, seq), f"round {round_number}: {device} still bound"
             wait_for(lambda: not helpers_of(run_dir), f"round {round_number}: the helper ending")
             for holder in holders:
-                assert mounts_seen_by(holder.process.pid, run_dir) == [], f"{holder.kind} holder still sees a mount"
+                assert mounts_seen_by(holder.process.pid, run_dir) == [], f"{holder.kind} holder sees a mount"
             run_python(READ_BACK, run_dir, str(image), *(f"{o}={d}" for o, d in written.items()))
         finally:
+            attach.close()
             for holder in holders:
                 holder.end()
     assert not helpers_of(run_dir)
@@ -244,53 +341,14 @@ def test_a_copied_namespace_neither_sees_nor_holds_the_mount(tmp_path: Path, run
     print(f"{ROUNDS} rounds, namespaces copied by {kinds} while mounted, {len(written)} MiB read back")
 
 
-def attach_and_copy(
-    image: Path, run_dir: Path, kinds: list[str], pins: list[Path], holders: list[Holder]
-) -> tuple[str, dict[str, int]]:
-    """Attaches image permanently, its server stopped while mounted until a
-    holder of each kind has copied the host's namespace (the barrier);
-    returns the device and how many mounts under the run directory each
-    holder saw in its copy."""
-    attacher = subprocess.Popen(
-        [sys.executable, "-c", ATTACH, str(image)],
-        env=env_for(run_dir, **{STOP: "1"}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        servers: list[int] = []
-
-        def stopped() -> bool:
-            assert attacher.poll() is None, f"the attacher ended early: {attacher.communicate()[1]}"
-            servers[:] = [pid for pid, comm in helpers_of(run_dir).items() if comm == "virtdisk-fuse"]
-            return len(servers) == 1 and state_of(servers[0]) == "T"
-
-        wait_for(stopped, "the server stopping while mounted")
-        server = servers[0]
-        # The stop is inside the window: the server's own namespace holds the mount ...
-        assert [line for line in mounts_seen_by(server, run_dir) if " fuse.virtdisk " in line]
-        # ... and the host's does not, not even by propagation into the shared run directory.
-        assert mounts_seen_by("self", run_dir) == [], "the server's mount is visible in the host's namespace"
-        for kind, pin in zip(kinds, pins):
-            holders.append(Holder(kind, run_dir, pin))
-        seen = {holder.kind: holder.ready() for holder in holders}  # the barrier: every copy made
-        os.kill(server, signal.SIGCONT)
-        out, err = attacher.communicate(timeout=120)
-        assert attacher.returncode == 0, err
-        return out.strip(), seen
-    finally:
-        if attacher.poll() is None:
-            attacher.kill()
-            attacher.wait()
-
-
 @pytest.fixture(scope="module")
 def unshare_refusing_double(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/doubles/unshare_refusing_double.c built for LD_PRELOAD."""
     library = tmp_path_factory.mktemp("doubles") / "unshare_refusing_double.so"
     source = Path(__file__).parent / "doubles" / "unshare_refusing_double.c"
-    subprocess.run([require_tool("gcc"), "-shared", "-fPIC", "-O1", "-Wall", "-o", str(library), str(source)], check=True)
+    subprocess.run(
+        [require_tool("gcc"), "-shared", "-fPIC", "-O1", "-Wall", "-o", str(library), str(source)], check=True
+    )
     return library
 
 
@@ -301,40 +359,16 @@ def test_without_a_namespace_the_mount_shows_only_until_it_is_detached(
     # mounts where it lives, detaches at once, and serves all the same.
     image = tmp_path / "disk.vhdx"
     virtdisk.create(image, 64 * MiB).close()
-    extra = {STOP: "1", "LD_PRELOAD": str(unshare_refusing_double)}
-    attacher = subprocess.Popen(
-        [sys.executable, "-c", ATTACH, str(image)],
-        env=env_for(run_dir, **extra),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    attach = StoppedAttach(image, run_dir, LD_PRELOAD=str(unshare_refusing_double))
     try:
-        servers: list[int] = []
-
-        def stopped() -> bool:
-            assert attacher.poll() is None, f"the attacher ended early: {attacher.communicate()[1]}"
-            servers[:] = [pid for pid, comm in helpers_of(run_dir).items() if comm == "virtdisk-fuse"]
-            return len(servers) == 1 and state_of(servers[0]) == "T"
-
-        wait_for(stopped, "the server stopping while mounted")
         # The fallback was taken: the mount is in the host's namespace.
         assert [line for line in mounts_seen_by("self", run_dir) if " fuse.virtdisk " in line]
-        os.kill(servers[0], signal.SIGCONT)
-        out, err = attacher.communicate(timeout=120)
-        assert attacher.returncode == 0, err
+        device = attach.go_on()
     finally:
-        if attacher.poll() is None:
-            attacher.kill()
-            attacher.wait()
-    device = out.strip()
+        attach.close()
     assert mounts_seen_by("self", run_dir) == []
     assert not [name for name in os.listdir(run_dir) if name.startswith("mnt.")]
     digest = run_python(WRITE, run_dir, device, str(MiB)).strip()
-    detach = subprocess.run(
-        [sys.executable, "-m", "virtdisk", "detach", str(image)],
-        env=env_for(run_dir), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert detach.returncode == 0, detach.stderr
+    detach(image, run_dir)
     wait_for(lambda: not helpers_of(run_dir), "the helper ending")
     run_python(READ_BACK, run_dir, str(image), f"{MiB}={digest}")
