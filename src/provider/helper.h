@@ -22,10 +22,15 @@
  *     abort when fusectl is mounted): I/O fails with EIO at once; the
  *     supervisor then closes the loop device (autoclear), removes the record
  *     and exits.
+ *   - The mount is seen by no process (fuseserve.h: made in the server's own
+ *     mount namespace and detached there); the server hands its root to the
+ *     supervisor with its READY report (SCM_RIGHTS), and the supervisor
+ *     opens the file through it and attaches the loop device on it.  From
+ *     then on the loop device alone holds the mount.
  *   - The supervisor dying closes its loop descriptor: the kernel detaches
  *     the device once nobody else holds it; the server then ends with its
- *     session (the mount was lazily unmounted; if the supervisor died before
- *     that, the server unmounts it itself).
+ *     session.  A supervisor that dies before it took the root loses it with
+ *     its socket, and the session ends as well.
  *   - Non-permanent: the attacher holds the control channel; the channel
  *     closing (the last handle closed, or the attacher died) ends the
  *     attachment as closing an autoclear device would.  A forked child of

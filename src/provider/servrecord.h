@@ -9,14 +9,17 @@
  *   <base>.json.<pid>    a record being written by process pid
  *   <base>.<pid>.sock    a permanent helper's control socket
  *   <base>.log           the last helper's log (removed at a clean end)
- *   mnt.<pid>.<random>   a FUSE mount folder of server process pid
+ *   mnt.<pid>.<random>   the folder server process pid mounts on, for the
+ *                        moment it takes, in its own namespace (fuseserve.h)
  *
  * Promises:
  *   - A record is trusted only while its helper lives (vd_run_pid_alive) and
  *     its loop device is still bound to its FUSE file.
  *   - vd_run_collect_garbage() removes what dead helpers left: records,
  *     temporaries, sockets, mount folders (lazily unmounting a dead server's
- *     mount first: its connection is already aborted, so nothing blocks),
+ *     mount first, which is there only if it mounted where it lived, or
+ *     came from an older version: its connection is already aborted, so
+ *     nothing blocks),
  *     and keeps at most VD_RUN_MAX_LOGS logs, the newest; and it sweeps
  *     the lock files of sharing claims (share.h).
  */
