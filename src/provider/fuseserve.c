@@ -14,12 +14,12 @@
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sched.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -427,10 +427,11 @@ static void vd_fuse_note_no_namespace(const char *what, int error)
    The mount is made in a mount namespace of this process's own (private:
    nothing propagates out of it), and the process returns to its own
    namespace, root and working directory before anything else happens.  A
-   mount made where others live could be copied while it exists (unshare -m,
-   clone(CLONE_NEWNS), a container starting) or bound elsewhere, and a copy
-   outlives the detach here: the session would never end, and the detach of
-   the disk would wait on a namespace it does not know.  This one lives for
+   mount made where others live can be copied while it exists (unshare -m,
+   clone(CLONE_NEWNS), a container starting); removing its folder removes
+   the copies that are still on it, but not one a copier bound elsewhere or
+   opened: that one outlives the detach here, the session never ends, and
+   the detach of the disk waits for it and fails.  This namespace lives for
    the few system calls below, in one process that no other shares, so
    nothing can copy it; and no other process ever sees the mount, its
    propagation or its events (systemd's mount units, udisks).
