@@ -38,10 +38,12 @@ def sha256(path: Path) -> str:
 
 
 def virtdisk_mounts(images: Path) -> set[str]:
-    """Mount points of the provider's FUSE servers of images in this folder.
-    A server unmounts lazily once its loop device holds the file, so only a
-    server that died half-way leaves one; other programs' FUSE mounts, and
-    other tests' disks, are not ours to count."""
+    """Mount points of the provider's FUSE servers of images in this folder
+    in this process's namespace.  A server mounts in a namespace of its own
+    and detaches there (tests/test_mount_namespace.py), so one here is a
+    mount that leaked out, or one of a server that died half-way where it
+    could make no namespace; other programs' FUSE mounts, and other tests'
+    disks, are not ours to count."""
     files = [path.stat() for path in images.rglob("*") if path.is_file()]
     ours = {f"virtdisk:{st.st_dev:x}-{st.st_ino:x}" for st in files}
     mounts = set()
