@@ -148,6 +148,37 @@ def still_bound(device: str, seq: int | None) -> bool:
     return seq is None or now is None or now == seq
 
 
+def read_text_or_empty(path: Path) -> str:
+    """A /proc file's text, or "" once its process is gone."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def state_of(pid: int) -> str:
+    """The process's state letter (R, S, D, Z, ...), or "" once it is gone."""
+    fields = read_text_or_empty(Path(f"/proc/{pid}/stat")).rpartition(")")[2].split()
+    return fields[0] if fields else ""
+
+
+def helpers_of(run_dir: Path) -> dict[int, str]:
+    """Live helper processes (pid: comm) whose environment names run_dir."""
+    marker = f"VIRTDISK_RUN_DIR={run_dir}".encode()
+    found = {}
+    for comm_path in Path("/proc").glob("[0-9]*/comm"):
+        comm = read_text_or_empty(comm_path).strip()
+        if comm not in ("virtdisk-serve", "virtdisk-fuse"):
+            continue
+        try:
+            environ = (comm_path.parent / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ and state_of(int(comm_path.parent.name)) not in ("", "Z"):
+            found[int(comm_path.parent.name)] = comm
+    return found
+
+
 def unmount(mount_point: Path, device: str, seconds: float = 30.0) -> None:
     """Unmounts mount_point, then waits until nothing holds device claimed.
     A mount namespace another process made while the file system was mounted

@@ -34,7 +34,7 @@ import pytest
 
 import virtdisk
 
-from .conftest import IN_CI, diskseq, require_tool, still_bound
+from .conftest import IN_CI, diskseq, helpers_of, read_text_or_empty, require_tool, state_of, still_bound
 
 pytestmark = pytest.mark.loop
 
@@ -62,39 +62,10 @@ exec cat >/dev/null
 """
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
-
-
-def state_of(pid: int) -> str:
-    fields = _read(Path(f"/proc/{pid}/stat")).rpartition(")")[2].split()
-    return fields[0] if fields else ""
-
-
-def helpers_of(run_dir: Path) -> dict[int, str]:
-    """Live helper processes (pid: comm) whose environment names run_dir."""
-    marker = f"VIRTDISK_RUN_DIR={run_dir}".encode()
-    found = {}
-    for comm_path in Path("/proc").glob("[0-9]*/comm"):
-        comm = _read(comm_path).strip()
-        if comm not in ("virtdisk-serve", "virtdisk-fuse"):
-            continue
-        try:
-            environ = (comm_path.parent / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in environ and state_of(int(comm_path.parent.name)) not in ("", "Z"):
-            found[int(comm_path.parent.name)] = comm
-    return found
-
-
 def mounts_seen_by(pid: int | str, run_dir: Path) -> list[str]:
     """The mounts under run_dir (the test's own) in pid's mount namespace;
     a root holder's bind of one shows as its pin folder, under tmp_path."""
-    lines = _read(Path(f"/proc/{pid}/mountinfo")).splitlines()
+    lines = read_text_or_empty(Path(f"/proc/{pid}/mountinfo")).splitlines()
     return [line for line in lines if f" {run_dir}/" in line or f" {run_dir.parent}/pin." in line]
 
 

@@ -30,7 +30,7 @@ import pytest
 
 import virtdisk
 
-from .conftest import require_tool, still_bound
+from .conftest import helpers_of, read_text_or_empty, require_tool, state_of, still_bound
 
 pytestmark = pytest.mark.loop
 
@@ -46,36 +46,6 @@ GONE_WITHIN = 30.0
 # ---- processes of this test ---------------------------------------------------
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
-
-
-def state_of(pid: int) -> str:
-    """The process's state letter (R, S, D, Z, ...), or "" once it is gone."""
-    fields = _read(Path(f"/proc/{pid}/stat")).rpartition(")")[2].split()
-    return fields[0] if fields else ""
-
-
-def helpers_of(run_dir: Path) -> dict[int, str]:
-    """Live helper processes (pid: comm) whose environment names run_dir."""
-    marker = f"VIRTDISK_RUN_DIR={run_dir}".encode()
-    found = {}
-    for comm_path in Path("/proc").glob("[0-9]*/comm"):
-        comm = _read(comm_path).strip()
-        if comm not in ("virtdisk-serve", "virtdisk-fuse"):
-            continue
-        try:
-            environ = (comm_path.parent / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in environ and state_of(int(comm_path.parent.name)) not in ("", "Z"):
-            found[int(comm_path.parent.name)] = comm
-    return found
-
-
 def wait_gone(pids: list[int], what: str) -> None:
     """Waits until every pid has ended; a survivor is a hang (D state named)."""
     deadline = time.monotonic() + GONE_WITHIN
@@ -89,7 +59,9 @@ def wait_gone(pids: list[int], what: str) -> None:
 
 
 def mounts_under(run_dir: Path) -> list[str]:
-    return [line for line in _read(Path("/proc/self/mounts")).splitlines() if f" {run_dir}/" in line]
+    return [
+        line for line in read_text_or_empty(Path("/proc/self/mounts")).splitlines() if f" {run_dir}/" in line
+    ]
 
 
 def env_for(run_dir: Path) -> dict[str, str]:
