@@ -286,27 +286,52 @@ def attach_permanent(path: Path) -> tuple[str, int | None]:
     return device, diskseq(device)
 
 
+class Rounds:
+    """Up to count rounds, within 90 s, on a fixed VHD of the test's own,
+    attached permanently at the start of each; the test counts in raced the
+    rounds in which the racer got the number, and the rounds fail if it
+    never did."""
+
+    def __init__(self, images: Path, count: int) -> None:
+        self.path = images / "disk.vhd"
+        virtdisk.create(self.path, 8 * MiB, fixed=True).close()
+        self.backing, self.checksum = racer_file(images)
+        self.count = count
+        self.raced = 0
+
+    def __iter__(self) -> Iterator[tuple[str, int | None]]:
+        rounds = 0
+        deadline = time.monotonic() + 90
+        while rounds < self.count and time.monotonic() < deadline:
+            rounds += 1
+            yield attach_permanent(self.path)
+            # Nothing of ours is left: the image opens for writing again.
+            virtdisk.open(self.path).close()
+        assert self.raced, f"the racer never got the number ({rounds} rounds)"
+
+
+def their_seq(answer: list[str]) -> int | None:
+    """The racer's diskseq from its answer "took SEQ", or None when it did
+    not get the number."""
+    return int(answer[1]) if answer[:1] == ["took"] and answer[1].isdigit() else None
+
+
 def test_a_detach_by_lookup_never_touches_a_binding_made_after_its_lookup(images: Path) -> None:
     strace = require_tool("strace")
-    path = images / "disk.vhd"
-    virtdisk.create(path, 8 * MiB, fixed=True).close()
-    backing, checksum = racer_file(images)
-    rounds = raced = 0
-    deadline = time.monotonic() + 90
-    while rounds < 6 and time.monotonic() < deadline:
-        rounds += 1
-        device, seq = attach_permanent(path)
+    rounds = Rounds(images, 6)
+    path = rounds.path
+    for device, seq in rounds:
         detacher = Parked(strace, device, str(path))
         try:
-            with racer(device, backing) as other:
+            with racer(device, rounds.backing) as other:
                 detacher.wait_parked()
                 end_binding(device, seq)
                 answer = ask(other, "bind")
-                their_seq = int(answer[1]) if answer[:1] == ["took"] and answer[1].isdigit() else None
+                their = their_seq(answer)
                 outcome = detacher.release()
-                if their_seq is not None:
-                    raced += 1
-                    check_racer(device, their_seq, checksum, outcome)
+                if their is not None:
+                    rounds.raced += 1
+                    check_racer(device, their, rounds.checksum, outcome)
                     # Our disk was gone before the detach acted: a clear refusal.
                     assert not outcome["detached"], outcome
                     assert outcome["winerror"] == virtdisk.WinError.ERROR_NOT_READY, outcome
@@ -314,9 +339,6 @@ def test_a_detach_by_lookup_never_touches_a_binding_made_after_its_lookup(images
                 assert ask(other, "free") == ["freed"]
         finally:
             detacher.stop()
-        # Nothing of ours is left: the image opens for writing again.
-        virtdisk.open(path).close()
-    assert raced, f"the racer never got the number ({rounds} rounds)"
 
 
 def test_a_detach_by_device_detaches_nothing_once_the_device_holds_another_binding(images: Path) -> None:
@@ -325,30 +347,25 @@ def test_a_detach_by_device_detaches_nothing_once_the_device_holds_another_bindi
     bound by someone else and the image attached again as another device,
     the image is not what /dev/loopN holds any more: nothing is detached."""
     strace = require_tool("strace")
-    path = images / "disk.vhd"
-    virtdisk.create(path, 8 * MiB, fixed=True).close()
-    backing, checksum = racer_file(images)
-    rounds = raced = 0
-    deadline = time.monotonic() + 90
-    while rounds < 4 and time.monotonic() < deadline:
-        rounds += 1
-        device, seq = attach_permanent(path)
+    rounds = Rounds(images, 4)
+    path = rounds.path
+    for device, seq in rounds:
         # Parked at its open of the image: after reading what the device holds.
         detacher = Parked(strace, str(path), device)
         moved = None
         try:
-            with racer(device, backing) as other:
+            with racer(device, rounds.backing) as other:
                 detacher.wait_parked()
                 virtdisk.detach(path)
                 assert not still_bound(device, seq)
                 answer = ask(other, "bind")
-                their_seq = int(answer[1]) if answer[:1] == ["took"] and answer[1].isdigit() else None
+                their = their_seq(answer)
                 moved, moved_seq = attach_permanent(path)
                 outcome = detacher.release()
-                if their_seq is not None:
-                    raced += 1
+                if their is not None:
+                    rounds.raced += 1
                     assert moved != device
-                    check_racer(device, their_seq, checksum, outcome)
+                    check_racer(device, their, rounds.checksum, outcome)
                     assert still_bound(moved, moved_seq), f"the image was detached from {moved}: {outcome}"
                     assert not outcome["detached"], outcome
                     assert outcome["winerror"] == virtdisk.WinError.ERROR_NOT_READY, outcome
@@ -359,8 +376,6 @@ def test_a_detach_by_device_detaches_nothing_once_the_device_holds_another_bindi
             if moved is not None:
                 with suppress(virtdisk.NotAttachedError):
                     virtdisk.detach(path)
-        virtdisk.open(path).close()
-    assert raced, f"the racer never got the number ({rounds} rounds)"
 
 
 def test_the_dependency_information_of_a_disk_never_shows_a_later_binding_of_its_number(images: Path) -> None:
@@ -369,27 +384,22 @@ def test_the_dependency_information_of_a_disk_never_shows_a_later_binding_of_its
     its number bound by another attacher with other flags: the answer is the
     disk detached, never attached with the other binding's flags."""
     strace = require_tool("strace")
-    path = images / "disk.vhd"
-    virtdisk.create(path, 8 * MiB, fixed=True).close()
-    backing, checksum = racer_file(images)
-    rounds = raced = 0
-    deadline = time.monotonic() + 90
-    while rounds < 4 and time.monotonic() < deadline:
-        rounds += 1
-        device, seq = attach_permanent(path)
+    rounds = Rounds(images, 4)
+    path = rounds.path
+    for device, seq in rounds:
         # Parked at its first read of the flags: after finding the device.
         reporter = Parked(strace, f"/sys/block/{Path(device).name}/ro", str(path), REPORTER)
         try:
-            with racer(device, backing) as other:
+            with racer(device, rounds.backing) as other:
                 reporter.wait_parked()
                 end_binding(device, seq)
                 answer = ask(other, "bind held")
-                their_seq = int(answer[1]) if answer[:1] == ["took"] and answer[1].isdigit() else None
+                their = their_seq(answer)
                 outcome = reporter.release()
                 assert outcome["code"] == 0, outcome
-                if their_seq is not None:
-                    raced += 1
-                    check_racer(device, their_seq, checksum, outcome, autoclear="1")
+                if their is not None:
+                    rounds.raced += 1
+                    check_racer(device, their, rounds.checksum, outcome, autoclear="1")
                     # Our disk as it was (read-write, permanent) or detached.
                     assert outcome["device"] == "" or (
                         outcome["device"] == device and not outcome["read_only"] and outcome["permanent"]
@@ -397,8 +407,6 @@ def test_the_dependency_information_of_a_disk_never_shows_a_later_binding_of_its
                 assert ask(other, "free") == ["freed"]
         finally:
             reporter.stop()
-        virtdisk.open(path).close()
-    assert raced, f"the racer never got the number ({rounds} rounds)"
 
 
 def test_the_list_never_mixes_a_disk_with_a_later_binding_of_its_number(images: Path) -> None:
@@ -408,19 +416,14 @@ def test_the_list_never_mixes_a_disk_with_a_later_binding_of_its_number(images: 
     list shows the disk as it was, or not at all, never the other binding's
     flags or file."""
     strace = require_tool("strace")
-    path = images / "disk.vhd"
-    virtdisk.create(path, 8 * MiB, fixed=True).close()
-    backing, checksum = racer_file(images)
-    rounds = raced = 0
-    deadline = time.monotonic() + 90
-    while rounds < 4 and time.monotonic() < deadline:
-        rounds += 1
-        device, seq = attach_permanent(path)
+    rounds = Rounds(images, 4)
+    path = rounds.path
+    for device, seq in rounds:
         # Parked at its read of the read-only flag: after the list, after
         # reading the disk's image and lifetime.
         lister = Parked(strace, f"/sys/block/{Path(device).name}/ro", device, LISTER)
         try:
-            with racer(device, backing) as other:
+            with racer(device, rounds.backing) as other:
                 lister.wait_parked()
                 # Ended as losetup -d would; not waited for, since a lister
                 # that holds the device open keeps it until it lets go.
@@ -433,16 +436,14 @@ def test_the_list_never_mixes_a_disk_with_a_later_binding_of_its_number(images: 
                 other.stdin.flush()
                 outcome = lister.release()
                 answer = other.stdout.readline().split()
-                their_seq = int(answer[1]) if answer[:1] == ["took"] and answer[1].isdigit() else None
+                their = their_seq(answer)
                 assert outcome in ([], [{"image": str(path), "read_only": False, "permanent": True}]), (
                     f"the list described the disk with another binding's file or flags: {outcome}"
                 )
                 assert not still_bound(device, seq), "the disk outlived its LOOP_CLR_FD"
-                if their_seq is not None:
-                    raced += 1
-                    check_racer(device, their_seq, checksum, outcome, autoclear="1")
+                if their is not None:
+                    rounds.raced += 1
+                    check_racer(device, their, rounds.checksum, outcome, autoclear="1")
                 assert ask(other, "free") == ["freed"]
         finally:
             lister.stop()
-        virtdisk.open(path).close()
-    assert raced, f"the racer never got the number ({rounds} rounds)"
