@@ -139,23 +139,7 @@ static void vd_report(int socket_fd, enum vd_report_kind kind, DWORD status, con
     struct vd_server_report report = {.kind = kind, .status = status, .errors = vd_log_errors};
     snprintf(report.text, sizeof report.text, "%s", text ? text : "");
     struct iovec part = {.iov_base = &report, .iov_len = sizeof report};
-    union {
-        struct cmsghdr align;
-        char space[CMSG_SPACE(sizeof(int))];
-    } control;
-    struct msghdr message = {.msg_iov = &part, .msg_iovlen = 1};
-    if (fd >= 0) {
-        memset(&control, 0, sizeof control);
-        message.msg_control = control.space;
-        message.msg_controllen = sizeof control.space;
-        struct cmsghdr *header = CMSG_FIRSTHDR(&message);
-        header->cmsg_level = SOL_SOCKET;
-        header->cmsg_type = SCM_RIGHTS;
-        header->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(header), &fd, sizeof fd);
-    }
-    while (sendmsg(socket_fd, &message, MSG_NOSIGNAL) < 0 && errno == EINTR)
-        continue; /* any other failure: the supervisor is gone, nobody to tell */
+    vd_seqpacket_send(socket_fd, &part, 1, fd); /* a failure: the supervisor is gone, nobody to tell */
 }
 
 static void vd_server_main(struct vd_image *image, bool writable, int report_fd, int ops_fd)
@@ -240,47 +224,25 @@ struct vd_supervisor {
    is not NULL (else it is closed); *fd is -1 when none came. */
 static int vd_read_report(int socket_fd, int timeout_ms, struct vd_server_report *report, int *fd)
 {
+    struct iovec part = {.iov_base = report, .iov_len = sizeof *report};
+    int received = -1;
+    bool truncated;
+    ssize_t got = vd_seqpacket_recv(socket_fd, timeout_ms, &part, 1, &received, &truncated);
     if (fd)
         *fd = -1;
-    uint64_t deadline = vd_msg_now_ms() + (uint64_t)timeout_ms;
-    for (;;) {
-        uint64_t now = vd_msg_now_ms();
-        if (now >= deadline)
-            return ETIMEDOUT;
-        struct pollfd ready = {.fd = socket_fd, .events = POLLIN};
-        int n = poll(&ready, 1, (int)(deadline - now));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return n == 0 ? ETIMEDOUT : errno;
-        struct iovec part = {.iov_base = report, .iov_len = sizeof *report};
-        union {
-            struct cmsghdr align;
-            char space[CMSG_SPACE(sizeof(int))];
-        } control;
-        struct msghdr message = {
-            .msg_iov = &part, .msg_iovlen = 1, .msg_control = control.space, .msg_controllen = sizeof control.space};
-        ssize_t r = recvmsg(socket_fd, &message, MSG_CMSG_CLOEXEC);
-        if (r < 0 && errno == EINTR)
-            continue;
-        int received = -1;
-        for (struct cmsghdr *header = r > 0 ? CMSG_FIRSTHDR(&message) : NULL; header;
-             header = CMSG_NXTHDR(&message, header))
-            if (header->cmsg_level == SOL_SOCKET && header->cmsg_type == SCM_RIGHTS &&
-                header->cmsg_len == CMSG_LEN(sizeof(int)))
-                memcpy(&received, CMSG_DATA(header), sizeof received);
-        if (r != (ssize_t)sizeof *report || (message.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
-            if (received >= 0)
-                close(received);
-            return EPIPE; /* the end of the channel, or not a report of the server's */
-        }
-        if (fd)
-            *fd = received;
-        else if (received >= 0)
+    if (got < 0 && errno == ETIMEDOUT)
+        return ETIMEDOUT;
+    if (got != (ssize_t)sizeof *report || truncated) {
+        if (received >= 0)
             close(received);
-        report->text[sizeof report->text - 1] = '\0';
-        return 0;
+        return EPIPE; /* the end of the channel, or not a report of the server's */
     }
+    if (fd)
+        *fd = received;
+    else if (received >= 0)
+        close(received);
+    report->text[sizeof report->text - 1] = '\0';
+    return 0;
 }
 
 static void vd_reap(pid_t pid)

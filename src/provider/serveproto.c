@@ -21,18 +21,13 @@ uint64_t vd_msg_now_ms(void)
     return (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
 }
 
-int vd_msg_send(int fd, enum vd_msg_type type, const void *payload, size_t length, int pass_fd)
+ssize_t vd_seqpacket_send(int socket_fd, struct iovec *parts, size_t count, int pass_fd)
 {
-    if (length > VD_MSG_MAX_PAYLOAD)
-        return EMSGSIZE;
-    struct vd_msg_header header = {
-        .magic = VD_MSG_MAGIC, .version = VD_MSG_VERSION, .type = (uint16_t)type, .length = (uint32_t)length};
-    struct iovec parts[2] = {{&header, sizeof header}, {(void *)payload, length}};
     union {
         struct cmsghdr align;
         char bytes[CMSG_SPACE(sizeof(int))];
     } control;
-    struct msghdr message = {.msg_iov = parts, .msg_iovlen = length ? 2 : 1};
+    struct msghdr message = {.msg_iov = parts, .msg_iovlen = count};
     if (pass_fd >= 0) {
         memset(&control, 0, sizeof control);
         message.msg_control = control.bytes;
@@ -43,19 +38,16 @@ int vd_msg_send(int fd, enum vd_msg_type type, const void *payload, size_t lengt
         cmsg->cmsg_len = CMSG_LEN(sizeof(int));
         memcpy(CMSG_DATA(cmsg), &pass_fd, sizeof(int));
     }
-    for (;;) {
-        ssize_t sent = sendmsg(fd, &message, MSG_NOSIGNAL);
-        if (sent < 0 && errno == EINTR)
-            continue;
-        if (sent < 0)
-            return errno;
-        return (size_t)sent == sizeof header + length ? 0 : EPROTO;
-    }
+    ssize_t sent;
+    do
+        sent = sendmsg(socket_fd, &message, MSG_NOSIGNAL);
+    while (sent < 0 && errno == EINTR);
+    return sent;
 }
 
 /* Takes the descriptors a message carried: the first into *keep when keep
    is not NULL, every other one closed. */
-static void vd_msg_take_passed(struct msghdr *message, int *keep)
+static void vd_seqpacket_take_passed(struct msghdr *message, int *keep)
 {
     for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(message); cmsg; cmsg = CMSG_NXTHDR(message, cmsg)) {
         if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS)
@@ -72,11 +64,12 @@ static void vd_msg_take_passed(struct msghdr *message, int *keep)
     }
 }
 
-int vd_msg_recv(int fd, int timeout_ms, uint16_t *type, void *payload, size_t capacity, size_t *length,
-                int *passed)
+ssize_t vd_seqpacket_recv(int socket_fd, int timeout_ms, struct iovec *parts, size_t count, int *passed,
+                          bool *truncated)
 {
     if (passed)
         *passed = -1;
+    *truncated = false;
     uint64_t deadline = timeout_ms < 0 ? 0 : vd_msg_now_ms() + (uint64_t)timeout_ms;
     for (;;) {
         int wait = -1;
@@ -84,38 +77,67 @@ int vd_msg_recv(int fd, int timeout_ms, uint16_t *type, void *payload, size_t ca
             uint64_t now = vd_msg_now_ms();
             wait = now >= deadline ? 0 : (int)(deadline - now);
         }
-        struct pollfd ready = {.fd = fd, .events = POLLIN};
+        struct pollfd ready = {.fd = socket_fd, .events = POLLIN};
         int n = poll(&ready, 1, wait);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
-            return errno;
-        if (n == 0)
-            return ETIMEDOUT;
+            return -1;
+        if (n == 0) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
         break;
     }
-    struct vd_msg_header header;
-    char body[VD_MSG_MAX_PAYLOAD + 1];
-    struct iovec parts[2] = {{&header, sizeof header}, {body, sizeof body}};
+    /* Room for more descriptors than anyone may pass: extras are closed,
+       not left to truncate the control data. */
     union {
         struct cmsghdr align;
         char bytes[CMSG_SPACE(4 * sizeof(int))];
     } control;
-    struct msghdr message = {.msg_iov = parts, .msg_iovlen = 2, .msg_control = control.bytes,
-                             .msg_controllen = sizeof control.bytes};
+    struct msghdr message = {
+        .msg_iov = parts, .msg_iovlen = count, .msg_control = control.bytes, .msg_controllen = sizeof control.bytes};
     ssize_t got;
     do
-        got = recvmsg(fd, &message, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        got = recvmsg(socket_fd, &message, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     while (got < 0 && errno == EINTR);
+    if (got < 0)
+        return -1;
+    vd_seqpacket_take_passed(&message, passed);
+    *truncated = (message.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0;
+    return got;
+}
+
+int vd_msg_send(int fd, enum vd_msg_type type, const void *payload, size_t length, int pass_fd)
+{
+    if (length > VD_MSG_MAX_PAYLOAD)
+        return EMSGSIZE;
+    struct vd_msg_header header = {
+        .magic = VD_MSG_MAGIC, .version = VD_MSG_VERSION, .type = (uint16_t)type, .length = (uint32_t)length};
+    struct iovec parts[2] = {{&header, sizeof header}, {(void *)payload, length}};
+    ssize_t sent = vd_seqpacket_send(fd, parts, length ? 2 : 1, pass_fd);
+    if (sent < 0)
+        return errno;
+    return (size_t)sent == sizeof header + length ? 0 : EPROTO;
+}
+
+int vd_msg_recv(int fd, int timeout_ms, uint16_t *type, void *payload, size_t capacity, size_t *length,
+                int *passed)
+{
+    if (passed)
+        *passed = -1;
+    struct vd_msg_header header;
+    char body[VD_MSG_MAX_PAYLOAD + 1];
+    struct iovec parts[2] = {{&header, sizeof header}, {body, sizeof body}};
+    int received = -1;
+    bool truncated;
+    ssize_t got = vd_seqpacket_recv(fd, timeout_ms, parts, 2, passed ? &received : NULL, &truncated);
     if (got < 0)
         return errno == ECONNRESET ? EPIPE : errno;
     if (got == 0)
         return EPIPE;
-    int received = -1;
-    vd_msg_take_passed(&message, passed ? &received : NULL);
     bool bad = (size_t)got < sizeof header || header.magic != VD_MSG_MAGIC || header.version != VD_MSG_VERSION ||
-               header.length != (size_t)got - sizeof header || header.length > capacity ||
-               (message.msg_flags & (MSG_TRUNC | MSG_CTRUNC));
+               header.length != (size_t)got - sizeof header || header.length > capacity || truncated;
     if (bad) {
         if (received >= 0)
             close(received);

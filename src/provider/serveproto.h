@@ -14,8 +14,11 @@
 #ifndef VD_PROVIDER_SERVEPROTO_H
 #define VD_PROVIDER_SERVEPROTO_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 
 #include "virtdisk.h"
 
@@ -122,6 +125,19 @@ struct vd_msg_result {
 
 /* The present CLOCK_BOOTTIME in milliseconds. */
 uint64_t vd_msg_now_ms(void);
+
+/* Sends parts as one record on a SOCK_SEQPACKET socket, with pass_fd
+   (SCM_RIGHTS) when >= 0; retried on EINTR, never raising SIGPIPE.  The
+   bytes sent, or -1 with errno set. */
+ssize_t vd_seqpacket_send(int socket_fd, struct iovec *parts, size_t count, int pass_fd);
+
+/* Waits up to timeout_ms (-1: no limit) for one record and receives it
+   into parts: its length (0 at the end of the stream), or -1 with errno set
+   (ETIMEDOUT when none came).  The first descriptor it carried goes to
+   *passed (-1 when none) when passed is not NULL; any other is closed.
+   *truncated: the record or its control data did not fit. */
+ssize_t vd_seqpacket_recv(int socket_fd, int timeout_ms, struct iovec *parts, size_t count, int *passed,
+                          bool *truncated);
 
 /* Sends one message (passing pass_fd when >= 0).  Returns 0 or an errno. */
 int vd_msg_send(int fd, enum vd_msg_type type, const void *payload, size_t length, int pass_fd);
