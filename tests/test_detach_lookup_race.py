@@ -326,8 +326,7 @@ def test_a_detach_by_lookup_never_touches_a_binding_made_after_its_lookup(images
             with racer(device, rounds.backing) as other:
                 detacher.wait_parked()
                 end_binding(device, seq)
-                answer = ask(other, "bind")
-                their = their_seq(answer)
+                their = their_seq(ask(other, "bind"))
                 outcome = detacher.release()
                 if their is not None:
                     rounds.raced += 1
@@ -358,8 +357,7 @@ def test_a_detach_by_device_detaches_nothing_once_the_device_holds_another_bindi
                 detacher.wait_parked()
                 virtdisk.detach(path)
                 assert not still_bound(device, seq)
-                answer = ask(other, "bind")
-                their = their_seq(answer)
+                their = their_seq(ask(other, "bind"))
                 moved, moved_seq = attach_permanent(path)
                 outcome = detacher.release()
                 if their is not None:
@@ -393,8 +391,7 @@ def test_the_dependency_information_of_a_disk_never_shows_a_later_binding_of_its
             with racer(device, rounds.backing) as other:
                 reporter.wait_parked()
                 end_binding(device, seq)
-                answer = ask(other, "bind held")
-                their = their_seq(answer)
+                their = their_seq(ask(other, "bind held"))
                 outcome = reporter.release()
                 assert outcome["code"] == 0, outcome
                 if their is not None:
