@@ -205,6 +205,13 @@ struct vd_supervisor {
     /* The target of the last mirror started, created or existing: the
        disk's name after a break. */
     char mirror_path[VD_MSG_MAX_PAYLOAD];
+    /* The process that started the last operation, as a pidfd (readable once
+       it has exited), else -1: on Windows closing the handle that started an
+       operation cancels it, and a dead process's handles are closed, so its
+       end cancels the operation here.  Learned from the kernel (the
+       connection's peer), not from the requester's word. */
+    int requester_pidfd;
+    bool requester_control; /* it came through the attacher's channel */
     int marker_fd;      /* this process's attachment marker (share.h), else -1 */
     struct vd_loop loop;
     uint64_t backing_dev;
@@ -470,6 +477,40 @@ static bool vd_peer_is_privileged(int fd, long *pid)
     return privileged;
 }
 
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434 /* one number on every architecture (Linux 5.3) */
+#endif
+
+/* A pidfd of the process on the other end of fd (a client's connecting
+   process, or the attacher, which made the control channel), or -1 with
+   errno: ENOSYS when the kernel has no pidfds (before 5.3), anything else
+   when the peer is gone.  Before Linux 6.5 (no SO_PEERPIDFD) the peer's
+   number is opened, which still names it when it has not exited. */
+static int vd_peer_pidfd(int fd)
+{
+    int pidfd = -1;
+    socklen_t size = sizeof pidfd;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &size) == 0)
+        return pidfd;
+    if (errno != ENOPROTOOPT)
+        return -1;
+    struct ucred peer;
+    size = sizeof peer;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &size) < 0 || peer.pid <= 0) {
+        errno = ESRCH;
+        return -1;
+    }
+    return (int)syscall(SYS_pidfd_open, peer.pid, 0);
+}
+
+static void vd_forget_requester(struct vd_supervisor *s)
+{
+    if (s->requester_pidfd >= 0)
+        close(s->requester_pidfd);
+    s->requester_pidfd = -1;
+    s->requester_control = false;
+}
+
 static void vd_drop_client(struct vd_supervisor *s, size_t index)
 {
     close(s->clients[index].fd);
@@ -608,14 +649,36 @@ static void vd_adopt_target(struct vd_supervisor *s, int target_fd)
     s->image_ino = st.st_ino;
 }
 
+/* Whether a reply is a successful RESULT. */
+static bool vd_reply_succeeded(uint16_t reply_type, const char *reply, size_t reply_length)
+{
+    DWORD status;
+    int loop;
+    const char *detail;
+    return reply_type == VD_MSG_RESULT && vd_msg_parse_result(reply, reply_length, &status, &loop, &detail) == 0 &&
+           status == ERROR_SUCCESS;
+}
+
 /* Passes a request about an operation to the server and its answer back,
-   unchanged.  A server that does not answer in time loses its channel (a
-   late answer must not be taken for the next request's). */
+   unchanged (fd -1: the supervisor's own request, answered to the log).  A
+   server that does not answer in time loses its channel (a late answer must
+   not be taken for the next request's).  A START's requester is learned
+   here, from fd's peer (see struct vd_supervisor). */
 static void vd_forward_operation(struct vd_supervisor *s, int fd, uint16_t type, const void *payload, size_t length)
 {
     if (s->ops_fd < 0) {
-        vd_msg_send_result(fd, ERROR_NOT_SUPPORTED, -1, "this disk's server takes no operations");
+        if (fd >= 0)
+            vd_msg_send_result(fd, ERROR_NOT_SUPPORTED, -1, "this disk's server takes no operations");
         return;
+    }
+    int requester = -1;
+    if (type == VD_MSG_OPERATION_START && fd >= 0) {
+        requester = vd_peer_pidfd(fd);
+        if (requester < 0 && errno != ENOSYS) {
+            /* Nobody would hear of it, and nobody could cancel it. */
+            vd_msg_send_result(fd, ERROR_OPERATION_ABORTED, -1, "the requesting process is gone");
+            return;
+        }
     }
     int error = vd_msg_send(s->ops_fd, type, payload, length, -1);
     uint16_t reply_type = 0;
@@ -633,16 +696,53 @@ static void vd_forward_operation(struct vd_supervisor *s, int fd, uint16_t type,
         vd_log(true, "the server did not answer an operation request: %s", strerror(error));
         close(s->ops_fd);
         s->ops_fd = -1;
-        vd_msg_send_result(fd, ERROR_GEN_FAILURE, -1, "the disk's server did not answer the operation request");
+        if (requester >= 0)
+            close(requester);
+        if (fd >= 0)
+            vd_msg_send_result(fd, ERROR_GEN_FAILURE, -1, "the disk's server did not answer the operation request");
         return;
     }
     vd_note_mirror(s, type, payload, length, reply_type, reply, reply_length);
+    bool succeeded = vd_reply_succeeded(reply_type, reply, reply_length);
+    if (type == VD_MSG_OPERATION_START && succeeded) {
+        vd_forget_requester(s);
+        s->requester_pidfd = requester;
+        s->requester_control = fd == s->control;
+        requester = -1;
+    } else if ((type == VD_MSG_OPERATION_CANCEL || type == VD_MSG_BREAK_MIRROR) && succeeded) {
+        vd_forget_requester(s); /* its operation is over */
+    }
+    if (requester >= 0)
+        close(requester);
+    if (fd < 0) {
+        DWORD status = ERROR_GEN_FAILURE;
+        int loop;
+        const char *detail = "a malformed answer";
+        if (reply_type == VD_MSG_RESULT)
+            vd_msg_parse_result(reply, reply_length, &status, &loop, &detail);
+        vd_log(status != ERROR_SUCCESS && status != ERROR_NOT_FOUND, "the server answered 0x%08X%s%s",
+               (unsigned)status, detail[0] ? ": " : "", detail);
+    }
     if (handover >= 0) {
         if (type == VD_MSG_BREAK_MIRROR)
             vd_adopt_target(s, handover);
         close(handover);
     }
-    vd_msg_send(fd, (enum vd_msg_type)reply_type, reply, reply_length, -1);
+    if (fd >= 0)
+        vd_msg_send(fd, (enum vd_msg_type)reply_type, reply, reply_length, -1);
+}
+
+/* The process that started the operation has exited, or (when it came
+   through the attacher's channel) the attacher's handles all closed: the
+   handle that started it is closed, which cancels it, whatever the process
+   said or did not say before it went.  A mirror in sync ends as a cancel
+   ends it: the source stays the disk, a target the mirror created is
+   removed (servemirror.h). */
+static void vd_cancel_orphaned(struct vd_supervisor *s, const char *why)
+{
+    vd_forget_requester(s);
+    vd_log(false, "%s: cancelling the operation it started", why);
+    vd_forward_operation(s, -1, VD_MSG_OPERATION_CANCEL, NULL, 0);
 }
 
 static void vd_serve_client(struct vd_supervisor *s, size_t index)
@@ -683,6 +783,9 @@ static void vd_serve_control(struct vd_supervisor *s)
     int error = vd_msg_recv(s->control, 0, &type, payload, sizeof payload, &length, NULL);
     if (error == ETIMEDOUT)
         return;
+    if ((error == EPIPE || error == ECONNRESET || (error == 0 && type == VD_MSG_RELEASE)) &&
+        s->requester_control)
+        vd_cancel_orphaned(s, "the attacher's handles closed");
     if (error == EPIPE || error == ECONNRESET) {
         /* The attacher's last handle closed, or it died. */
         vd_release(s, -1);
@@ -707,11 +810,12 @@ static void vd_supervise(struct vd_supervisor *s) __attribute__((noreturn));
 static void vd_supervise(struct vd_supervisor *s)
 {
     for (;;) {
-        struct pollfd fds[3 + VD_MAX_CLIENTS];
+        struct pollfd fds[4 + VD_MAX_CLIENTS];
         size_t count = 0;
         fds[count++] = (struct pollfd){.fd = s->report_fd, .events = POLLIN};
         fds[count++] = (struct pollfd){.fd = s->control, .events = POLLIN};
         fds[count++] = (struct pollfd){.fd = s->listener, .events = POLLIN};
+        fds[count++] = (struct pollfd){.fd = s->requester_pidfd, .events = POLLIN};
         uint64_t now = vd_msg_now_ms(), next = UINT64_MAX;
         for (size_t i = 0; i < s->client_count; i++) {
             fds[count++] = (struct pollfd){.fd = s->clients[i].fd, .events = POLLIN};
@@ -740,6 +844,10 @@ static void vd_supervise(struct vd_supervisor *s)
             }
             vd_server_died(s);
         }
+        /* Before the attacher's channel: the requester's end is its
+           operation's, whatever becomes of the attachment. */
+        if (s->requester_pidfd >= 0 && fds[3].revents)
+            vd_cancel_orphaned(s, "the process that started the operation has exited");
         if (s->control >= 0 && fds[1].revents)
             vd_serve_control(s);
         if (s->listener >= 0 && fds[2].revents)
@@ -747,7 +855,7 @@ static void vd_supervise(struct vd_supervisor *s)
         now = vd_msg_now_ms();
         /* From the last: vd_drop_client moves the last entry into the gap. */
         for (size_t i = s->client_count; i-- > 0;) {
-            size_t slot = 3 + i;
+            size_t slot = 4 + i;
             if (slot < count && fds[slot].fd == s->clients[i].fd && fds[slot].revents)
                 vd_serve_client(s, i);
             else if (s->clients[i].deadline_ms <= now)
@@ -935,7 +1043,8 @@ static void vd_supervisor_main(int control) __attribute__((noreturn));
 static void vd_supervisor_main(int control)
 {
     struct vd_supervisor s = {.control = control, .listener = -1, .server = -1, .report_fd = -1, .ops_fd = -1,
-                              .loop = {.number = -1, .fd = -1}, .attach_claim = -1, .marker_fd = -1};
+                              .loop = {.number = -1, .fd = -1}, .attach_claim = -1, .marker_fd = -1,
+                              .requester_pidfd = -1};
     uint16_t type;
     char payload[VD_MSG_MAX_PAYLOAD];
     size_t length;
