@@ -13,6 +13,7 @@
 
 #include "errors.h"
 #include "loopdev.h"
+#include "servedop.h"
 #include "share.h"
 
 static pthread_mutex_t vd_registry_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -256,6 +257,11 @@ __attribute__((constructor)) static void vd_handles_init(void)
    last descriptor detaches it, as Windows does when the last handle closes. */
 static void vd_handle_free(struct vd_handle *handle)
 {
+    /* Its jobs have ended (each held a reference); a mirror it started
+       may still be in sync, which on Windows is still the handle's pending
+       operation: closing the handle cancels it. */
+    if (handle->served_serial && !handle->inherited)
+        vd_served_op_end(handle);
     struct vd_disk *disk = handle->disk;
     int loop_fd = -1, loop_number = -1, attach_claim = -1;
     uint64_t loop_seq = 0;

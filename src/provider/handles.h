@@ -59,6 +59,9 @@ struct vd_handle {
                                may change (1 unless OpenVirtualDisk said) */
     bool inherited;         /* copied into a forked child: the parent's, unusable here */
     pid_t owner;            /* when inherited: the process that opened it */
+    uint32_t served_serial; /* the last operation it started in a disk's
+                               server (servedop.h), which its close cancels;
+                               0: none */
     struct vd_handle *next;
 };
 

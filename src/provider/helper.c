@@ -212,6 +212,7 @@ struct vd_supervisor {
        connection's peer), not from the requester's word. */
     int requester_pidfd;
     bool requester_control; /* it came through the attacher's channel */
+    uint32_t requester_serial; /* the operation's number (serveproto.h) */
     int marker_fd;      /* this process's attachment marker (share.h), else -1 */
     struct vd_loop loop;
     uint64_t backing_dev;
@@ -708,6 +709,11 @@ static void vd_forward_operation(struct vd_supervisor *s, int fd, uint16_t type,
         vd_forget_requester(s);
         s->requester_pidfd = requester;
         s->requester_control = fd == s->control;
+        DWORD status;
+        int number = -1;
+        const char *detail;
+        vd_msg_parse_result(reply, reply_length, &status, &number, &detail);
+        s->requester_serial = (uint32_t)number;
         requester = -1;
     } else if ((type == VD_MSG_OPERATION_CANCEL || type == VD_MSG_BREAK_MIRROR) && succeeded) {
         vd_forget_requester(s); /* its operation is over */
@@ -740,9 +746,10 @@ static void vd_forward_operation(struct vd_supervisor *s, int fd, uint16_t type,
    removed (servemirror.h). */
 static void vd_cancel_orphaned(struct vd_supervisor *s, const char *why)
 {
+    struct vd_msg_operation_cancel request = {.serial = s->requester_serial};
     vd_forget_requester(s);
-    vd_log(false, "%s: cancelling the operation it started", why);
-    vd_forward_operation(s, -1, VD_MSG_OPERATION_CANCEL, NULL, 0);
+    vd_log(false, "%s: cancelling operation %u", why, (unsigned)request.serial);
+    vd_forward_operation(s, -1, VD_MSG_OPERATION_CANCEL, &request, sizeof request);
 }
 
 static void vd_serve_client(struct vd_supervisor *s, size_t index)

@@ -35,8 +35,10 @@ DWORD vd_served_op_route(struct vd_handle *handle, const char *needs, struct vd_
                    handle->image->path, number, needs);
 }
 
-DWORD vd_served_op_call(struct vd_handle *handle, struct vd_served *served, uint16_t type, const void *payload,
-                        size_t length, struct vd_msg_operation_state *state)
+/* vd_served_op_call(), also returning a RESULT's number (its loop field). */
+static DWORD vd_served_op_exchange(struct vd_handle *handle, struct vd_served *served, uint16_t type,
+                                   const void *payload, size_t length, struct vd_msg_operation_state *state,
+                                   int *number)
 {
     uint16_t reply_type;
     char reply[VD_MSG_MAX_PAYLOAD];
@@ -54,9 +56,36 @@ DWORD vd_served_op_call(struct vd_handle *handle, struct vd_served *served, uint
     }
     DWORD result;
     int loop;
-    if (reply_type == VD_MSG_RESULT && vd_msg_parse_result(reply, reply_length, &result, &loop, &detail) == 0)
+    if (reply_type == VD_MSG_RESULT && vd_msg_parse_result(reply, reply_length, &result, &loop, &detail) == 0) {
+        if (number)
+            *number = loop;
         return result == ERROR_SUCCESS ? ERROR_SUCCESS : vd_fail(result, "%s", detail);
+    }
     return vd_fail(ERROR_GEN_FAILURE, "the helper serving %s answered with a malformed message", handle->image->path);
+}
+
+DWORD vd_served_op_call(struct vd_handle *handle, struct vd_served *served, uint16_t type, const void *payload,
+                        size_t length, struct vd_msg_operation_state *state)
+{
+    return vd_served_op_exchange(handle, served, type, payload, length, state, NULL);
+}
+
+void vd_served_op_end(struct vd_handle *handle)
+{
+    /* The last release may end a call that failed (its detail is the
+       caller's to read); the cancel's own outcome is nobody's. */
+    char detail[512];
+    snprintf(detail, sizeof detail, "%s", vd_last_error_detail());
+    struct vd_msg_operation_cancel request = {.serial = handle->served_serial};
+    vd_disks_lock();
+    struct vd_served *served;
+    if (vd_served_op_route(handle, "", &served) == ERROR_SUCCESS)
+        vd_served_op_call(handle, served, VD_MSG_OPERATION_CANCEL, &request, sizeof request, NULL);
+    vd_disks_unlock();
+    handle->served_serial = 0;
+    vd_clear_detail(); /* ERROR_NOT_FOUND, as a rule: it had ended */
+    if (detail[0])
+        vd_fail(ERROR_SUCCESS, "%s", detail);
 }
 
 struct vd_served_op {
@@ -131,8 +160,11 @@ DWORD vd_served_op_run(struct vd_handle *handle, OVERLAPPED *overlapped, enum vd
     vd_disks_lock();
     struct vd_served *served;
     DWORD status = vd_served_op_route(handle, needs, &served);
+    int number = -1;
     if (status == ERROR_SUCCESS)
-        status = vd_served_op_call(handle, served, VD_MSG_OPERATION_START, payload, length, NULL);
+        status = vd_served_op_exchange(handle, served, VD_MSG_OPERATION_START, payload, length, NULL, &number);
+    if (status == ERROR_SUCCESS && number > 0)
+        handle->served_serial = (uint32_t)number;
     op->own = served != NULL;
     vd_disks_unlock();
     if (status != ERROR_SUCCESS) {

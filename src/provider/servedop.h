@@ -18,6 +18,14 @@
  *     follows it on the calling thread and returns its outcome.
  *   - An own attachment detached meanwhile ends the job with
  *     ERROR_OPERATION_ABORTED (its server went with it).
+ *   - The operation ends with the handle that started it, as on Windows
+ *     (job.h): closing it cancels a running job, and with it the operation;
+ *     a mirror in sync (its job over, but on Windows still the handle's
+ *     pending operation until a break) is cancelled when the handle is
+ *     freed (vd_served_op_end).  A process that dies says nothing: its
+ *     helper watches the requester and cancels for it (helper.h).  Either
+ *     way the mirror ends as a cancel ends it: the source stays the disk,
+ *     a target it created is removed (servemirror.h).
  */
 #ifndef VD_PROVIDER_SERVEDOP_H
 #define VD_PROVIDER_SERVEDOP_H
@@ -45,5 +53,10 @@ DWORD vd_served_op_call(struct vd_handle *handle, struct vd_served *served, uint
    name names it in details ("the mirror", "the compaction"). */
 DWORD vd_served_op_run(struct vd_handle *handle, OVERLAPPED *overlapped, enum vd_operation_kind kind,
                        const void *payload, size_t length, const char *needs, const char *name);
+
+/* Cancels the last operation handle started in its disk's server, if that
+   one still runs (by its number: never a later one); for the handle's
+   final close.  The thread's error detail stays as it was. */
+void vd_served_op_end(struct vd_handle *handle);
 
 #endif

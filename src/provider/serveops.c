@@ -25,6 +25,7 @@ struct vd_serve_ops {
     pthread_mutex_t mutex;
     bool ended;
     enum vd_operation_kind kind;
+    uint32_t serial; /* the last START's number (serveproto.h), from 1 */
     struct vd_mirror *mirror; /* kind MIRROR */
     struct vd_serve_compact *compact; /* kind COMPACT */
 };
@@ -66,6 +67,7 @@ static DWORD vd_ops_start(struct vd_serve_ops *ops, const char *payload, size_t 
         if (status == ERROR_SUCCESS) {
             ops->kind = VD_OPERATION_COMPACT;
             ops->compact = compact;
+            ops->serial++;
         }
         return status;
     }
@@ -74,8 +76,24 @@ static DWORD vd_ops_start(struct vd_serve_ops *ops, const char *payload, size_t 
     if (status == ERROR_SUCCESS) {
         ops->kind = VD_OPERATION_MIRROR;
         ops->mirror = mirror;
+        ops->serial++;
     }
     return status;
+}
+
+static DWORD vd_ops_cancel(struct vd_serve_ops *ops, const char *payload, size_t length)
+{
+    struct vd_msg_operation_cancel request;
+    if (length != 0 && length != sizeof request)
+        return vd_fail(ERROR_INVALID_PARAMETER, "a malformed cancel request");
+    if (length) {
+        memcpy(&request, payload, sizeof request);
+        if (request.serial != ops->serial || ops->kind == VD_OPERATION_NONE)
+            return vd_fail(ERROR_NOT_FOUND, "operation %u has ended already", (unsigned)request.serial);
+    }
+    return ops->kind == VD_OPERATION_MIRROR    ? vd_mirror_cancel(ops->mirror)
+           : ops->kind == VD_OPERATION_COMPACT ? vd_serve_compact_cancel(ops->compact)
+                                               : vd_fail(ERROR_NOT_FOUND, "no operation is running");
 }
 
 static void vd_ops_answer(struct vd_serve_ops *ops, uint16_t type, const char *payload, size_t length)
@@ -92,21 +110,21 @@ static void vd_ops_answer(struct vd_serve_ops *ops, uint16_t type, const char *p
         return;
     }
     DWORD status;
-    int handover = -1;
+    int handover = -1, number = -1;
     if (ops->ended)
         status = vd_fail(ERROR_NOT_READY, "the disk's session has ended");
-    else if (type == VD_MSG_OPERATION_START)
+    else if (type == VD_MSG_OPERATION_START) {
         status = vd_ops_start(ops, payload, length);
-    else if (type == VD_MSG_OPERATION_CANCEL && length == 0)
-        status = ops->kind == VD_OPERATION_MIRROR    ? vd_mirror_cancel(ops->mirror)
-                 : ops->kind == VD_OPERATION_COMPACT ? vd_serve_compact_cancel(ops->compact)
-                                                     : vd_fail(ERROR_NOT_FOUND, "no operation is running");
+        if (status == ERROR_SUCCESS)
+            number = (int)ops->serial;
+    } else if (type == VD_MSG_OPERATION_CANCEL)
+        status = vd_ops_cancel(ops, payload, length);
     else if (type == VD_MSG_BREAK_MIRROR && length == 0)
         status = ops->kind == VD_OPERATION_MIRROR ? vd_mirror_break(ops->mirror, &handover)
                                                   : vd_fail(ERROR_VHD_INVALID_STATE, "the disk is not mirrored");
     else
         status = vd_fail(ERROR_INVALID_PARAMETER, "not a request the server takes");
-    vd_msg_send_result_passing(ops->channel, status, -1, status == ERROR_SUCCESS ? "" : vd_last_error_detail(),
+    vd_msg_send_result_passing(ops->channel, status, number, status == ERROR_SUCCESS ? "" : vd_last_error_detail(),
                                handover);
     if (handover >= 0)
         close(handover);

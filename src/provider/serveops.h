@@ -11,6 +11,10 @@
  *   - At most one operation at a time: a START while one is active answers
  *     ERROR_BUSY.  The last operation's state stays readable (STATUS) until
  *     the next START; STATUS before any answers kind VD_OPERATION_NONE.
+ *   - Each START taken is numbered (its RESULT's loop field); a CANCEL
+ *     naming a number stops only that operation (else ERROR_NOT_FOUND), so
+ *     that a handle closing long after its mirror ended cannot stop a later
+ *     operation.
  *   - When the session ends (fuseserve.h's end hook) the operation is ended
  *     before the served image is flushed and closed, and later requests are
  *     answered ERROR_NOT_READY.

@@ -57,8 +57,10 @@ enum vd_msg_type {
     /* helper -> requester: struct vd_msg_operation_state + detail text,
        NUL-terminated */
     VD_MSG_OPERATION_STATE = 9,
-    /* -> helper, no payload: stop the running operation, undoing what it
-       did to anything but the disk; answers RESULT once it has stopped */
+    /* -> helper, no payload or a struct vd_msg_operation_cancel: stop the
+       running operation (with a payload: only if it is the one numbered
+       so), undoing what it did to anything but the disk; answers RESULT
+       once it has stopped (ERROR_NOT_FOUND: none, or another, runs) */
     VD_MSG_OPERATION_CANCEL = 10,
     /* -> helper, no payload: end a mirror in sync and serve its target
        from now on (BreakMirrorVirtualDisk); answers RESULT.  The server's
@@ -109,6 +111,14 @@ struct vd_msg_operation_start {
     /* followed by the target path (absolute), NUL-terminated */
 };
 
+/* Names the operation a CANCEL is for: the number the START's RESULT
+   carried in its loop field (every START the server takes gets the next
+   one), so that a late cancel never stops a later operation. */
+struct vd_msg_operation_cancel {
+    uint32_t serial;
+    uint32_t reserved;
+};
+
 struct vd_msg_operation_state {
     uint32_t kind;   /* VD_OPERATION_NONE: nothing was started */
     uint32_t status; /* ERROR_IO_PENDING while running, then its outcome */
@@ -119,7 +129,8 @@ struct vd_msg_operation_state {
 
 struct vd_msg_result {
     uint32_t status; /* Win32 code */
-    int32_t loop;    /* the loop device number (attach), else -1 */
+    int32_t loop;    /* the loop device number (attach), the operation's
+                        number (a successful OPERATION_START), else -1 */
     /* followed by the detail text, NUL-terminated */
 };
 
