@@ -16,7 +16,6 @@ through the killed process's handle.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import struct
@@ -65,21 +64,25 @@ _REQUESTER = textwrap.dedent(
     handle = disk._handle
     disk._handle, disk._closing, disk._closed = None, True, True  # the raw handle is this script's
     overlapped = ffi.new("OVERLAPPED *")
+    progress = ffi.new("VIRTUAL_DISK_PROGRESS *")
     if kind == "mirror":
-        parameters = ffi.new("MIRROR_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.MIRROR_VIRTUAL_DISK_VERSION_1})
+        version = {"Version": lib.MIRROR_VIRTUAL_DISK_VERSION_1}
+        parameters = ffi.new("MIRROR_VIRTUAL_DISK_PARAMETERS *", version)
         path = ffi.new("WCHAR[]", target)
         parameters.Version1.MirrorVirtualDiskPath = path
         code = lib.MirrorVirtualDisk(handle, 0, parameters, overlapped)
     else:
-        parameters = ffi.new("COMPACT_VIRTUAL_DISK_PARAMETERS *", {"Version": lib.COMPACT_VIRTUAL_DISK_VERSION_1})
+        version = {"Version": lib.COMPACT_VIRTUAL_DISK_VERSION_1}
+        parameters = ffi.new("COMPACT_VIRTUAL_DISK_PARAMETERS *", version)
         code = lib.CompactVirtualDisk(handle, 0, parameters, overlapped)
     print("started" if code == 997 else f"refused {code}", flush=True)
     command = sys.stdin.readline().strip()
     if command == "close-ended":
         # Its own job over first (a mirror's ends in sync): a running job's
         # cancel is not what this close tests.
-        progress = ffi.new("VIRTUAL_DISK_PROGRESS *")
-        while lib.GetVirtualDiskOperationProgress(handle, overlapped, progress) == 0 and progress.OperationStatus == 997:
+        while lib.GetVirtualDiskOperationProgress(handle, overlapped, progress) == 0:
+            if progress.OperationStatus != 997:
+                break
             time.sleep(0.01)
         assert progress.OperationStatus == 0, progress.OperationStatus
     if command.startswith("close"):
@@ -213,7 +216,6 @@ def test_a_killed_requesters_mirror_is_cancelled(images: Path) -> None:
     _check_sums(_raw(source, images, "vhdx"), filled, MiB)
 
 
-
 def test_a_killed_requesters_compaction_is_cancelled(images: Path, tools) -> None:  # noqa: F811
     """A kill loop over fresh copies of one image, bounded in rounds and
     time: the requester dies while the server compacts the disk attached
@@ -257,7 +259,9 @@ def test_a_killed_requesters_compaction_is_cancelled(images: Path, tools) -> Non
     assert landed, "no kill landed while the compaction ran"
 
 
-@pytest.mark.parametrize(("kind", "moment"), [("mirror", "running"), ("mirror", "in-sync"), ("compact", "running")])
+@pytest.mark.parametrize(
+    ("kind", "moment"), [("mirror", "running"), ("mirror", "in-sync"), ("compact", "running")]
+)
 def test_closing_the_requesting_handle_cancels(images: Path, tools, kind: str, moment: str) -> None:  # noqa: F811
     """The requester closes the handle and lives on: the operation is
     cancelled all the same, a mirror in sync too (on Windows still the
@@ -289,7 +293,7 @@ def test_closing_the_requesting_handle_cancels(images: Path, tools, kind: str, m
                 requester.close_handle("close-ended" if moment == "in-sync" else "close")
                 at_close = _server_state(sock)
                 final = _wait_cancelled(sock, kind)
-                assert requester.process.poll() is None, "the requester died: its close was not what was tested"
+                assert requester.process.poll() is None, "the requester died: the close was not tested"
             finally:
                 requester.kill()
             landed = at_close[1] != WinError.ERROR_SUCCESS or kind == "mirror"

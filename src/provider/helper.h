@@ -45,6 +45,17 @@
  *     forwarded to the server on a channel of their own (serveops.h) and
  *     its answer returned unchanged.  A server that dies leaves no mirror
  *     target it created behind unless a break made it the disk.
+ *   - An operation ends with the process that started it: the supervisor
+ *     takes a pidfd of the START's sender from the kernel (SO_PEERPIDFD;
+ *     before Linux 6.5 pidfd_open of SO_PEERCRED's pid; before 5.3 there is
+ *     none, and only the attacher's channel closing tells), and once that
+ *     process has exited, however it died, cancels that operation (by its
+ *     number, never a later one), as Windows closes a dead process's
+ *     handles and a closed handle's operation is cancelled.  The attacher's
+ *     handles all closing (its channel closing, or RELEASE) cancels an
+ *     operation started through that channel before the attachment is let
+ *     go of.  A mirror in sync ends as a cancel ends it (servemirror.h):
+ *     the source stays the disk, a target it created is removed.
  *   - The log <base>.log is bounded (VD_LOG_MAX_BYTES per process) and
  *     removed at a clean end; it stays when it recorded an error.
  */

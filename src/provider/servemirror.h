@@ -39,6 +39,9 @@
  *   - Cancel, at any time before a break: the copy stops, the target is no
  *     longer written, and a target this module created is removed (an
  *     EXISTING_FILE target is left a valid image with partial contents).
+ *     The source is only read by the copy, so a cancel at any moment leaves
+ *     the disk as the guest wrote it.  The requester's handle closing or
+ *     its process dying is such a cancel (servedop.h, helper.h).
  *     The session ending first: a target in sync is flushed and kept (it
  *     equals the source), an unfinished one is handled as by a cancel.  (A
  *     killed server removes nothing: its helper removes a created target
