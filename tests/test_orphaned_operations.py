@@ -6,12 +6,13 @@ The operation runs in the disk's server process, not in the requester: a
 requester killed with SIGKILL says nothing, so its helper must learn of the
 death itself (it watches the requester's pidfd) and cancel.  Each round a
 child process starts the operation through the helper's socket on a disk
-this test attached, reports through a barrier (its stdout) that it runs (or,
-for a mirror, that it is in sync), and is killed; the server must then report
-the operation cancelled within a bounded wait, a target the mirror created
-must be gone, and the disk must read back its checksummed data.  The
-server's state is asked over the helper's socket directly (serveproto.h), not
-through the killed process's handle.
+this test attached and says so (the barrier, its stdout); the test follows
+the server until the operation is under way (0 < done < total) or, for a
+mirror, in sync, and kills the child (or has it close its handle).  The
+server must then report the operation cancelled within a bounded wait, a
+target the mirror created must be gone, and the disk must read back its
+checksummed data.  The server's state is asked over the helper's socket
+directly (serveproto.h), not through the requester's handle.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import virtdisk
 from virtdisk import Access, WinError
 
 from .conftest import RUN_DIR, loops_backed_under
-from .test_compact import SPAN, _work, tools  # noqa: F401
+from .test_compact import tools  # noqa: F401
 from .test_compact_attached import _prepared
 from .test_mirror import SIZE, _check_sums, _fill, _qemu, _raw, _read_device
 
@@ -307,3 +308,53 @@ def test_closing_the_requesting_handle_cancels(images: Path, tools, kind: str, m
         if landed:
             break
     assert landed, "every compaction ended before the close reached it"
+
+
+# Attaches image (not permanently: its handles hold the disk), fills it with
+# checksummed data (test_mirror._fill), mirrors it onto target until in
+# sync, says the device, and waits to be killed.
+_ATTACHER = textwrap.dedent(
+    """
+    import sys
+    import virtdisk
+    from tests.test_mirror import _fill
+    image, target = sys.argv[1:3]
+    disk = virtdisk.open(image)
+    disk.attach(read_only=False)
+    _fill(disk.physical_path, 23)
+    disk.mirror(target)
+    print(disk.physical_path, flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_a_killed_attachers_mirror_in_sync_is_cancelled_not_kept(images: Path) -> None:
+    """The attacher itself started the mirror (through its own channel to the
+    helper) and dies in sync: its handles are closed, so the mirror is
+    cancelled before the attachment ends with them (the session's end alone
+    would keep a target in sync)."""
+    source, target = images / "source.vhdx", images / "target.vhdx"
+    virtdisk.create(source, SIZE).close()
+    attacher = subprocess.Popen(
+        [sys.executable, "-c", _ATTACHER, str(source), str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        assert attacher.stdout is not None
+        device = attacher.stdout.readline().strip()
+        assert device.startswith("/dev/loop"), device
+        shown = _read_device(device)
+    finally:
+        attacher.kill()
+        attacher.wait()
+    deadline = time.monotonic() + WAIT_S
+    while loops_backed_under(images):
+        assert time.monotonic() < deadline, "the attachment outlived its attacher"
+        time.sleep(0.05)
+    assert not target.exists(), "the dead attacher's mirror target was kept"
+    _qemu("check", "-f", "vhdx", str(source))
+    assert _raw(source, images, "vhdx") == shown
