@@ -92,19 +92,24 @@ struct vd_served_op {
     struct vd_handle *handle;
     enum vd_operation_kind kind;
     const char *name;
-    bool own; /* through this process's channel (else the permanent socket) */
+    bool own;        /* through this process's channel (else the permanent socket) */
+    uint32_t serial; /* the server's number of it (0: a server too old to say) */
 };
 
 /* Calls the server as vd_served_op_call() does, finding the way anew: an own
-   attachment detached meanwhile ended the operation with it. */
+   attachment detached meanwhile ended the operation with it.  A cancel names
+   the operation, so that it never stops one started after this one ended. */
 static DWORD vd_served_op_job_call(struct vd_served_op *op, uint16_t type, struct vd_msg_operation_state *state)
 {
+    struct vd_msg_operation_cancel request = {.serial = op->serial};
+    bool named = type == VD_MSG_OPERATION_CANCEL && op->serial;
     vd_disks_lock();
     struct vd_served *served = op->handle->disk->served;
     DWORD status = op->own && !served
                        ? vd_fail(ERROR_OPERATION_ABORTED, "%s was detached; %s ended with it",
                                  op->handle->image->path, op->name)
-                       : vd_served_op_call(op->handle, op->own ? served : NULL, type, NULL, 0, state);
+                       : vd_served_op_call(op->handle, op->own ? served : NULL, type, named ? &request : NULL,
+                                           named ? sizeof request : 0, state);
     vd_disks_unlock();
     return status;
 }
@@ -164,7 +169,7 @@ DWORD vd_served_op_run(struct vd_handle *handle, OVERLAPPED *overlapped, enum vd
     if (status == ERROR_SUCCESS)
         status = vd_served_op_exchange(handle, served, VD_MSG_OPERATION_START, payload, length, NULL, &number);
     if (status == ERROR_SUCCESS && number > 0)
-        handle->served_serial = (uint32_t)number;
+        handle->served_serial = op->serial = (uint32_t)number;
     op->own = served != NULL;
     vd_disks_unlock();
     if (status != ERROR_SUCCESS) {
@@ -178,14 +183,16 @@ DWORD vd_served_op_run(struct vd_handle *handle, OVERLAPPED *overlapped, enum vd
         free(op);
         return status;
     }
-    status = vd_job_start(handle, overlapped, vd_served_op_work, op, vd_served_op_free);
+    struct vd_msg_operation_cancel request = {.serial = op->serial};
+    status = vd_job_start(handle, overlapped, vd_served_op_work, op, vd_served_op_free); /* op freed on failure */
     if (status != ERROR_IO_PENDING) {
         /* Started in the server, but nobody would follow it: stop it. */
         char detail[512];
         snprintf(detail, sizeof detail, "%s", vd_last_error_detail());
         vd_disks_lock();
         if (vd_served_op_route(handle, needs, &served) == ERROR_SUCCESS)
-            vd_served_op_call(handle, served, VD_MSG_OPERATION_CANCEL, NULL, 0, NULL);
+            vd_served_op_call(handle, served, VD_MSG_OPERATION_CANCEL, request.serial ? &request : NULL,
+                              request.serial ? sizeof request : 0, NULL);
         vd_disks_unlock();
         vd_fail(status, "%s", detail);
     }
