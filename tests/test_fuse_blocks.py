@@ -247,3 +247,77 @@ def test_random_writes_match_the_blocks_written(images: Path, served) -> None:  
     finally:
         os.close(fd)
     assert _runs(sorted(touched)) == _extents(server.path)
+
+
+def _zero_range_supported(folder: Path) -> bool:
+    probe = folder / "zero-range.probe"
+    probe.write_bytes(b"\x01" * 65536)
+    run = subprocess.run(
+        [require_tool("fallocate"), "-z", "-n", "-l", "4096", str(probe)], capture_output=True
+    )
+    probe.unlink()
+    return run.returncode == 0
+
+
+def _written_by(pid: int) -> int:
+    """Bytes the process has passed to write calls (wchar)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no wchar")
+
+
+@pytest.mark.parametrize("suffix", ["vhdx", "vhd"])
+def test_a_zero_range_zeroes_present_blocks_in_place_and_allocates_the_rest(
+    images: Path,
+    tools,  # noqa: F811
+    served,  # noqa: F811
+    suffix: str,
+) -> None:
+    """fallocate ZERO_RANGE (what BLKZEROOUT and blkdiscard -z become on a
+    served disk) reads zeros and keeps the range allocated; over blocks the
+    image holds in place it zeroes the image file's range instead of writing
+    zeros (where the host file system has ZERO_RANGE), so the server writes
+    next to nothing."""
+    require_tool("fallocate")
+    image = images / f"zeroed.{suffix}"
+    virtdisk.create(image, SIZE, block_size=BLOCK).close()
+    _write_blocks(tools, image, list(range(8)), seed=3)
+    server = served(image, writable=True)
+    expected = bytearray(server.path.read_bytes())
+    allocated_file = image.stat().st_blocks
+
+    # Blocks 0 to 5, all present.
+    before = _written_by(server.process.pid)
+    subprocess.run(["fallocate", "-z", "-n", "-o", "0", "-l", str(6 * BLOCK), str(server.path)], check=True)
+    written = _written_by(server.process.pid) - before
+    expected[: 6 * BLOCK] = bytes(6 * BLOCK)
+    if _zero_range_supported(images):
+        assert written < BLOCK // 2, f"the server wrote {written} bytes to zero present blocks"
+    else:
+        assert written >= 6 * BLOCK
+    # Part of block 6, the rest of block 7 and blocks 8 and 9, never written:
+    # allocated now, reading zeros.
+    start, end = 6 * BLOCK + 4096, 10 * BLOCK
+    subprocess.run(
+        ["fallocate", "-z", "-n", "-o", str(start), "-l", str(end - start), str(server.path)], check=True
+    )
+    expected[start:end] = bytes(end - start)
+    assert server.path.read_bytes() == expected
+    assert _allocated(server.path) == 10 * BLOCK == _data_bytes(server.path)
+    assert image.stat().st_blocks >= allocated_file, "zeroing gave space back: it must stay allocated"
+    server.end()
+    assert _image_data(image, suffix, SIZE, BLOCK) == 10 * BLOCK
+    raw = images / "expected.raw"
+    raw.write_bytes(expected)
+    compare = [
+        require_tool("qemu-img"),
+        "compare",
+        "-f",
+        QEMU_FORMAT[suffix],
+        "-F",
+        "raw",
+        str(image),
+        str(raw),
+    ]
+    assert subprocess.run(compare, capture_output=True).returncode == 0

@@ -227,24 +227,31 @@ static void vd_fuse_write(fuse_req_t req, fuse_ino_t ino, const char *buffer, si
 
 /* ZERO_RANGE: the range must read zeros and stay allocated, so that later
    writes there cannot fail for want of space (what a write of zeros that
-   must not unmap promises).  Zeros are written like any data, through the
-   mirror's tap too, which allocates every block they touch; one chunk per
-   hold of io_lock, so that a long zeroing does not hold off a switch. */
+   must not unmap promises).  The format's write_zeroes does it, zeroing
+   blocks it holds in place without writing them; while a mirror's tap is
+   set (or where the format has none), zeros are written like any data,
+   through the tap too, which allocates every block they touch.  One chunk
+   per hold of io_lock, so that a long zeroing does not hold off a switch. */
 static DWORD vd_fuse_write_zeroes(struct vd_fuse_server *server, uint64_t offset, uint64_t length)
 {
     size_t chunk = length < VD_FUSE_MAX_IO ? (size_t)length : VD_FUSE_MAX_IO;
-    void *zeros = calloc(1, chunk);
-    if (!zeros)
-        return vd_fail(ERROR_OUTOFMEMORY, "allocating a buffer of zeros");
+    void *zeros = NULL;
     DWORD status = ERROR_SUCCESS;
     for (uint64_t done = 0; done < length && status == ERROR_SUCCESS;) {
         size_t n = length - done < chunk ? (size_t)(length - done) : chunk;
         pthread_rwlock_rdlock(&server->io_lock);
         struct vd_image *image = server->image;
+        bool in_place = !server->tap && image->format->write_zeroes;
+        if (!in_place && !zeros && !(zeros = calloc(1, chunk))) {
+            pthread_rwlock_unlock(&server->io_lock);
+            status = vd_fail(ERROR_OUTOFMEMORY, "allocating a buffer of zeros");
+            break;
+        }
         struct vd_alloc_change change;
         vd_alloc_begin(&server->alloc, image, offset + done, n, false, &change);
-        status = server->tap ? server->tap->write(server->tap, image, zeros, offset + done, n)
-                             : image->format->write(image, zeros, offset + done, n);
+        status = in_place      ? image->format->write_zeroes(image, offset + done, n)
+                 : server->tap ? server->tap->write(server->tap, image, zeros, offset + done, n)
+                               : image->format->write(image, zeros, offset + done, n);
         vd_alloc_end(&server->alloc, image, &change);
         pthread_rwlock_unlock(&server->io_lock);
         done += n;
