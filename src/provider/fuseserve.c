@@ -2,9 +2,10 @@
  * The FUSE server of one virtual disk (see fuseserve.h).
  *
  * The file system has two inodes: the root directory and "disk".  Every
- * answer about them is fixed for the server's lifetime, so the kernel is told
- * to cache attributes and entries for a long time, and the file's page cache
- * is kept across opens.
+ * answer about them but the file's st_blocks is fixed for the server's
+ * lifetime, so the kernel is told to cache attributes and entries for a long
+ * time (and to forget them when st_blocks changes outside a request of its
+ * own), and the file's page cache is kept across opens.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION FUSE_MAKE_VERSION(3, 12)
