@@ -270,12 +270,14 @@ static DWORD vd_fuse_discard(struct vd_fuse_server *server, uint64_t offset, uin
     pthread_rwlock_rdlock(&server->io_lock);
     bool mirrored = server->tap != NULL;
     struct vd_image *image = server->image;
-    DWORD status = mirrored ? ERROR_SUCCESS : vd_fail(ERROR_NOT_SUPPORTED, "the format cannot discard");
+    DWORD status = ERROR_SUCCESS;
     if (!mirrored && image->format->discard) {
         struct vd_alloc_change change;
         vd_alloc_begin(&server->alloc, image, offset, length, true, &change);
         status = image->format->discard(image, offset, length);
         vd_alloc_end(&server->alloc, image, &change);
+    } else if (!mirrored) {
+        status = vd_fail(ERROR_NOT_SUPPORTED, "the format cannot discard");
     }
     pthread_rwlock_unlock(&server->io_lock);
     return mirrored ? vd_fuse_write_zeroes(server, offset, length) : status;
