@@ -14,6 +14,7 @@ from pathlib import Path
 SECTOR = 512
 RECORD = struct.Struct("<cQQI")
 PUNCH_HOLE = 0x02  # FALLOC_FL_PUNCH_HOLE: an allocate that zeros a range in place
+ZERO_RANGE = 0x10  # FALLOC_FL_ZERO_RANGE: the same, the space kept
 MARKERS = "VDFM"  # what the workload was told: write, discard, flush, resize
 
 
@@ -73,15 +74,17 @@ def crash_points(path: Path, start: bytes, ops: list[Op], torn_sizes: tuple[int,
         for index, op in enumerate(ops):
             if op.kind not in "WTAS":
                 continue
-            if op.kind == "A" and op.mode & PUNCH_HOLE:
+            if op.kind == "A" and op.mode & (PUNCH_HOLE | ZERO_RANGE):
                 # Zeros in place, never past the end (KEEP_SIZE): a write of
-                # zeros as far as a crash can tell.
+                # zeros as far as a crash can tell.  A zeroed range may be
+                # torn (the file system changes it extent by extent).
+                zero_range = bool(op.mode & ZERO_RANGE)
                 op = Op("W", op.offset, max(0, min(op.length, size - op.offset)), 0, b"")
                 op.data = bytes(op.length)
                 if not op.length:
                     yield CrashPoint(index + 1, None)
                     continue
-                torn_sizes_here: tuple[int, ...] = ()
+                torn_sizes_here: tuple[int, ...] = torn_sizes if zero_range else ()
             else:
                 torn_sizes_here = torn_sizes
             if op.kind == "W":

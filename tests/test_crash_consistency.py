@@ -261,6 +261,45 @@ def test_discard_survives_a_crash_at_every_point(tools, scratch: Path, tmp_path:
     assert points >= 200
 
 
+@pytest.mark.parametrize("suffix", [".vhdx", ".vhd"])
+def test_zeroing_in_place_survives_a_crash_at_every_point(
+    tools, scratch: Path, tmp_path: Path, suffix: str
+) -> None:
+    """A zeroed range (write_zeroes: ZERO_RANGE in the file where the block's
+    data is there, written zeros elsewhere) reads its old data or zeros at
+    every crash point, zeros once a flush followed, as a write of zeros
+    would; present blocks, part of one, one never written and one of a
+    differencing child whose parent has data."""
+    points = 0
+    dynamic = tmp_path / f"dynamic{suffix}"
+    virtdisk.create(dynamic, 16 * MiB, **({"block_size": MiB} if suffix == ".vhdx" else {})).close()
+    steps = [
+        *(f"w:{b * MiB}:{MiB}:{30 + b}" for b in range(6)),
+        "f",
+        f"Z:0:{2 * MiB}",  # whole present blocks
+        f"Z:{3 * MiB + 1024}:{69 * KiB}",  # part of one
+        f"Z:{5 * MiB + 512}:{2 * MiB}",  # the end of a present one and a block never written
+        "f",
+        *_writes(31, 4, 16 * MiB, 8 * KiB),
+        f"Z:{4 * MiB}:{MiB}",
+        "f",
+    ]
+    points += _run(tools, scratch, dynamic, steps, True)
+    parent = _parent_with_data(tools, tmp_path, f"parent{suffix}", 32)
+    child = tmp_path / f"child{suffix}"
+    virtdisk.create(child, parent=parent, **({"block_size": MiB} if suffix == ".vhdx" else {})).close()
+    steps = [
+        *_writes(33, 6, 16 * MiB, 8 * KiB),
+        "f",
+        f"Z:{2 * MiB}:{2 * MiB}",
+        f"Z:{9 * MiB + 4096}:{8 * KiB}",
+        "f",
+    ]
+    points += _run(tools, scratch, child, steps, False, empty=False)
+    print(f"{suffix} zeroing: {points} crash points, all consistent")
+    assert points >= 100
+
+
 def _compaction_crashes(tools, scratch: Path, image: Path, prepare: list[str], flags: int = 0) -> int:
     """Writes data and zeros with prepare, then compacts with every file
     operation recorded: at each crash point the disk must read exactly as it

@@ -17,22 +17,30 @@ import pytest
 import virtdisk
 
 from .conftest import require_tool
-from .vhdxlog import build_tool
+from .vhdxlog import PROVIDER, READER_SOURCES, build_tool
 
 MiB = 1 << 20
 BLOCK = 2 * MiB
 SIZE = 64 * MiB
 
 
-@pytest.fixture(scope="module")
-def tools(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("tools")
+def build_vdserve(out: Path) -> Path:
+    """tests/tools/vdserve.c linked with the whole provider (the server, its
+    compaction and what they use).  gcc -O2 warns of maybe-uninitialized
+    variables in entry points vdserve never calls (each set on the success
+    path only): not errors for this build."""
     fuse3 = subprocess.run(
         [require_tool("pkg-config"), "--cflags", "fuse3"], capture_output=True, text=True, check=True
     ).stdout.split()
-    served = [str(Path(__file__).parent.parent / "src" / "provider" / name) for name in
-              ("fuseserve.c", "fuse3dl.c", "rundir.c")]  # fmt: skip
-    return build_tool(out, "vdwork"), build_tool(out, "vdserve", *fuse3, *served, "-ldl")
+    own = {*READER_SOURCES, *(path.name for path in PROVIDER.glob("vhdx*.c"))}
+    rest = [str(path) for path in sorted(PROVIDER.glob("*.c")) if path.name not in own]
+    return build_tool(out, "vdserve", "-Wno-maybe-uninitialized", *fuse3, *rest, "-ldl")
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("tools")
+    return build_tool(out, "vdwork"), build_vdserve(out)
 
 
 def _work(tools, image: Path, steps: list[str]) -> None:
@@ -51,13 +59,14 @@ class Served:
     in the shared one, any attach or list elsewhere would take a mount whose
     server is not named like the provider's helpers for a dead one's."""
 
-    def __init__(self, tool: Path, image: Path) -> None:
+    def __init__(self, tool: Path, image: Path, writable: bool = False) -> None:
         run_dir = image.parent / f"run.{image.name}"
-        run_dir.mkdir(mode=0o700)
+        run_dir.mkdir(mode=0o700, exist_ok=True)
         run_dir.chmod(0o700)
         self.process = subprocess.Popen(
-            [str(tool), str(image)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, "VIRTDISK_RUN_DIR": str(run_dir)},
+            [str(tool), *(["-w"] if writable else []), str(image)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "VIRTDISK_RUN_DIR": str(run_dir)},
         )  # fmt: skip
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
@@ -66,6 +75,14 @@ class Served:
             pytest.fail(f"vdserve failed: {self.process.stderr.read() if self.process.stderr else ''}")
         self.path = Path(line.rstrip("\n"))
 
+    def command(self, line: str) -> None:
+        """One of vdserve's commands, which must succeed."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        assert answer == "ok\n", f"vdserve {line}: {answer!r}"
+
     def end(self) -> None:
         assert self.process.stdin is not None
         self.process.stdin.close()
@@ -73,17 +90,23 @@ class Served:
 
 
 @pytest.fixture
-def serve(tools) -> Iterator:
+def served(tools) -> Iterator:
+    """Starts vdserve servers (Served) for the test and ends them after it."""
     servers: list[Served] = []
 
-    def start(image: Path) -> Path:
-        servers.append(Served(tools[1], image))
-        return servers[-1].path
+    def start(image: Path, writable: bool = False) -> Served:
+        servers.append(Served(tools[1], image, writable))
+        return servers[-1]
 
     yield start
     for server in servers:
         if server.process.poll() is None:
             server.end()
+
+
+@pytest.fixture
+def serve(served) -> Iterator:
+    yield lambda image: served(image).path
 
 
 def _extents(path: Path) -> list[tuple[int, int]]:

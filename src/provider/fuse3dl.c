@@ -38,6 +38,7 @@ static struct {
     int (*reply_lseek)(fuse_req_t, off_t); /* 3.8 and newer */
     int (*reply_open)(fuse_req_t, const struct fuse_file_info *);
     int (*reply_write)(fuse_req_t, size_t);
+    int (*lowlevel_notify_inval_inode)(struct fuse_session *, fuse_ino_t, off_t, off_t);
     void *(*req_userdata)(fuse_req_t);
     void (*session_destroy)(struct fuse_session *);
     int (*session_fd)(struct fuse_session *);
@@ -76,6 +77,7 @@ static void vd_fuse3_open(void)
     VD_FUSE3_SYMBOL(reply_lseek, "fuse_reply_lseek");
     VD_FUSE3_SYMBOL(reply_open, "fuse_reply_open");
     VD_FUSE3_SYMBOL(reply_write, "fuse_reply_write");
+    VD_FUSE3_SYMBOL(lowlevel_notify_inval_inode, "fuse_lowlevel_notify_inval_inode");
     VD_FUSE3_SYMBOL(req_userdata, "fuse_req_userdata");
     VD_FUSE3_SYMBOL(session_destroy, "fuse_session_destroy");
     VD_FUSE3_SYMBOL(session_fd, "fuse_session_fd");
@@ -229,6 +231,13 @@ int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
 int fuse_reply_write(fuse_req_t req, size_t count)
 {
     return vd_fuse3.reply_write(req, count);
+}
+
+/* Optional: without it the kernel keeps cached attributes until they time
+   out (a stale st_blocks, nothing worse). */
+int fuse_lowlevel_notify_inval_inode(struct fuse_session *se, fuse_ino_t ino, off_t off, off_t len)
+{
+    return vd_fuse3.lowlevel_notify_inval_inode ? vd_fuse3.lowlevel_notify_inval_inode(se, ino, off, len) : -ENOSYS;
 }
 
 void *fuse_req_userdata(fuse_req_t req)

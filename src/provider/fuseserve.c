@@ -2,9 +2,10 @@
  * The FUSE server of one virtual disk (see fuseserve.h).
  *
  * The file system has two inodes: the root directory and "disk".  Every
- * answer about them is fixed for the server's lifetime, so the kernel is told
- * to cache attributes and entries for a long time, and the file's page cache
- * is kept across opens.
+ * answer about them but the file's st_blocks is fixed for the server's
+ * lifetime, so the kernel is told to cache attributes and entries for a long
+ * time (and to forget them when st_blocks changes outside a request of its
+ * own), and the file's page cache is kept across opens.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION FUSE_MAKE_VERSION(3, 12)
@@ -28,10 +29,13 @@
 #include "errors.h"
 #include "fuse3dl.h"
 #include "rundir.h"
+#include "servealloc.h"
 
 #define VD_FUSE_ROOT_INO FUSE_ROOT_ID
 #define VD_FUSE_DISK_INO 2
-/* Attributes never change while the server runs. */
+/* Attributes change only with the disk's allocation (st_blocks): the
+   kernel drops its copy after each write or fallocate it passes on, and
+   is told to when the block table changes outside a request. */
 #define VD_FUSE_TIMEOUT 86400.0
 
 enum {
@@ -57,6 +61,7 @@ struct vd_fuse_server {
        image or tap: a change waits for the requests in flight. */
     pthread_rwlock_t io_lock;
     struct vd_fuse_tap *tap;
+    struct vd_alloc alloc; /* st_blocks (servealloc.h) */
     void (*end_hook)(void *context);
     void *end_context;
 
@@ -89,7 +94,7 @@ static void vd_fuse_stat(const struct vd_fuse_server *server, fuse_ino_t ino, st
         st->st_mode = S_IFREG | (server->writable ? 0600 : 0400);
         st->st_nlink = 1;
         st->st_size = (off_t)server->size;
-        st->st_blocks = (blkcnt_t)((server->size + 511) / 512);
+        st->st_blocks = (blkcnt_t)((vd_alloc_bytes(&server->alloc) + 511) / 512);
         st->st_blksize = (blksize_t)server->sector;
     }
 }
@@ -206,8 +211,11 @@ static void vd_fuse_write(fuse_req_t req, fuse_ino_t ino, const char *buffer, si
     }
     pthread_rwlock_rdlock(&server->io_lock);
     struct vd_image *image = server->image;
+    struct vd_alloc_change change;
+    vd_alloc_begin(&server->alloc, image, (uint64_t)offset, size, false, &change);
     DWORD status = server->tap ? server->tap->write(server->tap, image, buffer, (uint64_t)offset, size)
                                : image->format->write(image, buffer, (uint64_t)offset, size);
+    vd_alloc_end(&server->alloc, image, &change);
     pthread_rwlock_unlock(&server->io_lock);
     if (status == ERROR_SUCCESS) {
         fuse_reply_write(req, size);
@@ -220,22 +228,32 @@ static void vd_fuse_write(fuse_req_t req, fuse_ino_t ino, const char *buffer, si
 
 /* ZERO_RANGE: the range must read zeros and stay allocated, so that later
    writes there cannot fail for want of space (what a write of zeros that
-   must not unmap promises).  Zeros are written like any data, through the
-   mirror's tap too, which allocates every block they touch; one chunk per
-   hold of io_lock, so that a long zeroing does not hold off a switch. */
+   must not unmap promises).  The format's write_zeroes does it, zeroing
+   blocks it holds in place without writing them; while a mirror's tap is
+   set (or where the format has none), zeros are written like any data,
+   through the tap too, which allocates every block they touch.  One chunk
+   per hold of io_lock, so that a long zeroing does not hold off a switch. */
 static DWORD vd_fuse_write_zeroes(struct vd_fuse_server *server, uint64_t offset, uint64_t length)
 {
     size_t chunk = length < VD_FUSE_MAX_IO ? (size_t)length : VD_FUSE_MAX_IO;
-    void *zeros = calloc(1, chunk);
-    if (!zeros)
-        return vd_fail(ERROR_OUTOFMEMORY, "allocating a buffer of zeros");
+    void *zeros = NULL;
     DWORD status = ERROR_SUCCESS;
     for (uint64_t done = 0; done < length && status == ERROR_SUCCESS;) {
         size_t n = length - done < chunk ? (size_t)(length - done) : chunk;
         pthread_rwlock_rdlock(&server->io_lock);
         struct vd_image *image = server->image;
-        status = server->tap ? server->tap->write(server->tap, image, zeros, offset + done, n)
-                             : image->format->write(image, zeros, offset + done, n);
+        bool in_place = !server->tap && image->format->write_zeroes;
+        if (!in_place && !zeros && !(zeros = calloc(1, chunk))) {
+            pthread_rwlock_unlock(&server->io_lock);
+            status = vd_fail(ERROR_OUTOFMEMORY, "allocating a buffer of zeros");
+            break;
+        }
+        struct vd_alloc_change change;
+        vd_alloc_begin(&server->alloc, image, offset + done, n, false, &change);
+        status = in_place      ? image->format->write_zeroes(image, offset + done, n)
+                 : server->tap ? server->tap->write(server->tap, image, zeros, offset + done, n)
+                               : image->format->write(image, zeros, offset + done, n);
+        vd_alloc_end(&server->alloc, image, &change);
         pthread_rwlock_unlock(&server->io_lock);
         done += n;
     }
@@ -252,9 +270,15 @@ static DWORD vd_fuse_discard(struct vd_fuse_server *server, uint64_t offset, uin
     pthread_rwlock_rdlock(&server->io_lock);
     bool mirrored = server->tap != NULL;
     struct vd_image *image = server->image;
-    DWORD status = mirrored                 ? ERROR_SUCCESS
-                   : image->format->discard ? image->format->discard(image, offset, length)
-                                            : vd_fail(ERROR_NOT_SUPPORTED, "the format cannot discard");
+    DWORD status = ERROR_SUCCESS;
+    if (!mirrored && image->format->discard) {
+        struct vd_alloc_change change;
+        vd_alloc_begin(&server->alloc, image, offset, length, true, &change);
+        status = image->format->discard(image, offset, length);
+        vd_alloc_end(&server->alloc, image, &change);
+    } else if (!mirrored) {
+        status = vd_fail(ERROR_NOT_SUPPORTED, "the format cannot discard");
+    }
     pthread_rwlock_unlock(&server->io_lock);
     return mirrored ? vd_fuse_write_zeroes(server, offset, length) : status;
 }
@@ -509,6 +533,7 @@ static DWORD vd_fuse_mount_hidden(struct vd_fuse_server *server, const struct vd
 
 static void vd_fuse_free(struct vd_fuse_server *server)
 {
+    vd_alloc_destroy(&server->alloc);
     pthread_mutex_destroy(&server->mutex);
     pthread_rwlock_destroy(&server->io_lock);
     pthread_cond_destroy(&server->ended_cond);
@@ -579,6 +604,9 @@ DWORD vd_fuse_serve(struct vd_image *image, bool writable, struct vd_fuse_server
     pthread_rwlock_init(&server->io_lock, &lock_attributes);
     pthread_rwlockattr_destroy(&lock_attributes);
     pthread_cond_init(&server->ended_cond, NULL);
+    vd_alloc_init(&server->alloc, image->virtual_size);
+    /* A failed count leaves it unknown: the whole disk is reported. */
+    vd_alloc_recount(&server->alloc, image);
 
     int run_dir = -1;
     char *mount_dir = NULL;
@@ -677,14 +705,37 @@ void vd_fuse_set_tap(struct vd_fuse_server *server, struct vd_fuse_tap *tap)
     pthread_rwlock_unlock(&server->io_lock);
 }
 
+/* The kernel keeps the file's attributes for VD_FUSE_TIMEOUT unless told:
+   after a change of the block table that no request of its own carried. */
+static void vd_fuse_attributes_changed(struct vd_fuse_server *server)
+{
+    int error = fuse_lowlevel_notify_inval_inode(server->session, VD_FUSE_DISK_INO, -1, 0);
+    /* ENOENT: the kernel has no attributes of the file cached. */
+    if (error && error != -ENOENT && error != -ENOSYS)
+        fuse_log(FUSE_LOG_ERR, "virtdisk: telling the kernel of new attributes failed: %s\n", strerror(-error));
+}
+
 struct vd_image *vd_fuse_replace_image(struct vd_fuse_server *server, struct vd_image *image)
 {
     pthread_rwlock_wrlock(&server->io_lock);
     struct vd_image *old = server->image;
     server->image = image;
     server->tap = NULL;
+    vd_alloc_recount(&server->alloc, image);
     pthread_rwlock_unlock(&server->io_lock);
+    vd_fuse_attributes_changed(server);
     return old;
+}
+
+void vd_fuse_recount(struct vd_fuse_server *server)
+{
+    pthread_rwlock_rdlock(&server->io_lock);
+    DWORD status = vd_alloc_recount(&server->alloc, server->image);
+    pthread_rwlock_unlock(&server->io_lock);
+    if (status != ERROR_SUCCESS)
+        fuse_log(FUSE_LOG_ERR, "virtdisk: counting the allocated blocks failed (0x%08X): %s\n", (unsigned)status,
+                 vd_last_error_detail());
+    vd_fuse_attributes_changed(server);
 }
 
 void vd_fuse_set_end_hook(struct vd_fuse_server *server, void (*hook)(void *context), void *context)

@@ -12,6 +12,9 @@
  *     blocked.  That process must never open the mount itself: a process
  *     waiting on its own FUSE mount cannot die once its server threads are
  *     gone.  The serving helper (helper.h) is the only caller.
+ *   - The file's st_blocks counts the bytes where some layer of the chain
+ *     holds data (servealloc.h): the data extents lseek(SEEK_DATA/SEEK_HOLE)
+ *     shows, kept as requests change them.
  *   - fsync() of the file, and the end of the session, flush the image
  *     (format->flush, else fdatasync); vd_fuse_wait_end() reports that flush.
  *   - The mount is made in a mount namespace of the calling process's own,
@@ -90,6 +93,11 @@ void vd_fuse_set_tap(struct vd_fuse_server *server, struct vd_fuse_tap *tap);
    it replaced, for the caller to close.  As vd_fuse_set_tap(), it waits
    for the requests in flight. */
 struct vd_image *vd_fuse_replace_image(struct vd_fuse_server *server, struct vd_image *image);
+
+/* Counts anew what the file reports as allocated (st_blocks: servealloc.h)
+   and has the kernel forget its copy: after a change of the image's block
+   table that went around the server's requests (a compaction). */
+void vd_fuse_recount(struct vd_fuse_server *server);
 
 /* Called once when the session has ended, before the final flush and the
    served image's close: whatever uses the image from outside the server's

@@ -242,6 +242,15 @@ DWORD vd_image_reads_zeros(struct vd_image *image, uint64_t offset, uint64_t len
     return ERROR_SUCCESS;
 }
 
+DWORD vd_image_zero_range(struct vd_image *image, uint64_t offset, uint64_t length, bool *done)
+{
+    *done = length == 0 || vd_fallocate(image->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length) == 0;
+    if (*done || errno == EOPNOTSUPP || errno == ENOSYS)
+        return ERROR_SUCCESS;
+    return vd_fail_errno(errno, "%s: zeroing %llu bytes at file offset %llu", image->path,
+                         (unsigned long long)length, (unsigned long long)offset);
+}
+
 DWORD vd_image_punch_unused(struct vd_image *image, uint64_t offset, uint64_t length)
 {
     if (length == 0 || vd_fallocate(image->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0)

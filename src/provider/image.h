@@ -170,6 +170,18 @@ struct vd_format {
        read-only formats. */
     DWORD (*discard)(struct vd_image *image, uint64_t offset, uint64_t length);
 
+    /* Makes [offset, offset + length) read as zeros and stay allocated (a
+       write of zeros that must not unmap: BLKZEROOUT, the FUSE server's
+       fallocate ZERO_RANGE), with a write's guarantees: until the next
+       flush each sector reads its old data or zeros, zeros after it.  Where
+       this file holds the block's data in place and in full (VHDX fully
+       present, an allocated dynamic VHD block), the file range is zeroed by
+       vd_image_zero_range(), which most file systems do by marking extents
+       unwritten instead of writing the bytes; elsewhere, and where the file
+       system cannot, zeros are written as by write().  NULL: the caller
+       writes zeros. */
+    DWORD (*write_zeroes)(struct vd_image *image, uint64_t offset, uint64_t length);
+
     /* What this file (not its parent) holds at offset: *state for the
        *run bytes from offset (0 < *run <= length), for copying only what a
        layer holds (merge, create with a source).  ABSENT is exact; DATA may
@@ -278,6 +290,13 @@ DWORD vd_image_reads_zeros(struct vd_image *image, uint64_t offset, uint64_t len
    uses any more.  Where the file system cannot punch, the space just stays
    allocated: nothing reads it. */
 DWORD vd_image_punch_unused(struct vd_image *image, uint64_t offset, uint64_t length);
+
+/* fallocate(ZERO_RANGE | KEEP_SIZE) of [offset, offset + length) of image's
+   file: reads zeros from then on, the space staying allocated; durable at
+   the next fdatasync, as a write is (on ext4 and XFS an extent change
+   through the journal, all of it or none of each extent).  *done false,
+   and nothing changed, where the file system has no ZERO_RANGE. */
+DWORD vd_image_zero_range(struct vd_image *image, uint64_t offset, uint64_t length, bool *done);
 
 /* The format module for a device id, or NULL. */
 const struct vd_format *vd_format_for_device(ULONG device_id);

@@ -17,6 +17,7 @@
 #define VD_COMPACT_FLAGS_KNOWN (COMPACT_VIRTUAL_DISK_FLAG_NO_ZERO_SCAN | COMPACT_VIRTUAL_DISK_FLAG_NO_BLOCK_MOVES)
 
 struct vd_serve_compact {
+    struct vd_fuse_server *server;
     struct vd_image *image; /* the served image (the server's) */
     COMPACT_VIRTUAL_DISK_FLAG flags;
     struct vd_job job;      /* done, total, cancel; status: atomic */
@@ -32,6 +33,9 @@ static void *vd_serve_compact_thread(void *context)
     DWORD status = vd_compact_image(c->image, c->flags, &c->job);
     if (status != ERROR_SUCCESS)
         snprintf(c->detail, sizeof c->detail, "%s", vd_last_error_detail());
+    /* Dropped blocks leave the file's st_blocks, also those of a cancelled
+       or failed run; counted before the status says it has ended. */
+    vd_fuse_recount(c->server);
     __atomic_store_n(&c->job.status, status, __ATOMIC_RELEASE);
     return NULL;
 }
@@ -99,6 +103,7 @@ DWORD vd_serve_compact_start(struct vd_fuse_server *server, uint32_t flags, stru
         }
         vd_image_close(vd_fuse_replace_image(server, image));
     }
+    c->server = server;
     c->image = image;
     c->flags = flags;
     vd_job_init_sync(&c->job);

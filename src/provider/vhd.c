@@ -1285,6 +1285,55 @@ static DWORD vhd_write(struct vd_image *image, const void *buffer, uint64_t offs
     return status;
 }
 
+/* An allocated block of a dynamic disk holds its data in place, every
+   sector present: zeroed in the file (vd_image_zero_range).  Anything else
+   (a differencing block's bitmap must come to hide the parent, an
+   unallocated block must be allocated, a fixed disk's footer must never be
+   touched) is written as zeros, as by write(). */
+static DWORD vhd_write_zeroes(struct vd_image *image, uint64_t offset, uint64_t length)
+{
+    enum { CHUNK = 1 << 20 };
+    struct vhd_state *state = image->state;
+    if (!image->writable)
+        return vd_fail(ERROR_WRITE_PROTECT, "%s is open read-only", image->path);
+    if (!vhd_in_range(image, offset, (size_t)length) || length > image->virtual_size)
+        return vd_fail(ERROR_INVALID_PARAMETER, "%s: zeroing %llu bytes at offset %llu, past the %llu-byte disk",
+                       image->path, (ull)length, (ull)offset, (ull)image->virtual_size);
+    uint8_t *zeros = calloc(1, CHUNK);
+    if (!zeros)
+        return vd_fail(ERROR_OUTOFMEMORY, "allocating a buffer of zeros");
+    DWORD status = ERROR_SUCCESS;
+    if (state->disk_type == VHD_TYPE_FIXED) {
+        for (uint64_t done = 0; done < length && status == ERROR_SUCCESS;) {
+            size_t n = length - done < CHUNK ? (size_t)(length - done) : CHUNK;
+            status = vhd_write(image, zeros, offset + done, n);
+            done += n;
+        }
+        free(zeros);
+        return status;
+    }
+    pthread_mutex_lock(&state->lock);
+    while (length > 0 && status == ERROR_SUCCESS) {
+        uint32_t block = (uint32_t)(offset / state->block_size);
+        uint32_t within = (uint32_t)(offset % state->block_size);
+        uint64_t n = state->block_size - within < length ? state->block_size - within : length;
+        uint32_t entry = state->bat[block];
+        bool done = false;
+        if (state->disk_type == VHD_TYPE_DYNAMIC && entry != VHD_BAT_UNUSED)
+            status = vd_image_zero_range(image, (uint64_t)entry * VHD_SECTOR + state->bitmap_size + within, n, &done);
+        for (uint64_t k = 0; !done && k < n && status == ERROR_SUCCESS;) {
+            size_t m = n - k < CHUNK ? (size_t)(n - k) : CHUNK;
+            status = vhd_write_in_block(image, block, within + (uint32_t)k, zeros, m);
+            k += m;
+        }
+        offset += n;
+        length -= n;
+    }
+    pthread_mutex_unlock(&state->lock);
+    free(zeros);
+    return status;
+}
+
 /* ---- discard -------------------------------------------------------------- */
 
 /* [at, at + length) of the file reads as zeros: punched where the file
@@ -2236,6 +2285,7 @@ const struct vd_format vd_format_vhd = {
     .read = vhd_read,
     .write = vhd_write,
     .discard = vhd_discard,
+    .write_zeroes = vhd_write_zeroes,
     .block_status = vhd_block_status,
     .set_identifier = vhd_set_identifier,
     .set_parent = vhd_set_parent,

@@ -495,6 +495,50 @@ DWORD vhdx_write(struct vd_image *image, const void *buffer, uint64_t offset, si
     return status;
 }
 
+/* Fully present blocks are zeroed in the file (vd_image_zero_range), under
+   map_lock as a write into them is: a discard or a move cannot take the
+   block's place meanwhile.  The rest is written as zeros, one block piece
+   at a time. */
+DWORD vhdx_write_zeroes(struct vd_image *image, uint64_t offset, uint64_t length)
+{
+    enum { CHUNK = 1 << 20 };
+    struct vhdx_state *s = image->state;
+    if (!image->writable)
+        return vd_fail(ERROR_ACCESS_DENIED, "%s is open read-only", image->path);
+    if (offset > image->virtual_size || length > image->virtual_size - offset)
+        return vd_fail(ERROR_INVALID_PARAMETER, "zeroing %llu bytes at %llu: beyond the %llu-byte virtual disk",
+                       ull(length), ull(offset), ull(image->virtual_size));
+    if (length == 0)
+        return ERROR_SUCCESS;
+
+    pthread_mutex_lock(&s->lock);
+    DWORD status = s->session_guids_written ? ERROR_SUCCESS : vhdx_begin_changes(image, s);
+    pthread_mutex_unlock(&s->lock);
+
+    uint8_t *zeros = NULL;
+    while (length > 0 && status == ERROR_SUCCESS) {
+        uint64_t block = offset / s->block_size, in_block = offset % s->block_size;
+        uint64_t n = s->block_size - in_block < length ? s->block_size - in_block : length;
+        bool done = false;
+        pthread_rwlock_rdlock(&s->map_lock);
+        uint64_t entry = vhdx_bat_load(s, vhdx_payload_entry(s, block));
+        if (vhdx_bat_state(entry) == PAYLOAD_BLOCK_FULLY_PRESENT)
+            status = vd_image_zero_range(image, vhdx_bat_file_offset(entry) + in_block, n, &done);
+        pthread_rwlock_unlock(&s->map_lock);
+        if (!done && status == ERROR_SUCCESS && !zeros && !(zeros = calloc(1, CHUNK)))
+            status = vd_fail(ERROR_OUTOFMEMORY, "allocating a buffer of zeros");
+        for (uint64_t k = 0; !done && k < n && status == ERROR_SUCCESS;) {
+            size_t m = n - k < CHUNK ? (size_t)(n - k) : CHUNK;
+            status = vhdx_write_block(image, s, block, zeros, offset + k, m);
+            k += m;
+        }
+        offset += n;
+        length -= n;
+    }
+    free(zeros);
+    return status;
+}
+
 DWORD vhdx_prepare_direct_write(struct vd_image *image)
 {
     struct vhdx_state *s = image->state;

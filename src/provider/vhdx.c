@@ -64,6 +64,7 @@ const struct vd_format vd_format_vhdx = {
     .read = vhdx_read,
     .write = vhdx_write,
     .discard = vhdx_discard,
+    .write_zeroes = vhdx_write_zeroes,
     .block_status = vhdx_block_status,
     .set_identifier = vhdx_set_identifier,
     .set_parent = vhdx_set_parent,

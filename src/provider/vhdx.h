@@ -383,6 +383,8 @@ DWORD vhdx_write_block(struct vd_image *image, struct vhdx_state *s, uint64_t bl
                        uint64_t offset, size_t length);
 DWORD vhdx_block_status(struct vd_image *image, uint64_t offset, uint64_t length, enum vd_block_state *state,
                         uint64_t *run);
+/* vd_format.write_zeroes (image.h). */
+DWORD vhdx_write_zeroes(struct vd_image *image, uint64_t offset, uint64_t length);
 DWORD vhdx_prepare_direct_write(struct vd_image *image);
 DWORD vhdx_flush(struct vd_image *image);
 

@@ -10,6 +10,9 @@
  *     r:SIZE                 resize (format->resize)
  *     p:PARENT               set parent (format->set_parent, PARENT opened read-only)
  *     d:OFFSET:LENGTH        discard (format->discard): the range reads as zeros
+ *     Z:OFFSET:LENGTH        zero a range, staying allocated (format->write_zeroes,
+ *                            else a write of zeros): marked as a discard, as it too
+ *                            reads zeros once flushed
  *     z:OFFSET:LENGTH        write LENGTH bytes of zeros at OFFSET (unmarked: for
  *                            making images whose whole disk is compared, not
  *                            for workloads checked against the markers)
@@ -99,6 +102,20 @@ int main(int argc, char **argv)
             if (sscanf(step, "d:%llu:%llu", &offset, &length) != 2)
                 return fail(step, ERROR_INVALID_PARAMETER);
             status = image->format->discard(image, offset, length);
+            if (status != ERROR_SUCCESS)
+                return fail(step, status);
+            put('D', offset, length, 0, NULL);
+        } else if (step[0] == 'Z') {
+            unsigned long long offset, length;
+            if (sscanf(step, "Z:%llu:%llu", &offset, &length) != 2)
+                return fail(step, ERROR_INVALID_PARAMETER);
+            if (image->format->write_zeroes) {
+                status = image->format->write_zeroes(image, offset, length);
+            } else {
+                uint8_t *data = calloc(1, length);
+                status = image->format->write(image, data, offset, length);
+                free(data);
+            }
             if (status != ERROR_SUCCESS)
                 return fail(step, status);
             put('D', offset, length, 0, NULL);
