@@ -301,7 +301,7 @@ DWORD WINAPI MergeVirtualDisk(HANDLE VirtualDiskHandle, MERGE_VIRTUAL_DISK_FLAG 
     if (Flags != MERGE_VIRTUAL_DISK_FLAG_NONE)
         return vd_fail(ERROR_INVALID_PARAMETER, "merge flags must be MERGE_VIRTUAL_DISK_FLAG_NONE, not 0x%08x",
                        (unsigned)Flags);
-    ULONG source_depth, target_depth;
+    ULONG source_depth = 0, target_depth = 0; /* set by vd_merge_depths() on success */
     DWORD status = vd_merge_depths(Parameters, &source_depth, &target_depth);
     if (status != ERROR_SUCCESS)
         return status;

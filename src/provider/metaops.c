@@ -339,7 +339,7 @@ DWORD WINAPI ResizeVirtualDisk(HANDLE VirtualDiskHandle, RESIZE_VIRTUAL_DISK_FLA
     struct vd_handle *handle = vd_metaops_handle(VirtualDiskHandle, &status);
     if (!handle)
         return status;
-    uint64_t size;
+    uint64_t size = 0;
     status = vd_resize_size(handle->image, Flags, Parameters->Version1.NewSize, &size);
     if (status != ERROR_SUCCESS) {
         vd_handle_release(handle);

@@ -25,7 +25,7 @@ static DWORD vd_sys_admin_effective(int *effective)
 
 DWORD vd_manage_volume_privilege_state(int *state)
 {
-    int effective;
+    int effective = 0;
     DWORD error = vd_sys_admin_effective(&effective);
     if (error == ERROR_SUCCESS)
         *state = effective ? VD_PRIVILEGE_ENABLED : VD_PRIVILEGE_ABSENT;
@@ -34,7 +34,7 @@ DWORD vd_manage_volume_privilege_state(int *state)
 
 DWORD vd_enable_manage_volume_privilege(void)
 {
-    int effective;
+    int effective = 0;
     DWORD error = vd_sys_admin_effective(&effective);
     if (error == ERROR_SUCCESS && !effective)
         error = ERROR_PRIVILEGE_NOT_HELD;
