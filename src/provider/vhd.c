@@ -1285,6 +1285,18 @@ static DWORD vhd_write(struct vd_image *image, const void *buffer, uint64_t offs
     return status;
 }
 
+/* Refuses a change of length bytes at offset (doing: "zeroing", ...) to an
+   image open read-only or past the disk's end. */
+static DWORD vhd_check_change(const struct vd_image *image, uint64_t offset, uint64_t length, const char *doing)
+{
+    if (!image->writable)
+        return vd_fail(ERROR_WRITE_PROTECT, "%s is open read-only", image->path);
+    if (!vhd_in_range(image, offset, (size_t)length) || length > image->virtual_size)
+        return vd_fail(ERROR_INVALID_PARAMETER, "%s: %s %llu bytes at offset %llu, past the %llu-byte disk",
+                       image->path, doing, (ull)length, (ull)offset, (ull)image->virtual_size);
+    return ERROR_SUCCESS;
+}
+
 /* An allocated block of a dynamic disk holds its data in place, every
    sector present: zeroed in the file (vd_image_zero_range).  Anything else
    (a differencing block's bitmap must come to hide the parent, an
@@ -1294,11 +1306,9 @@ static DWORD vhd_write_zeroes(struct vd_image *image, uint64_t offset, uint64_t 
 {
     enum { CHUNK = 1 << 20 };
     struct vhd_state *state = image->state;
-    if (!image->writable)
-        return vd_fail(ERROR_WRITE_PROTECT, "%s is open read-only", image->path);
-    if (!vhd_in_range(image, offset, (size_t)length) || length > image->virtual_size)
-        return vd_fail(ERROR_INVALID_PARAMETER, "%s: zeroing %llu bytes at offset %llu, past the %llu-byte disk",
-                       image->path, (ull)length, (ull)offset, (ull)image->virtual_size);
+    DWORD refused = vhd_check_change(image, offset, length, "zeroing");
+    if (refused != ERROR_SUCCESS)
+        return refused;
     uint8_t *zeros = calloc(1, CHUNK);
     if (!zeros)
         return vd_fail(ERROR_OUTOFMEMORY, "allocating a buffer of zeros");
@@ -1393,11 +1403,9 @@ static DWORD vhd_hide_parent(struct vd_image *image, uint32_t block, uint32_t wi
 static DWORD vhd_discard(struct vd_image *image, uint64_t offset, uint64_t length)
 {
     struct vhd_state *state = image->state;
-    if (!image->writable)
-        return vd_fail(ERROR_WRITE_PROTECT, "%s is open read-only", image->path);
-    if (!vhd_in_range(image, offset, (size_t)length) || length > image->virtual_size)
-        return vd_fail(ERROR_INVALID_PARAMETER, "%s: discarding %llu bytes at offset %llu, past the %llu-byte disk",
-                       image->path, (ull)length, (ull)offset, (ull)image->virtual_size);
+    DWORD refused = vhd_check_change(image, offset, length, "discarding");
+    if (refused != ERROR_SUCCESS)
+        return refused;
     if (length == 0)
         return ERROR_SUCCESS;
     if (state->disk_type == VHD_TYPE_FIXED)

@@ -289,17 +289,7 @@ static DWORD discard_part(struct vd_image *image, struct vhdx_state *s, uint64_t
 DWORD vhdx_discard(struct vd_image *image, uint64_t offset, uint64_t length)
 {
     struct vhdx_state *s = image->state;
-    if (!image->writable)
-        return vd_fail(ERROR_ACCESS_DENIED, "%s is open read-only", image->path);
-    if (offset > image->virtual_size || length > image->virtual_size - offset)
-        return vd_fail(ERROR_INVALID_PARAMETER, "discarding %llu bytes at %llu: beyond the %llu-byte virtual disk",
-                       ull(length), ull(offset), ull(image->virtual_size));
-    if (length == 0)
-        return ERROR_SUCCESS;
-
-    pthread_mutex_lock(&s->lock);
-    DWORD status = s->session_guids_written ? ERROR_SUCCESS : vhdx_begin_changes(image, s);
-    pthread_mutex_unlock(&s->lock);
+    DWORD status = vhdx_begin_range_change(image, offset, length, "discarding");
 
     uint64_t end = offset + length;
     while (offset < end && status == ERROR_SUCCESS) {

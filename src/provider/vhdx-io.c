@@ -238,6 +238,22 @@ DWORD vhdx_begin_changes(struct vd_image *image, struct vhdx_state *s)
     return status == ERROR_SUCCESS ? vhdx_write_headers(image, s, &data_write) : status;
 }
 
+DWORD vhdx_begin_range_change(struct vd_image *image, uint64_t offset, uint64_t length, const char *doing)
+{
+    struct vhdx_state *s = image->state;
+    if (!image->writable)
+        return vd_fail(ERROR_ACCESS_DENIED, "%s is open read-only", image->path);
+    if (offset > image->virtual_size || length > image->virtual_size - offset)
+        return vd_fail(ERROR_INVALID_PARAMETER, "%s %llu bytes at %llu: beyond the %llu-byte virtual disk", doing,
+                       ull(length), ull(offset), ull(image->virtual_size));
+    if (length == 0)
+        return ERROR_SUCCESS;
+    pthread_mutex_lock(&s->lock);
+    DWORD status = s->session_guids_written ? ERROR_SUCCESS : vhdx_begin_changes(image, s);
+    pthread_mutex_unlock(&s->lock);
+    return status;
+}
+
 /* size bytes of zeros past the end of the file, 1 MiB aligned.  fallocate
    makes ENOSPC show up here rather than at some later write. */
 DWORD vhdx_allocate(struct vd_image *image, struct vhdx_state *s, uint64_t size, uint64_t *offset)
@@ -503,17 +519,7 @@ DWORD vhdx_write_zeroes(struct vd_image *image, uint64_t offset, uint64_t length
 {
     enum { CHUNK = 1 << 20 };
     struct vhdx_state *s = image->state;
-    if (!image->writable)
-        return vd_fail(ERROR_ACCESS_DENIED, "%s is open read-only", image->path);
-    if (offset > image->virtual_size || length > image->virtual_size - offset)
-        return vd_fail(ERROR_INVALID_PARAMETER, "zeroing %llu bytes at %llu: beyond the %llu-byte virtual disk",
-                       ull(length), ull(offset), ull(image->virtual_size));
-    if (length == 0)
-        return ERROR_SUCCESS;
-
-    pthread_mutex_lock(&s->lock);
-    DWORD status = s->session_guids_written ? ERROR_SUCCESS : vhdx_begin_changes(image, s);
-    pthread_mutex_unlock(&s->lock);
+    DWORD status = vhdx_begin_range_change(image, offset, length, "zeroing");
 
     uint8_t *zeros = NULL;
     while (length > 0 && status == ERROR_SUCCESS) {

@@ -400,6 +400,10 @@ DWORD vhdx_discard(struct vd_image *image, uint64_t offset, uint64_t length);
 DWORD vhdx_take_freed(struct vd_image *image, struct vhdx_state *s, uint64_t size, uint64_t *offset, bool *found);
 /* Called by vhdx_write and vhdx_discard before their first change. */
 DWORD vhdx_begin_changes(struct vd_image *image, struct vhdx_state *s);
+/* For a change of length bytes at offset (doing: "zeroing", ...): refuses a
+   read-only image and a range past the disk, then begins the session's
+   changes once (vhdx_begin_changes); nothing for an empty range. */
+DWORD vhdx_begin_range_change(struct vd_image *image, uint64_t offset, uint64_t length, const char *doing);
 
 /* ---- vhdx-create.c ---- */
 
