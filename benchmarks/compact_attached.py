@@ -42,6 +42,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from _load import Load
+
 import virtdisk
 from virtdisk import Access
 
@@ -106,37 +108,12 @@ def make_image(path: Path, suffix: str) -> None:
         disk.detach()
 
 
-class Reader:
-    def __init__(self, device: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _READER, device, str(SIZE)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        assert self.process.stdout.readline().strip() == "started"
-
-    def stop(self) -> float:
-        """Stops it: its rate in bytes per second."""
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.close()
-        read, seconds = self.process.stdout.readline().split()
-        self.process.wait(timeout=60)
-        return int(read) / float(seconds)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 def attached_once(work: Path, with_reader: bool) -> tuple[float, float | None]:
     """(seconds of the compaction while attached, the reader's rate during
     it or None)."""
     with virtdisk.open(work, FS_AWARE) as disk:
         disk.attach(read_only=True)
-        reader = Reader(disk.physical_path) if with_reader else None
+        reader = Load(_READER, disk.physical_path, str(SIZE)) if with_reader else None
         try:
             start = time.perf_counter()
             disk.compact()
@@ -152,7 +129,7 @@ def attached_once(work: Path, with_reader: bool) -> tuple[float, float | None]:
 def reader_alone(work: Path, seconds: float) -> float:
     with virtdisk.open(work, FS_AWARE) as disk:
         disk.attach(read_only=True)
-        reader = Reader(disk.physical_path)
+        reader = Load(_READER, disk.physical_path, str(SIZE))
         try:
             time.sleep(seconds)
             return reader.stop()

@@ -34,6 +34,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from _load import Load
+
 import virtdisk
 
 MiB = 1 << 20
@@ -93,54 +95,32 @@ def fill(source: Path) -> None:
             os.close(fd)
 
 
-class Writer:
-    def __init__(self, device: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, device, str(SIZE), str(BLOCK)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        assert self.process.stdout.readline().strip() == "started"
-
-    def stop(self) -> float:
-        """Stops it: its rate in bytes per second."""
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.close()
-        written, seconds = self.process.stdout.readline().split()
-        self.process.wait(timeout=60)
-        return int(written) / float(seconds)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 def mirror_once(source: Path, target: Path, with_writer: bool) -> tuple[float, float | None]:
     """(seconds of the mirror, the writer's rate during it or None)."""
     target.unlink(missing_ok=True)
     uncache(source)
     with virtdisk.open(source) as disk:
         disk.attach(read_only=False)
-        writer = Writer(disk.physical_path) if with_writer else None
+        writer = Load(_WRITER, disk.physical_path, str(SIZE), str(BLOCK)) if with_writer else None
         try:
             start = time.perf_counter()
             disk.mirror(target)
             seconds = time.perf_counter() - start
             rate = writer.stop() if writer else None
+            # Broken with nothing written since: the target, now the disk,
+            # equals the source, now let go.  (Closing the handle in sync
+            # would cancel the mirror, as on Windows, and remove the target.)
+            disk.break_mirror()
         finally:
             if writer:
                 writer.kill()
-    # The last handle closed: detached, the target kept in sync.
     return seconds, rate
 
 
 def writer_alone(source: Path, seconds: float) -> float:
     with virtdisk.open(source) as disk:
         disk.attach(read_only=False)
-        writer = Writer(disk.physical_path)
+        writer = Load(_WRITER, disk.physical_path, str(SIZE), str(BLOCK))
         try:
             time.sleep(seconds)
             return writer.stop()

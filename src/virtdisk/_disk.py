@@ -658,8 +658,10 @@ class VirtualDisk:
         image of the same size, which is overwritten) while its writes go to
         both.  The returned :class:`Operation` ends once the copy is done; the
         mirror then stays in sync until :meth:`break_mirror` switches the disk
-        to ``target``, or the last handle closes.  Cancelling it removes a
-        target it created.  On Linux the disk must be served (dynamic or
+        to ``target``.  Cancelling it, closing this handle or the process
+        ending (as on Windows, where the mirror stays the handle's pending
+        operation) leaves the source the disk and removes a target the
+        mirror created: break the mirror first to keep the target.  On Linux the disk must be served (dynamic or
         differencing), attached by any process.  After the break the
         attachment is ``target``'s: it is found, listed and detached under
         that name, and the source is free once no handle holds it.
