@@ -661,10 +661,11 @@ class VirtualDisk:
         to ``target``.  Cancelling it, closing this handle or the process
         ending (as on Windows, where the mirror stays the handle's pending
         operation) leaves the source the disk and removes a target the
-        mirror created: break the mirror first to keep the target.  On Linux the disk must be served (dynamic or
-        differencing), attached by any process.  After the break the
-        attachment is ``target``'s: it is found, listed and detached under
-        that name, and the source is free once no handle holds it.
+        mirror created: break the mirror first to keep the target.  On
+        Linux the disk must be served (dynamic or differencing), attached by
+        any process.  After the break the attachment is ``target``'s: it is
+        found, listed and detached under that name, and the source is free
+        once no handle holds it.
         """
         path = _absolute(_path_argument("target", target))
         parameters = ffi.new(
