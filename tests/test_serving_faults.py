@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import os
 import random
+import select
 import signal
 import socket
 import struct
@@ -30,7 +31,7 @@ import pytest
 
 import virtdisk
 
-from .conftest import helpers_of, read_text_or_empty, require_tool, state_of, still_bound
+from .conftest import diskseq, helpers_of, read_text_or_empty, require_tool, state_of, still_bound
 
 pytestmark = pytest.mark.loop
 
@@ -86,10 +87,11 @@ def run_python(
 LIST = "import virtdisk; virtdisk.attached_disks()"
 
 
-def assert_nothing_left(run_dir: Path, images: Path, devices: set[str]) -> None:
+def assert_nothing_left(run_dir: Path, images: Path, bindings: dict[str, int | None]) -> None:
     """After a list (which collects what dead helpers left): no helper, no
-    mount, no file but bounded logs, and none of the devices still bound to
-    a served file."""
+    mount, no file but bounded logs, and none of the bindings (device: its
+    diskseq, taken while it was surely ours) still in place: a device bound
+    to a dead server's file serves nothing, and nobody else would let it go."""
     run_python(LIST, run_dir)
     assert not helpers_of(run_dir)
     assert not mounts_under(run_dir)
@@ -109,11 +111,8 @@ def assert_nothing_left(run_dir: Path, images: Path, devices: set[str]) -> None:
                 assert struct.unpack("hhqqi4x", answer)[0] == fcntl.F_UNLCK, f"{name} is still claimed"
             finally:
                 os.close(fd)
-    for device in devices:
-        backing = Path("/sys/block", Path(device).name, "loop", "backing_file")
-        # Unbound, or bound since by someone else to their own file: not to a
-        # FUSE file of a helper of ours, which are all gone (checked above).
-        assert not backing.exists() or not helpers_of(run_dir)
+    for device, seq in bindings.items():
+        assert not still_bound(device, seq), f"{device} is still bound to a dead helper's served file"
 
 
 # ---- the kill loops -------------------------------------------------------------------
@@ -176,7 +175,7 @@ def test_killing_at_any_moment_leaves_nothing_hung_or_behind(
     images = tmp_path / "images"
     images.mkdir()
     paths = [make_dynamic(images, "disk.vhdx"), make_dynamic(images, "disk.vhd")]
-    devices: set[str] = set()
+    bindings: dict[str, int | None] = {}
     hits = 0
     for round_number in range(ROUNDS):
         path = paths[round_number % 2]
@@ -200,6 +199,13 @@ def test_killing_at_any_moment_leaves_nothing_hung_or_behind(
                 time.sleep(0.002)
             assert wanted in helpers_of(run_dir).values(), f"round {round_number}: no {wanted} appeared"
             time.sleep(rng.uniform(0.0, 0.5))
+        # The device, if the attach has said it: while the attacher lives
+        # it holds the disk, so the binding seen now is surely ours.
+        assert attacher.stdout is not None
+        if select.select([attacher.stdout], [], [], 0)[0]:
+            first = attacher.stdout.readline().strip()
+            if first.startswith("/dev/loop") and attacher.poll() is None:
+                bindings[first] = diskseq(first)
         helpers = helpers_of(run_dir)
         targets = {
             "attacher": [attacher.pid],
@@ -219,14 +225,11 @@ def test_killing_at_any_moment_leaves_nothing_hung_or_behind(
             attacher.kill()
         wait_gone([attacher.pid, *helpers, *helpers_of(run_dir)], f"round {round_number}: {victim} killed")
         attacher.wait(timeout=GONE_WITHIN)
-        first = attacher.stdout.readline().strip() if attacher.stdout else ""
-        if first.startswith("/dev/loop"):
-            devices.add(first)
         attacher.stdout.close()
         # Nothing may hang on the run directory, dead mount or not.
         if run_dir.exists():
             run_python(STAT_ALL, run_dir, str(run_dir))
-    assert_nothing_left(run_dir, images, devices)
+    assert_nothing_left(run_dir, images, bindings)
     # Each image is still sound and attaches again.
     for path in paths:
         run_python(
@@ -242,8 +245,8 @@ def test_killing_at_any_moment_leaves_nothing_hung_or_behind(
             run_dir,
             str(path),
         )
-    assert_nothing_left(run_dir, images, devices)
-    print(f"{victim}: {ROUNDS} rounds, {hits} kills hit a live process, {len(devices)} devices seen")
+    assert_nothing_left(run_dir, images, bindings)
+    print(f"{victim}: {ROUNDS} rounds, {hits} kills hit a live process, {len(bindings)} devices checked")
     assert hits >= ROUNDS * 9 // 10, "the kills must find their victims alive"
 
 
@@ -291,7 +294,7 @@ def test_io_fails_promptly_with_eio_when_the_server_dies(tmp_path: Path, run_dir
     child.stdout.close()
     wait_gone([child.pid], "the process whose server died")
     child.wait()
-    assert_nothing_left(run_dir, tmp_path, set())
+    assert_nothing_left(run_dir, tmp_path, {})
 
 
 # ---- fork ----------------------------------------------------------------------------
@@ -350,7 +353,7 @@ def test_a_forked_child_does_not_touch_the_parents_attachment(
         assert refused.startswith("child refused 6 ")  # ERROR_INVALID_HANDLE
         assert "forked" in refused and "open the virtual disk again" in refused
     assert out[-1] == "detached"
-    assert_nothing_left(run_dir, tmp_path, set())
+    assert_nothing_left(run_dir, tmp_path, {})
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "fixed"])
@@ -370,7 +373,7 @@ def test_a_forked_child_does_not_keep_a_non_permanent_disk_alive(
         assert not still_bound(device, seq), "the forked child keeps the disk attached"
     finally:
         os.kill(child, signal.SIGKILL)
-    assert_nothing_left(run_dir, tmp_path, set())
+    assert_nothing_left(run_dir, tmp_path, {})
 
 
 # ---- the helper's socket ----------------------------------------------------------------
@@ -379,7 +382,8 @@ HEADER = struct.Struct("=IHHI")  # serveproto.h: magic, version, type, length
 MAGIC, VERSION, DETACH, RESULT = 0x50534456, 1, 4, 2
 
 
-def attach_permanent(path: Path, run_dir: Path) -> tuple[str, Path]:
+def attach_permanent(path: Path, run_dir: Path) -> tuple[str, Path, int | None]:
+    """The device, the helper's socket and the binding's diskseq."""
     device = run_python(
         "import sys, virtdisk\n"
         "with virtdisk.open(sys.argv[1]) as d:\n d.attach(permanent=True)\n print(d.physical_path)",
@@ -388,7 +392,7 @@ def attach_permanent(path: Path, run_dir: Path) -> tuple[str, Path]:
     ).stdout.strip()
     sockets = list(run_dir.glob("*.sock"))
     assert len(sockets) == 1
-    return device, sockets[0]
+    return device, sockets[0], diskseq(device)
 
 
 def detach_request(deadline_ms: int) -> bytes:
@@ -433,7 +437,7 @@ if {answered}:
 
 def test_the_socket_obeys_only_peers_with_cap_sys_admin(tmp_path: Path, run_dir: Path) -> None:
     path = make_dynamic(tmp_path, "disk.vhdx")
-    device, sock = attach_permanent(path, run_dir)
+    device, sock, seq = attach_permanent(path, run_dir)
     result = subprocess.run(
         unprivileged_detach(sock, answered=True),
         capture_output=True,
@@ -449,7 +453,7 @@ def test_the_socket_obeys_only_peers_with_cap_sys_admin(tmp_path: Path, run_dir:
         assert result_of(s.recv(4096)) == virtdisk.WinError.ERROR_INVALID_PARAMETER
     assert Path("/sys/block", Path(device).name, "loop").exists()
     run_python("import sys, virtdisk; virtdisk.detach(sys.argv[1])", run_dir, str(path))
-    assert_nothing_left(run_dir, tmp_path, {device})
+    assert_nothing_left(run_dir, tmp_path, {device: seq})
 
 
 def client_sockets(pid: int) -> int:
@@ -467,7 +471,7 @@ def test_a_peer_that_exited_cannot_borrow_a_privileged_process_number(tmp_path: 
     (through ns_last_pid).  The helper reads capabilities by number, so it
     must also know the number still names its peer."""
     path = make_dynamic(tmp_path, "disk.vhdx")
-    device, sock = attach_permanent(path, run_dir)
+    device, sock, seq = attach_permanent(path, run_dir)
     (supervisor,) = [pid for pid, comm in helpers_of(run_dir).items() if comm == "virtdisk-serve"]
     idle_sockets = client_sockets(supervisor)
     last_pid = Path("/proc/sys/kernel/ns_last_pid")
@@ -506,7 +510,7 @@ def test_a_peer_that_exited_cannot_borrow_a_privileged_process_number(tmp_path: 
             impostor.kill()
             impostor.wait()
     run_python("import sys, virtdisk; virtdisk.detach(sys.argv[1])", run_dir, str(path))
-    assert_nothing_left(run_dir, tmp_path, {device})
+    assert_nothing_left(run_dir, tmp_path, {device: seq})
 
 
 def test_a_process_held_disk_refuses_detach_on_its_socket(tmp_path: Path, run_dir: Path) -> None:
@@ -530,6 +534,7 @@ def test_a_process_held_disk_refuses_detach_on_its_socket(tmp_path: Path, run_di
     try:
         assert holder.stdout is not None and holder.stdin is not None
         device = holder.stdout.readline().strip()
+        seq = diskseq(device)  # the holder holds it: ours
         sockets = list(run_dir.glob("*.sock"))
         assert len(sockets) == 1
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
@@ -544,22 +549,22 @@ def test_a_process_held_disk_refuses_detach_on_its_socket(tmp_path: Path, run_di
         if holder.poll() is None:
             holder.kill()
             holder.wait()
-    assert_nothing_left(run_dir, tmp_path, {device})
+    assert_nothing_left(run_dir, tmp_path, {device: seq})
 
 
 def test_a_silent_client_holds_up_no_detach(tmp_path: Path, run_dir: Path) -> None:
     path = make_dynamic(tmp_path, "disk.vhdx")
-    device, sock = attach_permanent(path, run_dir)
+    device, sock, seq = attach_permanent(path, run_dir)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as silent:
         silent.connect(str(sock))  # and says nothing
         run_python("import sys, virtdisk; virtdisk.detach(sys.argv[1])", run_dir, str(path))
         assert not Path("/sys/block", Path(device).name, "loop").exists() or not helpers_of(run_dir)
-    assert_nothing_left(run_dir, tmp_path, {device})
+    assert_nothing_left(run_dir, tmp_path, {device: seq})
 
 
 def test_a_request_past_its_deadline_is_not_run(tmp_path: Path, run_dir: Path) -> None:
     path = make_dynamic(tmp_path, "disk.vhdx")
-    device, sock = attach_permanent(path, run_dir)
+    device, sock, seq = attach_permanent(path, run_dir)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
         s.connect(str(sock))
         # A requester that already told its caller "failed" at this deadline.
@@ -571,7 +576,7 @@ def test_a_request_past_its_deadline_is_not_run(tmp_path: Path, run_dir: Path) -
         s.connect(str(sock))
         s.send(detach_request(boottime_ms() + 10_000))
         assert result_of(s.recv(4096)) == 0
-    assert_nothing_left(run_dir, tmp_path, {device})
+    assert_nothing_left(run_dir, tmp_path, {device: seq})
 
 
 # ---- never block on a path ------------------------------------------------------------------
@@ -611,7 +616,7 @@ def test_a_fifo_as_image_or_parent_is_refused_without_blocking(tmp_path: Path, r
 
 def test_what_a_killed_helper_left_goes_at_the_next_list(tmp_path: Path, run_dir: Path) -> None:
     path = make_dynamic(tmp_path, "disk.vhdx")
-    device, sock = attach_permanent(path, run_dir)
+    device, sock, seq = attach_permanent(path, run_dir)
     helpers = helpers_of(run_dir)
     for pid in helpers:
         os.kill(pid, signal.SIGKILL)
@@ -620,7 +625,7 @@ def test_what_a_killed_helper_left_goes_at_the_next_list(tmp_path: Path, run_dir
     (run_dir / "fe00-1.json.999999999").write_text("{}")
     (run_dir / "mnt.999999999.abcdefgh").mkdir()
     assert sock.exists() and list(run_dir.glob("*.json"))
-    assert_nothing_left(run_dir, tmp_path, {device})
+    assert_nothing_left(run_dir, tmp_path, {device: seq})
 
 
 def test_a_clean_detach_removes_the_log_and_a_failure_keeps_it(tmp_path: Path, run_dir: Path) -> None:
@@ -631,10 +636,10 @@ def test_a_clean_detach_removes_the_log_and_a_failure_keeps_it(tmp_path: Path, r
         str(path),
     )
     assert not list(run_dir.glob("*.log"))
-    device, _ = attach_permanent(path, run_dir)
+    device, _, seq = attach_permanent(path, run_dir)
     server = [pid for pid, comm in helpers_of(run_dir).items() if comm == "virtdisk-fuse"]
     os.kill(server[0], signal.SIGKILL)
     wait_gone(list(helpers_of(run_dir)), "the helper of a killed server")
     logs = list(run_dir.glob("*.log"))
     assert len(logs) == 1 and "died" in logs[0].read_text()
-    assert_nothing_left(run_dir, tmp_path, {device})
+    assert_nothing_left(run_dir, tmp_path, {device: seq})
